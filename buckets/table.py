@@ -1,0 +1,85 @@
+"""Bucket tables: sizes whose sides are multiples of a step and whose areas stay close to a target."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from buckets.spec import BucketSpec
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """One target size in pixels (width, height). Ordering is by width, then height."""
+
+    width: int
+    height: int
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+    @property
+    def name(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def grid(self, patch: int) -> tuple[int, int]:
+        """(rows, cols) of patches; the sides must be multiples of `patch`."""
+        if self.width % patch or self.height % patch:
+            raise ValueError(f"bucket {self.name} is not a multiple of patch size {patch}")
+        return self.height // patch, self.width // patch
+
+    def tokens(self, patch: int) -> int:
+        h, w = self.grid(patch)
+        return h * w
+
+
+def round_to_multiple(x: float, m: int) -> int:
+    """Nearest positive multiple of m (halves round up, so the result never depends on float noise at .5)."""
+    return max(m, int(math.floor(x / m + 0.5)) * m)
+
+
+def size_for_aspect(aspect: float, spec: BucketSpec) -> Bucket:
+    """The size of area ~ spec.area^2 and aspect ~ `aspect`, each side rounded to the multiple on its own."""
+    w = math.sqrt(spec.target_pixels * aspect)
+    h = math.sqrt(spec.target_pixels / aspect)
+    return Bucket(round_to_multiple(w, spec.multiple), round_to_multiple(h, spec.multiple))
+
+
+def area_bound(aspect: float, spec: BucketSpec) -> float:
+    """Largest |W*H - A| that rounding each ideal side by at most m/2 can give (the stated, tested bound)."""
+    w = math.sqrt(spec.target_pixels * aspect)
+    h = math.sqrt(spec.target_pixels / aspect)
+    half = spec.multiple / 2
+    # a side below m/2 rounds up to m, which can add up to m - side
+    dw = max(half, spec.multiple - w)
+    dh = max(half, spec.multiple - h)
+    return dw * h + dh * w + dw * dh
+
+
+def aspects(spec: BucketSpec) -> list[float]:
+    """`num_buckets` aspect ratios evenly spaced in log between min_ar and max_ar (inclusive)."""
+    lo, hi = math.log(spec.min_ar), math.log(spec.max_ar)
+    n = spec.num_buckets
+    if n == 1:
+        return [math.exp((lo + hi) / 2)]
+    return [math.exp(lo + (hi - lo) * i / (n - 1)) for i in range(n)]
+
+
+@lru_cache(maxsize=64)
+def make_buckets(spec: BucketSpec) -> tuple[Bucket, ...]:
+    """The bucket list for a spec: distinct sizes sorted by aspect ratio (tall to wide), then by width."""
+    sizes = {size_for_aspect(a, spec) for a in aspects(spec)}
+    return tuple(sorted(sizes, key=lambda b: (b.aspect, b.width)))
+
+
+def table_rows(spec: BucketSpec, patch: int | None = None) -> list[dict[str, object]]:
+    """The printable table: size, patch grid (rows x cols), token count and aspect ratio of every bucket."""
+    p = patch or spec.multiple
+    rows = []
+    for b in make_buckets(spec):
+        gh, gw = b.grid(p)
+        rows.append({"width": b.width, "height": b.height, "grid_h": gh, "grid_w": gw, "tokens": gh * gw,
+                     "aspect": round(b.aspect, 4), "area_ratio": round(b.width * b.height / spec.target_pixels, 4)})  # fmt: skip
+    return rows

@@ -1,0 +1,135 @@
+"""The `dinofeat` command: each command parses, calls one library function, prints, sets the exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+Area = Annotated[int, typer.Option("--area", help="Target area as the side of a square (1024 = 1024x1024 pixels).")]
+MinAR = Annotated[float, typer.Option("--min-ar", help="Smallest aspect ratio (width/height).")]
+MaxAR = Annotated[float, typer.Option("--max-ar", help="Largest aspect ratio (width/height).")]
+NumBuckets = Annotated[int, typer.Option("--num-buckets", help="Sizes spaced evenly in log aspect ratio.")]
+Fit = Annotated[bool, typer.Option("--fit", help="Per-image sizes (keep aspect, fit area) instead of a list.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB"
+
+
+@app.command()
+def buckets(
+    area: Area = 1024,
+    multiple: Annotated[int, typer.Option(help="Every side is a multiple of this (16 DINOv3, 14 DINOv2).")] = 16,
+    patch: Annotated[int | None, typer.Option(help="Patch size for the grid column (default: the multiple).")] = None,
+    min_ar: MinAR = 0.25,
+    max_ar: MaxAR = 4.0,
+    num_buckets: NumBuckets = 33,
+    as_json: AsJson = False,
+) -> None:
+    """Print the bucket table: W x H, patch grid h x w, tokens, aspect ratio."""
+    from buckets import BucketSpec, BucketSpecError, table_rows
+
+    try:
+        spec = BucketSpec(area, multiple, min_ar, max_ar, num_buckets)
+        rows = table_rows(spec, patch)
+    except (BucketSpecError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps({"spec": spec.to_dict(), "hash": spec.hash, "buckets": rows}, indent=2))
+        return
+    typer.echo(f"# {len(rows)} buckets, area {area}^2, multiple {multiple}, aspect {min_ar:g}..{max_ar:g}, "
+               f"spec hash {spec.hash}")  # fmt: skip
+    typer.echo(f"{'W x H':>11}  {'grid h x w':>10}  {'tokens':>6}  {'aspect':>6}  {'area/A':>6}")
+    for r in rows:
+        typer.echo(f"{r['width']:>5} x {r['height']:<4}  {r['grid_h']:>4} x {r['grid_w']:<4}  {r['tokens']:>6}  "
+                   f"{r['aspect']:>6.3f}  {r['area_ratio']:>6.3f}")  # fmt: skip
+
+
+@app.command()
+def precompute(
+    source: Annotated[Path, typer.Argument(help="Image folder (walked recursively) or a .txt list of paths.")],
+    cache: Annotated[Path, typer.Argument(help="Cache directory to create or resume.")],
+    model: Annotated[str, typer.Option(help="Hub id, local directory, or random:vits16|vitb16|vitl16|...")] = (
+        "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    ),
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    area: Area = 1024,
+    multiple: Annotated[int | None, typer.Option(help="Side multiple (default: the model's patch size).")] = None,
+    min_ar: MinAR = 0.25,
+    max_ar: MaxAR = 4.0,
+    num_buckets: NumBuckets = 33,
+    fit: Fit = False,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")] = "auto",
+    store_dtype: Annotated[str, typer.Option(help="Stored dtype: fp16|bf16|fp32.")] = "fp16",
+    keep_registers: Annotated[bool, typer.Option(help="Also store register tokens.")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward (default: from token budget).")] = None,
+    token_budget: Annotated[int | None, typer.Option(help="Tokens per forward pass.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
+    shard_mb: Annotated[float, typer.Option(help="Target shard size in MiB.")] = 128.0,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (sorted order).")] = None,
+    rank: Annotated[int, typer.Option(help="This process's rank for a manual split (SLURM).")] = 0,
+    world_size: Annotated[int, typer.Option(help="Number of processes in a manual split.")] = 1,
+    dry_run: Annotated[bool, typer.Option(help="Plan only: bucket histogram and projected size; writes nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing cache and start over.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Extract CLS + patch-grid features for every image into a sharded zarr cache (rerun to resume)."""
+    from dinofeat.config import ExtractConfig
+    from dinofeat.errors import DinofeatError
+    from dinofeat.precompute import extract
+
+    try:
+        cfg = ExtractConfig(
+            model=model, revision=revision, dtype=dtype, store_dtype=store_dtype, area=area, multiple=multiple,
+            min_ar=min_ar, max_ar=max_ar, num_buckets=num_buckets, bucket_mode="fit" if fit else "list",
+            keep_registers=keep_registers, batch_size=batch_size, token_budget=token_budget, num_workers=workers,
+            device=device, shard_mb=shard_mb, limit=limit, rank=rank, world_size=world_size, progress=not as_json,
+        )  # fmt: skip
+        s = extract(source, cache, cfg, overwrite=overwrite, dry_run=dry_run)
+    except DinofeatError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    if dry_run:
+        typer.echo(f"plan: {s.total} images, {s.failed} unreadable, {len(s.histogram)} buckets")
+        for name, n in s.histogram:
+            typer.echo(f"  {name:>11}  {n:>8}  {'#' * max(1, round(40 * n / max(c for _, c in s.histogram)))}")
+        typer.echo(f"projected size on disk: {_gb(s.projected_bytes)}")
+        return
+    typer.echo(f"{s.cache}: {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}; "
+               f"this run {s.processed} images in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s), "
+               f"{_gb(s.bytes_written)} written{'; sealed' if s.sealed else ''}")  # fmt: skip
+    for reason, n in sorted(s.failures_by_reason.items()):
+        typer.echo(f"  failed ({reason}): {n}")
+    if s.new_files or s.removed_files:
+        typer.echo(f"  folder changed since planning: {s.new_files} new, {s.removed_files} removed")
+    if s.cleaned_files:
+        typer.echo(f"  cleaned {s.cleaned_files} partial files left by an interrupted run")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # finished shards are safe; rerun to resume
+        typer.secho("interrupted: finished shards are kept; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""dinofeat: precompute DINO CLS + patch-grid features into a sharded zarr cache, and read them back for DiT training.
+
+Heavy modules (torch, transformers, zarr) load on first use, so `import dinofeat` and `dinofeat buckets` stay fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "extract": "dinofeat.precompute",
+    "ExtractConfig": "dinofeat.config",
+    "Recipe": "dinofeat.config",
+    "FeatureCache": "dinofeat.cache",
+    "FeatureDataset": "dinofeat.dataset",
+    "BucketBatchSampler": "dinofeat.sampler",
+    "collate_features": "dinofeat.collate",
+    "validate": "dinofeat.validation",
+    "DinofeatError": "dinofeat.errors",
+    "ConfigError": "dinofeat.errors",
+    "CacheMismatchError": "dinofeat.errors",
+    "CacheFormatError": "dinofeat.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dinofeat' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""Frozen configuration. Everything that changes the stored numbers is serialised into the cache's metadata and
+compared on every rerun (the fingerprint); runtime knobs (workers, batch size, device) are not."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from dinofeat.decode import BACKGROUND, DEFAULT_MAX_PIXELS
+from dinofeat.errors import ConfigError
+from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
+
+DType = Literal["fp16", "bf16", "fp32"]
+DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How pixels become model input: whole image -> bucket size (no crop) -> x/255 -> (x - mean) / std."""
+
+    resample: str = "bilinear-antialias"
+    rescale: float = 1 / 255
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    background: tuple[int, int, int] = BACKGROUND
+    jpeg_draft: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one precompute run.
+
+    `multiple=None` means the model's patch size. `dtype="auto"` means fp16 on CUDA, bf16 on a CPU with native
+    bf16, else fp32. `store_dtype` is what lands on disk. `token_budget=None` picks a device-sized default.
+    """
+
+    model: str = "random:vits16"
+    revision: str | None = None
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    store_dtype: DType = "fp16"
+    area: int = 1024
+    multiple: int | None = None
+    min_ar: float = 0.25
+    max_ar: float = 4.0
+    num_buckets: int = 33
+    bucket_mode: Literal["list", "fit"] = "list"
+    keep_registers: bool = False
+    recipe: Recipe = field(default_factory=Recipe)
+    limit: int | None = None
+    # runtime knobs, not fingerprinted
+    device: str | None = None
+    batch_size: int | None = None
+    token_budget: int | None = None
+    num_workers: int | None = None
+    shard_mb: float = 128.0
+    probe_threads: int = 16
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto, fp16, bf16 or fp32; got {self.dtype!r}")
+        if self.store_dtype not in DTYPES:
+            raise ConfigError(f"store dtype must be fp16, bf16 or fp32; got {self.store_dtype!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ConfigError(f"token budget must be >= 1, got {self.token_budget}")
+        if self.shard_mb <= 0:
+            raise ConfigError(f"shard size must be > 0 MiB, got {self.shard_mb}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if not (0 <= self.rank < self.world_size):
+            raise ConfigError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")

@@ -1,0 +1,25 @@
+"""One exception family. Configuration problems raise before any work starts; per-image problems are data."""
+
+
+class DinofeatError(Exception):
+    """Base class: the CLI prints the message and exits 1."""
+
+
+class ConfigError(DinofeatError):
+    """A setting that cannot work (bad model spec, bucket multiple vs patch size, dtype, paths)."""
+
+
+class CacheMismatchError(DinofeatError):
+    """An existing cache was made with different settings; it is refused, never silently reused."""
+
+
+class CacheFormatError(DinofeatError):
+    """A cache this build cannot read: unknown format version, missing metadata, unsealed, damaged."""
+
+
+class TokenCountError(DinofeatError):
+    """The model returned a token count other than 1 + registers + h*w: the run stops, nothing is written."""
+
+
+class ImageError(Exception):
+    """One image could not be used. Not a DinofeatError: it is recorded with its reason and the run goes on."""

@@ -1,0 +1,207 @@
+"""The encoder: the only module that imports transformers.
+
+`load_model_info` reads just the config (cheap, used to validate settings before any work); `Encoder` holds the
+weights on a device in eval mode and turns uint8 batches into `last_hidden_state`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dinofeat.errors import ConfigError
+
+SUPPORTED_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers")
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 0
+
+# Published DINOv3 ViT shapes (patch 16, 4 registers). Random weights, real architecture and cost.
+_DINOV3_BASE: dict[str, Any] = {
+    "patch_size": 16,
+    "num_register_tokens": 4,
+    "layer_norm_eps": 1e-5,
+    "rope_theta": 100.0,
+    "layerscale_value": 1.0,
+    "key_bias": False,
+    "pos_embed_rescale": 2.0,
+}
+RANDOM_ARCHS: dict[str, dict[str, Any]] = {
+    "vits16": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "vits16plus": {
+        "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
+        "use_gated_mlp": True, "hidden_act": "silu",
+    },
+    "vitb16": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "vitl16": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
+    "vith16plus": {
+        "hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120,
+        "use_gated_mlp": True, "hidden_act": "silu",
+    },
+    "vit7b16": {
+        "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32, "intermediate_size": 8192,
+        "use_gated_mlp": True, "hidden_act": "silu",
+    },
+}  # fmt: skip
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the pipeline needs to know about a model, read from its config."""
+
+    id: str
+    revision: str | None
+    model_type: str
+    patch_size: int
+    num_register_tokens: int
+    hidden_size: int
+    config: dict[str, Any]
+    random: bool
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "revision": self.revision,
+            "model_type": self.model_type,
+            "patch_size": self.patch_size,
+            "num_register_tokens": self.num_register_tokens,
+            "hidden_size": self.hidden_size,
+            "config_hash": self.config_hash,
+            "random_weights": self.random,
+            "config": self.config,
+        }
+
+
+def _random_config(spec: str) -> Any:
+    from transformers import DINOv3ViTConfig
+
+    arch = spec[len(RANDOM_PREFIX) :]
+    if arch not in RANDOM_ARCHS:
+        raise ConfigError(f"unknown random model {spec!r}; choose one of: " + ", ".join(RANDOM_PREFIX + a for a in RANDOM_ARCHS))
+    return DINOv3ViTConfig(**_DINOV3_BASE, **RANDOM_ARCHS[arch])
+
+
+def _load_config(spec: str, revision: str | None) -> Any:
+    if spec.startswith(RANDOM_PREFIX):
+        return _random_config(spec)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec, revision=revision)
+    except Exception as e:  # hub errors, missing dirs, bad json: all configuration problems
+        where = "local directory" if os.path.isdir(spec) else "hub id"
+        raise ConfigError(f"cannot load model config from {where} {spec!r}: {e}") from e
+
+
+def _info_from_config(spec: str, revision: str | None, cfg: Any) -> ModelInfo:
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in SUPPORTED_TYPES:
+        raise ConfigError(f"model type {model_type!r} is not supported; dinofeat reads {', '.join(SUPPORTED_TYPES)}")
+    patch = cfg.patch_size
+    if not isinstance(patch, int):
+        if len(set(patch)) != 1:
+            raise ConfigError(f"non-square patch size {patch} is not supported")
+        patch = int(patch[0])
+    d = cfg.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype", "architectures"):
+        d.pop(volatile, None)
+    return ModelInfo(
+        id=spec,
+        revision=revision or getattr(cfg, "_commit_hash", None),
+        model_type=model_type,
+        patch_size=int(patch),
+        num_register_tokens=int(getattr(cfg, "num_register_tokens", 0) or 0),
+        hidden_size=int(cfg.hidden_size),
+        config=d,
+        random=spec.startswith(RANDOM_PREFIX),
+    )
+
+
+def load_model_info(spec: str, revision: str | None = None) -> ModelInfo:
+    """Config only: fast, and raises ConfigError before any image is touched."""
+    return _info_from_config(spec, revision, _load_config(spec, revision))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"bad device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """'auto' -> fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16"
+    return "fp32"
+
+
+def normalize_on_device(u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype):
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] in `dtype`: x/255, (x - mean)/std, computed in fp32 then cast."""
+    x = u8.permute(0, 3, 1, 2).float()
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return ((x - m) / s).to(dtype)
+
+
+class Encoder:
+    """Weights on a device, eval mode (DINOv3's RoPE jitters positions in train mode), SDPA attention."""
+
+    def __init__(self, info: ModelInfo, device: torch.device, dtype: str, compile: bool = False) -> None:
+        self.info = info
+        self.device = device
+        self.dtype_name = dtype
+        self.dtype = TORCH_DTYPES[dtype]
+        self.model = self._build()
+        self.model.eval()
+        if compile:
+            self.model = torch.compile(self.model, dynamic=False)
+
+    def _build(self) -> torch.nn.Module:
+        from transformers import AutoModel
+
+        if self.info.random:
+            cfg = _random_config(self.info.id)
+            cfg._attn_implementation = "sdpa"
+            state = torch.random.get_rng_state()
+            torch.manual_seed(RANDOM_SEED)  # same random weights every time, so validate --recompute can rebuild them
+            try:
+                model = AutoModel.from_config(cfg, attn_implementation="sdpa")
+            finally:
+                torch.random.set_rng_state(state)
+        else:
+            try:
+                model = AutoModel.from_pretrained(self.info.id, revision=self.info.revision, attn_implementation="sdpa")
+            except Exception as e:
+                raise ConfigError(f"cannot load model weights {self.info.id!r}: {e}") from e
+        return model.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised input -> last_hidden_state [B, T, D]."""
+        return self.model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
+
+    @torch.inference_mode()
+    def encode_uint8(self, u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+        """[B, H, W, 3] uint8 (CPU, possibly pinned) -> last_hidden_state [B, T, D] on the device."""
+        x = u8.to(self.device, non_blocking=True)
+        return self.hidden_states(normalize_on_device(x, mean, std, self.dtype))

@@ -1,0 +1,392 @@
+"""The precompute runner: discover -> probe -> bucket -> plan -> decode+resize -> batch -> model -> slice -> write.
+
+A reader -> mapper -> writer loop: DataLoader workers decode (reader), the encoder runs in the main thread
+(mapper), a background thread writes whole shards (writer). Everything is resumable at shard granularity.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from buckets import BucketSpec, BucketSpecError
+from dinofeat import __version__, store
+from dinofeat.config import ExtractConfig
+from dinofeat.discover import Source, discover
+from dinofeat.errors import CacheMismatchError, ConfigError
+from dinofeat.loader import BatchJob, DecodedBatch, make_loader
+from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
+from dinofeat.plan import BucketPlan, Plan, batch_size_for, make_plan, pending_batches, projected_bytes
+from dinofeat.probe import probe_many
+from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store
+from dinofeat.tokens import split_tokens
+from dinofeat.writer import ShardResult, ShardWriter
+
+DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
+
+
+@dataclass
+class Summary:
+    """What a run did; the CLI prints it, the Python API returns it."""
+
+    cache: str
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    pending: int = 0
+    processed: int = 0  # images computed by this run
+    seconds: float = 0.0
+    bytes_written: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    sealed: bool = False
+    new_files: int = 0
+    removed_files: int = 0
+    cleaned_files: int = 0
+    dry_run: bool = False
+    histogram: list[tuple[str, int]] = field(default_factory=list)
+    projected_bytes: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": self.images_per_s}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything checked before any image is touched."""
+
+    config: ExtractConfig
+    model: ModelInfo
+    spec: BucketSpec
+    device: torch.device
+    dtype: str
+
+    @property
+    def registers_stored(self) -> int:
+        return self.model.num_register_tokens if self.config.keep_registers else 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes the stored numbers. A rerun with any of these different is refused."""
+        return {
+            "model_id": self.model.id,
+            "model_revision": self.model.revision,
+            "model_config_hash": self.model.config_hash,
+            "compute_dtype": self.dtype,
+            "store_dtype": self.config.store_dtype,
+            "bucket_spec": self.spec.to_dict(),
+            "bucket_spec_hash": self.spec.hash,
+            "recipe": self.config.recipe.to_dict(),
+            "keep_registers": self.config.keep_registers,
+            "limit": self.config.limit,
+        }
+
+
+def prepare(config: ExtractConfig) -> Prepared:
+    """Validate settings against the model's config; raises ConfigError before any work starts."""
+    info = load_model_info(config.model, config.revision)
+    multiple = config.multiple if config.multiple is not None else info.patch_size
+    if multiple % info.patch_size:
+        raise ConfigError(f"bucket multiple {multiple} is not a multiple of the model's patch size {info.patch_size}")
+    try:
+        spec = BucketSpec(config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode)
+    except BucketSpecError as e:
+        raise ConfigError(str(e)) from e
+    device = resolve_device(config.device)
+    return Prepared(config, info, spec, device, resolve_dtype(config.dtype, device))
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: cache has {old.get(k)!r}, this run wants {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]  # fmt: skip
+
+
+def build_plan(src: Source, prep: Prepared, progress: bool) -> Plan:
+    paths = [src.path(k) for k in src.keys]
+    with tqdm(total=len(paths), desc="probe", unit="img", disable=not progress) as bar:
+        probes = probe_many(paths, prep.config.recipe.max_pixels, prep.config.probe_threads, bar.update)
+    shard_bytes = int(prep.config.shard_mb * 2**20)
+    return make_plan(
+        list(src.keys), probes, prep.spec, prep.model.patch_size, prep.model.hidden_size,
+        prep.config.store_dtype, shard_bytes, prep.registers_stored,
+    )  # fmt: skip
+
+
+def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
+    return {
+        "dinofeat_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": prep.model.to_dict(),
+        "random_weights": prep.model.random,
+        "fingerprint": prep.fingerprint(),
+        "dtypes": {"compute": prep.dtype, "store": prep.config.store_dtype},
+        "patch_size": prep.model.patch_size,
+        "num_register_tokens": prep.model.num_register_tokens,
+        "registers_stored": prep.registers_stored,
+        "hidden_size": prep.model.hidden_size,
+        "bucket_spec": prep.spec.to_dict(),
+        "bucket_spec_hash": prep.spec.hash,
+        "recipe": prep.config.recipe.to_dict(),
+        "source_root": str(src.root),
+        "num_images": len(plan),
+        "buckets": [{"name": b.name, "width": b.width, "height": b.height, "grid": list(b.grid), "rows": b.rows,
+                     "shard_rows": b.shard_rows} for b in plan.buckets],  # fmt: skip
+    }
+
+
+def open_or_create(cache: Path, src: Source, prep: Prepared, overwrite: bool, progress: bool) -> tuple[Store, Plan]:
+    """Reuse a matching cache (resume), refuse a mismatched one, or plan and create a new one."""
+    if store.exists(cache) and overwrite:
+        store.remove(cache)
+    if store.exists(cache):
+        st = Store(cache, mode="r+")
+        meta = st.meta
+        diff = fingerprint_diff(meta.get("fingerprint", {}), prep.fingerprint())
+        if diff:
+            raise CacheMismatchError(
+                f"{cache} was made with different settings; refusing to reuse it (pass --overwrite to start over):\n  "
+                + "\n  ".join(diff)
+            )
+        if meta.get("state") != "planning":
+            return st, st.read_plan()
+        if st.markers():
+            raise CacheMismatchError(f"{cache} is damaged: its plan is incomplete but some shards are written")
+        store.remove(cache)  # crashed while planning: nothing was extracted, plan again
+    elif cache.exists() and any(cache.iterdir()):
+        raise ConfigError(f"{cache} exists, is not empty and is not a dinofeat cache")
+    plan = build_plan(src, prep, progress)
+    st = Store.create(cache, _metadata(prep, plan, src), plan, prep.model.hidden_size, prep.registers_stored,
+                      prep.config.store_dtype)  # fmt: skip
+    return st, plan
+
+
+def _reason_class(reason: str) -> str:
+    return reason.split(":", 1)[0].strip()
+
+
+def finalize(st: Store, plan: Plan) -> tuple[np.ndarray, dict[str, str], bool]:
+    """Status of every image from the plan and the done markers; seal the cache when nothing is pending."""
+    markers = st.markers()
+    status = np.full(len(plan), STATUS_PENDING, np.int8)
+    failures: dict[str, str] = {}
+    for i, why in plan.probe_errors.items():
+        status[i] = STATUS_FAILED
+        failures[plan.keys[i]] = why
+    by_bucket = plan.rows_to_keys()
+    for b in plan.buckets:
+        positions = by_bucket[b.name]
+        for u in range(b.num_shards):
+            m = markers.get((b.name, u))
+            if m is None:
+                continue
+            start, stop = b.shard_range(u)
+            status[positions[start:stop]] = STATUS_DONE
+            for r, why in m["failed"].items():
+                status[positions[int(r)]] = STATUS_FAILED
+                failures[plan.keys[positions[int(r)]]] = why
+    complete = bool((status != STATUS_PENDING).all())
+    if complete and st.meta.get("state") != "sealed":
+        st.seal(status, failures)
+    return status, failures, complete
+
+
+class _ShardAssembler:
+    """Collects batch outputs into whole shards, then hands each finished shard to the writer."""
+
+    def __init__(self, bucket: BucketPlan, pending: set[int], writer: ShardWriter, store_dtype: str) -> None:
+        self.b = bucket
+        self.pending = pending
+        self.writer = writer
+        self.store_dtype = store_dtype
+        self.parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        self.filled: Counter[int] = Counter()
+        self.failed: dict[int, dict[int, str]] = {}
+        self.event: Any = None
+
+    def add(self, start: int, outputs: dict[str, torch.Tensor], failed: dict[int, str], event: Any) -> None:
+        stop = start + next(iter(outputs.values())).shape[0]
+        self.event = event
+        for u in range(start // self.b.shard_rows, (stop - 1) // self.b.shard_rows + 1):
+            if u not in self.pending:
+                continue
+            s0, s1 = self.b.shard_range(u)
+            a, z = max(s0, start), min(s1, stop)
+            self.parts.setdefault(u, []).append((a - s0, {k: v[a - start : z - start] for k, v in outputs.items()}))
+            self.failed.setdefault(u, {}).update({r: why for r, why in failed.items() if a <= r < z})
+            self.filled[u] += z - a
+            if self.filled[u] == s1 - s0:
+                self._flush(u, s0, s1)
+
+    def _flush(self, u: int, s0: int, s1: int) -> None:
+        parts, failed, event, dtype = self.parts.pop(u), self.failed.pop(u, {}), self.event, self.store_dtype
+
+        def build() -> dict[str, np.ndarray]:
+            if event is not None:
+                event.synchronize()  # device->host copies of this shard have landed
+            out: dict[str, np.ndarray] = {}
+            for name in parts[0][1]:
+                first = parts[0][1][name]
+                arr = np.zeros((s1 - s0, *first.shape[1:]), _host_np_dtype(dtype))
+                for off, tensors in parts:
+                    t = tensors[name]
+                    arr[off : off + t.shape[0]] = _to_numpy(t, dtype)
+                for r in failed:
+                    arr[r - s0] = 0  # failed rows are zeros; their status says failed
+                out[name] = arr
+            return out
+
+        self.writer.submit(ShardResult(self.b.name, u, s0, s1, build, failed))
+
+
+def _host_np_dtype(store_dtype: str) -> np.dtype:
+    return np.dtype({"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}[store_dtype])
+
+
+def _to_numpy(t: torch.Tensor, store_dtype: str) -> np.ndarray:
+    if store_dtype == "bf16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+_STORE_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _to_host(t: torch.Tensor, store_dtype: str) -> torch.Tensor:
+    """Cast on the device (halves the transfer for fp16), copy into pinned memory without blocking."""
+    t = t.to(_STORE_TORCH[store_dtype])
+    if t.device.type == "cpu":
+        return t.contiguous()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def default_workers(device: torch.device) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus - 1)) if device.type == "cuda" else max(1, min(16, cpus // 2))
+
+
+def _rows_in(b: BucketPlan, shards: set[int], a: int, z: int) -> int:
+    """How many of rows [a, z) fall in `shards` of bucket b."""
+    total = 0
+    for u in range(a // b.shard_rows, (z - 1) // b.shard_rows + 1):
+        if u in shards:
+            s0, s1 = b.shard_range(u)
+            total += min(s1, z) - max(s0, a)
+    return total
+
+
+def run_shards(st: Store, plan: Plan, src: Source, prep: Prepared, pending: set[tuple[str, int]], summary: Summary):
+    """Extract every pending shard; returns when all are written (or raises on a fatal error)."""
+    cfg = prep.config
+    budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
+    positions = plan.rows_to_keys()
+    buckets = {b.name: b for b in plan.buckets}
+    mine = {name: {u for (n, u) in pending if n == name} for name in buckets}
+    jobs: list[BatchJob] = []
+    for b in plan.buckets:
+        if not mine[b.name]:
+            continue
+        bs = batch_size_for(b.grid[0] * b.grid[1] + 1 + prep.model.num_register_tokens, budget, cfg.batch_size)
+        for a, z in pending_batches(b, mine[b.name], bs):
+            paths = tuple(src.path(plan.keys[i]) for i in positions[b.name][a:z])
+            jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths))
+    if not jobs:
+        return
+    encoder = Encoder(prep.model, prep.device, prep.dtype)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(prep.device)
+    loader = make_loader(jobs, cfg.recipe, workers, pin_memory=prep.device.type == "cuda")
+    writer = ShardWriter(st)
+    assemblers = {name: _ShardAssembler(buckets[name], mine[name], writer, cfg.store_dtype) for name in buckets}
+    n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=n_pending, desc="extract", unit="img", disable=not cfg.progress, smoothing=0.05) as bar:
+            batch: DecodedBatch
+            for batch in loader:
+                job = batch.job
+                b = buckets[job.bucket]
+                hidden = encoder.encode_uint8(batch.pixels, cfg.recipe.mean, cfg.recipe.std)
+                cls, regs, patches = split_tokens(hidden, prep.model.num_register_tokens, b.grid)
+                outputs = {"cls": _to_host(cls, cfg.store_dtype), "patches": _to_host(patches, cfg.store_dtype)}
+                if prep.registers_stored:
+                    outputs["registers"] = _to_host(regs, cfg.store_dtype)
+                event = None
+                if prep.device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record()
+                assemblers[job.bucket].add(job.start, outputs, batch.failed, event)
+                bar.update(_rows_in(b, mine[b.name], job.start, job.stop))
+        writer.close()
+    finally:
+        summary.seconds += time.perf_counter() - t0
+        summary.bytes_written += writer.bytes_written
+    summary.processed += n_pending
+
+
+def extract(
+    source: str | os.PathLike[str],
+    cache: str | os.PathLike[str],
+    config: ExtractConfig | None = None,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    **overrides: Any,
+) -> Summary:
+    """Precompute features for every image under `source` into `cache`; rerun the same call to resume.
+
+    `overrides` are ExtractConfig fields, e.g. `extract("imgs", "feats", model="facebook/dinov3-vitl16-...",
+    area=512)`. Raises ConfigError / CacheMismatchError before any work; bad images are recorded, not raised.
+    """
+    try:
+        config = replace(config or ExtractConfig(), **overrides)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+    prep = prepare(config)
+    src = discover(source, limit=config.limit)
+    cache = Path(cache)
+    summary = Summary(cache=str(cache), dry_run=dry_run)
+    if dry_run:
+        plan = build_plan(src, prep, config.progress)
+        summary.total = len(plan)
+        summary.failed = len(plan.probe_errors)
+        summary.pending = summary.total - summary.failed
+        summary.histogram = plan.histogram()
+        summary.projected_bytes = projected_bytes(plan, prep.model.hidden_size, config.store_dtype,
+                                                  prep.registers_stored)  # fmt: skip
+        summary.failures_by_reason = dict(Counter(_reason_class(r) for r in plan.probe_errors.values()))
+        return summary
+    st, plan = open_or_create(cache, src, prep, overwrite, config.progress)
+    planned, found = set(plan.keys), set(src.keys)
+    summary.new_files, summary.removed_files = len(found - planned), len(planned - found)
+    done = set(st.markers())
+    summary.cleaned_files = st.cleanup(done)
+    shards = plan.shards()
+    pending = {(s.bucket, s.shard) for s in shards if (s.bucket, s.shard) not in done
+               and s.ordinal % config.world_size == config.rank}  # fmt: skip
+    missing = [plan.keys[i] for i in np.flatnonzero(plan.bucket >= 0) if plan.keys[i] not in found]
+    if pending and missing:
+        raise ConfigError(
+            f"{len(missing)} planned images are gone from {src.root} (e.g. {missing[0]!r}); restore them or rerun "
+            "with --overwrite"
+        )
+    run_shards(st, plan, src, prep, pending, summary)
+    status, failures, complete = finalize(st, plan)
+    summary.total = len(plan)
+    summary.done = int((status == STATUS_DONE).sum())
+    summary.failed = int((status == STATUS_FAILED).sum())
+    summary.pending = int((status == STATUS_PENDING).sum())
+    summary.failures_by_reason = dict(Counter(_reason_class(r) for r in failures.values()))
+    summary.sealed = complete
+    summary.histogram = plan.histogram()
+    return summary

@@ -1,0 +1,20 @@
+"""decode + resize for one image: the work DataLoader workers do. Output stays uint8 (4x less to ship)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dinofeat.config import Recipe
+from dinofeat.decode import decode_rgb
+from dinofeat.resize import resize_uint8
+
+
+def load_resized(path: str, size: tuple[int, int], recipe: Recipe = Recipe()) -> np.ndarray:
+    """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file."""
+    im = decode_rgb(
+        path,
+        draft_size=size if recipe.jpeg_draft else None,
+        max_pixels=recipe.max_pixels,
+        background=recipe.background,
+    )
+    return resize_uint8(im, size)

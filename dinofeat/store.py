@@ -1,0 +1,257 @@
+"""The cache on disk: the only module that imports zarr. Layout and rules are in docs/format.md.
+
+Concurrency rules (zarr 3.1 loses data otherwise): arrays are created once at their planned size; a shard is
+written whole, in one call, by one writer; its done marker is written after it; readers trust only marked shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from dinofeat.errors import CacheFormatError
+from dinofeat.plan import BucketPlan, Plan
+
+FORMAT_VERSION = 1
+META_KEY = "dinofeat"
+STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
+# zarr 3.1 has no bfloat16: bf16 features are stored as their uint16 bit patterns (exact; see docs/format.md)
+ZARR_DTYPES = {"fp16": "float16", "bf16": "uint16", "fp32": "float32"}
+INDEX_COLUMNS = ("key", "bucket", "row", "src_w", "src_h", "distortion", "file_size", "mtime_ns")
+_ARRAY_CONFIG = {"write_empty_chunks": True}  # whole-shard writes, and ~2x faster sharded writes in zarr 3.1
+
+
+def _np_dtype(store_dtype: str) -> np.dtype:
+    return np.dtype(ZARR_DTYPES[store_dtype])
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact: bf16 is the top half of an fp32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    """An open cache directory. Writers and readers both go through here for anything zarr-shaped."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "r") -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise CacheFormatError(f"{self.path} is not a dinofeat cache (no zarr.json)")
+        self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
+        meta = self.root.attrs.get(META_KEY)
+        if not isinstance(meta, dict):
+            raise CacheFormatError(f"{self.path} is a zarr group without dinofeat metadata")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheFormatError(f"{self.path} has cache format version {version}; this build reads {FORMAT_VERSION}")
+        self._arrays: dict[tuple[str, str], Any] = {}
+
+    # ---- creation -------------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        meta: dict[str, Any],
+        plan: Plan,
+        hidden: int,
+        registers: int,
+        store_dtype: str,
+    ) -> Store:
+        """Arrays at their final size, the index, then state 'planned' last (a crash before that is detectable)."""
+        path = Path(path)
+        dtype = _np_dtype(store_dtype)
+        root = zarr.open_group(str(path), mode="w")
+        root.attrs[META_KEY] = {**meta, "format_version": FORMAT_VERSION, "state": "planning"}
+        idx = root.create_group("index")
+        n = len(plan)
+        cols: dict[str, np.ndarray] = {
+            "key": np.array(plan.keys, dtype=str) if n else np.zeros(0, dtype=str),
+            "bucket": plan.bucket,
+            "row": plan.row,
+            "src_w": plan.src_w,
+            "src_h": plan.src_h,
+            "distortion": plan.distortion,
+            "file_size": plan.file_size,
+            "mtime_ns": plan.mtime_ns,
+        }
+        for name, values in cols.items():
+            a = idx.create_array(name, shape=(n,), dtype=values.dtype if name != "key" else str, chunks=(max(n, 1),))
+            if n:
+                a[:] = values
+        idx.create_array("status", shape=(n,), dtype="int8", chunks=(max(n, 1),), fill_value=0)
+        for b in plan.buckets:
+            g = root.create_group(f"buckets/{b.name}")
+            g.attrs.update({"width": b.width, "height": b.height, "grid": list(b.grid), "rows": b.rows,
+                            "shard_rows": b.shard_rows})  # fmt: skip
+            h, w = b.grid
+            s = b.shard_rows
+            shapes = {"cls": (b.rows, hidden), "patches": (b.rows, h, w, hidden)}
+            if registers:
+                shapes["registers"] = (b.rows, registers, hidden)
+            for name, shape in shapes.items():
+                g.create_array(
+                    name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]), shards=(s, *shape[1:]),
+                    compressors=None, fill_value=0, config=_ARRAY_CONFIG,
+                )  # fmt: skip
+        failures = {plan.keys[i]: r for i, r in plan.probe_errors.items()}
+        _atomic_write_text(path / "_dinofeat" / "probe_failures.json", json.dumps(failures, sort_keys=True))
+        store = cls(path, mode="r+")
+        store.update_meta(state="planned")
+        return store
+
+    # ---- metadata -------------------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.root.attrs[META_KEY])
+
+    def update_meta(self, **changes: Any) -> None:
+        self.root.attrs[META_KEY] = {**self.meta, **changes}
+
+    # ---- plan and index -------------------------------------------------------------------------------------
+    def index(self) -> dict[str, np.ndarray]:
+        g = self.root["index"]
+        return {name: g[name][:] for name in (*INDEX_COLUMNS, "status")}
+
+    def bucket_plans(self) -> tuple[BucketPlan, ...]:
+        patch = int(self.meta["model"]["patch_size"])
+        return tuple(
+            BucketPlan(int(b["width"]), int(b["height"]), patch, int(b["rows"]), int(b["shard_rows"]))
+            for b in self.meta["buckets"]
+        )
+
+    def probe_failures(self) -> dict[str, str]:
+        p = self.path / "_dinofeat" / "probe_failures.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def read_plan(self) -> Plan:
+        ix = self.index()
+        keys = [str(k) for k in ix["key"]]
+        pos = {k: i for i, k in enumerate(keys)}
+        return Plan(
+            keys=keys, bucket=ix["bucket"], row=ix["row"], src_w=ix["src_w"], src_h=ix["src_h"],
+            distortion=ix["distortion"], file_size=ix["file_size"], mtime_ns=ix["mtime_ns"],
+            probe_errors={pos[k]: r for k, r in self.probe_failures().items()}, buckets=self.bucket_plans(),
+        )  # fmt: skip
+
+    # ---- features -------------------------------------------------------------------------------------------
+    def array(self, bucket: str, name: str) -> Any:
+        key = (bucket, name)
+        if key not in self._arrays:
+            self._arrays[key] = self.root[f"buckets/{bucket}/{name}"]
+        return self._arrays[key]
+
+    def has_array(self, bucket: str, name: str) -> bool:
+        return (self.path / "buckets" / bucket / name / "zarr.json").is_file()
+
+    def write_shard(self, bucket: str, start: int, arrays: dict[str, np.ndarray]) -> int:
+        """One call per array covering exactly the shard's rows. Returns bytes written."""
+        written = 0
+        for name, values in arrays.items():
+            a = self.array(bucket, name)
+            a[start : start + len(values)] = values
+            written += values.nbytes
+        return written
+
+    def read_rows(self, bucket: str, name: str, start: int, stop: int) -> np.ndarray:
+        return self.array(bucket, name)[start:stop]
+
+    def array_names(self, bucket: str) -> list[str]:
+        return [n for n in ("cls", "patches", "registers") if self.has_array(bucket, n)]
+
+    def shard_files(self, bucket: str, shard: int) -> list[Path]:
+        """The shard objects of one work unit (default chunk-key encoding: c/<shard>/0/...)."""
+        out = []
+        for name in self.array_names(bucket):
+            ndim = len(self.array(bucket, name).shape)
+            out.append(self.path / "buckets" / bucket / name / "c" / str(shard) / Path(*(["0"] * (ndim - 1))))
+        return out
+
+    # ---- done markers ---------------------------------------------------------------------------------------
+    def marker_path(self, bucket: str, shard: int) -> Path:
+        return self.path / "_dinofeat" / "done" / bucket / f"{shard}.json"
+
+    def write_marker(self, bucket: str, shard: int, start: int, stop: int, failed: dict[int, str]) -> None:
+        body = {"bucket": bucket, "shard": shard, "start": start, "stop": stop,
+                "failed": {str(r): why for r, why in sorted(failed.items())}, "time": time.time()}  # fmt: skip
+        _atomic_write_text(self.marker_path(bucket, shard), json.dumps(body))
+
+    def markers(self) -> dict[tuple[str, int], dict[str, Any]]:
+        out: dict[tuple[str, int], dict[str, Any]] = {}
+        done = self.path / "_dinofeat" / "done"
+        if not done.is_dir():
+            return out
+        for bdir in done.iterdir():
+            for f in bdir.glob("*.json"):
+                try:
+                    m = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    continue  # unreadable marker = shard not done; it will be redone
+                out[(bdir.name, int(f.stem))] = m
+        return out
+
+    def cleanup(self, done: set[tuple[str, int]]) -> int:
+        """Remove what a crash left: zarr's *.partial temp files, marker temp files, and shard objects whose
+        shard has no done marker (they may be half-written). Returns the number of files removed."""
+        removed = 0
+        for pattern in ("buckets/**/*.partial", "_dinofeat/**/.*.tmp"):
+            for p in self.path.glob(pattern):
+                p.unlink(missing_ok=True)
+                removed += 1
+        for b in self.bucket_plans():
+            for u in range(b.num_shards):
+                if (b.name, u) in done:
+                    continue
+                for f in self.shard_files(b.name, u):
+                    if f.exists():
+                        f.unlink()
+                        removed += 1
+        return removed
+
+    def seal(self, status: np.ndarray, failures: dict[str, str]) -> None:
+        self.root["index"]["status"][:] = status
+        _atomic_write_text(self.path / "_dinofeat" / "failures.json", json.dumps(failures, sort_keys=True))
+        self.update_meta(state="sealed", sealed_at=time.time())
+
+    def failures(self) -> dict[str, str]:
+        p = self.path / "_dinofeat" / "failures.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def iter_shards(self) -> Iterator[tuple[BucketPlan, int]]:
+        for b in self.bucket_plans():
+            for u in range(b.num_shards):
+                yield b, u
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / "zarr.json").is_file()
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a cache directory (only if it looks like one, or is empty)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if not exists(p) and any(p.iterdir()):
+        raise CacheFormatError(f"refusing to delete {p}: it is not empty and not a dinofeat cache")
+    shutil.rmtree(p)
