@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -82,7 +82,9 @@ def precompute(
     limit: Annotated[int | None, typer.Option(help="Only the first N images (sorted order).")] = None,
     rank: Annotated[int, typer.Option(help="This process's rank for a manual split (SLURM).")] = 0,
     world_size: Annotated[int, typer.Option(help="Number of processes in a manual split.")] = 1,
-    dry_run: Annotated[bool, typer.Option(help="Plan only: bucket histogram and projected size; writes nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Plan only: bucket histogram and projected size; writes nothing.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing cache and start over.")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -127,8 +129,6 @@ def main() -> None:
     except KeyboardInterrupt:  # finished shards are safe; rerun to resume
         typer.secho("interrupted: finished shards are kept; rerun the same command to resume", err=True)
         sys.exit(130)
-
-
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Synthetic photo-like test images: smooth gradients, shapes and mild noise, so JPEG sizes look like real photos.
 
-    python benchmarks/make_images.py OUT_DIR --count 64 --megapixels 2
+python benchmarks/make_images.py OUT_DIR --count 64 --megapixels 2
 """
 
 from __future__ import annotations

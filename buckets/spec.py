@@ -42,7 +42,9 @@ class BucketSpec:
         if self.area < self.multiple:
             raise BucketSpecError(f"area side {self.area} is smaller than the multiple {self.multiple}")
         if not (0 < self.min_ar <= 1.0 <= self.max_ar) or not math.isfinite(self.max_ar):
-            raise BucketSpecError(f"aspect range must satisfy 0 < min_ar <= 1 <= max_ar, got {self.min_ar}..{self.max_ar}")
+            raise BucketSpecError(
+                f"aspect range must satisfy 0 < min_ar <= 1 <= max_ar, got {self.min_ar}..{self.max_ar}"
+            )
         if self.num_buckets < 1:
             raise BucketSpecError(f"num_buckets must be >= 1, got {self.num_buckets}")
         if self.mode not in ("list", "fit"):

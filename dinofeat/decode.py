@@ -35,8 +35,10 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         raise ImageError(f"decompression bomb: {e}") from e
     except Image.UnidentifiedImageError as e:
         raise ImageError("not an image (unidentified format)") from e
-    except OSError as e:
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         raise ImageError(f"unreadable: {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # header parse failures: damaged file
+        raise ImageError(f"corrupt or truncated: {e}") from e
     w, h = im.size
     if w <= 0 or h <= 0:
         im.close()

@@ -87,7 +87,9 @@ def _random_config(spec: str) -> Any:
 
     arch = spec[len(RANDOM_PREFIX) :]
     if arch not in RANDOM_ARCHS:
-        raise ConfigError(f"unknown random model {spec!r}; choose one of: " + ", ".join(RANDOM_PREFIX + a for a in RANDOM_ARCHS))
+        raise ConfigError(
+            f"unknown random model {spec!r}; choose one of: " + ", ".join(RANDOM_PREFIX + a for a in RANDOM_ARCHS)
+        )
     return DINOv3ViTConfig(**_DINOV3_BASE, **RANDOM_ARCHS[arch])
 
 

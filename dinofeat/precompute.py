@@ -139,8 +139,17 @@ def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
         "recipe": prep.config.recipe.to_dict(),
         "source_root": str(src.root),
         "num_images": len(plan),
-        "buckets": [{"name": b.name, "width": b.width, "height": b.height, "grid": list(b.grid), "rows": b.rows,
-                     "shard_rows": b.shard_rows} for b in plan.buckets],  # fmt: skip
+        "buckets": [
+            {
+                "name": b.name,
+                "width": b.width,
+                "height": b.height,
+                "grid": list(b.grid),
+                "rows": b.rows,
+                "shard_rows": b.shard_rows,
+            }
+            for b in plan.buckets
+        ],  # fmt: skip
     }
 
 

@@ -20,7 +20,9 @@ def resize_uint8(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def normalize_np(u8: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
-    """HxWx3 uint8 -> 3xHxW float32: x/255, then (x - mean) / std. The CPU twin of `model.normalize_on_device`."""
-    x = u8.astype(np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    """HxWx3 uint8 -> 3xHxW float32: (x/255 - mean) / std, computed as (x - 255 mean) / (255 std) in float32 with
+    the same operations as `model.normalize_on_device`, so both give bit-identical input."""
+    x = u8.astype(np.float32)
+    m = np.asarray(mean, np.float32) * np.float32(255.0)
+    s = np.asarray(std, np.float32) * np.float32(255.0)
+    return np.ascontiguousarray(((x - m) / s).transpose(2, 0, 1))
