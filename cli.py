@@ -49,12 +49,16 @@ def buckets(
     if as_json:
         typer.echo(json.dumps({"spec": spec.to_dict(), "hash": spec.hash, "buckets": rows}, indent=2))
         return
-    typer.echo(f"# {len(rows)} buckets, area {area}^2, multiple {multiple}, aspect {min_ar:g}..{max_ar:g}, "
-               f"spec hash {spec.hash}")  # fmt: skip
+    typer.echo(
+        f"# {len(rows)} buckets, area {area}^2, multiple {multiple}, aspect {min_ar:g}..{max_ar:g}, "
+        f"spec hash {spec.hash}"
+    )
     typer.echo(f"{'W x H':>11}  {'grid h x w':>10}  {'tokens':>6}  {'aspect':>6}  {'area/A':>6}")
     for r in rows:
-        typer.echo(f"{r['width']:>5} x {r['height']:<4}  {r['grid_h']:>4} x {r['grid_w']:<4}  {r['tokens']:>6}  "
-                   f"{r['aspect']:>6.3f}  {r['area_ratio']:>6.3f}")  # fmt: skip
+        typer.echo(
+            f"{r['width']:>5} x {r['height']:<4}  {r['grid_h']:>4} x {r['grid_w']:<4}  {r['tokens']:>6}  "
+            f"{r['aspect']:>6.3f}  {r['area_ratio']:>6.3f}"
+        )
 
 
 @app.command()
@@ -95,11 +99,27 @@ def precompute(
 
     try:
         cfg = ExtractConfig(
-            model=model, revision=revision, dtype=dtype, store_dtype=store_dtype, area=area, multiple=multiple,
-            min_ar=min_ar, max_ar=max_ar, num_buckets=num_buckets, bucket_mode="fit" if fit else "list",
-            keep_registers=keep_registers, batch_size=batch_size, token_budget=token_budget, num_workers=workers,
-            device=device, shard_mb=shard_mb, limit=limit, rank=rank, world_size=world_size, progress=not as_json,
-        )  # fmt: skip
+            model=model,
+            revision=revision,
+            dtype=dtype,
+            store_dtype=store_dtype,
+            area=area,
+            multiple=multiple,
+            min_ar=min_ar,
+            max_ar=max_ar,
+            num_buckets=num_buckets,
+            bucket_mode="fit" if fit else "list",
+            keep_registers=keep_registers,
+            batch_size=batch_size,
+            token_budget=token_budget,
+            num_workers=workers,
+            device=device,
+            shard_mb=shard_mb,
+            limit=limit,
+            rank=rank,
+            world_size=world_size,
+            progress=not as_json,
+        )
         s = extract(source, cache, cfg, overwrite=overwrite, dry_run=dry_run)
     except DinofeatError as e:
         _fail(e)
@@ -112,9 +132,11 @@ def precompute(
             typer.echo(f"  {name:>11}  {n:>8}  {'#' * max(1, round(40 * n / max(c for _, c in s.histogram)))}")
         typer.echo(f"projected size on disk: {_gb(s.projected_bytes)}")
         return
-    typer.echo(f"{s.cache}: {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}; "
-               f"this run {s.processed} images in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s), "
-               f"{_gb(s.bytes_written)} written{'; sealed' if s.sealed else ''}")  # fmt: skip
+    typer.echo(
+        f"{s.cache}: {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}; "
+        f"this run {s.processed} images in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s), "
+        f"{_gb(s.bytes_written)} written{'; sealed' if s.sealed else ''}"
+    )
     for reason, n in sorted(s.failures_by_reason.items()):
         typer.echo(f"  failed ({reason}): {n}")
     if s.new_files or s.removed_files:

@@ -37,7 +37,7 @@ class Bucket:
 
 def round_to_multiple(x: float, m: int) -> int:
     """Nearest positive multiple of m (halves round up, so the result never depends on float noise at .5)."""
-    return max(m, int(math.floor(x / m + 0.5)) * m)
+    return max(m, math.floor(x / m + 0.5) * m)
 
 
 def size_for_aspect(aspect: float, spec: BucketSpec) -> Bucket:
@@ -80,6 +80,15 @@ def table_rows(spec: BucketSpec, patch: int | None = None) -> list[dict[str, obj
     rows = []
     for b in make_buckets(spec):
         gh, gw = b.grid(p)
-        rows.append({"width": b.width, "height": b.height, "grid_h": gh, "grid_w": gw, "tokens": gh * gw,
-                     "aspect": round(b.aspect, 4), "area_ratio": round(b.width * b.height / spec.target_pixels, 4)})  # fmt: skip
+        rows.append(
+            {
+                "width": b.width,
+                "height": b.height,
+                "grid_h": gh,
+                "grid_w": gw,
+                "tokens": gh * gw,
+                "aspect": round(b.aspect, 4),
+                "area_ratio": round(b.width * b.height / spec.target_pixels, 4),
+            }
+        )
     return rows

@@ -33,20 +33,32 @@ _DINOV3_BASE: dict[str, Any] = {
 RANDOM_ARCHS: dict[str, dict[str, Any]] = {
     "vits16": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
     "vits16plus": {
-        "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536,
-        "use_gated_mlp": True, "hidden_act": "silu",
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+        "use_gated_mlp": True,
+        "hidden_act": "silu",
     },
     "vitb16": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
     "vitl16": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
     "vith16plus": {
-        "hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120,
-        "use_gated_mlp": True, "hidden_act": "silu",
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "intermediate_size": 5120,
+        "use_gated_mlp": True,
+        "hidden_act": "silu",
     },
     "vit7b16": {
-        "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32, "intermediate_size": 8192,
-        "use_gated_mlp": True, "hidden_act": "silu",
+        "hidden_size": 4096,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "intermediate_size": 8192,
+        "use_gated_mlp": True,
+        "hidden_act": "silu",
     },
-}  # fmt: skip
+}
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -107,8 +107,11 @@ def prepare(config: ExtractConfig) -> Prepared:
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{k}: cache has {old.get(k)!r}, this run wants {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]  # fmt: skip
+    return [
+        f"{k}: cache has {old.get(k)!r}, this run wants {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def build_plan(src: Source, prep: Prepared, progress: bool) -> Plan:
@@ -117,9 +120,15 @@ def build_plan(src: Source, prep: Prepared, progress: bool) -> Plan:
         probes = probe_many(paths, prep.config.recipe.max_pixels, prep.config.probe_threads, bar.update)
     shard_bytes = int(prep.config.shard_mb * 2**20)
     return make_plan(
-        list(src.keys), probes, prep.spec, prep.model.patch_size, prep.model.hidden_size,
-        prep.config.store_dtype, shard_bytes, prep.registers_stored,
-    )  # fmt: skip
+        list(src.keys),
+        probes,
+        prep.spec,
+        prep.model.patch_size,
+        prep.model.hidden_size,
+        prep.config.store_dtype,
+        shard_bytes,
+        prep.registers_stored,
+    )
 
 
 def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
@@ -149,7 +158,7 @@ def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
                 "shard_rows": b.shard_rows,
             }
             for b in plan.buckets
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -174,8 +183,9 @@ def open_or_create(cache: Path, src: Source, prep: Prepared, overwrite: bool, pr
     elif cache.exists() and any(cache.iterdir()):
         raise ConfigError(f"{cache} exists, is not empty and is not a dinofeat cache")
     plan = build_plan(src, prep, progress)
-    st = Store.create(cache, _metadata(prep, plan, src), plan, prep.model.hidden_size, prep.registers_stored,
-                      prep.config.store_dtype)  # fmt: skip
+    st = Store.create(
+        cache, _metadata(prep, plan, src), plan, prep.model.hidden_size, prep.registers_stored, prep.config.store_dtype
+    )
     return st, plan
 
 
@@ -371,8 +381,9 @@ def extract(
         summary.failed = len(plan.probe_errors)
         summary.pending = summary.total - summary.failed
         summary.histogram = plan.histogram()
-        summary.projected_bytes = projected_bytes(plan, prep.model.hidden_size, config.store_dtype,
-                                                  prep.registers_stored)  # fmt: skip
+        summary.projected_bytes = projected_bytes(
+            plan, prep.model.hidden_size, config.store_dtype, prep.registers_stored
+        )
         summary.failures_by_reason = dict(Counter(_reason_class(r) for r in plan.probe_errors.values()))
         return summary
     st, plan = open_or_create(cache, src, prep, overwrite, config.progress)
@@ -381,8 +392,11 @@ def extract(
     done = set(st.markers())
     summary.cleaned_files = st.cleanup(done)
     shards = plan.shards()
-    pending = {(s.bucket, s.shard) for s in shards if (s.bucket, s.shard) not in done
-               and s.ordinal % config.world_size == config.rank}  # fmt: skip
+    pending = {
+        (s.bucket, s.shard)
+        for s in shards
+        if (s.bucket, s.shard) not in done and s.ordinal % config.world_size == config.rank
+    }
     missing = [plan.keys[i] for i in np.flatnonzero(plan.bucket >= 0) if plan.keys[i] not in found]
     if pending and missing:
         raise ConfigError(

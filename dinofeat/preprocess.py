@@ -8,8 +8,10 @@ from dinofeat.config import Recipe
 from dinofeat.decode import decode_rgb
 from dinofeat.resize import resize_uint8
 
+DEFAULT_RECIPE = Recipe()
 
-def load_resized(path: str, size: tuple[int, int], recipe: Recipe = Recipe()) -> np.ndarray:
+
+def load_resized(path: str, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE) -> np.ndarray:
     """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file."""
     im = decode_rgb(
         path,

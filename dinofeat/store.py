@@ -99,8 +99,9 @@ class Store:
         idx.create_array("status", shape=(n,), dtype="int8", chunks=(max(n, 1),), fill_value=0)
         for b in plan.buckets:
             g = root.create_group(f"buckets/{b.name}")
-            g.attrs.update({"width": b.width, "height": b.height, "grid": list(b.grid), "rows": b.rows,
-                            "shard_rows": b.shard_rows})  # fmt: skip
+            g.attrs.update(
+                {"width": b.width, "height": b.height, "grid": list(b.grid), "rows": b.rows, "shard_rows": b.shard_rows}
+            )
             h, w = b.grid
             s = b.shard_rows
             shapes = {"cls": (b.rows, hidden), "patches": (b.rows, h, w, hidden)}
@@ -108,9 +109,15 @@ class Store:
                 shapes["registers"] = (b.rows, registers, hidden)
             for name, shape in shapes.items():
                 g.create_array(
-                    name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]), shards=(s, *shape[1:]),
-                    compressors=None, fill_value=0, config=_ARRAY_CONFIG,
-                )  # fmt: skip
+                    name,
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=(1, *shape[1:]),
+                    shards=(s, *shape[1:]),
+                    compressors=None,
+                    fill_value=0,
+                    config=_ARRAY_CONFIG,
+                )
         failures = {plan.keys[i]: r for i, r in plan.probe_errors.items()}
         _atomic_write_text(path / "_dinofeat" / "probe_failures.json", json.dumps(failures, sort_keys=True))
         store = cls(path, mode="r+")
@@ -146,10 +153,17 @@ class Store:
         keys = [str(k) for k in ix["key"]]
         pos = {k: i for i, k in enumerate(keys)}
         return Plan(
-            keys=keys, bucket=ix["bucket"], row=ix["row"], src_w=ix["src_w"], src_h=ix["src_h"],
-            distortion=ix["distortion"], file_size=ix["file_size"], mtime_ns=ix["mtime_ns"],
-            probe_errors={pos[k]: r for k, r in self.probe_failures().items()}, buckets=self.bucket_plans(),
-        )  # fmt: skip
+            keys=keys,
+            bucket=ix["bucket"],
+            row=ix["row"],
+            src_w=ix["src_w"],
+            src_h=ix["src_h"],
+            distortion=ix["distortion"],
+            file_size=ix["file_size"],
+            mtime_ns=ix["mtime_ns"],
+            probe_errors={pos[k]: r for k, r in self.probe_failures().items()},
+            buckets=self.bucket_plans(),
+        )
 
     # ---- features -------------------------------------------------------------------------------------------
     def array(self, bucket: str, name: str) -> Any:
@@ -189,8 +203,14 @@ class Store:
         return self.path / "_dinofeat" / "done" / bucket / f"{shard}.json"
 
     def write_marker(self, bucket: str, shard: int, start: int, stop: int, failed: dict[int, str]) -> None:
-        body = {"bucket": bucket, "shard": shard, "start": start, "stop": stop,
-                "failed": {str(r): why for r, why in sorted(failed.items())}, "time": time.time()}  # fmt: skip
+        body = {
+            "bucket": bucket,
+            "shard": shard,
+            "start": start,
+            "stop": stop,
+            "failed": {str(r): why for r, why in sorted(failed.items())},
+            "time": time.time(),
+        }
         _atomic_write_text(self.marker_path(bucket, shard), json.dumps(body))
 
     def markers(self) -> dict[tuple[str, int], dict[str, Any]]:

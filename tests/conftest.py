@@ -33,9 +33,12 @@ def make_tiny(kind: str, path: Path, **overrides) -> Path:
         )
     elif kind == "dinov2reg":
         cfg = Dinov2WithRegistersConfig(
-            patch_size=14, image_size=56, num_register_tokens=4, mlp_ratio=2,
+            patch_size=14,
+            image_size=56,
+            num_register_tokens=4,
+            mlp_ratio=2,
             **{k: v for k, v in kw.items() if k != "intermediate_size"},
-        )  # fmt: skip
+        )
     else:
         raise ValueError(kind)
     return _save(cfg, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 
@@ -40,9 +41,18 @@ SPECS = [
 
 @pytest.mark.parametrize(
     ("x", "m", "want"),
-    [(0, 16, 16), (7.9, 16, 16), (8, 16, 16), (23.99, 16, 16), (24, 16, 32), (1024, 16, 1024), (20.9, 14, 14),
-     (21, 14, 28), (517.9, 14, 518)],
-)  # fmt: skip
+    [
+        (0, 16, 16),
+        (7.9, 16, 16),
+        (8, 16, 16),
+        (23.99, 16, 16),
+        (24, 16, 32),
+        (1024, 16, 1024),
+        (20.9, 14, 14),
+        (21, 14, 28),
+        (517.9, 14, 518),
+    ],
+)
 def test_round_to_multiple(x, m, want):
     assert round_to_multiple(x, m) == want
 
@@ -82,9 +92,15 @@ def test_table_is_sorted_and_distinct_and_spans_the_range():
 
 @pytest.mark.parametrize(
     ("w", "h", "want"),
-    [(1000, 1000, Bucket(1024, 1024)), (4000, 1000, Bucket(2048, 512)), (1000, 4000, Bucket(512, 2048)),
-     (100000, 10, Bucket(2048, 512)), (10, 100000, Bucket(512, 2048)), (1920, 1080, None)],
-)  # fmt: skip
+    [
+        (1000, 1000, Bucket(1024, 1024)),
+        (4000, 1000, Bucket(2048, 512)),
+        (1000, 4000, Bucket(512, 2048)),
+        (100000, 10, Bucket(2048, 512)),
+        (10, 100000, Bucket(512, 2048)),
+        (1920, 1080, None),
+    ],
+)
 def test_nearest_bucket_cases(w, h, want):
     a = nearest_bucket(make_buckets(BucketSpec()), w, h)
     if want is not None:
@@ -107,9 +123,17 @@ def test_assignment_rejects_empty_sizes(bad):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"multiple": 0}, {"area": 8, "multiple": 16}, {"min_ar": 2.0}, {"max_ar": 0.5}, {"min_ar": 0}, {"num_buckets": 0},
-     {"mode": "crop"}, {"max_ar": float("inf")}],
-)  # fmt: skip
+    [
+        {"multiple": 0},
+        {"area": 8, "multiple": 16},
+        {"min_ar": 2.0},
+        {"max_ar": 0.5},
+        {"min_ar": 0},
+        {"num_buckets": 0},
+        {"mode": "crop"},
+        {"max_ar": float("inf")},
+    ],
+)
 def test_invalid_specs_raise(kwargs):
     with pytest.raises(BucketSpecError):
         BucketSpec(**kwargs)
@@ -185,15 +209,16 @@ def test_aspect_error_is_bounded_inside_the_range(spec, w, h):
     if not spec.min_ar <= ar <= spec.max_ar:
         return
     logs = [math.log(b.aspect) for b in make_buckets(spec)]
-    gaps = [(b - a) / 2 for a, b in zip(logs, logs[1:], strict=False)]
+    gaps = [(b - a) / 2 for a, b in itertools.pairwise(logs)]
     ends = [abs(logs[0] - math.log(spec.min_ar)), abs(logs[-1] - math.log(spec.max_ar))]
     bound = max(gaps + ends)
     assert assign(spec, w, h).distortion <= bound + 1e-9
 
 
 @settings(max_examples=200, deadline=None)
-@given(spec=specs.map(lambda s: BucketSpec(s.area, s.multiple, s.min_ar, s.max_ar, s.num_buckets, "fit")), w=sides,
-       h=sides)  # fmt: skip
+@given(
+    spec=specs.map(lambda s: BucketSpec(s.area, s.multiple, s.min_ar, s.max_ar, s.num_buckets, "fit")), w=sides, h=sides
+)
 def test_fit_mode_sides_and_area(spec, w, h):
     a = assign(spec, w, h)
     assert a.bucket.width % spec.multiple == 0 and a.bucket.height % spec.multiple == 0

@@ -58,8 +58,9 @@ def test_stored_features_equal_hf_outputs(tmp_path, tiny_models, kind):
     imgs = tmp_path / "imgs"
     write_images(imgs, [(90, 60), (60, 90), (70, 70)])
     cache = tmp_path / "c"
-    s = extract(imgs, cache, model=str(path), area=4 * p, store_dtype="fp32", batch_size=1, keep_registers=R > 0,
-                **FAST)  # fmt: skip
+    s = extract(
+        imgs, cache, model=str(path), area=4 * p, store_dtype="fp32", batch_size=1, keep_registers=R > 0, **FAST
+    )
     assert (s.done, s.failed, s.sealed) == (3, 0, True)
     model = AutoModel.from_pretrained(path).eval()
     backbone = backbone_cls.from_pretrained(path, out_features=[f"stage{cfg.num_hidden_layers}"]).eval()
@@ -140,8 +141,12 @@ def test_rerun_resumes_and_mismatch_is_refused(tmp_path, image_dir, dinov3_path,
     assert s1.done == 10 and s1.processed == 10
     s2 = extract(image_dir, cache, model=str(dinov3_path), area=64, **FAST)
     assert s2.processed == 0 and s2.done == 10
-    for change, field in [({"area": 128}, "bucket_spec"), ({"model": str(tiny_models["dinov2reg"])}, "model_id"),
-                          ({"store_dtype": "fp32"}, "store_dtype"), ({"dtype": "bf16"}, "compute_dtype")]:  # fmt: skip
+    for change, field in [
+        ({"area": 128}, "bucket_spec"),
+        ({"model": str(tiny_models["dinov2reg"])}, "model_id"),
+        ({"store_dtype": "fp32"}, "store_dtype"),
+        ({"dtype": "bf16"}, "compute_dtype"),
+    ]:
         kw = {**FAST, "model": str(dinov3_path), "area": 64, **change}
         with pytest.raises(CacheMismatchError, match=field):
             extract(image_dir, cache, **kw)
@@ -212,8 +217,13 @@ def test_limit_and_bf16_storage(tmp_path, image_dir, dinov3_path):
 
 def _run_cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def _arrays(cache: Path) -> dict[str, np.ndarray]:
@@ -227,8 +237,25 @@ def _arrays(cache: Path) -> dict[str, np.ndarray]:
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, dinov3_path):
     imgs = tmp_path / "imgs"
     write_images(imgs, [(64, 64)] * 120 + [(96, 48)] * 40)
-    args = ["precompute", str(imgs), "", "--model", str(dinov3_path), "--area", "64", "--dtype", "fp32",
-            "--workers", "0", "--shard-mb", "0.01", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    args = [
+        "precompute",
+        str(imgs),
+        "",
+        "--model",
+        str(dinov3_path),
+        "--area",
+        "64",
+        "--dtype",
+        "fp32",
+        "--workers",
+        "0",
+        "--shard-mb",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert _run_cli([args[0], args[1], str(ref), *args[3:]]).wait(timeout=300) == 0
     proc = _run_cli([args[0], args[1], str(cut), *args[3:]])

@@ -167,8 +167,10 @@ def _float_reference(u8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return ((y - m) / s)[0].numpy()
 
 
-@pytest.mark.parametrize(("src", "dst"), [((640, 480), (256, 192)), ((1000, 300), (512, 160)), ((300, 300), (512, 512)),
-                                          ((97, 211), (64, 144))])  # fmt: skip
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [((640, 480), (256, 192)), ((1000, 300), (512, 160)), ((300, 300), (512, 512)), ((97, 211), (64, 144))],
+)
 def test_recipe_matches_float_reference(src, dst):
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (src[1] // 8 + 1, src[0] // 8 + 1, 3), dtype=np.uint8)
@@ -246,8 +248,13 @@ def bad_files(folder: Path) -> dict[str, str]:
     (folder / "text.png").write_text("this is not an image")
     (folder / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
     _png_header_only(folder / "bomb.png", 40000, 40000)
-    return {"truncated.jpg": "corrupt or truncated", "zero.jpg": "empty file", "text.png": "not an image",
-            "garbage.jpg": "", "bomb.png": "decompression bomb"}  # fmt: skip
+    return {
+        "truncated.jpg": "corrupt or truncated",
+        "zero.jpg": "empty file",
+        "text.png": "not an image",
+        "garbage.jpg": "",
+        "bomb.png": "decompression bomb",
+    }
 
 
 def test_bad_files_raise_image_error_with_reason(tmp_path):
