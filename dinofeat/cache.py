@@ -1,0 +1,194 @@
+"""FeatureCache: read-only access to a sealed cache, by key or by position, through the fast shard reader."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from buckets import BucketSpec
+from dinofeat.errors import CacheFormatError
+from dinofeat.shardfile import ShardReader, UnsupportedLayout, read_layout
+from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
+
+
+@dataclass(frozen=True)
+class Features:
+    """One image's features. `patches[i, j]` is image region (i, j) of the resized (bucket-sized) image."""
+
+    key: str
+    cls: np.ndarray  # [D]
+    patches: np.ndarray  # [h, w, D]
+    bucket: tuple[int, int]  # (width, height) the image was resized to
+    registers: np.ndarray | None = None  # [R, D] when stored
+
+
+class FeatureCache:
+    """Read-only view of the images whose status is done. Opening reads metadata and the index once; rows are
+    read on demand (one positioned read each). Picklable: a DataLoader worker reopens its own file handles."""
+
+    def __init__(self, path: str | os.PathLike[str], *, fast: bool = True, verify_index: bool = True) -> None:
+        self.path = Path(path)
+        self._fast, self._verify = fast, verify_index
+        st = Store(self.path)
+        meta = st.meta
+        if meta.get("state") != "sealed":
+            raise CacheFormatError(
+                f"{self.path} is not sealed (state {meta.get('state')!r}): precompute has not finished; rerun it"
+            )
+        self.meta = meta
+        ix = st.index()
+        done = np.flatnonzero(ix["status"] == STATUS_DONE)
+        self._bucket_plans = st.bucket_plans()
+        self._check_markers(st, ix["bucket"][done], ix["row"][done])
+        self._keys = ix["key"][done]
+        self._bucket = ix["bucket"][done].astype(np.int32)
+        self._row = ix["row"][done].astype(np.int64)
+        self._lookup: dict[str, int] | None = None
+        self._readers: dict[tuple[int, str], Any] = {}
+        self._failures = st.failures()
+        self._store: Store | None = st
+
+    def _check_markers(self, st: Store, buckets: np.ndarray, rows: np.ndarray) -> None:
+        """Only rows of marked shards may be served: an unwritten row reads back as zeros."""
+        marked = {(b, u) for (b, u) in st.markers()}
+        for k, bp in enumerate(self._bucket_plans):
+            sel = rows[buckets == k]
+            shards = set((sel // bp.shard_rows).tolist())
+            missing = [u for u in shards if (bp.name, u) not in marked]
+            if missing:
+                raise CacheFormatError(
+                    f"{self.path}: bucket {bp.name} shards {sorted(missing)[:5]} have no done marker; "
+                    "run `dinofeat validate` and rerun precompute"
+                )
+
+    # ---- pickling: nothing heavy crosses into workers --------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_readers"] = {}
+        state["_store"] = None
+        state["_lookup"] = None
+        return state
+
+    # ---- metadata ---------------------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.meta["model"]["id"]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.meta["patch_size"])
+
+    @property
+    def num_register_tokens(self) -> int:
+        return int(self.meta["num_register_tokens"])
+
+    @property
+    def bucket_spec(self) -> BucketSpec:
+        return BucketSpec.from_dict(self.meta["bucket_spec"])
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """(width, height) of each bucket id."""
+        return [(b.width, b.height) for b in self._bucket_plans]
+
+    @property
+    def bucket_ids(self) -> np.ndarray:
+        """Bucket id of every position: what BucketBatchSampler groups by."""
+        return self._bucket
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return dict(self._failures)
+
+    # ---- access -----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> list[str]:
+        return [str(k) for k in self._keys]
+
+    def key(self, i: int) -> str:
+        return str(self._keys[i])
+
+    def index_of(self, key: str) -> int:
+        if self._lookup is None:
+            self._lookup = {str(k): i for i, k in enumerate(self._keys)}
+        try:
+            return self._lookup[key]
+        except KeyError:
+            why = self._failures.get(key)
+            raise KeyError(
+                f"{key!r} failed during precompute: {why}" if why else f"{key!r} is not in the cache"
+            ) from None
+
+    def __contains__(self, key: str) -> bool:
+        try:
+            self.index_of(key)
+        except KeyError:
+            return False
+        return True
+
+    def _reader(self, b: int, name: str) -> Any:
+        rd = self._readers.get((b, name))
+        if rd is None:
+            array_dir = self.path / "buckets" / self._bucket_plans[b].name / name
+            if not (array_dir / "zarr.json").is_file():
+                raise KeyError(f"array {name!r} is not stored in this cache")
+            rd = None
+            if self._fast:
+                try:
+                    rd = ShardReader(read_layout(array_dir), verify=self._verify)
+                except UnsupportedLayout:
+                    rd = None
+            if rd is None:
+                rd = _ZarrRowReader(self._open_store(), self._bucket_plans[b].name, name)
+            self._readers[(b, name)] = rd
+        return rd
+
+    def _open_store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.path)
+        return self._store
+
+    def _as_float(self, a: np.ndarray) -> np.ndarray:
+        return bf16_bits_to_float32(a) if self.meta["dtypes"]["store"] == "bf16" else a
+
+    def read(self, i: int, name: str) -> np.ndarray:
+        """One array ('cls', 'patches', 'registers') for position i."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        b, r = int(self._bucket[i]), int(self._row[i])
+        return self._as_float(self._reader(b, name).read_row(r))
+
+    def __getitem__(self, i: int | str) -> Features:
+        if isinstance(i, str):
+            i = self.index_of(i)
+        b = int(self._bucket[i])
+        regs = self.read(i, "registers") if self.meta.get("registers_stored") else None
+        return Features(self.key(i), self.read(i, "cls"), self.read(i, "patches"), self.buckets[b], regs)
+
+    def close(self) -> None:
+        for rd in self._readers.values():
+            rd.close()
+        self._readers.clear()
+
+
+class _ZarrRowReader:
+    """Fallback through zarr-python for layouts the fast path does not read."""
+
+    def __init__(self, st: Store, bucket: str, name: str) -> None:
+        self.arr = st.array(bucket, name)
+
+    def read_row(self, row: int) -> np.ndarray:
+        return np.asarray(self.arr[row])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,68 @@
+"""A torch map-style Dataset over a cache, optionally joined by key with the user's own per-image items."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dinofeat.cache import FeatureCache
+
+Extra = Mapping[str, Any] | Callable[[str], Any]
+
+
+class FeatureDataset(Dataset):
+    """Samples are dicts: key, cls [D], patches [h, w, D], bucket (W, H), grid (h, w), and `extra` when given.
+
+    `extra` is a mapping key -> item or a function key -> item (their VAE latents, captions, ...). With a mapping,
+    images it lacks are left out (`missing="drop"`) or raise (`missing="error"`). Each DataLoader worker reopens
+    the cache's file handles; only paths and the index cross the process boundary.
+    """
+
+    def __init__(
+        self,
+        cache: str | os.PathLike[str] | FeatureCache,
+        extra: Extra | None = None,
+        *,
+        missing: str = "drop",
+        registers: bool = False,
+    ) -> None:
+        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        self.extra = extra
+        self.registers = registers
+        positions = np.arange(len(self.cache))
+        if isinstance(extra, Mapping):
+            have = np.array([self.cache.key(i) in extra for i in positions], bool)
+            if missing == "error" and not have.all():
+                absent = self.cache.key(int(np.flatnonzero(~have)[0]))
+                raise KeyError(f"{(~have).sum()} cached images have no extra item (e.g. {absent!r})")
+            positions = positions[have]
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def bucket_ids(self) -> np.ndarray:
+        return self.cache.bucket_ids[self.positions]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pos = int(self.positions[i])
+        f = self.cache[pos]
+        patch = self.cache.patch_size
+        sample: dict[str, Any] = {
+            "key": f.key,
+            "cls": torch.from_numpy(np.array(f.cls)),
+            "patches": torch.from_numpy(np.array(f.patches)),
+            "bucket": f.bucket,
+            "grid": (f.bucket[1] // patch, f.bucket[0] // patch),
+        }
+        if self.registers:
+            sample["registers"] = torch.from_numpy(np.array(self.cache.read(pos, "registers")))
+        if self.extra is not None:
+            sample["extra"] = self.extra[f.key] if isinstance(self.extra, Mapping) else self.extra(f.key)
+        return sample
