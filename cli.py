@@ -145,6 +145,98 @@ def precompute(
         typer.echo(f"  cleaned {s.cleaned_files} partial files left by an interrupted run")
 
 
+@app.command()
+def validate(
+    cache: Annotated[Path, typer.Argument(help="Cache directory.")],
+    images: Annotated[Path | None, typer.Option(help="Image folder to compare against (missing/extra/stale).")] = None,
+    recompute: Annotated[int, typer.Option(help="Re-extract K random images and compare (cosine per patch).")] = 0,
+    sample: Annotated[float, typer.Option(help="Fraction of shards whose values are checked.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for --sample and --recompute.")] = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Check a cache is complete and correct; exit 0 only when every check passes."""
+    from dinofeat.errors import DinofeatError
+    from dinofeat.validation import validate as run_validate
+
+    try:
+        report = run_validate(cache, images, recompute, sample, seed, progress=not as_json)
+    except DinofeatError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            typer.secho(f"FAIL {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.RED)
+        for p in report.warnings:
+            typer.secho(f"warn {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.YELLOW)
+        checked = ", ".join(f"{k} {v}" for k, v in report.checked.items())
+        typer.echo(
+            f"{'OK' if report.ok else 'FAILED'}: {cache} ({checked}; {len(report.problems)} problems, "
+            f"{len(report.warnings)} warnings)"
+        )
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def info(cache: Annotated[Path, typer.Argument(help="Cache directory.")], as_json: AsJson = False) -> None:
+    """Model, dtypes, per-bucket counts, failures by reason, size on disk, per-channel feature statistics."""
+    from dinofeat.errors import DinofeatError
+    from dinofeat.info import info as run_info
+
+    try:
+        d = run_info(cache)
+    except DinofeatError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    m = d["model"]
+    typer.echo(
+        f"{d['cache']} ({d['state']}): {d['done']} done, {d['failed']} failed of {d['images']}; "
+        f"{_gb(d['disk_bytes'])} on disk"
+    )
+    typer.echo(
+        f"model {m['id']}{' (RANDOM WEIGHTS)' if m['random_weights'] else ''}, {m['model_type']}, patch "
+        f"{m['patch_size']}, {m['num_register_tokens']} registers, D={m['hidden_size']}; "
+        f"compute {d['dtypes']['compute']}, stored {d['dtypes']['store']}"
+    )
+    typer.echo(f"{'bucket':>11}  {'grid':>7}  {'tokens':>6}  {'done':>7}  {'failed':>6}  {'shards':>6}")
+    for b in d["buckets"]:
+        typer.echo(
+            f"{b['bucket']:>11}  {b['grid'][0]:>3}x{b['grid'][1]:<3}  {b['tokens']:>6}  {b['done']:>7}  "
+            f"{b['failed']:>6}  {b['shards']:>6}"
+        )
+    for reason, n in sorted(d["failures_by_reason"].items()):
+        typer.echo(f"failed ({reason}): {n}")
+    cs = d["channel_stats"]
+    if cs.get("images"):
+        mean, std = cs["mean"], cs["std"]
+        typer.echo(
+            f"patch features over {cs['images']} images: channel mean in [{min(mean):.3g}, {max(mean):.3g}], "
+            f"channel std in [{min(std):.3g}, {max(std):.3g}] (--json for all channels)"
+        )
+
+
+@app.command()
+def show(
+    cache: Annotated[Path, typer.Argument(help="Cache directory.")],
+    keys: Annotated[list[str], typer.Argument(help="Image keys (paths relative to the source folder).")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("dinofeat-show"),
+    grid: Annotated[bool, typer.Option(help="One tiled PNG with a PCA shared by all images.")] = False,
+    images: Annotated[Path | None, typer.Option(help="Source folder (default: the one recorded).")] = None,
+) -> None:
+    """Write the resized input beside a PCA (3 components -> RGB) of its patch grid."""
+    from dinofeat.errors import DinofeatError
+    from dinofeat.show import show as run_show
+
+    try:
+        paths = run_show(cache, keys, out, grid, images)
+    except (DinofeatError, KeyError) as e:
+        _fail(e)
+    for p in paths:
+        typer.echo(str(p))
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,83 @@
+"""`info`: what is in a cache, in numbers people can read."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from dinofeat.store import STATUS_DONE, STATUS_FAILED, Store, bf16_bits_to_float32
+
+
+def channel_stats(st: Store, max_images: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Per-channel mean/std of patch tokens over a random sample of done images (streamed, bounded memory)."""
+    ix = st.index()
+    done = np.flatnonzero(ix["status"] == STATUS_DONE)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(done, size=min(max_images, len(done)), replace=False) if len(done) else done
+    plans = st.bucket_plans()
+    bf16 = st.meta["dtypes"]["store"] == "bf16"
+    d = int(st.meta["hidden_size"])
+    s1, s2, n = np.zeros(d), np.zeros(d), 0
+    for i in picks:
+        b = plans[int(ix["bucket"][i])]
+        r = int(ix["row"][i])
+        x = st.read_rows(b.name, "patches", r, r + 1)[0]
+        x = (bf16_bits_to_float32(x) if bf16 else x).reshape(-1, d).astype(np.float64)
+        s1 += x.sum(0)
+        s2 += (x * x).sum(0)
+        n += len(x)
+    if n == 0:
+        return {"images": 0}
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0))
+    return {"images": len(picks), "tokens": n, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, Any]:
+    st = Store(cache)
+    meta = st.meta
+    ix = st.index()
+    failures = st.failures() | st.probe_failures()
+    per_bucket = []
+    for k, b in enumerate(st.bucket_plans()):
+        sel = ix["bucket"] == k
+        per_bucket.append(
+            {
+                "bucket": b.name,
+                "grid": list(b.grid),
+                "tokens": b.grid[0] * b.grid[1],
+                "done": int((ix["status"][sel] == STATUS_DONE).sum()),
+                "failed": int((ix["status"][sel] == STATUS_FAILED).sum()),
+                "shards": b.num_shards,
+            }
+        )
+    return {
+        "cache": str(cache),
+        "state": meta.get("state"),
+        "model": {
+            k: meta["model"][k]
+            for k in (
+                "id",
+                "revision",
+                "model_type",
+                "patch_size",
+                "num_register_tokens",
+                "hidden_size",
+                "random_weights",
+            )
+        },
+        "dtypes": meta["dtypes"],
+        "bucket_spec": meta["bucket_spec"],
+        "images": len(ix["key"]),
+        "done": int((ix["status"] == STATUS_DONE).sum()),
+        "failed": int((ix["status"] == STATUS_FAILED).sum()),
+        "buckets": per_bucket,
+        "failures_by_reason": dict(Counter(r.split(":", 1)[0] for r in failures.values())),
+        "disk_bytes": st.disk_bytes(),
+        "created": meta.get("created"),
+        "dinofeat_version": meta.get("dinofeat_version"),
+        "channel_stats": channel_stats(st, stats_images),
+    }
