@@ -78,6 +78,7 @@ def precompute(
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")] = "auto",
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: fp16|bf16|fp32.")] = "fp16",
     keep_registers: Annotated[bool, typer.Option(help="Also store register tokens.")] = False,
+    jpeg_draft: Annotated[bool, typer.Option(help="DCT-domain JPEG decoding for sources >= 2x the target.")] = True,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward (default: from token budget).")] = None,
     token_budget: Annotated[int | None, typer.Option(help="Tokens per forward pass.")] = None,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
@@ -93,7 +94,7 @@ def precompute(
     as_json: AsJson = False,
 ) -> None:
     """Extract CLS + patch-grid features for every image into a sharded zarr cache (rerun to resume)."""
-    from dinofeat.config import ExtractConfig
+    from dinofeat.config import ExtractConfig, Recipe
     from dinofeat.errors import DinofeatError
     from dinofeat.precompute import extract
 
@@ -110,6 +111,7 @@ def precompute(
             num_buckets=num_buckets,
             bucket_mode="fit" if fit else "list",
             keep_registers=keep_registers,
+            recipe=Recipe(jpeg_draft=jpeg_draft),
             batch_size=batch_size,
             token_budget=token_budget,
             num_workers=workers,
