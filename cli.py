@@ -78,7 +78,10 @@ def precompute(
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")] = "auto",
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: fp16|bf16|fp32.")] = "fp16",
     keep_registers: Annotated[bool, typer.Option(help="Also store register tokens.")] = False,
-    jpeg_draft: Annotated[bool, typer.Option(help="DCT-domain JPEG decoding for sources >= 2x the target.")] = True,
+    jpeg_draft: Annotated[
+        bool,
+        typer.Option("--jpeg-draft/--no-jpeg-draft", help="DCT-domain JPEG decoding for sources >= 2x the target."),
+    ] = True,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward (default: from token budget).")] = None,
     token_budget: Annotated[int | None, typer.Option(help="Tokens per forward pass.")] = None,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
