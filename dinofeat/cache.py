@@ -11,7 +11,7 @@ import numpy as np
 
 from buckets import BucketSpec
 from dinofeat.errors import CacheFormatError
-from dinofeat.shardfile import ShardReader, UnsupportedLayout, read_layout
+from dinofeat.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
 from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
 
 
@@ -30,9 +30,12 @@ class FeatureCache:
     """Read-only view of the images whose status is done. Opening reads metadata and the index once; rows are
     read on demand (one positioned read each). Picklable: a DataLoader worker reopens its own file handles."""
 
-    def __init__(self, path: str | os.PathLike[str], *, fast: bool = True, verify_index: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fast: bool = True, verify_index: bool = True, max_open_files: int = 128
+    ) -> None:
         self.path = Path(path)
         self._fast, self._verify = fast, verify_index
+        self._pool = HandlePool(max_open_files)  # one fd budget for every bucket and array
         st = Store(self.path)
         meta = st.meta
         if meta.get("state") != "sealed":
@@ -45,7 +48,10 @@ class FeatureCache:
         self._bucket_plans = st.bucket_plans()
         self._check_markers(st, ix["bucket"][done], ix["row"][done])
         self._keys = ix["key"][done]
-        self._bucket = ix["bucket"][done].astype(np.int32)
+        self._bucket = ix["bucket"][done].astype(np.int32)  # which arrays hold the row (one group per part)
+        # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
+        self._sizes = list(dict.fromkeys(b.size for b in self._bucket_plans))
+        self._size_of_group = np.array([self._sizes.index(b.size) for b in self._bucket_plans], np.int32)
         self._row = ix["row"][done].astype(np.int64)
         self._lookup: dict[str, int] | None = None
         self._readers: dict[tuple[int, str], Any] = {}
@@ -69,6 +75,7 @@ class FeatureCache:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = {}
+        state["_pool"] = HandlePool(self._pool.max_open)
         state["_store"] = None
         state["_lookup"] = None
         return state
@@ -97,12 +104,12 @@ class FeatureCache:
     @property
     def buckets(self) -> list[tuple[int, int]]:
         """(width, height) of each bucket id."""
-        return [(b.width, b.height) for b in self._bucket_plans]
+        return list(self._sizes)
 
     @property
     def bucket_ids(self) -> np.ndarray:
-        """Bucket id of every position: what BucketBatchSampler groups by."""
-        return self._bucket
+        """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by."""
+        return self._size_of_group[self._bucket] if len(self._bucket) else np.zeros(0, np.int32)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -145,7 +152,7 @@ class FeatureCache:
             rd = None
             if self._fast:
                 try:
-                    rd = ShardReader(read_layout(array_dir), verify=self._verify)
+                    rd = ShardReader(read_layout(array_dir), self._pool, verify=self._verify)
                 except UnsupportedLayout:
                     rd = None
             if rd is None:
@@ -171,14 +178,13 @@ class FeatureCache:
     def __getitem__(self, i: int | str) -> Features:
         if isinstance(i, str):
             i = self.index_of(i)
-        b = int(self._bucket[i])
+        b = int(self._size_of_group[self._bucket[i]])
         regs = self.read(i, "registers") if self.meta.get("registers_stored") else None
         return Features(self.key(i), self.read(i, "cls"), self.read(i, "patches"), self.buckets[b], regs)
 
     def close(self) -> None:
-        for rd in self._readers.values():
-            rd.close()
         self._readers.clear()
+        self._pool.clear()
 
 
 class _ZarrRowReader:

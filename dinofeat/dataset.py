@@ -56,13 +56,13 @@ class FeatureDataset(Dataset):
         patch = self.cache.patch_size
         sample: dict[str, Any] = {
             "key": f.key,
-            "cls": torch.from_numpy(np.array(f.cls)),
-            "patches": torch.from_numpy(np.array(f.patches)),
+            "cls": torch.from_numpy(f.cls),  # the reader returns fresh writable arrays: no copy needed
+            "patches": torch.from_numpy(f.patches),
             "bucket": f.bucket,
             "grid": (f.bucket[1] // patch, f.bucket[0] // patch),
         }
         if self.registers:
-            sample["registers"] = torch.from_numpy(np.array(self.cache.read(pos, "registers")))
+            sample["registers"] = torch.from_numpy(self.cache.read(pos, "registers"))
         if self.extra is not None:
             sample["extra"] = self.extra[f.key] if isinstance(self.extra, Mapping) else self.extra(f.key)
         return sample

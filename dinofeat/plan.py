@@ -20,17 +20,26 @@ ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 @dataclass(frozen=True)
 class BucketPlan:
-    """One bucket's arrays: `rows` images, `shard_rows` images per shard (the last shard may be short)."""
+    """One bucket's arrays: `rows` images, `shard_rows` images per shard (the last shard may be short).
+
+    `part` numbers the run that planned the arrays: 0 for the first, k for the k-th incremental run. Images added
+    later get arrays of their own, so finished shards are never rewritten. Part 0 is named "WxH", part k "WxH_k".
+    """
 
     width: int
     height: int
     patch: int
     rows: int
     shard_rows: int
+    part: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.width}x{self.height}"
+        return bucket_name(self.width, self.height, self.part)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -96,6 +105,10 @@ class Plan:
         return [(b.name, b.rows) for b in self.buckets]
 
 
+def bucket_name(width: int, height: int, part: int = 0) -> str:
+    return f"{width}x{height}" if part == 0 else f"{width}x{height}_{part}"
+
+
 def bytes_per_image(grid: tuple[int, int], hidden: int, store_dtype: str, registers: int = 0) -> int:
     h, w = grid
     return (h * w + 1 + registers) * hidden * ITEMSIZE[store_dtype]
@@ -115,8 +128,10 @@ def make_plan(
     store_dtype: str,
     shard_bytes: int,
     registers_stored: int = 0,
+    part: int = 0,
 ) -> Plan:
-    """Assign every probed image to a bucket and a row. Rows follow discovery order inside each bucket."""
+    """Assign every probed image to a bucket and a row. Rows follow discovery order inside each bucket. `part`
+    names the arrays of an incremental run (see BucketPlan)."""
     if len(keys) != len(probes):
         raise ValueError("keys and probes differ in length")
     n = len(keys)
@@ -151,7 +166,7 @@ def make_plan(
     plans = []
     for (w, h), rows in zip(used, counts, strict=True):
         per = bytes_per_image((h // patch, w // patch), hidden, store_dtype, registers_stored)
-        plans.append(BucketPlan(w, h, patch, rows, shard_rows_for(per, shard_bytes, rows)))
+        plans.append(BucketPlan(w, h, patch, rows, shard_rows_for(per, shard_bytes, rows), part))
     return Plan(
         keys=list(keys),
         bucket=bucket,
@@ -163,6 +178,28 @@ def make_plan(
         mtime_ns=np.array([p.mtime_ns for p in probes], np.int64),
         probe_errors=probe_errors,
         buckets=tuple(plans),
+    )
+
+
+def extend_plan(old: Plan, new: Plan) -> Plan:
+    """`old` followed by `new` (an incremental run's own plan, made with a fresh `part`): new keys come after the
+    old ones in the index, their bucket ids point past the old buckets, rows and shards of `old` are untouched."""
+    if set(old.keys) & set(new.keys):
+        raise ValueError("an extension may only add keys")
+    if {b.part for b in new.buckets} & {b.part for b in old.buckets}:
+        raise ValueError("an extension needs a part number of its own")
+    offset = len(old.buckets)
+    return Plan(
+        keys=[*old.keys, *new.keys],
+        bucket=np.concatenate([old.bucket, np.where(new.bucket >= 0, new.bucket + offset, -1)]).astype(np.int32),
+        row=np.concatenate([old.row, new.row]).astype(np.int64),
+        src_w=np.concatenate([old.src_w, new.src_w]).astype(np.int32),
+        src_h=np.concatenate([old.src_h, new.src_h]).astype(np.int32),
+        distortion=np.concatenate([old.distortion, new.distortion]).astype(np.float32),
+        file_size=np.concatenate([old.file_size, new.file_size]).astype(np.int64),
+        mtime_ns=np.concatenate([old.mtime_ns, new.mtime_ns]).astype(np.int64),
+        probe_errors={**old.probe_errors, **{len(old) + i: why for i, why in new.probe_errors.items()}},
+        buckets=(*old.buckets, *new.buckets),
     )
 
 

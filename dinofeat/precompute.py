@@ -18,13 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from buckets import BucketSpec, BucketSpecError
-from dinofeat import __version__, store
+from dinofeat import __version__, ranks, store
 from dinofeat.config import ExtractConfig
 from dinofeat.discover import Source, discover
-from dinofeat.errors import CacheMismatchError, ConfigError
+from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
 from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
-from dinofeat.plan import BucketPlan, Plan, batch_size_for, make_plan, pending_batches, projected_bytes
+from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
 from dinofeat.probe import probe_many
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store
 from dinofeat.tokens import split_tokens
@@ -47,8 +47,11 @@ class Summary:
     bytes_written: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     sealed: bool = False
-    new_files: int = 0
-    removed_files: int = 0
+    new_files: int = 0  # in the folder but not planned (a --limit run leaves them out)
+    removed_files: int = 0  # planned but gone from the folder; their features are kept
+    appended: int = 0  # images this run added to an existing cache (an incremental run)
+    removed_examples: list[str] = field(default_factory=list)
+    world_size: int = 1
     cleaned_files: int = 0
     dry_run: bool = False
     histogram: list[tuple[str, int]] = field(default_factory=list)
@@ -92,7 +95,7 @@ class Prepared:
         }
 
 
-def prepare(config: ExtractConfig) -> Prepared:
+def prepare(config: ExtractConfig, group: ranks.Group | None = None) -> Prepared:
     """Validate settings against the model's config; raises ConfigError before any work starts."""
     info = load_model_info(config.model, config.revision)
     multiple = config.multiple if config.multiple is not None else info.patch_size
@@ -102,7 +105,7 @@ def prepare(config: ExtractConfig) -> Prepared:
         spec = BucketSpec(config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode)
     except BucketSpecError as e:
         raise ConfigError(str(e)) from e
-    device = resolve_device(config.device)
+    device = resolve_device(ranks.device_for(group or ranks.Group(), config.device))
     return Prepared(config, info, spec, device, resolve_dtype(config.dtype, device))
 
 
@@ -114,7 +117,7 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def build_plan(src: Source, prep: Prepared, progress: bool) -> Plan:
+def build_plan(src: Source, prep: Prepared, progress: bool, part: int = 0) -> Plan:
     paths = [src.path(k) for k in src.keys]
     with tqdm(total=len(paths), desc="probe", unit="img", disable=not progress) as bar:
         probes = probe_many(paths, prep.config.recipe.max_pixels, prep.config.probe_threads, bar.update)
@@ -128,6 +131,7 @@ def build_plan(src: Source, prep: Prepared, progress: bool) -> Plan:
         prep.config.store_dtype,
         shard_bytes,
         prep.registers_stored,
+        part,
     )
 
 
@@ -148,35 +152,31 @@ def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
         "recipe": prep.config.recipe.to_dict(),
         "source_root": str(src.root),
         "num_images": len(plan),
-        "buckets": [
-            {
-                "name": b.name,
-                "width": b.width,
-                "height": b.height,
-                "grid": list(b.grid),
-                "rows": b.rows,
-                "shard_rows": b.shard_rows,
-            }
-            for b in plan.buckets
-        ],
+        "buckets": [store.bucket_record(b) for b in plan.buckets],
     }
 
 
-def open_or_create(cache: Path, src: Source, prep: Prepared, overwrite: bool, progress: bool) -> tuple[Store, Plan]:
-    """Reuse a matching cache (resume), refuse a mismatched one, or plan and create a new one."""
+def _check_fingerprint(st: Store, prep: Prepared) -> None:
+    diff = fingerprint_diff(st.meta.get("fingerprint", {}), prep.fingerprint())
+    if diff:
+        raise CacheMismatchError(
+            f"{st.path} was made with different settings; refusing to reuse it (pass --overwrite to start over):\n  "
+            + "\n  ".join(diff)
+        )
+
+
+def open_or_create(
+    cache: Path, src: Source, prep: Prepared, overwrite: bool, progress: bool
+) -> tuple[Store, Plan, int]:
+    """Reuse a matching cache (resume), extend it with images new to the folder (incremental), refuse a mismatched
+    one, or plan and create a new one. Returns the store, the plan and how many images were appended."""
     if store.exists(cache) and overwrite:
         store.remove(cache)
     if store.exists(cache):
         st = Store(cache, mode="r+")
-        meta = st.meta
-        diff = fingerprint_diff(meta.get("fingerprint", {}), prep.fingerprint())
-        if diff:
-            raise CacheMismatchError(
-                f"{cache} was made with different settings; refusing to reuse it (pass --overwrite to start over):\n  "
-                + "\n  ".join(diff)
-            )
-        if meta.get("state") != "planning":
-            return st, st.read_plan()
+        _check_fingerprint(st, prep)
+        if st.meta.get("state") != "planning":
+            return (st, *extend(st, src, prep, progress))
         if st.markers():
             raise CacheMismatchError(f"{cache} is damaged: its plan is incomplete but some shards are written")
         store.remove(cache)  # crashed while planning: nothing was extracted, plan again
@@ -186,15 +186,59 @@ def open_or_create(cache: Path, src: Source, prep: Prepared, overwrite: bool, pr
     st = Store.create(
         cache, _metadata(prep, plan, src), plan, prep.model.hidden_size, prep.registers_stored, prep.config.store_dtype
     )
-    return st, plan
+    return st, plan, 0
+
+
+def extend(st: Store, src: Source, prep: Prepared, progress: bool) -> tuple[Plan, int]:
+    """Images in the folder but not in the cache get a plan of their own (a new part: new bucket arrays, rows
+    from 0), appended after the existing plan. Finished shards are never rewritten; removed images are kept."""
+    plan = st.read_plan()
+    added = sorted(set(src.keys) - set(plan.keys))
+    if not added:
+        return plan, 0
+    part = 1 + max((b.part for b in plan.buckets), default=0)
+    new = build_plan(Source(src.root, tuple(added)), prep, progress, part)
+    plan = extend_plan(plan, new)
+    st.extend(plan, prep.model.hidden_size, prep.registers_stored, prep.config.store_dtype)
+    return plan, len(added)
+
+
+def join_cache(cache: Path, prep: Prepared, group: ranks.Group, timeout_s: float) -> tuple[Store, Plan]:
+    """A non-leader rank opens the cache rank 0 planned (after the barrier, or by polling in a manual split)."""
+
+    def planned() -> bool:
+        try:
+            return store.exists(cache) and Store(cache).meta.get("state") in ("planned", "sealed")
+        except CacheFormatError:
+            return False
+
+    if not group.connected:
+        ranks.wait_until(planned, f"rank 0 to plan {cache}", timeout_s)
+    st = Store(cache, mode="r+")
+    _check_fingerprint(st, prep)
+    return st, st.read_plan()
+
+
+def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]]) -> list[str]:
+    """Planned images gone from the folder whose shard still has to be extracted (they would stop the run);
+    images gone from finished shards are only reported."""
+    out = []
+    for i in np.flatnonzero(plan.bucket >= 0):
+        key = plan.keys[i]
+        if key not in found:
+            b = plan.buckets[plan.bucket[i]]
+            if (b.name, int(plan.row[i]) // b.shard_rows) in pending:
+                out.append(key)
+    return out
 
 
 def _reason_class(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
-def finalize(st: Store, plan: Plan) -> tuple[np.ndarray, dict[str, str], bool]:
-    """Status of every image from the plan and the done markers; seal the cache when nothing is pending."""
+def finalize(st: Store, plan: Plan, seal: bool = True) -> tuple[np.ndarray, dict[str, str], bool]:
+    """Status of every image from the plan and the done markers; seal the cache (when `seal`) once nothing is
+    pending."""
     markers = st.markers()
     status = np.full(len(plan), STATUS_PENDING, np.int8)
     failures: dict[str, str] = {}
@@ -214,7 +258,7 @@ def finalize(st: Store, plan: Plan) -> tuple[np.ndarray, dict[str, str], bool]:
                 status[positions[int(r)]] = STATUS_FAILED
                 failures[plan.keys[positions[int(r)]]] = why
     complete = bool((status != STATUS_PENDING).all())
-    if complete and st.meta.get("state") != "sealed":
+    if seal and complete and st.meta.get("state") != "sealed":
         st.seal(status, failures)
     return status, failures, complete
 
@@ -305,7 +349,15 @@ def _rows_in(b: BucketPlan, shards: set[int], a: int, z: int) -> int:
     return total
 
 
-def run_shards(st: Store, plan: Plan, src: Source, prep: Prepared, pending: set[tuple[str, int]], summary: Summary):
+def run_shards(
+    st: Store,
+    plan: Plan,
+    src: Source,
+    prep: Prepared,
+    pending: set[tuple[str, int]],
+    summary: Summary,
+    progress: bool = True,
+) -> None:
     """Extract every pending shard; returns when all are written (or raises on a fatal error)."""
     cfg = prep.config
     budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
@@ -330,7 +382,7 @@ def run_shards(st: Store, plan: Plan, src: Source, prep: Prepared, pending: set[
     n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
     t0 = time.perf_counter()
     try:
-        with tqdm(total=n_pending, desc="extract", unit="img", disable=not cfg.progress, smoothing=0.05) as bar:
+        with tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar:
             batch: DecodedBatch
             for batch in loader:
                 job = batch.job
@@ -371,10 +423,11 @@ def extract(
         config = replace(config or ExtractConfig(), **overrides)
     except TypeError as e:
         raise ConfigError(str(e)) from e
-    prep = prepare(config)
+    group = ranks.join(config.rank, config.world_size, config.device)
+    prep = prepare(config, group)
     src = discover(source, limit=config.limit)
     cache = Path(cache)
-    summary = Summary(cache=str(cache), dry_run=dry_run)
+    summary = Summary(cache=str(cache), dry_run=dry_run, world_size=group.world_size)
     if dry_run:
         plan = build_plan(src, prep, config.progress)
         summary.total = len(plan)
@@ -386,25 +439,34 @@ def extract(
         )
         summary.failures_by_reason = dict(Counter(_reason_class(r) for r in plan.probe_errors.values()))
         return summary
-    st, plan = open_or_create(cache, src, prep, overwrite, config.progress)
-    planned, found = set(plan.keys), set(src.keys)
-    summary.new_files, summary.removed_files = len(found - planned), len(planned - found)
-    done = set(st.markers())
-    summary.cleaned_files = st.cleanup(done)
-    shards = plan.shards()
-    pending = {
-        (s.bucket, s.shard)
-        for s in shards
-        if (s.bucket, s.shard) not in done and s.ordinal % config.world_size == config.rank
-    }
-    missing = [plan.keys[i] for i in np.flatnonzero(plan.bucket >= 0) if plan.keys[i] not in found]
-    if pending and missing:
+    if overwrite and group.world_size > 1 and not group.connected:
         raise ConfigError(
-            f"{len(missing)} planned images are gone from {src.root} (e.g. {missing[0]!r}); restore them or rerun "
-            "with --overwrite"
+            "--overwrite with a manual --rank/--world-size split could delete a cache other ranks already write to; "
+            "delete the cache once before starting the ranks instead"
         )
-    run_shards(st, plan, src, prep, pending, summary)
-    status, failures, complete = finalize(st, plan)
+    progress = config.progress and group.is_leader
+    st, plan = _open_on_every_rank(cache, src, prep, group, overwrite, progress, summary)
+    found, planned = set(src.keys), set(plan.keys)
+    removed = sorted(planned - found)
+    summary.new_files, summary.removed_files, summary.removed_examples = len(found - planned), len(removed), removed[:5]
+    done = set(st.markers())
+    pending = {(s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)}
+    missing = missing_in_pending(plan, found, pending)
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "
+            "restore them or rerun with --overwrite"
+        )
+    summary.cleaned_files += st.cleanup(pending, orphans=False)
+    run_shards(st, plan, src, prep, pending, summary, progress)
+    group.barrier()  # every rank's shards are marked before anyone seals
+    if group.connected:
+        parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
+        summary.processed = sum(p[0] for p in parts)
+        summary.seconds = max(p[1] for p in parts)
+        summary.bytes_written = sum(p[2] for p in parts)
+    status, failures, complete = finalize(st, plan, seal=group.is_leader or not group.connected)
+    group.barrier()  # the seal is on disk before any rank returns
     summary.total = len(plan)
     summary.done = int((status == STATUS_DONE).sum())
     summary.failed = int((status == STATUS_FAILED).sum())
@@ -413,3 +475,23 @@ def extract(
     summary.sealed = complete
     summary.histogram = plan.histogram()
     return summary
+
+
+def _open_on_every_rank(
+    cache: Path, src: Source, prep: Prepared, group: ranks.Group, overwrite: bool, progress: bool, summary: Summary
+) -> tuple[Store, Plan]:
+    """Rank 0 plans (creates, resumes or extends the cache) while the others wait; an error while planning is
+    raised on every rank, so no rank waits forever for a plan that will never come."""
+    if not group.is_leader:
+        error = group.broadcast(None)
+        if error is not None:
+            raise error
+        return join_cache(cache, prep, group, prep.config.wait_s)
+    try:
+        st, plan, summary.appended = open_or_create(cache, src, prep, overwrite, progress)
+        summary.cleaned_files += st.cleanup(set(), orphans=True)
+    except Exception as e:
+        group.broadcast(e)
+        raise
+    group.broadcast(None)
+    return st, plan

@@ -15,7 +15,9 @@ import os
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +49,15 @@ class ShardLayout:
     separator: str
     checksum: bool
 
-    @property
+    @cached_property  # read on every row: computed once
     def chunks_per_shard(self) -> int:
         return int(np.prod([s // c for s, c in zip(self.shard_shape, self.chunk_shape, strict=True)]))
 
-    @property
+    @cached_property
     def index_bytes(self) -> int:
         return self.chunks_per_shard * 16 + (4 if self.checksum else 0)
 
-    @property
+    @cached_property
     def chunk_nbytes(self) -> int:
         return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
 
@@ -98,72 +100,108 @@ def read_layout(array_dir: str | os.PathLike[str]) -> ShardLayout:
     )
 
 
-class ShardReader:
-    """Row reads from one array. Thread-safe; holds at most `max_open` file handles and cached indexes."""
+class _OpenShard:
+    """An open shard file and its parsed index. The fd closes when the last reference goes (CPython refcounting),
+    so a thread still reading from a shard the pool just evicted never sees its fd closed or reused."""
 
-    def __init__(self, layout: ShardLayout, max_open: int = 64, verify: bool = True) -> None:
+    __slots__ = ("fd", "index")
+
+    def __init__(self, fd: int, index: np.ndarray) -> None:
+        self.fd, self.index = fd, index
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down os already
+            os.close(self.fd)
+
+
+class HandlePool:
+    """An LRU of open shard files shared by every array of a cache: one fd budget for all buckets, so a cache of
+    33 buckets x thousands of shards never runs into the process's open-file limit. Thread-safe."""
+
+    def __init__(self, max_open: int = 128) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.max_open = max_open
+        self._open: OrderedDict[Hashable, _OpenShard] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def get(self, key: Hashable, opener: Callable[[], _OpenShard]) -> _OpenShard:
+        with self._lock:
+            hit = self._open.get(key)
+            if hit is not None:
+                self._open.move_to_end(key)
+                return hit
+        shard = opener()
+        with self._lock:
+            hit = self._open.get(key)
+            if hit is not None:  # another thread won the race; ours closes when it goes out of scope
+                return hit
+            self._open[key] = shard
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        return shard
+
+    def clear(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+
+def _open_shard(path: Path, index_bytes: int, chunks: int, verify: bool) -> _OpenShard:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError as e:
+        raise CacheFormatError(f"shard file missing: {path}") from e
+    shard = _OpenShard(fd, np.empty((0, 2), "<u8"))  # owns the fd from here on, also on the error paths
+    if hasattr(os, "posix_fadvise"):  # random row reads: readahead would only fetch rows nobody asked for
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    size = os.fstat(fd).st_size
+    if size < index_bytes:
+        raise CacheFormatError(f"shard file truncated: {path} ({size} bytes)")
+    raw = os.pread(fd, index_bytes, size - index_bytes)
+    if verify and struct.unpack("<I", raw[-4:])[0] != _crc32c.value(raw[:-4]):
+        raise CacheFormatError(f"shard index checksum mismatch: {path}")
+    shard.index = np.frombuffer(raw[: chunks * 16], "<u8").reshape(-1, 2)
+    return shard
+
+
+class ShardReader:
+    """Row reads from one array. Thread-safe. File handles and parsed indexes live in a `HandlePool`, which a
+    FeatureCache shares across all its arrays."""
+
+    def __init__(self, layout: ShardLayout, pool: HandlePool | None = None, verify: bool = True) -> None:
         self.layout = layout
         self.verify = verify and layout.checksum and _crc32c is not None
-        self._open: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
-        self._max = max_open
-        self._lock = threading.Lock()
+        self.pool = pool if pool is not None else HandlePool(64)
 
     def shard_file(self, shard: int) -> Path:
         ndim = len(self.layout.shape)
         return self.layout.path / self.layout.separator.join(["c", str(shard), *(["0"] * (ndim - 1))])
 
-    def _handle(self, shard: int) -> tuple[int, np.ndarray]:
-        with self._lock:
-            if shard in self._open:
-                self._open.move_to_end(shard)
-                return self._open[shard]
-        path = self.shard_file(shard)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as e:
-            raise CacheFormatError(f"shard file missing: {path}") from e
-        size = os.fstat(fd).st_size
-        n = self.layout.index_bytes
-        if size < n:
-            os.close(fd)
-            raise CacheFormatError(f"shard file truncated: {path} ({size} bytes)")
-        raw = os.pread(fd, n, size - n)
-        if self.verify and struct.unpack("<I", raw[-4:])[0] != _crc32c.value(raw[:-4]):
-            os.close(fd)
-            raise CacheFormatError(f"shard index checksum mismatch: {path}")
-        index = np.frombuffer(raw[: self.layout.chunks_per_shard * 16], "<u8").reshape(-1, 2)
-        with self._lock:
-            if shard in self._open:  # another thread won the race
-                os.close(fd)
-                return self._open[shard]
-            self._open[shard] = (fd, index)
-            while len(self._open) > self._max:
-                old_fd, _ = self._open.popitem(last=False)[1]
-                os.close(old_fd)
-        return fd, index
+    def _handle(self, shard: int) -> _OpenShard:
+        lay = self.layout
+        return self.pool.get(
+            (lay.path, shard),
+            lambda: _open_shard(self.shard_file(shard), lay.index_bytes, lay.chunks_per_shard, self.verify),
+        )
 
     def read_row(self, row: int) -> np.ndarray:
-        """One row (one inner chunk) as a new array of shape chunk_shape[1:]."""
+        """One row (one inner chunk) as a new, writable array of shape chunk_shape[1:]."""
         if not 0 <= row < self.layout.shape[0]:
             raise IndexError(row)
         s = self.layout.shard_shape[0]
-        fd, index = self._handle(row // s)
-        offset, nbytes = (int(v) for v in index[row % s])
+        shard = self._handle(row // s)
+        offset, nbytes = (int(v) for v in shard.index[row % s])
         if offset == _EMPTY and nbytes == _EMPTY:
             return np.zeros(self.layout.chunk_shape[1:], self.layout.dtype)  # zarr's fill value
         if nbytes != self.layout.chunk_nbytes:
             raise CacheFormatError(f"{self.shard_file(row // s)}: chunk {row % s} has {nbytes} bytes")
-        buf = os.pread(fd, nbytes, offset)
-        if len(buf) != nbytes:
+        out = np.empty(self.layout.chunk_shape[1:], self.layout.dtype)  # writable: torch.from_numpy needs no copy
+        if os.preadv(shard.fd, [memoryview(out).cast("B")], offset) != nbytes:
             raise CacheFormatError(f"{self.shard_file(row // s)}: short read (truncated shard)")
-        return np.frombuffer(buf, self.layout.dtype).reshape(self.layout.chunk_shape[1:])
+        return out
 
     def close(self) -> None:
-        with self._lock:
-            for fd, _ in self._open.values():
-                os.close(fd)
-            self._open.clear()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down os already
-            self.close()
+        self.pool.clear()

@@ -20,7 +20,8 @@ import zarr
 from dinofeat.errors import CacheFormatError
 from dinofeat.plan import BucketPlan, Plan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
+READABLE_VERSIONS = (1, 2)  # a version 1 cache is a version 2 cache with one part and its index in "index"
 META_KEY = "dinofeat"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 # zarr 3.1 has no bfloat16: bf16 features are stored as their uint16 bit patterns (exact; see docs/format.md)
@@ -60,8 +61,11 @@ class Store:
         if not isinstance(meta, dict):
             raise CacheFormatError(f"{self.path} is a zarr group without dinofeat metadata")
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CacheFormatError(f"{self.path} has cache format version {version}; this build reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise CacheFormatError(
+                f"{self.path} has cache format version {version}; this build reads versions "
+                + ", ".join(map(str, READABLE_VERSIONS))
+            )
         self._arrays: dict[tuple[str, str], Any] = {}
 
     # ---- creation -------------------------------------------------------------------------------------------
@@ -77,52 +81,47 @@ class Store:
     ) -> Store:
         """Arrays at their final size, the index, then state 'planned' last (a crash before that is detectable)."""
         path = Path(path)
-        dtype = _np_dtype(store_dtype)
         root = zarr.open_group(str(path), mode="w")
-        root.attrs[META_KEY] = {**meta, "format_version": FORMAT_VERSION, "state": "planning"}
-        idx = root.create_group("index")
-        n = len(plan)
-        cols: dict[str, np.ndarray] = {
-            "key": np.array(plan.keys, dtype=str) if n else np.zeros(0, dtype=str),
-            "bucket": plan.bucket,
-            "row": plan.row,
-            "src_w": plan.src_w,
-            "src_h": plan.src_h,
-            "distortion": plan.distortion,
-            "file_size": plan.file_size,
-            "mtime_ns": plan.mtime_ns,
+        root.attrs[META_KEY] = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "state": "planning",
+            "index_group": "index",
+            "buckets": [bucket_record(b) for b in plan.buckets],
         }
-        for name, values in cols.items():
-            a = idx.create_array(name, shape=(n,), dtype=values.dtype if name != "key" else str, chunks=(max(n, 1),))
-            if n:
-                a[:] = values
-        idx.create_array("status", shape=(n,), dtype="int8", chunks=(max(n, 1),), fill_value=0)
-        for b in plan.buckets:
-            g = root.create_group(f"buckets/{b.name}")
-            g.attrs.update(
-                {"width": b.width, "height": b.height, "grid": list(b.grid), "rows": b.rows, "shard_rows": b.shard_rows}
-            )
-            h, w = b.grid
-            s = b.shard_rows
-            shapes = {"cls": (b.rows, hidden), "patches": (b.rows, h, w, hidden)}
-            if registers:
-                shapes["registers"] = (b.rows, registers, hidden)
-            for name, shape in shapes.items():
-                g.create_array(
-                    name,
-                    shape=shape,
-                    dtype=dtype,
-                    chunks=(1, *shape[1:]),
-                    shards=(s, *shape[1:]),
-                    compressors=None,
-                    fill_value=0,
-                    config=_ARRAY_CONFIG,
-                )
-        failures = {plan.keys[i]: r for i, r in plan.probe_errors.items()}
-        _atomic_write_text(path / "_dinofeat" / "probe_failures.json", json.dumps(failures, sort_keys=True))
+        _write_index(root, "index", plan)
+        _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype)
+        _write_probe_failures(path, plan)
         store = cls(path, mode="r+")
         store.update_meta(state="planned")
         return store
+
+    def extend(self, plan: Plan, hidden: int, registers: int, store_dtype: str) -> None:
+        """Add an incremental run's images. `plan` is the whole new plan (`extend_plan(old, part)`): its new
+        buckets get arrays of their own and a new index group is written beside the old one; then one atomic
+        metadata write switches to them. A crash before that switch leaves the cache exactly as it was (the
+        leftovers are removed by `cleanup`); finished shards are never opened."""
+        meta = self.meta
+        known = {b["name"] for b in meta["buckets"]}
+        new = [b for b in plan.buckets if b.name not in known]
+        if [b.name for b in plan.buckets[: len(known)]] != [b["name"] for b in meta["buckets"]]:
+            raise ValueError("an extension must keep the existing buckets first and unchanged")
+        old_group = self._index_group
+        group = f"index_{max(b.part for b in plan.buckets)}"
+        for stale in (group, *(f"buckets/{b.name}" for b in new)):  # a crashed earlier attempt
+            shutil.rmtree(self.path / stale, ignore_errors=True)
+        _write_index(self.root, group, plan)
+        _create_bucket_arrays(self.root, new, hidden, registers, store_dtype)
+        _write_probe_failures(self.path, plan)  # keys not in the current index are ignored until the switch
+        self.update_meta(
+            state="planned",
+            index_group=group,
+            num_images=len(plan),
+            buckets=[*meta["buckets"], *(bucket_record(b) for b in new)],
+            parts=[*meta.get("parts", [{"part": 0}]), {"part": max(b.part for b in plan.buckets), "time": time.time()}],
+        )
+        self._arrays.clear()
+        shutil.rmtree(self.path / old_group, ignore_errors=True)
 
     # ---- metadata -------------------------------------------------------------------------------------------
     @property
@@ -133,14 +132,20 @@ class Store:
         self.root.attrs[META_KEY] = {**self.meta, **changes}
 
     # ---- plan and index -------------------------------------------------------------------------------------
+    @property
+    def _index_group(self) -> str:
+        return str(self.meta.get("index_group", "index"))
+
     def index(self) -> dict[str, np.ndarray]:
-        g = self.root["index"]
+        g = self.root[self._index_group]
         return {name: g[name][:] for name in (*INDEX_COLUMNS, "status")}
 
     def bucket_plans(self) -> tuple[BucketPlan, ...]:
         patch = int(self.meta["model"]["patch_size"])
         return tuple(
-            BucketPlan(int(b["width"]), int(b["height"]), patch, int(b["rows"]), int(b["shard_rows"]))
+            BucketPlan(
+                int(b["width"]), int(b["height"]), patch, int(b["rows"]), int(b["shard_rows"]), int(b.get("part", 0))
+            )
             for b in self.meta["buckets"]
         )
 
@@ -161,7 +166,7 @@ class Store:
             distortion=ix["distortion"],
             file_size=ix["file_size"],
             mtime_ns=ix["mtime_ns"],
-            probe_errors={pos[k]: r for k, r in self.probe_failures().items()},
+            probe_errors={pos[k]: r for k, r in self.probe_failures().items() if k in pos},
             buckets=self.bucket_plans(),
         )
 
@@ -227,26 +232,45 @@ class Store:
                 out[(bdir.name, int(f.stem))] = m
         return out
 
-    def cleanup(self, done: set[tuple[str, int]]) -> int:
-        """Remove what a crash left: zarr's *.partial temp files, marker temp files, and shard objects whose
-        shard has no done marker (they may be half-written). Returns the number of files removed."""
+    def cleanup(self, shards: set[tuple[str, int]], orphans: bool = True) -> int:
+        """Remove what a crash left in `shards` (pending shards this process owns): zarr's *.partial temp files,
+        marker temp files and shard objects (they may be half-written). Other processes' shards are never touched.
+        With `orphans`, also groups no metadata points to. Returns the number of files removed."""
         removed = 0
-        for pattern in ("buckets/**/*.partial", "_dinofeat/**/.*.tmp"):
-            for p in self.path.glob(pattern):
+        names = {b.name: b for b in self.bucket_plans()}
+        for bucket, u in sorted(shards):
+            if bucket not in names:
+                continue
+            for f in self.shard_files(bucket, u):
+                stale = [*f.parent.glob(f"{f.name}.*.partial")]
+                stale += [f] if f.exists() else []
+                for p in stale:
+                    p.unlink(missing_ok=True)
+                    removed += 1
+            for p in self.marker_path(bucket, u).parent.glob(f".{u}.json.*.tmp"):
                 p.unlink(missing_ok=True)
                 removed += 1
-        for b in self.bucket_plans():
-            for u in range(b.num_shards):
-                if (b.name, u) in done:
-                    continue
-                for f in self.shard_files(b.name, u):
-                    if f.exists():
-                        f.unlink()
-                        removed += 1
+        if orphans:
+            for d in self.orphan_groups():
+                removed += sum(1 for f in d.rglob("*") if f.is_file())
+                shutil.rmtree(d)
+            # temp files of metadata writes (zarr.json, index, failures) that a crash cut short
+            for pattern in ("*.partial", f"{self._index_group}/**/*.partial", "_dinofeat/.*.tmp"):
+                for p in self.path.glob(pattern):
+                    p.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
+    def orphan_groups(self) -> list[Path]:
+        """Bucket and index groups no metadata points to: what an incremental run that crashed before its
+        metadata switch leaves behind."""
+        planned = {b.name for b in self.bucket_plans()}
+        out = [d for d in sorted((self.path / "buckets").glob("*")) if d.is_dir() and d.name not in planned]
+        out += [d for d in sorted(self.path.glob("index*")) if d.is_dir() and d.name != self._index_group]
+        return out
+
     def seal(self, status: np.ndarray, failures: dict[str, str]) -> None:
-        self.root["index"]["status"][:] = status
+        self.root[self._index_group]["status"][:] = status
         _atomic_write_text(self.path / "_dinofeat" / "failures.json", json.dumps(failures, sort_keys=True))
         self.update_meta(state="sealed", sealed_at=time.time())
 
@@ -261,6 +285,67 @@ class Store:
         for b in self.bucket_plans():
             for u in range(b.num_shards):
                 yield b, u
+
+
+def bucket_record(b: BucketPlan) -> dict[str, Any]:
+    """A bucket's entry in metadata.buckets."""
+    return {
+        "name": b.name,
+        "width": b.width,
+        "height": b.height,
+        "grid": list(b.grid),
+        "rows": b.rows,
+        "shard_rows": b.shard_rows,
+        "part": b.part,
+    }
+
+
+def _write_index(root: Any, group: str, plan: Plan) -> None:
+    idx = root.create_group(group, overwrite=True)
+    n = len(plan)
+    cols: dict[str, np.ndarray] = {
+        "key": np.array(plan.keys, dtype=str) if n else np.zeros(0, dtype=str),
+        "bucket": plan.bucket,
+        "row": plan.row,
+        "src_w": plan.src_w,
+        "src_h": plan.src_h,
+        "distortion": plan.distortion,
+        "file_size": plan.file_size,
+        "mtime_ns": plan.mtime_ns,
+    }
+    for name, values in cols.items():
+        a = idx.create_array(name, shape=(n,), dtype=values.dtype if name != "key" else str, chunks=(max(n, 1),))
+        if n:
+            a[:] = values
+    idx.create_array("status", shape=(n,), dtype="int8", chunks=(max(n, 1),), fill_value=0)
+
+
+def _create_bucket_arrays(root: Any, buckets: Any, hidden: int, registers: int, store_dtype: str) -> None:
+    dtype = _np_dtype(store_dtype)
+    for b in buckets:
+        g = root.create_group(f"buckets/{b.name}")
+        g.attrs.update(bucket_record(b))
+        h, w = b.grid
+        s = b.shard_rows
+        shapes = {"cls": (b.rows, hidden), "patches": (b.rows, h, w, hidden)}
+        if registers:
+            shapes["registers"] = (b.rows, registers, hidden)
+        for name, shape in shapes.items():
+            g.create_array(
+                name,
+                shape=shape,
+                dtype=dtype,
+                chunks=(1, *shape[1:]),
+                shards=(s, *shape[1:]),
+                compressors=None,
+                fill_value=0,
+                config=_ARRAY_CONFIG,
+            )
+
+
+def _write_probe_failures(path: Path, plan: Plan) -> None:
+    failures = {plan.keys[i]: r for i, r in plan.probe_errors.items()}
+    _atomic_write_text(path / "_dinofeat" / "probe_failures.json", json.dumps(failures, sort_keys=True))
 
 
 def exists(path: str | os.PathLike[str]) -> bool:

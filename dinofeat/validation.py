@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dinofeat.errors import CacheFormatError, DinofeatError
-from dinofeat.shardfile import ShardReader, read_layout
+from dinofeat.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, ZARR_DTYPES, Store, bf16_bits_to_float32
 
 FP16_MAX = 65504.0
@@ -216,7 +216,7 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
         done = ix["status"][positions] == STATUS_DONE
         for name in st.array_names(b.name):
             try:
-                ShardReader(read_layout(st.path / "buckets" / b.name / name), max_open=1)._handle(u)
+                ShardReader(read_layout(st.path / "buckets" / b.name / name), HandlePool(1))._handle(u)
             except CacheFormatError as e:
                 report.add("shard", f"{b.name}/{name} shard {u}", str(e))
                 continue

@@ -212,3 +212,38 @@ def test_sampler_epochs_and_seed():
     )
     with pytest.raises(ValueError):
         BucketBatchSampler(BUCKETS, 2, rank=2, world_size=2)
+
+
+def _open_fds_under(path) -> int:
+    import contextlib
+    import os
+
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listdir itself used is gone by now
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    return n
+
+
+@pytest.mark.parametrize("max_open", [1, 3])
+def test_one_fd_budget_across_buckets_and_arrays(cache_dir, max_open):
+    """Every bucket and array shares one LRU of open shard files, so millions of shards never exhaust ulimit -n;
+    eviction under a tiny budget changes no value."""
+    ref = FeatureCache(cache_dir)
+    fc = FeatureCache(cache_dir, max_open_files=max_open)
+    assert sum(b.num_shards for b in Store(cache_dir).bucket_plans()) > 3 * max_open
+    for i in [*range(len(fc)), *reversed(range(len(fc)))]:
+        f, g = fc[i], ref[i]
+        np.testing.assert_array_equal(f.patches, g.patches)
+        np.testing.assert_array_equal(f.registers, g.registers)
+        assert _open_fds_under(cache_dir) - len(ref._pool) <= max_open
+    fc.close()
+    assert len(fc._pool) == 0
+
+
+def test_rows_are_writable_fresh_arrays(cache_dir):
+    fc = FeatureCache(cache_dir)
+    a, b = fc.read(0, "patches"), fc.read(0, "patches")
+    assert a.flags.writeable and not np.shares_memory(a, b)
+    a[:] = 0
+    assert b.any()

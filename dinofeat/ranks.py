@@ -1,0 +1,117 @@
+"""Which share of the work this process does, and how the processes of one run wait for each other.
+
+Three ways to run precompute:
+
+- one process;
+- under a launcher (`accelerate launch`, `torchrun`, or `dinofeat precompute --num-processes N`), which sets
+  RANK / WORLD_SIZE / MASTER_ADDR: accelerate's `PartialState` joins the process group (gloo on CPU, nccl on GPU),
+  rank 0 plans while the others wait, and errors raised while planning reach every rank;
+- a manual split (`--rank R --world-size W`, e.g. SLURM array tasks) with no process group: the other ranks poll
+  the cache until rank 0 has planned it.
+
+Shards are dealt `ordinal % world_size == rank` either way, so no two processes ever write one shard.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from dinofeat.errors import ConfigError
+
+T = TypeVar("T")
+PLAN_TIMEOUT = datetime.timedelta(hours=12)  # rank 0 may probe millions of headers while the others wait
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the run. `connected` means a torch.distributed process group exists."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    connected: bool = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, ordinal: int) -> bool:
+        """Whether this process extracts the shard numbered `ordinal` (see plan.Plan.shards)."""
+        return ordinal % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        if self.connected:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank (picklable objects, exceptions included)."""
+        if not self.connected:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.connected:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def launched() -> bool:
+    """Started by a launcher that expects a process group (WORLD_SIZE > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(rank: int, world_size: int, device: str | None) -> Group:
+    """The group for this process: a launcher's process group when there is one, else the manual split."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return _from_torch(device)
+    if not launched():
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        return Group(rank, world_size)
+    if world_size != 1 or rank != 0:
+        raise ConfigError("--rank/--world-size are for manual splits; under a launcher the launcher sets them")
+    from accelerate import PartialState
+
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    PartialState(cpu=cpu, timeout=PLAN_TIMEOUT)
+    return _from_torch(device)
+
+
+def _from_torch(device: str | None) -> Group:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
+    on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    if on_cpu:  # N processes on one machine share its cores instead of each starting one thread per core
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local_world))
+    return Group(rank, world, local_rank, local_world, connected=True)
+
+
+def device_for(group: Group, device: str | None) -> str | None:
+    """Each local rank gets its own GPU unless the user named one."""
+    if device is None and torch.cuda.is_available() and group.local_world_size > 1:
+        return f"cuda:{group.local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def wait_until(ready: Callable[[], bool], what: str, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Manual splits have no process group: poll the filesystem until rank 0 is done planning."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"gave up after {timeout_s:.0f}s waiting for {what}; is rank 0 running?")
+        time.sleep(poll_s)
