@@ -88,6 +88,9 @@ def precompute(
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     shard_mb: Annotated[float, typer.Option(help="Target shard size in MiB.")] = 128.0,
     limit: Annotated[int | None, typer.Option(help="Only the first N images (sorted order).")] = None,
+    num_processes: Annotated[
+        int, typer.Option(help="Local processes in one process group (one per GPU; gloo on CPU).")
+    ] = 1,
     rank: Annotated[int, typer.Option(help="This process's rank for a manual split (SLURM).")] = 0,
     world_size: Annotated[int, typer.Option(help="Number of processes in a manual split.")] = 1,
     dry_run: Annotated[
@@ -99,7 +102,7 @@ def precompute(
     """Extract CLS + patch-grid features for every image into a sharded zarr cache (rerun to resume)."""
     from dinofeat.config import ExtractConfig, Recipe
     from dinofeat.errors import DinofeatError
-    from dinofeat.precompute import extract
+    from dinofeat.launch import extract_processes
 
     try:
         cfg = ExtractConfig(
@@ -125,9 +128,11 @@ def precompute(
             world_size=world_size,
             progress=not as_json,
         )
-        s = extract(source, cache, cfg, overwrite=overwrite, dry_run=dry_run)
+        s = extract_processes(source, cache, cfg, num_processes, overwrite=overwrite, dry_run=dry_run)
     except DinofeatError as e:
         _fail(e)
+    if s.rank != 0:  # under accelerate launch / torchrun every rank gets here; rank 0 speaks for the run
+        return
     if as_json:
         typer.echo(json.dumps(s.to_dict(), indent=2))
         return
@@ -144,8 +149,15 @@ def precompute(
     )
     for reason, n in sorted(s.failures_by_reason.items()):
         typer.echo(f"  failed ({reason}): {n}")
-    if s.new_files or s.removed_files:
-        typer.echo(f"  folder changed since planning: {s.new_files} new, {s.removed_files} removed")
+    if s.appended:
+        typer.echo(f"  incremental: {s.appended} images new to the folder were added (finished shards untouched)")
+    if s.new_files:
+        typer.echo(f"  {s.new_files} images in the folder are not in the plan (outside --limit)")
+    if s.removed_files:
+        typer.echo(
+            f"  {s.removed_files} cached images are gone from the folder (kept in the cache), e.g. "
+            + ", ".join(s.removed_examples)
+        )
     if s.cleaned_files:
         typer.echo(f"  cleaned {s.cleaned_files} partial files left by an interrupted run")
 

@@ -52,6 +52,7 @@ class Summary:
     appended: int = 0  # images this run added to an existing cache (an incremental run)
     removed_examples: list[str] = field(default_factory=list)
     world_size: int = 1
+    rank: int = 0
     cleaned_files: int = 0
     dry_run: bool = False
     histogram: list[tuple[str, int]] = field(default_factory=list)
@@ -427,7 +428,7 @@ def extract(
     prep = prepare(config, group)
     src = discover(source, limit=config.limit)
     cache = Path(cache)
-    summary = Summary(cache=str(cache), dry_run=dry_run, world_size=group.world_size)
+    summary = Summary(cache=str(cache), dry_run=dry_run, world_size=group.world_size, rank=group.rank)
     if dry_run:
         plan = build_plan(src, prep, config.progress)
         summary.total = len(plan)

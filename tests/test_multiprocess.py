@@ -1,0 +1,146 @@
+"""Multi-process precompute on CPU (gloo): our launcher, torchrun (the launcher `accelerate launch` uses on GPUs) and
+a manual SLURM-style split all give exactly the single-process result; a resume may change the process count."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dinofeat.config import ExtractConfig
+from dinofeat.errors import CacheMismatchError, ConfigError
+from dinofeat.launch import extract_processes
+from dinofeat.precompute import extract
+from dinofeat.store import Store
+from tests.conftest import write_images
+from tests.test_precompute import FAST
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, dinov3_path):
+    root = tmp_path_factory.mktemp("mp")
+    imgs = root / "imgs"
+    write_images(imgs, [(64, 64)] * 14 + [(96, 48)] * 9 + [(48, 96)] * 5)
+    (imgs / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    cfg = ExtractConfig(model=str(dinov3_path), area=64, shard_mb=0.002, batch_size=3, **FAST)
+    ref = root / "ref"
+    s = extract(imgs, ref, cfg)
+    assert s.sealed and s.failed == 1
+    return imgs, cfg, ref
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    sa, sb = Store(a), Store(b)
+    assert sa.meta["state"] == sb.meta["state"] == "sealed"
+    assert sa.bucket_plans() == sb.bucket_plans()
+    ia, ib = sa.index(), sb.index()
+    for col in ia:
+        np.testing.assert_array_equal(ia[col], ib[col], err_msg=col)
+    assert sa.failures() == sb.failures()
+    for bp in sa.bucket_plans():
+        for name in sa.array_names(bp.name):
+            np.testing.assert_array_equal(
+                sa.read_rows(bp.name, name, 0, bp.rows), sb.read_rows(bp.name, name, 0, bp.rows), err_msg=bp.name
+            )
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def cli_args(imgs: Path, cache: Path, cfg: ExtractConfig) -> list[str]:
+    return [
+        "precompute",
+        str(imgs),
+        str(cache),
+        "--model",
+        cfg.model,
+        "--area",
+        str(cfg.area),
+        "--shard-mb",
+        str(cfg.shard_mb),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--workers",
+        "0",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_two_processes_equal_one(setup, tmp_path):
+    imgs, cfg, ref = setup
+    s = extract_processes(imgs, tmp_path / "c", cfg, 2)
+    assert s.world_size == 2 and s.sealed and s.processed == s.done and s.failed == 1
+    markers = {m["shard"] for m in Store(tmp_path / "c").markers().values()}
+    assert len(markers) > 2
+    assert_same_cache(ref, tmp_path / "c")
+
+
+def test_torchrun_the_accelerate_launch_path_equals_one(setup, tmp_path):
+    imgs, cfg, ref = setup
+    out = cli(
+        "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dinofeat", *cli_args(imgs, tmp_path / "c", cfg)
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("sealed") == 1, "only rank 0 prints the summary"
+    assert_same_cache(ref, tmp_path / "c")
+
+
+def test_manual_split_then_resume_with_another_process_count(setup, tmp_path):
+    imgs, cfg, ref = setup
+    cache = tmp_path / "c"
+    first = extract(imgs, cache, cfg, rank=0, world_size=3)  # rank 0 plans and extracts a third of the shards
+    assert not first.sealed and 0 < first.processed < 28
+    st = Store(cache)
+    marked = set(st.markers())
+    assert marked and all(s.ordinal % 3 == 0 for s in st.read_plan().shards() if (s.bucket, s.shard) in marked)
+    second = extract_processes(imgs, cache, cfg, 2)  # the rest, by 2 processes
+    assert second.sealed and first.processed + second.processed == 28
+    assert_same_cache(ref, cache)
+
+
+def test_manual_split_ranks_wait_for_rank_0s_plan(setup, tmp_path):
+    imgs, cfg, ref = setup
+    cache = tmp_path / "c"
+    args = cli_args(imgs, cache, cfg)
+    early = subprocess.Popen(
+        [sys.executable, "-m", "dinofeat", *args, "--rank", "1", "--world-size", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    leader = cli("-m", "dinofeat", *args, "--rank", "0", "--world-size", "2")
+    text = early.communicate(timeout=300)[0]
+    assert leader.returncode == 0 and early.returncode == 0, leader.stdout + leader.stderr + text
+    assert_same_cache(ref, cache)
+
+
+def test_errors_reach_the_caller_from_every_process(setup, tmp_path):
+    imgs, cfg, _ = setup
+    cache = tmp_path / "c"
+    extract_processes(imgs, cache, cfg, 2)
+    with pytest.raises(CacheMismatchError, match="bucket_spec"):
+        extract_processes(imgs, cache, ExtractConfig(**{**cfg.__dict__, "area": 128}), 2)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        extract_processes(imgs, cache, ExtractConfig(**{**cfg.__dict__, "rank": 1, "world_size": 2}), 2)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        extract(imgs, cache, cfg, rank=0, world_size=2, overwrite=True)
+    out = cli("-m", "dinofeat", *cli_args(imgs, cache, cfg), "--area", "128", "--num-processes", "2")
+    assert out.returncode == 1 and "different settings" in out.stderr
