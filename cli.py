@@ -82,6 +82,10 @@ def precompute(
         bool,
         typer.Option("--jpeg-draft/--no-jpeg-draft", help="DCT-domain JPEG decoding for sources >= 2x the target."),
     ] = True,
+    compile_model: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the encoder, one graph per bucket shape (minutes to start)."),
+    ] = False,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward (default: from token budget).")] = None,
     token_budget: Annotated[int | None, typer.Option(help="Tokens per forward pass.")] = None,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
@@ -120,6 +124,7 @@ def precompute(
             recipe=Recipe(jpeg_draft=jpeg_draft),
             batch_size=batch_size,
             token_budget=token_budget,
+            compile=compile_model,
             num_workers=workers,
             device=device,
             shard_mb=shard_mb,
@@ -252,6 +257,45 @@ def show(
         _fail(e)
     for p in paths:
         typer.echo(str(p))
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Hub id, local directory, or random:vits16|vitb16|vitl16|...")] = (
+        "random:vitl16"
+    ),
+    area: Area = 1024,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")] = "auto",
+    images: Annotated[Path | None, typer.Option(help="Your own image folder (default: synthetic photos).")] = None,
+    count: Annotated[int | None, typer.Option(help="Images to time (default 256 on GPU, 32 on CPU).")] = None,
+    megapixels: Annotated[float, typer.Option(help="Size of the synthetic photos.")] = 2.0,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
+    eta_images: Annotated[int, typer.Option(help="Print the time this many images would take.")] = 1_000_000,
+    as_json: AsJson = False,
+) -> None:
+    """Measure model-only and end-to-end images/s on this machine, next to the device's peak, with an ETA."""
+    from dinofeat.bench import bench as run_bench
+    from dinofeat.errors import DinofeatError
+
+    try:
+        r = run_bench(model, area, device, dtype, images, count, megapixels, workers, progress=not as_json)
+    except DinofeatError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps({**r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)}, indent=2))
+        return
+    typer.echo(f"{r.model} at area {r.area}, {r.device} {r.dtype}, {r.images} images in {r.buckets} buckets")
+    typer.echo(
+        f"  model-only  {r.model_only_img_s:8.2f} img/s  ({r.gflop_per_image:.1f} GFLOP/img = {r.model_tflops:.2f} "
+        f"TFLOP/s, {r.utilization:.0%} of the measured {r.peak_tflops:.2f} TFLOP/s matmul peak)"
+    )
+    typer.echo(
+        f"  end-to-end  {r.end_to_end_img_s:8.2f} img/s  ({r.end_to_end_over_model_only:.0%} of model-only; "
+        f"{r.end_to_end_wall_img_s:.2f} img/s counting probe, plan and model load; {r.workers} decode workers)"
+    )
+    hours = r.eta_s(eta_images) / 3600
+    typer.echo(f"  ETA for {eta_images:,} images: {hours:.1f} h on one such device, {hours / 8:.1f} h on 8")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Synthetic photo-like test images: smooth gradients, shapes and mild noise, so JPEG sizes look like real photos.
+"""Synthetic photo-like test images (see dinofeat.synthetic).
 
 python benchmarks/make_images.py OUT_DIR --count 64 --megapixels 2
 """
@@ -8,40 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-SIZES = [(4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3), (21, 9), (1, 3)]
-
-
-def photo_like(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    t = (x / width * rng.uniform(0.3, 1) + y / height * rng.uniform(0.3, 1)) / 2
-    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
-    img += rng.normal(0, 6, img.shape)
-    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    for _ in range(12):
-        x0, y0 = rng.integers(0, width), rng.integers(0, height)
-        r = int(rng.integers(min(width, height) // 20 + 1, min(width, height) // 4 + 2))
-        d.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    return im
-
-
-def make(out: Path, count: int, megapixels: float, seed: int = 0) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        aw, ah = SIZES[i % len(SIZES)]
-        scale = (megapixels * 1e6 / (aw * ah)) ** 0.5
-        w, h = max(16, int(aw * scale)), max(16, int(ah * scale))
-        p = out / f"img_{i:05d}.jpg"
-        photo_like(w, h, seed + i).save(p, quality=90)
-        paths.append(p)
-    return paths
-
+from dinofeat.synthetic import make_images
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
@@ -50,4 +17,4 @@ if __name__ == "__main__":
     ap.add_argument("--megapixels", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    print(f"wrote {len(make(a.out, a.count, a.megapixels, a.seed))} images to {a.out}")
+    print(f"wrote {len(make_images(a.out, a.count, a.megapixels, a.seed))} images to {a.out}")

@@ -180,7 +180,9 @@ def normalize_on_device(u8: torch.Tensor, mean: tuple[float, ...], std: tuple[fl
 class Encoder:
     """Weights on a device, eval mode (DINOv3's RoPE jitters positions in train mode), SDPA attention."""
 
-    def __init__(self, info: ModelInfo, device: torch.device, dtype: str, compile: bool = False) -> None:
+    def __init__(
+        self, info: ModelInfo, device: torch.device, dtype: str, compile: bool = False, shapes: int = 8
+    ) -> None:
         self.info = info
         self.device = device
         self.dtype_name = dtype
@@ -188,6 +190,11 @@ class Encoder:
         self.model = self._build()
         self.model.eval()
         if compile:
+            # one graph per bucket shape; past dynamo's recompile limit (8) it would silently fall back to eager
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes)
+            dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * shapes)
             self.model = torch.compile(self.model, dynamic=False)
 
     def _build(self) -> torch.nn.Module:

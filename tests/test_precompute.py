@@ -280,3 +280,16 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, dinov3_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert not list(cut.rglob("*.partial"))
+
+
+@pytest.mark.slow
+def test_compiled_encoder_matches_eager(tmp_path, dinov3_path):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64), (64, 64), (96, 48)])
+    kw = {**FAST, "model": str(dinov3_path), "area": 64}
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    extract(imgs, eager, **kw)
+    s = extract(imgs, compiled, compile=True, **kw)
+    assert s.sealed and s.done == 3
+    for key in rows_by_key(eager):
+        np.testing.assert_allclose(stored(compiled, key, "patches"), stored(eager, key, "patches"), atol=2e-3, rtol=0)

@@ -1,0 +1,186 @@
+"""`dinofeat bench`: how fast this machine extracts, so a job can be sized before it starts.
+
+On the same images and model, in one process: model-only throughput (pre-decoded uint8 batches, the pipeline's own
+batches: the ceiling), end-to-end throughput (`extract` into a temporary cache), the model's FLOPs per image and the
+device's measured matmul peak in the compute dtype, so every figure sits next to its limit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinofeat.config import ExtractConfig
+from dinofeat.discover import discover
+from dinofeat.errors import ConfigError
+from dinofeat.model import TORCH_DTYPES, Encoder
+from dinofeat.plan import batch_size_for
+from dinofeat.precompute import DEFAULT_TOKEN_BUDGET, build_plan, default_workers, extract, prepare
+from dinofeat.preprocess import load_resized
+from dinofeat.synthetic import make_images
+from dinofeat.tokens import split_tokens
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    area: int
+    device: str
+    dtype: str
+    images: int
+    buckets: int
+    workers: int
+    model_only_img_s: float
+    end_to_end_img_s: float  # the extraction loop: decode, model, writes
+    end_to_end_wall_img_s: float  # the whole call: discovery, header probes, planning, model load, extraction
+    gflop_per_image: float  # mean over the images' buckets
+    peak_tflops: float  # measured dense matmul rate of this device in the compute dtype
+
+    @property
+    def model_tflops(self) -> float:
+        return self.model_only_img_s * self.gflop_per_image / 1e3
+
+    @property
+    def utilization(self) -> float:
+        """Model-only FLOP rate over the measured matmul peak."""
+        return self.model_tflops / self.peak_tflops if self.peak_tflops else 0.0
+
+    @property
+    def end_to_end_over_model_only(self) -> float:
+        return self.end_to_end_img_s / self.model_only_img_s if self.model_only_img_s else 0.0
+
+    def eta_s(self, num_images: int, processes: int = 1) -> float:
+        """Seconds for `num_images` at the end-to-end rate, assuming `processes` devices like this one."""
+        return num_images / (self.end_to_end_img_s * processes) if self.end_to_end_img_s else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "model_tflops": self.model_tflops,
+            "utilization": self.utilization,
+            "end_to_end_over_model_only": self.end_to_end_over_model_only,
+        }
+
+
+def vit_flops(config: dict[str, Any], grid: tuple[int, int], registers: int = 0) -> float:
+    """Forward FLOPs (2 per multiply-add) of one image through a DINOv2/v3 ViT: patch embedding, per layer the
+    q/k/v/o projections, attention scores and weighted sum, and the MLP (gated MLPs have three matrices)."""
+    d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    inter = int(config.get("intermediate_size") or d * float(config.get("mlp_ratio", 4)))
+    gated = bool(config.get("use_gated_mlp") or config.get("use_swiglu_ffn"))
+    if config.get("use_swiglu_ffn") and not config.get("intermediate_size"):
+        inter = (int(inter * 2 / 3) + 7) // 8 * 8  # DINOv2's SwiGLU hidden width
+    p = config["patch_size"] if isinstance(config["patch_size"], int) else config["patch_size"][0]
+    patches = grid[0] * grid[1]
+    tokens = 1 + registers + patches
+    embed = 2 * patches * 3 * p * p * d
+    per_layer = 2 * tokens * 4 * d * d + 4 * tokens * tokens * d + 2 * tokens * d * inter * (3 if gated else 2)
+    return float(embed + layers * per_layer)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: str, seconds: float = 1.0) -> float:
+    """Dense square matmul rate: what the tensor cores (or AMX / AVX units) deliver in this dtype here."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype])
+    _sync(device)
+    torch.mm(a, b)
+    _sync(device)
+    step = 10 if device.type == "cuda" else 1  # GPU: queue several, then wait, so launch latency does not count
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(step):
+            torch.mm(a, b)
+        _sync(device)
+        reps += step
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(
+    model: str = "random:vitl16",
+    area: int = 1024,
+    device: str | None = None,
+    dtype: str = "auto",
+    images: str | os.PathLike[str] | None = None,
+    count: int | None = None,
+    megapixels: float = 2.0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Measure on `count` images from `images` (a folder), or on synthetic photo-like JPEGs of `megapixels`."""
+    cfg = ExtractConfig(model=model, area=area, device=device, dtype=dtype, num_workers=workers, progress=progress)
+    prep = prepare(cfg)
+    count = count or (256 if prep.device.type == "cuda" else 32)
+    tmp = Path(tempfile.mkdtemp(prefix="dinofeat-bench-"))
+    try:
+        if images is None:
+            src_dir = tmp / "images"
+            make_images(src_dir, count, megapixels)
+        else:
+            src_dir = Path(images)
+        src = discover(src_dir, limit=count)
+        if not src.keys:
+            raise ConfigError(f"no images under {src_dir}")
+        plan = build_plan(src, prep, progress=False)
+        encoder = Encoder(prep.model, prep.device, prep.dtype)
+        model_only, flops = _model_only(encoder, prep, src, plan)
+        peak = matmul_peak_tflops(prep.device, prep.dtype)
+        del encoder
+        t0 = time.perf_counter()
+        summary = extract(src_dir, tmp / "cache", replace(cfg, limit=len(src.keys)))
+        wall = len(src.keys) / (time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BenchResult(
+        model=model,
+        area=area,
+        device=str(prep.device),
+        dtype=prep.dtype,
+        images=summary.processed,
+        buckets=len(plan.buckets),
+        workers=workers if workers is not None else default_workers(prep.device),
+        model_only_img_s=model_only,
+        end_to_end_img_s=summary.images_per_s,
+        end_to_end_wall_img_s=wall,
+        gflop_per_image=flops / 1e9,
+        peak_tflops=peak,
+    )
+
+
+def _model_only(encoder: Encoder, prep: Any, src: Any, plan: Any) -> tuple[float, float]:
+    """Images/s through the encoder on pre-decoded uint8 batches (the pipeline's batching, every shape warmed up
+    first: CPU kernels specialise per shape, GPU kernels autotune), and the mean FLOPs per image."""
+    cfg, regs = prep.config, prep.model.num_register_tokens
+    budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
+    positions = plan.rows_to_keys()
+    batches, flops = [], 0.0
+    for b in plan.buckets:
+        bs = batch_size_for(b.grid[0] * b.grid[1] + 1 + regs, budget, cfg.batch_size)
+        u8 = np.stack([load_resized(src.path(plan.keys[i]), b.size, cfg.recipe) for i in positions[b.name]])
+        batches += [(b, torch.from_numpy(u8[s : s + bs])) for s in range(0, len(u8), bs)]
+        flops += b.rows * vit_flops(prep.model.config, b.grid, regs)
+    n = sum(b.rows for b in plan.buckets)
+
+    def one_pass() -> None:
+        for b, x in batches:
+            hidden = encoder.encode_uint8(x, cfg.recipe.mean, cfg.recipe.std)
+            split_tokens(hidden, regs, b.grid)[2].to(TORCH_DTYPES[cfg.store_dtype]).cpu()
+        _sync(prep.device)
+
+    one_pass()
+    t0 = time.perf_counter()
+    one_pass()
+    return n / (time.perf_counter() - t0), flops / max(1, n)
