@@ -84,7 +84,7 @@ def precompute(
     ] = True,
     compile_model: Annotated[
         bool,
-        typer.Option("--compile", help="torch.compile the encoder, one graph per bucket shape (minutes to start)."),
+        typer.Option("--compile", help="torch.compile the encoder, one graph per bucket shape (slow start)."),
     ] = False,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward (default: from token budget).")] = None,
     token_budget: Annotated[int | None, typer.Option(help="Tokens per forward pass.")] = None,
