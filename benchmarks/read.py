@@ -205,10 +205,13 @@ def main() -> None:
                 # layouts interleaved inside each repeat, so drift on a shared machine hits all three alike
                 secs: dict[str, list[float]] = {name: [] for name in layouts}
                 rss_before = rss_mb()
+                every_file = [f for _, _, files in layouts.values() for f in files]
+                names = list(layouts)
                 for rep in range(a.repeats + (cache_state == "warm")):
-                    for name, (ds, batches, files) in layouts.items():
+                    for name in names[rep % 3 :] + names[: rep % 3]:  # rotate, so no layout always goes first
+                        ds, batches, _ = layouts[name]
                         if cache_state == "cold":
-                            drop_page_cache(files)
+                            drop_page_cache(every_file)  # all layouts, so each pass starts from the same state
                         t, n = timed_pass(ds, batches, workers)
                         assert n == a.images
                         if cache_state == "cold" or rep > 0:  # the first warm repeat only fills the page cache
