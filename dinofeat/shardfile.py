@@ -149,13 +149,18 @@ class HandlePool:
             self._open.clear()
 
 
-def _open_shard(path: Path, index_bytes: int, chunks: int, verify: bool) -> _OpenShard:
+READAHEAD_ROW_BYTES = 64 * 1024  # rows below this keep the kernel's readahead (see _open_shard)
+
+
+def _open_shard(path: Path, index_bytes: int, chunks: int, verify: bool, row_bytes: int) -> _OpenShard:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as e:
         raise CacheFormatError(f"shard file missing: {path}") from e
     shard = _OpenShard(fd, np.empty((0, 2), "<u8"))  # owns the fd from here on, also on the error paths
-    if hasattr(os, "posix_fadvise"):  # random row reads: readahead would only fetch rows nobody asked for
+    if row_bytes >= READAHEAD_ROW_BYTES and hasattr(os, "posix_fadvise"):
+        # big rows (patch grids): one read fetches the row, readahead would only pull in rows nobody asked for.
+        # Small rows (cls, registers) keep readahead: one disk read then serves their neighbours from page cache.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     size = os.fstat(fd).st_size
     if size < index_bytes:
@@ -184,7 +189,9 @@ class ShardReader:
         lay = self.layout
         return self.pool.get(
             (lay.path, shard),
-            lambda: _open_shard(self.shard_file(shard), lay.index_bytes, lay.chunks_per_shard, self.verify),
+            lambda: _open_shard(
+                self.shard_file(shard), lay.index_bytes, lay.chunks_per_shard, self.verify, lay.chunk_nbytes
+            ),
         )
 
     def read_row(self, row: int) -> np.ndarray:

@@ -247,3 +247,23 @@ def test_rows_are_writable_fresh_arrays(cache_dir):
     assert a.flags.writeable and not np.shares_memory(a, b)
     a[:] = 0
     assert b.any()
+
+
+def test_version_1_caches_still_read(tmp_path, cache_dir):
+    """Format 2 only added incremental parts and metadata.index_group; a version 1 cache reads unchanged."""
+    import shutil
+
+    c = tmp_path / "v1"
+    shutil.copytree(cache_dir, c)
+    meta_path = c / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    attrs = meta["attributes"]["dinofeat"]
+    attrs["format_version"] = 1
+    attrs.pop("index_group")
+    for b in attrs["buckets"]:
+        b.pop("part")
+    meta_path.write_text(json.dumps(meta))
+    old, new = FeatureCache(c), FeatureCache(cache_dir)
+    assert old.keys() == new.keys() and old.buckets == new.buckets
+    for i in range(len(new)):
+        np.testing.assert_array_equal(old[i].patches, new[i].patches)
