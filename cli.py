@@ -292,7 +292,7 @@ def bench(
     )
     typer.echo(
         f"  end-to-end  {r.end_to_end_img_s:8.2f} img/s  ({r.end_to_end_over_model_only:.0%} of model-only; "
-        f"{r.end_to_end_wall_img_s:.2f} img/s counting probe, plan and model load; {r.workers} decode workers)"
+        f"{r.end_to_end_wall_img_s:.2f} img/s counting probe, plan and model load; decode workers: {r.workers})"
     )
     hours = r.eta_s(eta_images) / 3600
     typer.echo(f"  ETA for {eta_images:,} images: {hours:.1f} h on one such device, {hours / 8:.1f} h on 8")

@@ -29,7 +29,8 @@ def extract_processes(
     dry_run: bool = False,
 ) -> Summary:
     """`extract` in `num_processes` local processes (1: in this process). Returns the run's summary (images and
-    bytes summed over the ranks). A configuration error raised in any process is raised here."""
+    bytes summed over the ranks). A configuration error raised in any process is raised here. The processes are
+    spawned, so a script calling this needs the usual `if __name__ == "__main__":` guard."""
     if num_processes < 1:
         raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
     if num_processes == 1 or dry_run:
