@@ -204,20 +204,31 @@ def extend(st: Store, src: Source, prep: Prepared, progress: bool) -> tuple[Plan
     return plan, len(added)
 
 
-def join_cache(cache: Path, prep: Prepared, group: ranks.Group, timeout_s: float) -> tuple[Store, Plan]:
-    """A non-leader rank opens the cache rank 0 planned (after the barrier, or by polling in a manual split)."""
+def join_cache(cache: Path, src: Source, prep: Prepared, group: ranks.Group, timeout_s: float) -> tuple[Store, Plan]:
+    """A non-leader rank opens the cache rank 0 planned: after the barrier, or in a manual split by polling until
+    it is planned and, when the folder holds images the plan lacks, until rank 0 has extended it."""
 
-    def planned() -> bool:
+    def meta() -> dict[str, Any]:
         try:
-            return store.exists(cache) and Store(cache).meta.get("state") in ("planned", "sealed")
+            return Store(cache).meta if store.exists(cache) else {}
         except CacheFormatError:
-            return False
+            return {}
+
+    def ready(after: str | None = None) -> bool:
+        m = meta()
+        return m.get("state") in ("planned", "sealed") and (after is None or m.get("index_group") != after)
 
     if not group.connected:
-        ranks.wait_until(planned, f"rank 0 to plan {cache}", timeout_s)
+        ranks.wait_until(ready, f"rank 0 to plan {cache}", timeout_s)
     st = Store(cache, mode="r+")
     _check_fingerprint(st, prep)
-    return st, st.read_plan()
+    plan = st.read_plan()
+    if not group.connected and set(src.keys) - set(plan.keys):  # rank 0 is adding the new images
+        old = st.meta.get("index_group", "index")
+        ranks.wait_until(lambda: ready(after=old), f"rank 0 to add new images to {cache}", timeout_s)
+        st = Store(cache, mode="r+")
+        plan = st.read_plan()
+    return st, plan
 
 
 def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]]) -> list[str]:
@@ -492,7 +503,7 @@ def _open_on_every_rank(
         error = group.broadcast(None)
         if error is not None:
             raise error
-        return join_cache(cache, prep, group, prep.config.wait_s)
+        return join_cache(cache, src, prep, group, prep.config.wait_s)
     try:
         st, plan, summary.appended = open_or_create(cache, src, prep, overwrite, progress)
         summary.cleaned_files += st.cleanup(set(), orphans=True)

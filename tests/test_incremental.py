@@ -147,3 +147,31 @@ def test_crash_before_the_metadata_switch_leaves_the_old_cache_intact(tmp_path, 
     assert s.appended == len(NEW) and s.sealed
     assert not Store(cache).orphan_groups()
     assert validate(cache, imgs, progress=False).ok
+
+
+def test_manual_split_rank_waits_for_rank_0s_extension(tmp_path, dinov3_path):
+    """Without a process group, a rank that sees a sealed cache while its folder holds new images waits until
+    rank 0 has extended the plan, instead of treating the old plan as final."""
+    import threading
+
+    from dinofeat.config import ExtractConfig
+    from dinofeat.discover import discover
+    from dinofeat.precompute import join_cache, open_or_create, prepare
+    from dinofeat.ranks import Group
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, OLD)
+    cfg = ExtractConfig(model=str(dinov3_path), area=64, **FAST)
+    cache = tmp_path / "c"
+    extract(imgs, cache, cfg)
+    write_images(imgs / "later", NEW, start_seed=50)
+    prep, src = prepare(cfg), discover(imgs)
+    got: dict = {}
+    rank1 = threading.Thread(target=lambda: got.update(plan=join_cache(cache, src, prep, Group(1, 2), 120)[1]))
+    rank1.start()
+    rank1.join(timeout=3)
+    assert rank1.is_alive(), "rank 1 took the sealed, not yet extended plan as final"
+    _, plan, appended = open_or_create(cache, src, prep, overwrite=False, progress=False)  # rank 0 extends
+    rank1.join(timeout=60)
+    assert appended == len(NEW) and not rank1.is_alive()
+    assert got["plan"].keys == plan.keys and len(plan) == len(OLD) + len(NEW)

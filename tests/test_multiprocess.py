@@ -137,3 +137,36 @@ def test_errors_reach_the_caller_from_every_process(setup, tmp_path):
         extract(imgs, cache, cfg, rank=0, world_size=2, overwrite=True)
     out = cli("-m", "dinofeat", *cli_args(imgs, cache, cfg), "--area", "128", "--num-processes", "2")
     assert out.returncode == 1 and "different settings" in out.stderr
+
+
+def test_manual_split_incremental_run_waits_for_the_extension(setup, tmp_path):
+    """A rank that starts before rank 0 has added new images must not take the old (sealed) plan as final."""
+    import shutil
+
+    imgs, cfg, _ = setup
+    grown = tmp_path / "imgs"
+    shutil.copytree(imgs, grown)
+    cache = tmp_path / "c"
+    extract(grown, cache, cfg)
+    write_images(grown / "later", [(64, 64)] * 4 + [(48, 96)] * 3, start_seed=70)
+    args = cli_args(grown, cache, cfg)
+    early = subprocess.Popen(
+        [sys.executable, "-m", "dinofeat", *args, "--rank", "1", "--world-size", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    leader = cli("-m", "dinofeat", *args, "--rank", "0", "--world-size", "2")
+    text = early.communicate(timeout=300)[0]
+    assert leader.returncode == 0 and early.returncode == 0, leader.stdout + leader.stderr + text
+    st = Store(cache)
+    assert st.meta["state"] == "sealed" and len(st.read_plan()) == 29 + 7
+    fresh = tmp_path / "fresh"
+    extract(grown, fresh, cfg)
+    from dinofeat.cache import FeatureCache
+
+    a, b = FeatureCache(cache), FeatureCache(fresh)
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in b.keys():  # noqa: SIM118
+        np.testing.assert_array_equal(a[k].patches, b[k].patches, err_msg=k)
