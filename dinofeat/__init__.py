@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "extract": "dinofeat.precompute",
+    "extract_processes": "dinofeat.launch",
+    "bench": "dinofeat.bench",
     "ExtractConfig": "dinofeat.config",
     "Recipe": "dinofeat.config",
     "FeatureCache": "dinofeat.cache",

@@ -185,7 +185,16 @@ def _check_structure(st, meta, ix, keys, plans, markers, report: Report) -> None
     for m in markers:
         if m not in planned:
             report.add("orphan", f"{m[0]} shard {m[1]}", "done marker for a shard that is not in the plan")
+    orphans = st.orphan_groups()
+    for d in orphans:
+        report.add(
+            "orphan",
+            str(d.relative_to(st.path)),
+            "group no metadata points to (an interrupted incremental run); rerun precompute to remove it",
+        )
     for f in (st.path / "buckets").rglob("*"):
+        if any(d in f.parents for d in orphans):
+            continue
         if f.is_file() and (f.suffix == ".partial" or f.name.endswith(".partial")):
             report.add("orphan", str(f.relative_to(st.path)), "partial file left by an interrupted write")
         elif f.is_file() and "c" in f.relative_to(st.path).parts:

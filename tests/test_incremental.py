@@ -143,6 +143,8 @@ def test_crash_before_the_metadata_switch_leaves_the_old_cache_intact(tmp_path, 
     st = Store(cache)
     assert st.meta["state"] == "sealed" and FeatureCache(cache).keys() == keys  # still the old, complete cache
     assert st.orphan_groups(), "the crashed extension left groups behind (the test must exercise cleanup)"
+    rep = validate(cache, progress=False)
+    assert {p.check for p in rep.problems} == {"orphan"} and len(rep.problems) == len(st.orphan_groups())
     s = extract(imgs, cache, **kw)
     assert s.appended == len(NEW) and s.sealed
     assert not Store(cache).orphan_groups()
