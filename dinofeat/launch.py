@@ -7,7 +7,6 @@ machines use `accelerate launch` or `torchrun` themselves (docs/multi-gpu.md).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from dataclasses import replace
@@ -44,9 +43,11 @@ def extract_processes(
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     args = (num_processes, _free_port(), os.fspath(source), os.fspath(cache), config, overwrite, results)
-    # a process that stopped with a configuration error reported it below; one that crashed reported nothing
-    with contextlib.suppress(mp.ProcessExitedException):
+    crash: mp.ProcessExitedException | None = None
+    try:  # a process that stopped with a configuration error reported it below; one that crashed reported nothing
         mp.start_processes(_child, args=args, nprocs=num_processes, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        crash = e
     reported = []
     while not results.empty():
         reported.append(results.get())
@@ -55,7 +56,7 @@ def extract_processes(
             raise outcome
         if rank == 0:
             return outcome
-    raise DinofeatError(f"a precompute process exited without a result; rerun to resume ({reported!r})")
+    raise DinofeatError(f"a precompute process failed ({crash}); finished shards are kept, rerun to resume")
 
 
 def _child(
