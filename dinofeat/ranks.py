@@ -85,17 +85,23 @@ def join(rank: int, world_size: int, device: str | None) -> Group:
         raise ConfigError("--rank/--world-size are for manual splits; under a launcher the launcher sets them")
     from accelerate import PartialState
 
-    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
-    PartialState(cpu=cpu, timeout=PLAN_TIMEOUT)
+    PartialState(cpu=_on_cpu(device), timeout=PLAN_TIMEOUT)
     return _from_torch(device)
+
+
+def _on_cpu(device: str | None) -> bool:
+    try:
+        named_cpu = device is not None and torch.device(device).type == "cpu"
+    except RuntimeError:  # a bad device string: resolve_device turns it into a ConfigError later
+        named_cpu = False
+    return named_cpu or not torch.cuda.is_available()
 
 
 def _from_torch(device: str | None) -> Group:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
-    on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
-    if on_cpu:  # N processes on one machine share its cores instead of each starting one thread per core
+    if _on_cpu(device):  # N processes on one machine share its cores instead of each starting one thread per core
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // local_world))
     return Group(rank, world, local_rank, local_world, connected=True)
