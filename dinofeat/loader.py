@@ -65,8 +65,12 @@ def _identity(x: DecodedBatch) -> DecodedBatch:
     return x
 
 
-def make_loader(jobs: Sequence[BatchJob], recipe: Recipe, num_workers: int, pin_memory: bool) -> DataLoader:
-    """In-order loader (batches of a shard arrive consecutively), `prefetch_factor` batches ahead per worker."""
+def make_loader(
+    jobs: Sequence[BatchJob], recipe: Recipe, num_workers: int, pin_memory: bool, timeout_s: float = 0
+) -> DataLoader:
+    """In-order loader (batches of a shard arrive consecutively), `prefetch_factor` batches ahead per worker.
+    `timeout_s` turns a worker stuck on one file (a hung network mount) into an error instead of a silent stall:
+    the run stops, finished shards are kept, and a rerun resumes."""
     return DataLoader(
         BatchDecodeDataset(jobs, recipe),
         batch_size=None,
@@ -76,4 +80,5 @@ def make_loader(jobs: Sequence[BatchJob], recipe: Recipe, num_workers: int, pin_
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
+        timeout=timeout_s if num_workers > 0 else 0,
     )

@@ -6,6 +6,7 @@ A reader -> mapper -> writer loop: DataLoader workers decode (reader), the encod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from buckets import BucketSpec, BucketSpecError
 from dinofeat import __version__, ranks, store
 from dinofeat.config import ExtractConfig
 from dinofeat.discover import Source, discover
-from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError
+from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
 from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
@@ -393,7 +394,7 @@ def run_shards(
         return
     encoder = Encoder(prep.model, prep.device, prep.dtype, cfg.compile, shapes=len({j.size for j in jobs}))
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(prep.device)
-    loader = make_loader(jobs, cfg.recipe, workers, pin_memory=prep.device.type == "cuda")
+    loader = make_loader(jobs, cfg.recipe, workers, prep.device.type == "cuda", cfg.decode_timeout_s)
     writer = ShardWriter(st)
     assemblers = {name: _ShardAssembler(buckets[name], mine[name], writer, cfg.store_dtype) for name in buckets}
     n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
@@ -415,6 +416,16 @@ def run_shards(
                     event.record()
                 assemblers[job.bucket].add(job.start, outputs, batch.failed, event)
                 bar.update(_rows_in(b, mine[b.name], job.start, job.stop))
+    except BaseException as e:
+        with contextlib.suppress(BaseException):
+            writer.close()  # shards already handed over (all checked) still get written and marked: less to redo
+        if isinstance(e, RuntimeError) and "timed out" in str(e):
+            raise DinofeatError(
+                f"no decoded batch for {cfg.decode_timeout_s:.0f}s (a read hung on a network mount?); finished "
+                "shards are kept, rerun to resume"
+            ) from e
+        raise
+    else:
         writer.close()
     finally:
         summary.seconds += time.perf_counter() - t0

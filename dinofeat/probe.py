@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
         st = os.stat(path)
     except OSError as e:
         return Probe(path, 0, 0, 0, 0, f"unreadable: {e}")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block the open forever
+        return Probe(path, 0, 0, 0, st.st_mtime_ns, "unreadable: not a regular file")
     try:
         with open_image(path, max_pixels) as im:
             w, h = oriented_size(im)

@@ -108,8 +108,8 @@ def _from_torch(device: str | None) -> Group:
 
 
 def device_for(group: Group, device: str | None) -> str | None:
-    """Each local rank gets its own GPU unless the user named one."""
-    if device is None and torch.cuda.is_available() and group.local_world_size > 1:
+    """Each local rank gets its own GPU unless the user named one by index ("cuda" alone names none)."""
+    if device in (None, "cuda") and torch.cuda.is_available() and group.local_world_size > 1:
         return f"cuda:{group.local_rank % torch.cuda.device_count()}"
     return device
 

@@ -56,7 +56,8 @@ class Store:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise CacheFormatError(f"{self.path} is not a dinofeat cache (no zarr.json)")
-        self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
+        self._mode = "r" if mode == "r" else "r+"
+        self.root = zarr.open_group(str(self.path), mode=self._mode)
         meta = self.root.attrs.get(META_KEY)
         if not isinstance(meta, dict):
             raise CacheFormatError(f"{self.path} is a zarr group without dinofeat metadata")
@@ -116,12 +117,16 @@ class Store:
         self.update_meta(
             state="planned",
             index_group=group,
+            previous_index_group=old_group,
             num_images=len(plan),
             buckets=[*meta["buckets"], *(bucket_record(b) for b in new)],
             parts=[*meta.get("parts", [{"part": 0}]), {"part": max(b.part for b in plan.buckets), "time": time.time()}],
         )
         self._arrays.clear()
-        shutil.rmtree(self.path / old_group, ignore_errors=True)
+        # the index before the previous one goes; the previous one stays for readers that opened the metadata
+        # just before this switch (a reader loads the index once, at open)
+        if meta.get("previous_index_group") not in (None, old_group, group):
+            shutil.rmtree(self.path / meta["previous_index_group"], ignore_errors=True)
 
     # ---- metadata -------------------------------------------------------------------------------------------
     @property
@@ -137,8 +142,18 @@ class Store:
         return str(self.meta.get("index_group", "index"))
 
     def index(self) -> dict[str, np.ndarray]:
-        g = self.root[self._index_group]
-        return {name: g[name][:] for name in (*INDEX_COLUMNS, "status")}
+        """The index columns. If an incremental run switched the index since this store was opened and its group
+        is gone, the metadata is read again and the current index is returned."""
+        for attempt in (0, 1):
+            try:
+                g = self.root[self._index_group]
+                return {name: g[name][:] for name in (*INDEX_COLUMNS, "status")}
+            except (KeyError, FileNotFoundError):
+                if attempt:
+                    raise CacheFormatError(f"{self.path}: index group {self._index_group!r} is missing") from None
+                self.root = zarr.open_group(str(self.path), mode=self._mode)
+                self._arrays.clear()
+        raise AssertionError("unreachable")
 
     def bucket_plans(self) -> tuple[BucketPlan, ...]:
         patch = int(self.meta["model"]["patch_size"])
@@ -266,7 +281,8 @@ class Store:
         metadata switch leaves behind."""
         planned = {b.name for b in self.bucket_plans()}
         out = [d for d in sorted((self.path / "buckets").glob("*")) if d.is_dir() and d.name not in planned]
-        out += [d for d in sorted(self.path.glob("index*")) if d.is_dir() and d.name != self._index_group]
+        keep = {self._index_group, self.meta.get("previous_index_group")}
+        out += [d for d in sorted(self.path.glob("index*")) if d.is_dir() and d.name not in keep]
         return out
 
     def seal(self, status: np.ndarray, failures: dict[str, str]) -> None:

@@ -90,7 +90,8 @@ def test_incremental_run_touches_no_finished_shard_and_equals_fresh_union(tmp_pa
     assert {k: after[k] for k in before} == before, "a finished shard or marker was rewritten"
     st = Store(cache)
     assert {b.part for b in st.bucket_plans()} == {0, 1}
-    assert not st.orphan_groups() and [p.name for p in cache.glob("index*")] == ["index_1"]
+    # the previous index stays one generation, for readers that opened the metadata just before the switch
+    assert not st.orphan_groups() and sorted(p.name for p in cache.glob("index*")) == ["index", "index_1"]
 
     shutil.copytree(imgs, union)
     fresh = tmp_path / "fresh"
@@ -177,3 +178,20 @@ def test_manual_split_rank_waits_for_rank_0s_extension(tmp_path, dinov3_path):
     rank1.join(timeout=60)
     assert appended == len(NEW) and not rank1.is_alive()
     assert got["plan"].keys == plan.keys and len(plan) == len(OLD) + len(NEW)
+
+
+def test_a_store_opened_before_an_extension_reads_the_new_index(tmp_path, dinov3_path):
+    import shutil as sh
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, OLD)
+    kw = {**FAST, "model": str(dinov3_path), "area": 64}
+    cache = tmp_path / "c"
+    extract(imgs, cache, **kw)
+    early = Store(cache)  # metadata read now, index not yet
+    write_images(imgs / "later", NEW, start_seed=50)
+    extract(imgs, cache, **kw)
+    sh.rmtree(cache / "index")  # as a second extension would
+    ix = early.index()
+    assert len(ix["key"]) == len(OLD) + len(NEW) and early.meta["index_group"] == "index_1"
+    assert len(early.read_plan()) == len(OLD) + len(NEW)

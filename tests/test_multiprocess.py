@@ -169,4 +169,7 @@ def test_manual_split_incremental_run_waits_for_the_extension(setup, tmp_path):
     a, b = FeatureCache(cache), FeatureCache(fresh)
     assert sorted(a.keys()) == sorted(b.keys())
     for k in b.keys():  # noqa: SIM118
-        np.testing.assert_array_equal(a[k].patches, b[k].patches, err_msg=k)
+        # batches differ from the fresh run's (new images batch among themselves), and a CPU GEMM's rounding may
+        # depend on the batch shape: equal to fp16 storage precision, not bit for bit (that is tested with fixed
+        # batches in test_incremental.py)
+        np.testing.assert_allclose(a[k].patches, b[k].patches, atol=2e-3, rtol=0, err_msg=k)

@@ -293,3 +293,30 @@ def test_compiled_encoder_matches_eager(tmp_path, dinov3_path):
     assert s.sealed and s.done == 3
     for key in rows_by_key(eager):
         np.testing.assert_allclose(stored(compiled, key, "patches"), stored(eager, key, "patches"), atol=2e-3, rtol=0)
+
+
+def test_fifo_named_like_an_image_fails_cleanly(tmp_path, dinov3_path):
+    """A FIFO blocks whoever opens it: planning must record it, not hang on it."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64)] * 2)
+    os.mkfifo(imgs / "pipe.jpg")
+    s = extract(imgs, tmp_path / "c", model=str(dinov3_path), area=64, **FAST)
+    assert s.sealed and s.done == 2 and s.failures_by_reason == {"unreadable": 1}
+
+
+def test_a_hung_decode_worker_stops_the_run_resumably(tmp_path, dinov3_path, monkeypatch):
+    """A read that never returns (a hung network mount) must end the run with a clear error, not stall it."""
+    import threading
+
+    import dinofeat.loader
+    from dinofeat.errors import DinofeatError
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64)] * 3)
+    kw = {**FAST, "model": str(dinov3_path), "area": 64, "num_workers": 1, "decode_timeout_s": 1.0}
+    monkeypatch.setattr(dinofeat.loader, "load_resized", lambda *a, **k: threading.Event().wait())  # forked workers
+    with pytest.raises(DinofeatError, match="no decoded batch for 1s"):
+        extract(imgs, tmp_path / "c", **kw)
+    monkeypatch.undo()
+    s = extract(imgs, tmp_path / "c", **kw)
+    assert s.sealed and s.done == 3
