@@ -149,7 +149,8 @@ def precompute(
         return
     typer.echo(
         f"{s.cache}: {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}; "
-        f"this run {s.processed} images in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s), "
+        f"this run {s.processed} images in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s"
+        f"{f' by {s.world_size} processes' if s.world_size > 1 else ''}), "
         f"{_gb(s.bytes_written)} written{'; sealed' if s.sealed else ''}"
     )
     for reason, n in sorted(s.failures_by_reason.items()):

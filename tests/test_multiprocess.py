@@ -85,13 +85,34 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert_same_cache(ref, tmp_path / "c")
 
 
-def test_torchrun_the_accelerate_launch_path_equals_one(setup, tmp_path):
+LAUNCHERS = {
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dinofeat",
+    ],
+    "torchrun": ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dinofeat"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_accelerate_launch_and_torchrun_equal_one_process(setup, tmp_path, launcher):
+    """`--multi_gpu` is accelerate's multi-process launcher; with --device cpu it runs on gloo, as CI can."""
     imgs, cfg, ref = setup
-    out = cli(
-        "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dinofeat", *cli_args(imgs, tmp_path / "c", cfg)
-    )
+    out = cli(*LAUNCHERS[launcher], *cli_args(imgs, tmp_path / "c", cfg))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("sealed") == 1, "only rank 0 prints the summary"
+    assert "by 2 processes" in out.stdout, out.stdout
     assert_same_cache(ref, tmp_path / "c")
 
 
