@@ -252,7 +252,7 @@ class Store:
         marker temp files and shard objects (they may be half-written). Other processes' shards are never touched.
         With `orphans`, also groups no metadata points to. Returns the number of files removed."""
         removed = 0
-        names = {b.name: b for b in self.bucket_plans()}
+        names = {b.name for b in self.bucket_plans()}
         for bucket, u in sorted(shards):
             if bucket not in names:
                 continue
