@@ -129,10 +129,8 @@ def test_manual_split_then_resume_with_another_process_count(setup, tmp_path):
     assert_same_cache(ref, cache)
 
 
-def test_manual_split_ranks_wait_for_rank_0s_plan(setup, tmp_path):
-    imgs, cfg, ref = setup
-    cache = tmp_path / "c"
-    args = cli_args(imgs, cache, cfg)
+def run_split_rank_1_first(args: list[str]) -> None:
+    """A 2-rank manual split whose rank 1 starts before rank 0; both must finish cleanly."""
     early = subprocess.Popen(
         [sys.executable, "-m", "dinofeat", *args, "--rank", "1", "--world-size", "2"],
         cwd=ROOT,
@@ -143,6 +141,13 @@ def test_manual_split_ranks_wait_for_rank_0s_plan(setup, tmp_path):
     leader = cli("-m", "dinofeat", *args, "--rank", "0", "--world-size", "2")
     text = early.communicate(timeout=300)[0]
     assert leader.returncode == 0 and early.returncode == 0, leader.stdout + leader.stderr + text
+
+
+def test_manual_split_ranks_wait_for_rank_0s_plan(setup, tmp_path):
+    imgs, cfg, ref = setup
+    cache = tmp_path / "c"
+    args = cli_args(imgs, cache, cfg)
+    run_split_rank_1_first(args)
     assert_same_cache(ref, cache)
 
 
@@ -171,16 +176,7 @@ def test_manual_split_incremental_run_waits_for_the_extension(setup, tmp_path):
     extract(grown, cache, cfg)
     write_images(grown / "later", [(64, 64)] * 4 + [(48, 96)] * 3, start_seed=70)
     args = cli_args(grown, cache, cfg)
-    early = subprocess.Popen(
-        [sys.executable, "-m", "dinofeat", *args, "--rank", "1", "--world-size", "2"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    leader = cli("-m", "dinofeat", *args, "--rank", "0", "--world-size", "2")
-    text = early.communicate(timeout=300)[0]
-    assert leader.returncode == 0 and early.returncode == 0, leader.stdout + leader.stderr + text
+    run_split_rank_1_first(args)
     st = Store(cache)
     assert st.meta["state"] == "sealed" and len(st.read_plan()) == 29 + 7
     fresh = tmp_path / "fresh"
