@@ -63,8 +63,8 @@ def buckets(
 
 @app.command()
 def precompute(
-    source: Annotated[Path, typer.Argument(help="Image folder (walked recursively) or a .txt list of paths.")],
-    cache: Annotated[Path, typer.Argument(help="Cache directory to create or resume.")],
+    source: Annotated[str, typer.Argument(help="Image folder (walked recursively) or a .txt list of paths.")],
+    cache: Annotated[str, typer.Argument(help="Cache directory to create or resume.")],
     model: Annotated[str, typer.Option(help="Hub id, local directory, or random:vits16|vitb16|vitl16|...")] = (
         "facebook/dinov3-vitl16-pretrain-lvd1689m"
     ),
@@ -170,8 +170,8 @@ def precompute(
 
 @app.command()
 def validate(
-    cache: Annotated[Path, typer.Argument(help="Cache directory.")],
-    images: Annotated[Path | None, typer.Option(help="Image folder to compare against (missing/extra/stale).")] = None,
+    cache: Annotated[str, typer.Argument(help="Cache directory.")],
+    images: Annotated[str | None, typer.Option(help="Image folder to compare against (missing/extra/stale).")] = None,
     recompute: Annotated[int, typer.Option(help="Re-extract K random images and compare (cosine per patch).")] = 0,
     sample: Annotated[float, typer.Option(help="Fraction of shards whose values are checked.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for --sample and --recompute.")] = 0,
@@ -201,7 +201,7 @@ def validate(
 
 
 @app.command()
-def info(cache: Annotated[Path, typer.Argument(help="Cache directory.")], as_json: AsJson = False) -> None:
+def info(cache: Annotated[str, typer.Argument(help="Cache directory.")], as_json: AsJson = False) -> None:
     """Model, dtypes, per-bucket counts, failures by reason, size on disk, per-channel feature statistics."""
     from dinofeat.errors import DinofeatError
     from dinofeat.info import info as run_info
@@ -242,11 +242,11 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache directory.")], as_jso
 
 @app.command()
 def show(
-    cache: Annotated[Path, typer.Argument(help="Cache directory.")],
+    cache: Annotated[str, typer.Argument(help="Cache directory.")],
     keys: Annotated[list[str], typer.Argument(help="Image keys (paths relative to the source folder).")],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("dinofeat-show"),
     grid: Annotated[bool, typer.Option(help="One tiled PNG with a PCA shared by all images.")] = False,
-    images: Annotated[Path | None, typer.Option(help="Source folder (default: the one recorded).")] = None,
+    images: Annotated[str | None, typer.Option(help="Source folder (default: the one recorded).")] = None,
 ) -> None:
     """Write the resized input beside a PCA (3 components -> RGB) of its patch grid."""
     from dinofeat.errors import DinofeatError

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from buckets import BucketSpec
 from dinofeat.errors import CacheFormatError
+from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
 from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
 
@@ -33,7 +33,7 @@ class FeatureCache:
     def __init__(
         self, path: str | os.PathLike[str], *, fast: bool = True, verify_index: bool = True, max_open_files: int = 128
     ) -> None:
-        self.path = Path(path)
+        self.path = local_path(path, "cache")
         self._fast, self._verify = fast, verify_index
         self._pool = HandlePool(max_open_files)  # one fd budget for every bucket and array
         st = Store(self.path)

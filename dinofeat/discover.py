@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dinofeat.errors import ConfigError
+from dinofeat.paths import local_path
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -63,7 +64,7 @@ def read_list(list_file: Path, root: Path | None) -> tuple[Path, list[str]]:
 
 def discover(source: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, limit: int | None = None):
     """A folder (walked) or a .txt list of paths. `limit` keeps the first N keys of the sorted order."""
-    src = Path(source)
+    src = local_path(source, "image source")
     if src.is_dir():
         base, keys = src.resolve(), walk_images(src.resolve())
     elif src.is_file():

@@ -2,7 +2,7 @@
 
 Each process runs `precompute.extract` with RANK / WORLD_SIZE / MASTER_ADDR set, so the code path is exactly the
 one `accelerate launch` and `torchrun` use (see `ranks`); on a GPU machine local rank k uses cuda:k. For many
-machines use `accelerate launch` or `torchrun` themselves (docs/multi-gpu.md).
+machines use `accelerate launch` or `torchrun` themselves (docs/scale-out.md).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from dinofeat.discover import Source, discover
 from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
 from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
+from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
 from dinofeat.probe import probe_many
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store
@@ -447,6 +448,8 @@ def extract(
     `overrides` are ExtractConfig fields, e.g. `extract("imgs", "feats", model="facebook/dinov3-vitl16-...",
     area=512)`. Raises ConfigError / CacheMismatchError before any work; bad images are recorded, not raised.
     """
+    cache = local_path(cache, "cache")  # URLs are refused before anything starts
+    local_path(source, "image source")
     try:
         config = replace(config or ExtractConfig(), **overrides)
     except TypeError as e:
@@ -454,7 +457,6 @@ def extract(
     group = ranks.join(config.rank, config.world_size, config.device)
     prep = prepare(config, group)
     src = discover(source, limit=config.limit)
-    cache = Path(cache)
     summary = Summary(cache=str(cache), dry_run=dry_run, world_size=group.world_size, rank=group.rank)
     if dry_run:
         plan = build_plan(src, prep, config.progress)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from dinofeat.cache import FeatureCache
 from dinofeat.config import Recipe
+from dinofeat.paths import local_path
 
 
 def pca_rgb(grids: list[np.ndarray]) -> list[np.ndarray]:
@@ -52,7 +53,7 @@ def show(
 ) -> list[Path]:
     """Write one PNG per key (each with its own PCA), or with grid=True one tiled PNG with a shared PCA."""
     fc = FeatureCache(cache)
-    folder = Path(images) if images else Path(fc.meta["source_root"])
+    folder = local_path(images, "image folder") if images else Path(fc.meta["source_root"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     feats = [fc[k].patches for k in keys]

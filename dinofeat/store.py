@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from dinofeat.errors import CacheFormatError
+from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan
 
 FORMAT_VERSION = 2  # 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
@@ -53,7 +54,7 @@ class Store:
     """An open cache directory. Writers and readers both go through here for anything zarr-shaped."""
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "r") -> None:
-        self.path = Path(path)
+        self.path = local_path(path, "cache")
         if not (self.path / "zarr.json").is_file():
             raise CacheFormatError(f"{self.path} is not a dinofeat cache (no zarr.json)")
         self._mode = "r" if mode == "r" else "r+"
@@ -81,7 +82,7 @@ class Store:
         store_dtype: str,
     ) -> Store:
         """Arrays at their final size, the index, then state 'planned' last (a crash before that is detectable)."""
-        path = Path(path)
+        path = local_path(path, "cache")
         root = zarr.open_group(str(path), mode="w")
         root.attrs[META_KEY] = {
             **meta,

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dinofeat.errors import CacheFormatError, DinofeatError
+from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, ZARR_DTYPES, Store, bf16_bits_to_float32
 
@@ -111,6 +112,9 @@ def validate(
     progress: bool = True,
 ) -> Report:
     """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked)."""
+    local_path(cache, "cache")  # a URL is a configuration error, not a damaged cache
+    if images is not None:
+        images = local_path(images, "image folder")
     report = Report(str(cache))
     try:
         st = Store(cache)

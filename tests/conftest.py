@@ -5,43 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-
-
-def _save(config, path: Path) -> Path:
-    from transformers import AutoModel
-
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(path)
-    return path
-
-
-def make_tiny(kind: str, path: Path, **overrides) -> Path:
-    from transformers import Dinov2Config, Dinov2WithRegistersConfig, DINOv3ViTConfig
-
-    kw = {**TINY, **overrides}
-    if kind == "dinov3":
-        cfg = DINOv3ViTConfig(patch_size=16, num_register_tokens=4, **kw)
-    elif kind == "dinov2":
-        cfg = Dinov2Config(
-            patch_size=14, image_size=56, mlp_ratio=2, **{k: v for k, v in kw.items() if k != "intermediate_size"}
-        )
-    elif kind == "dinov2reg":
-        cfg = Dinov2WithRegistersConfig(
-            patch_size=14,
-            image_size=56,
-            num_register_tokens=4,
-            mlp_ratio=2,
-            **{k: v for k, v in kw.items() if k != "intermediate_size"},
-        )
-    else:
-        raise ValueError(kind)
-    return _save(cfg, path)
+from tests.helpers import make_tiny, write_images
 
 
 @pytest.fixture(scope="session")
@@ -53,22 +19,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def dinov3_path(tiny_models) -> Path:
     return tiny_models["dinov3"]
-
-
-def noise_image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-    return Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
-
-
-def write_images(folder: Path, sizes: list[tuple[int, int]], fmt: str = "png", start_seed: int = 0) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, (w, h) in enumerate(sizes):
-        p = folder / f"im_{i:03d}.{fmt}"
-        noise_image(w, h, start_seed + i).save(p)
-        out.append(p)
-    return out
 
 
 @pytest.fixture

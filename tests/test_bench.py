@@ -63,7 +63,7 @@ def test_bench_on_a_tiny_model(dinov3_path):
 
 
 def test_bench_command(dinov3_path, tmp_path):
-    from tests.conftest import write_images
+    from tests.helpers import write_images
 
     write_images(tmp_path / "imgs", [(64, 48)] * 4)
     args = ["bench", "--model", str(dinov3_path), "--area", "64", "--device", "cpu", "--dtype", "fp32"]

@@ -7,8 +7,7 @@ import re
 from pathlib import Path
 
 from dinofeat.precompute import extract
-from tests.conftest import write_images
-from tests.test_precompute import FAST
+from tests.helpers import FAST, write_images
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "dit-integration.md"
 

@@ -15,8 +15,7 @@ from dinofeat.precompute import extract
 from dinofeat.probe import Probe
 from dinofeat.store import Store
 from dinofeat.validation import validate
-from tests.conftest import write_images
-from tests.test_precompute import FAST
+from tests.helpers import FAST, write_images
 
 SPEC = BucketSpec(64, 16, 0.25, 4.0, 9)
 

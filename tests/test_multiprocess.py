@@ -15,8 +15,7 @@ from dinofeat.errors import CacheMismatchError, ConfigError
 from dinofeat.launch import extract_processes
 from dinofeat.precompute import extract
 from dinofeat.store import Store
-from tests.conftest import write_images
-from tests.test_precompute import FAST
+from tests.helpers import FAST, write_images
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,10 +23,7 @@ from dinofeat.precompute import extract
 from dinofeat.preprocess import load_resized
 from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, Store
-from tests.conftest import make_tiny, write_images
-from tests.test_preprocess import bad_files
-
-FAST = {"num_workers": 0, "progress": False, "dtype": "fp32", "device": "cpu"}
+from tests.helpers import FAST, bad_files, make_tiny, write_images
 
 
 def rows_by_key(cache: Path) -> dict[str, tuple[str, int]]:

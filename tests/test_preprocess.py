@@ -11,8 +11,6 @@ Stated tolerances:
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from dinofeat.errors import ImageError
 from dinofeat.preprocess import load_resized
 from dinofeat.probe import probe, probe_many
 from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD, normalize_np, resize_uint8
+from tests.helpers import bad_files, corner_image
 
 # stored pixels for each EXIF orientation, given the displayed image D (EXIF 2.3, "0th row / 0th column" table)
 STORE_FOR_ORIENTATION = {
@@ -38,17 +37,6 @@ STORE_FOR_ORIENTATION = {
     7: lambda d: d.transpose(1, 0, 2)[::-1, ::-1],
     8: lambda d: np.rot90(d, -1),
 }
-
-
-def corner_image(w: int = 60, h: int = 40) -> np.ndarray:
-    """Four flat corner blocks of distinct colours on grey, so orientation and cropping are visible."""
-    d = np.full((h, w, 3), 128, np.uint8)
-    bh, bw = h // 4, w // 4
-    d[:bh, :bw] = (255, 0, 0)
-    d[:bh, -bw:] = (0, 255, 0)
-    d[-bh:, :bw] = (0, 0, 255)
-    d[-bh:, -bw:] = (255, 255, 0)
-    return d
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -221,40 +209,6 @@ def test_draft_respects_exif_rotation(tmp_path):
     out = load_resized(str(p), (256, 128))
     assert out.shape == (128, 256, 3)
     assert np.abs(out[5, 5].astype(int) - (255, 0, 0)).max() <= 40
-
-
-def _png_header_only(path: Path, w: int, h: int) -> None:
-    """A PNG whose header claims w x h (a decompression bomb's signature) with no real pixel data."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-
-    def png_chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    idat = zlib.compress(b"\x00" * 64)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
-    )
-
-
-def bad_files(folder: Path) -> dict[str, str]:
-    """One of each kind of bad file -> the reason prefix it must be recorded with."""
-    folder.mkdir(parents=True, exist_ok=True)
-    good = folder / "_tmp_good.jpg"
-    Image.fromarray(corner_image(64, 64)).save(good, quality=90)
-    data = good.read_bytes()
-    good.unlink()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (folder / "zero.jpg").write_bytes(b"")
-    (folder / "text.png").write_text("this is not an image")
-    (folder / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
-    _png_header_only(folder / "bomb.png", 40000, 40000)
-    return {
-        "truncated.jpg": "corrupt or truncated",
-        "zero.jpg": "empty file",
-        "text.png": "not an image",
-        "garbage.jpg": "",
-        "bomb.png": "decompression bomb",
-    }
 
 
 def test_bad_files_raise_image_error_with_reason(tmp_path):

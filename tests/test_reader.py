@@ -19,9 +19,7 @@ from dinofeat.precompute import extract
 from dinofeat.sampler import BucketBatchSampler, plan_batches
 from dinofeat.shardfile import ShardReader, read_layout
 from dinofeat.store import Store
-from tests.conftest import write_images
-from tests.test_precompute import FAST
-from tests.test_preprocess import bad_files
+from tests.helpers import FAST, bad_files, write_images
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from dinofeat.precompute import extract
 from dinofeat.store import Store
 from dinofeat.validation import duplicates, nonfinite_rows, norm_outliers, patch_cosines, saturated_rows, zero_rows
 from dinofeat.validation import validate as run_validate
-from tests.conftest import make_tiny, write_images
-from tests.test_precompute import FAST
+from tests.helpers import FAST, make_tiny, write_images
 
 runner = CliRunner()
 
