@@ -80,8 +80,15 @@ def precompute(
     keep_registers: Annotated[bool, typer.Option(help="Also store register tokens.")] = False,
     jpeg_draft: Annotated[
         bool,
-        typer.Option("--jpeg-draft/--no-jpeg-draft", help="DCT-domain JPEG decoding for sources >= 2x the target."),
-    ] = True,
+        typer.Option(
+            "--jpeg-draft/--no-jpeg-draft",
+            help="Speed option: decode large JPEGs at 1/2-1/8 scale in the DCT domain. Changes pixels near hard "
+            "edges (bounds in docs/format.md). Default: exact full decoding.",
+        ),
+    ] = False,
+    draft_gap: Annotated[
+        int, typer.Option(help="With --jpeg-draft: the resize after the DCT reduction still shrinks by >= this.")
+    ] = 2,
     compile_model: Annotated[
         bool,
         typer.Option("--compile", help="torch.compile the encoder, one graph per bucket shape (slow start)."),
@@ -121,7 +128,7 @@ def precompute(
             num_buckets=num_buckets,
             bucket_mode="fit" if fit else "list",
             keep_registers=keep_registers,
-            recipe=Recipe(jpeg_draft=jpeg_draft),
+            recipe=Recipe(jpeg_draft=draft_gap if jpeg_draft else 0),
             batch_size=batch_size,
             token_budget=token_budget,
             compile=compile_model,

@@ -94,8 +94,9 @@ def decode_rgb(
 ) -> Image.Image:
     """Decode the first frame to upright RGB.
 
-    `draft_size` is the (width, height) the caller will resize to, as displayed. For JPEGs at least twice that
-    size, PIL's draft mode decodes at a reduced DCT scale that is still >= the target on both sides.
+    `draft_size` is the smallest (width, height), as displayed, the decoded image may have. For JPEGs at least twice
+    that size, PIL's draft mode decodes at a reduced DCT scale that is still >= it on both sides. None (the
+    default recipe) decodes in full.
     """
     im = open_image(path, max_pixels)
     try:

@@ -112,12 +112,28 @@ def prepare(config: ExtractConfig, group: ranks.Group | None = None) -> Prepared
     return Prepared(config, info, spec, device, resolve_dtype(config.dtype, device))
 
 
-def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [
-        f"{k}: cache has {old.get(k)!r}, this run wants {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """One line per differing leaf, named by its dotted path (`recipe.jpeg_draft`), so a refusal says exactly
+    which setting changed."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: cache has {a!r}, this run wants {b!r}")
+    return out
+
+
+def _diff_hint(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What to do about the one change users hit by upgrading: dinofeat 0.1's default drafted JPEGs."""
+    if old.get("recipe", {}).get("jpeg_draft") is True and new.get("recipe", {}).get("jpeg_draft") != 1:
+        return (
+            "\nThis cache was made by dinofeat 0.1, whose default decoded JPEGs in the DCT domain (draft), which "
+            "distorts hard edges. JPEGs are now decoded in full by default. Rebuild the cache with --overwrite "
+            "(recommended), or finish it with the old recipe: --jpeg-draft --draft-gap 1."
+        )
+    return ""
 
 
 def build_plan(src: Source, prep: Prepared, progress: bool, part: int = 0) -> Plan:
@@ -160,11 +176,13 @@ def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
 
 
 def _check_fingerprint(st: Store, prep: Prepared) -> None:
-    diff = fingerprint_diff(st.meta.get("fingerprint", {}), prep.fingerprint())
+    old, new = st.meta.get("fingerprint", {}), prep.fingerprint()
+    diff = fingerprint_diff(old, new)
     if diff:
         raise CacheMismatchError(
             f"{st.path} was made with different settings; refusing to reuse it (pass --overwrite to start over):\n  "
             + "\n  ".join(diff)
+            + _diff_hint(old, new)
         )
 
 

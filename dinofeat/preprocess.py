@@ -15,7 +15,7 @@ def load_resized(path: str, size: tuple[int, int], recipe: Recipe = DEFAULT_RECI
     """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file."""
     im = decode_rgb(
         path,
-        draft_size=size if recipe.jpeg_draft else None,
+        draft_size=(size[0] * recipe.jpeg_draft, size[1] * recipe.jpeg_draft) if recipe.jpeg_draft else None,
         max_pixels=recipe.max_pixels,
         background=recipe.background,
     )

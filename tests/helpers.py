@@ -108,3 +108,45 @@ def bad_files(folder: Path) -> dict[str, str]:
         "garbage.jpg": "",
         "bomb.png": "decompression bomb",
     }
+
+
+# Real photographs with hard edges, from scikit-image's wheel (a test dependency; read as files, never imported):
+# text, a printed page, a rocket on its gantry, a brick wall (a fence-like grid), a cameraman with a tripod, a
+# motorcycle, a portrait, a cat, coffee, a galaxy field and a 1411^2 retina scan (sources up to 8x the buckets).
+PHOTOS = (
+    "text.png",
+    "page.png",
+    "rocket.jpg",
+    "brick.png",
+    "camera.png",
+    "motorcycle_left.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+)
+
+
+def photo_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the real-photo tests need scikit-image's bundled images: pip install -e '.[test]'")
+    return Path(spec.origin).parent / "data"
+
+
+def real_photos(folder: Path, names: tuple[str, ...] = PHOTOS, quality: int = 92) -> list[Path]:
+    """The photos as RGB JPEGs in `folder` (rocket, hubble and retina are JPEGs already and are copied as they are)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in names:
+        src = photo_dir() / name
+        dst = folder / f"{Path(name).stem}.jpg"
+        if src.suffix == ".jpg":
+            dst.write_bytes(src.read_bytes())
+        else:
+            Image.open(src).convert("RGB").save(dst, quality=quality)
+        out.append(dst)
+    return out
