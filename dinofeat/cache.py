@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,12 @@ class Features:
 
 class FeatureCache:
     """Read-only view of the images whose status is done. Opening reads metadata and the index once; rows are
-    read on demand (one positioned read each). Picklable: a DataLoader worker reopens its own file handles."""
+    read on demand (one positioned read each). Picklable: a DataLoader worker reopens its own file handles.
+
+    One generation: the cache directory is held open and every shard is opened relative to it, so a reader
+    keeps serving the cache it opened while `precompute --overwrite` builds a new one at the same path (the old
+    one is moved aside, and deleted when the new one seals; reads of shards not yet open then fail loudly).
+    An unpickled copy checks that the path still holds the cache it was made from (`cache_id`)."""
 
     def __init__(
         self, path: str | os.PathLike[str], *, fast: bool = True, verify_index: bool = True, max_open_files: int = 128
@@ -36,8 +42,13 @@ class FeatureCache:
         self.path = local_path(path, "cache")
         self._fast, self._verify = fast, verify_index
         self._pool = HandlePool(max_open_files)  # one fd budget for every bucket and array
+        self._root_fd = _open_dir(self.path)
         st = Store(self.path)
         meta = st.meta
+        if os.fstat(self._root_fd).st_ino != os.stat(self.path).st_ino:  # replaced between the two opens
+            os.close(self._root_fd)
+            self._root_fd = None
+            raise CacheFormatError(f"{self.path} was replaced while opening it (--overwrite running?); open it again")
         if meta.get("state") != "sealed":
             raise CacheFormatError(
                 f"{self.path} is not sealed (state {meta.get('state')!r}): precompute has not finished; rerun it"
@@ -75,10 +86,25 @@ class FeatureCache:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = {}
-        state["_pool"] = HandlePool(self._pool.max_open)
         state["_store"] = None
         state["_lookup"] = None
+        state["_root_fd"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._root_fd = _open_dir(self.path)
+        now = Store(self.path).meta.get("cache_id")
+        if now != self.meta.get("cache_id"):
+            os.close(self._root_fd)
+            self._root_fd = None
+            raise CacheFormatError(
+                f"{self.path} is no longer the cache this reader opened (it was rebuilt with --overwrite); "
+                "open a new FeatureCache"
+            )
+
+    def __del__(self) -> None:
+        self.close()
 
     # ---- metadata ---------------------------------------------------------------------------------------------
     @property
@@ -146,13 +172,20 @@ class FeatureCache:
     def _reader(self, b: int, name: str) -> Any:
         rd = self._readers.get((b, name))
         if rd is None:
-            array_dir = self.path / "buckets" / self._bucket_plans[b].name / name
-            if not (array_dir / "zarr.json").is_file():
+            rel = Path("buckets") / self._bucket_plans[b].name / name
+            if name not in ("cls", "patches") and not (name == "registers" and self.meta.get("registers_stored")):
                 raise KeyError(f"array {name!r} is not stored in this cache")
+            try:
+                os.stat(rel / "zarr.json", dir_fd=self._root_fd)
+            except FileNotFoundError:
+                raise CacheFormatError(
+                    f"{self.path}: {rel} is missing (the cache was rebuilt with --overwrite since this reader opened "
+                    "it, or it is damaged); open the cache again"
+                ) from None
             rd = None
             if self._fast:
                 try:
-                    rd = ShardReader(read_layout(array_dir), self._pool, verify=self._verify)
+                    rd = ShardReader(read_layout(rel, self._root_fd), self._pool, verify=self._verify)
                 except UnsupportedLayout:
                     rd = None
             if rd is None:
@@ -183,8 +216,19 @@ class FeatureCache:
         return Features(self.key(i), self.read(i, "cls"), self.read(i, "patches"), self.buckets[b], regs)
 
     def close(self) -> None:
-        self._readers.clear()
-        self._pool.clear()
+        if hasattr(self, "_readers"):  # __del__ of a cache whose __init__ raised
+            self._readers.clear()
+            self._pool.clear()
+        fd, self._root_fd = getattr(self, "_root_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_dir(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise CacheFormatError(f"{path} is not a dinofeat cache (no such directory)") from None
 
 
 class _ZarrRowReader:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from dinofeat.errors import ConfigError
@@ -16,28 +16,50 @@ IMAGE_EXTENSIONS = frozenset(
 
 @dataclass(frozen=True)
 class Source:
-    """An image source: `root` + sorted relative `keys` (POSIX). `path(key)` is the file to open."""
+    """An image source: `root` + sorted relative `keys` (POSIX). `path(key)` is the file to open.
+
+    `renamed` maps the keys of files whose names are not valid UTF-8 (the cache stores keys as UTF-8) to their
+    real relative names: the key spells each undecodable byte as `\\xNN` (see `key_for`)."""
 
     root: Path
     keys: tuple[str, ...]
+    renamed: dict[str, str] = field(default_factory=dict, compare=False)
 
     def path(self, key: str) -> str:
-        return str(self.root / key)
+        return str(self.root / self.renamed.get(key, key))
+
+    def subset(self, keys: tuple[str, ...]) -> Source:
+        return Source(self.root, keys, {k: v for k, v in self.renamed.items() if k in set(keys)})
+
+
+def key_for(name: str) -> str:
+    """A UTF-8 key for a file name. Names the OS gave us with undecodable bytes (surrogate escapes) spell those
+    bytes as `\\xNN`, so one odd name never stops a run; every other name is its own key."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk_images(root: Path) -> list[str]:
-    """Recursive walk (symlinked dirs not followed), hidden entries skipped, image extensions only, sorted."""
+def walk_images(root: Path, renamed: dict[str, str] | None = None) -> list[str]:
+    """Recursive walk (symlinked dirs not followed), hidden entries skipped, image extensions only, sorted keys.
+    Keys that differ from the real relative name (non-UTF-8 names) are recorded in `renamed`."""
     keys: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
         for f in filenames:
             if not f.startswith(".") and is_image_name(f):
-                keys.append(PurePosixPath(*rel.parts, f).as_posix())
+                name = PurePosixPath(*rel.parts, f).as_posix()
+                key = key_for(name)
+                keys.append(key)
+                if key != name and renamed is not None:
+                    renamed[key] = name
     keys.sort()
     return keys
 
@@ -65,12 +87,13 @@ def read_list(list_file: Path, root: Path | None) -> tuple[Path, list[str]]:
 def discover(source: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, limit: int | None = None):
     """A folder (walked) or a .txt list of paths. `limit` keeps the first N keys of the sorted order."""
     src = local_path(source, "image source")
+    renamed: dict[str, str] = {}
     if src.is_dir():
-        base, keys = src.resolve(), walk_images(src.resolve())
+        base, keys = src.resolve(), walk_images(src.resolve(), renamed)
     elif src.is_file():
         base, keys = read_list(src, Path(root) if root else None)
     else:
         raise ConfigError(f"image source {str(src)!r} does not exist")
     if limit is not None:
         keys = keys[:limit]
-    return Source(base, tuple(keys))
+    return Source(base, tuple(keys), renamed)

@@ -23,3 +23,12 @@ class TokenCountError(DinofeatError):
 
 class ImageError(Exception):
     """One image could not be used. Not a DinofeatError: it is recorded with its reason and the run goes on."""
+
+
+class CacheLockedError(DinofeatError):
+    """Another run holds the cache's lock: this run stops before it deletes or writes anything."""
+
+
+class CacheConflictError(DinofeatError):
+    """The cache's metadata changed under this run (another writer despite the lock, e.g. on NFS): nothing of
+    this run's metadata was written, so the other run's work is kept."""

@@ -7,9 +7,11 @@ A reader -> mapper -> writer loop: DataLoader workers decode (reader), the encod
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from dinofeat.config import ExtractConfig
 from dinofeat.discover import Source, discover
 from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
+from dinofeat.lock import CacheLock
 from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
 from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
@@ -191,8 +194,8 @@ def open_or_create(
 ) -> tuple[Store, Plan, int]:
     """Reuse a matching cache (resume), extend it with images new to the folder (incremental), refuse a mismatched
     one, or plan and create a new one. Returns the store, the plan and how many images were appended."""
-    if store.exists(cache) and overwrite:
-        store.remove(cache)
+    if overwrite:
+        store.retire(cache)  # moved aside, not deleted: open readers keep their generation until the new one seals
     if store.exists(cache):
         st = Store(cache, mode="r+")
         _check_fingerprint(st, prep)
@@ -218,7 +221,7 @@ def extend(st: Store, src: Source, prep: Prepared, progress: bool) -> tuple[Plan
     if not added:
         return plan, 0
     part = 1 + max((b.part for b in plan.buckets), default=0)
-    new = build_plan(Source(src.root, tuple(added)), prep, progress, part)
+    new = build_plan(src.subset(tuple(added)), prep, progress, part)
     plan = extend_plan(plan, new)
     st.extend(plan, prep.model.hidden_size, prep.registers_stored, prep.config.store_dtype)
     return plan, len(added)
@@ -264,6 +267,23 @@ def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]
     return out
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def _disk_errors(cache: Path) -> Iterator[None]:
+    """Disk full, read-only filesystem, permissions: one clear line instead of a traceback (the CLI exits 1)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise DinofeatError(
+            f"cannot write the cache {cache}: {e.strerror} ({e.filename or cache}). Finished shards are kept: free "
+            "space or fix permissions, then rerun the same command to resume"
+        ) from e
+
+
 def _reason_class(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
@@ -290,7 +310,7 @@ def finalize(st: Store, plan: Plan, seal: bool = True) -> tuple[np.ndarray, dict
                 status[positions[int(r)]] = STATUS_FAILED
                 failures[plan.keys[positions[int(r)]]] = why
     complete = bool((status != STATUS_PENDING).all())
-    if seal and complete and st.meta.get("state") != "sealed":
+    if seal and complete and st.disk_state() != "sealed":
         st.seal(status, failures)
     return status, failures, complete
 
@@ -493,49 +513,67 @@ def extract(
             "delete the cache once before starting the ranks instead"
         )
     progress = config.progress and group.is_leader
-    st, plan = _open_on_every_rank(cache, src, prep, group, overwrite, progress, summary)
-    found, planned = set(src.keys), set(plan.keys)
-    removed = sorted(planned - found)
-    summary.new_files, summary.removed_files, summary.removed_examples = len(found - planned), len(removed), removed[:5]
-    done = set(st.markers())
-    pending = {(s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)}
-    missing = missing_in_pending(plan, found, pending)
-    if missing:
-        raise ConfigError(
-            f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "
-            "restore them or rerun with --overwrite"
-        )
-    summary.cleaned_files += st.cleanup(pending, orphans=False)
-    run_shards(st, plan, src, prep, pending, summary, progress)
-    group.barrier()  # every rank's shards are marked before anyone seals
-    if group.connected:
-        parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
-        summary.processed = sum(p[0] for p in parts)
-        summary.seconds = max(p[1] for p in parts)
-        summary.bytes_written = sum(p[2] for p in parts)
-    status, failures, complete = finalize(st, plan, seal=group.is_leader or not group.connected)
-    group.barrier()  # the seal is on disk before any rank returns
-    summary.total = len(plan)
-    summary.done = int((status == STATUS_DONE).sum())
-    summary.failed = int((status == STATUS_FAILED).sum())
-    summary.pending = int((status == STATUS_PENDING).sum())
-    summary.failures_by_reason = dict(Counter(_reason_class(r) for r in failures.values()))
-    summary.sealed = complete
-    summary.histogram = plan.histogram()
+    with contextlib.ExitStack() as held, _disk_errors(cache):
+        st, plan = _open_on_every_rank(cache, src, prep, group, overwrite, progress, summary, held)
+        found, planned = set(src.keys), set(plan.keys)
+        removed = sorted(planned - found)
+        summary.new_files, summary.removed_files = len(found - planned), len(removed)
+        summary.removed_examples = removed[:5]
+        done = set(st.markers())
+        pending = {
+            (s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)
+        }
+        missing = missing_in_pending(plan, found, pending)
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "
+                "restore them or rerun with --overwrite"
+            )
+        summary.cleaned_files += st.cleanup(pending, orphans=False)
+        run_shards(st, plan, src, prep, pending, summary, progress)
+        group.barrier()  # every rank's shards are marked before anyone seals
+        if group.connected:
+            parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
+            summary.processed = sum(p[0] for p in parts)
+            summary.seconds = max(p[1] for p in parts)
+            summary.bytes_written = sum(p[2] for p in parts)
+        status, failures, complete = finalize(st, plan, seal=group.is_leader or not group.connected)
+        group.barrier()  # the seal is on disk before any rank returns
+        summary.total = len(plan)
+        summary.done = int((status == STATUS_DONE).sum())
+        summary.failed = int((status == STATUS_FAILED).sum())
+        summary.pending = int((status == STATUS_PENDING).sum())
+        summary.failures_by_reason = dict(Counter(_reason_class(r) for r in failures.values()))
+        summary.sealed = complete
+        summary.histogram = plan.histogram()
+        if complete and group.is_leader:
+            store.purge_retired(cache)  # an --overwrite's old generation, kept for its readers until now
     return summary
 
 
 def _open_on_every_rank(
-    cache: Path, src: Source, prep: Prepared, group: ranks.Group, overwrite: bool, progress: bool, summary: Summary
+    cache: Path,
+    src: Source,
+    prep: Prepared,
+    group: ranks.Group,
+    overwrite: bool,
+    progress: bool,
+    summary: Summary,
+    held: contextlib.ExitStack,
 ) -> tuple[Store, Plan]:
-    """Rank 0 plans (creates, resumes or extends the cache) while the others wait; an error while planning is
-    raised on every rank, so no rank waits forever for a plan that will never come."""
+    """Rank 0 takes the cache's lock, then plans (creates, resumes or extends the cache) while the others wait;
+    an error while locking or planning is raised on every rank, so no rank waits forever for a plan that will
+    never come. The lock stays in `held` for the whole run. Ranks of a manual split each hold it shared."""
+    manual = group.world_size > 1 and not group.connected
     if not group.is_leader:
         error = group.broadcast(None)
         if error is not None:
             raise error
+        if manual:
+            held.enter_context(CacheLock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
         return join_cache(cache, src, prep, group, prep.config.wait_s)
     try:
+        held.enter_context(CacheLock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
         st, plan, summary.appended = open_or_create(cache, src, prep, overwrite, progress)
         summary.cleaned_files += st.cleanup(set(), orphans=True)
     except Exception as e:

@@ -48,6 +48,7 @@ class ShardLayout:
     dtype: np.dtype
     separator: str
     checksum: bool
+    dir_fd: int | None = None  # paths are relative to this open directory (a reader pinned to one generation)
 
     @cached_property  # read on every row: computed once
     def chunks_per_shard(self) -> int:
@@ -62,10 +63,13 @@ class ShardLayout:
         return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
 
 
-def read_layout(array_dir: str | os.PathLike[str]) -> ShardLayout:
-    """Parse and check an array's zarr.json for the fast path (row-chunked: chunk = (1, *rest))."""
+def read_layout(array_dir: str | os.PathLike[str], dir_fd: int | None = None) -> ShardLayout:
+    """Parse and check an array's zarr.json for the fast path (row-chunked: chunk = (1, *rest)). With `dir_fd`,
+    `array_dir` is relative to that open directory, and so are the shard files read later."""
     array_dir = Path(array_dir)
-    meta = json.loads((array_dir / "zarr.json").read_text())
+    fd = os.open(array_dir / "zarr.json", os.O_RDONLY, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        meta = json.loads(f.read())
     codecs = meta.get("codecs", [])
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
         raise UnsupportedLayout(f"{array_dir}: not a sharded array")
@@ -97,6 +101,7 @@ def read_layout(array_dir: str | os.PathLike[str]) -> ShardLayout:
         np.dtype(_DTYPES[dtype]),
         enc.get("configuration", {}).get("separator", "/"),
         index_codecs[-1] == "crc32c",
+        dir_fd,
     )
 
 
@@ -128,6 +133,13 @@ class HandlePool:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __getstate__(self) -> dict[str, int]:
+        """Open files and the lock stay in this process; a worker that unpickles the pool opens its own."""
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["max_open"])
+
     def get(self, key: Hashable, opener: Callable[[], _OpenShard]) -> _OpenShard:
         with self._lock:
             hit = self._open.get(key)
@@ -152,9 +164,11 @@ class HandlePool:
 READAHEAD_ROW_BYTES = 64 * 1024  # rows below this keep the kernel's readahead (see _open_shard)
 
 
-def _open_shard(path: Path, index_bytes: int, chunks: int, verify: bool, row_bytes: int) -> _OpenShard:
+def _open_shard(
+    path: Path, index_bytes: int, chunks: int, verify: bool, row_bytes: int, dir_fd: int | None = None
+) -> _OpenShard:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     except FileNotFoundError as e:
         raise CacheFormatError(f"shard file missing: {path}") from e
     shard = _OpenShard(fd, np.empty((0, 2), "<u8"))  # owns the fd from here on, also on the error paths
@@ -188,9 +202,9 @@ class ShardReader:
     def _handle(self, shard: int) -> _OpenShard:
         lay = self.layout
         return self.pool.get(
-            (lay.path, shard),
+            (lay.dir_fd, lay.path, shard),
             lambda: _open_shard(
-                self.shard_file(shard), lay.index_bytes, lay.chunks_per_shard, self.verify, lay.chunk_nbytes
+                self.shard_file(shard), lay.index_bytes, lay.chunks_per_shard, self.verify, lay.chunk_nbytes, lay.dir_fd
             ),
         )
 

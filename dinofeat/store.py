@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from dinofeat.errors import CacheFormatError
+from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
 from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan
 
@@ -40,6 +41,15 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -48,6 +58,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)  # the rename itself survives a power cut
 
 
 class Store:
@@ -69,6 +80,7 @@ class Store:
                 + ", ".join(map(str, READABLE_VERSIONS))
             )
         self._arrays: dict[tuple[str, str], Any] = {}
+        self._generation = int(meta.get("generation", 0))
 
     # ---- creation -------------------------------------------------------------------------------------------
     @classmethod
@@ -87,6 +99,8 @@ class Store:
         root.attrs[META_KEY] = {
             **meta,
             "format_version": FORMAT_VERSION,
+            "cache_id": uuid.uuid4().hex,  # readers tell a rebuilt cache from the one they opened
+            "generation": 0,
             "state": "planning",
             "index_group": "index",
             "buckets": [bucket_record(b) for b in plan.buckets],
@@ -110,7 +124,8 @@ class Store:
             raise ValueError("an extension must keep the existing buckets first and unchanged")
         old_group = self._index_group
         group = f"index_{max(b.part for b in plan.buckets)}"
-        for stale in (group, *(f"buckets/{b.name}" for b in new)):  # a crashed earlier attempt
+        # a crashed earlier attempt at this part: its index, bucket groups AND their done markers go together
+        for stale in (group, *(f"buckets/{b.name}" for b in new), *(f"_dinofeat/done/{b.name}" for b in new)):
             shutil.rmtree(self.path / stale, ignore_errors=True)
         _write_index(self.root, group, plan)
         _create_bucket_arrays(self.root, new, hidden, registers, store_dtype)
@@ -134,8 +149,28 @@ class Store:
     def meta(self) -> dict[str, Any]:
         return dict(self.root.attrs[META_KEY])
 
+    def _disk_meta(self) -> dict[str, Any]:
+        return dict(json.loads((self.path / "zarr.json").read_text())["attributes"][META_KEY])
+
+    def check_generation(self) -> dict[str, Any]:
+        """The metadata on disk, if no other writer changed it since this store last read or wrote it."""
+        disk = self._disk_meta()
+        if int(disk.get("generation", 0)) != self._generation:
+            raise CacheConflictError(
+                f"{self.path} was changed by another run while this one worked (metadata generation "
+                f"{disk.get('generation', 0)}, this run expected {self._generation}); this run's metadata update was "
+                "not written, so the other run's work is kept. Rerun when no other run uses the cache"
+            )
+        return disk
+
     def update_meta(self, **changes: Any) -> None:
-        self.root.attrs[META_KEY] = {**self.meta, **changes}
+        """Compare-and-swap: apply `changes` to the metadata on disk (never to a stale copy in memory), only if
+        it is still the generation this store knows, and count the generation up."""
+        disk = self.check_generation()
+        self.root.attrs[META_KEY] = {**disk, **changes, "generation": self._generation + 1}
+        self._generation += 1
+        fsync_path(self.path / "zarr.json")
+        fsync_path(self.path)
 
     # ---- plan and index -------------------------------------------------------------------------------------
     @property
@@ -204,6 +239,13 @@ class Store:
             a[start : start + len(values)] = values
             written += values.nbytes
         return written
+
+    def sync_shard(self, bucket: str, shard: int) -> None:
+        """fsync a written shard's files and their directory entries: called before its done marker is written,
+        so after a power cut no marker outlives its data."""
+        for f in self.shard_files(bucket, shard):
+            fsync_path(f)
+            fsync_path(f.parent)
 
     def read_rows(self, bucket: str, name: str, start: int, stop: int) -> np.ndarray:
         return self.array(bucket, name)[start:stop]
@@ -286,7 +328,14 @@ class Store:
         out += [d for d in sorted(self.path.glob("index*")) if d.is_dir() and d.name not in keep]
         return out
 
+    def disk_state(self) -> str | None:
+        return self._disk_meta().get("state")
+
     def seal(self, status: np.ndarray, failures: dict[str, str]) -> None:
+        disk = self._disk_meta()
+        if disk.get("state") == "sealed" and disk.get("index_group") == self._index_group:
+            return  # another rank of a manual split sealed this very plan first
+        self.check_generation()  # another run's index switch is never overwritten with this run's status
         self.root[self._index_group]["status"][:] = status
         _atomic_write_text(self.path / "_dinofeat" / "failures.json", json.dumps(failures, sort_keys=True))
         self.update_meta(state="sealed", sealed_at=time.time())
@@ -369,11 +418,43 @@ def exists(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / "zarr.json").is_file()
 
 
+def is_dinofeat_cache(path: Path) -> bool:
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs.get(META_KEY), dict)
+
+
 def remove(path: str | os.PathLike[str]) -> None:
-    """Delete a cache directory (only if it looks like one, or is empty)."""
+    """Delete a cache directory (only if it is one, or is empty)."""
     p = Path(path)
     if not p.exists():
         return
-    if not exists(p) and any(p.iterdir()):
-        raise CacheFormatError(f"refusing to delete {p}: it is not empty and not a dinofeat cache")
+    if not is_dinofeat_cache(p) and any(p.iterdir()):
+        raise ConfigError(f"refusing to delete {p}: it is not empty and not a dinofeat cache")
     shutil.rmtree(p)
+
+
+def retire(path: str | os.PathLike[str]) -> Path | None:
+    """--overwrite: move a dinofeat cache aside (one rename) so that readers still holding it keep a consistent
+    old generation; `purge_retired` deletes it once the new cache is sealed. Refuses anything that is not a
+    dinofeat cache (a zarr store of someone else's, a folder of files) unless it is empty."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    if not is_dinofeat_cache(p):
+        remove(p)  # empty: fine; anything else: refused
+        return None
+    aside = p.with_name(f".{p.name}.retired-{os.getpid()}-{time.time_ns()}")
+    os.rename(p, aside)
+    return aside
+
+
+def purge_retired(path: str | os.PathLike[str]) -> int:
+    """Delete the generations `retire` moved aside. Returns how many."""
+    p = Path(path)
+    old = list(p.parent.glob(f".{p.name}.retired-*"))
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(old)

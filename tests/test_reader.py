@@ -219,7 +219,8 @@ def _open_fds_under(path) -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the fd listdir itself used is gone by now
-            n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            n += target.startswith(str(path)) and target != str(path)  # shard files, not a reader's cache dir fd
     return n
 
 
