@@ -29,7 +29,8 @@ class Source:
         return str(self.root / self.renamed.get(key, key))
 
     def subset(self, keys: tuple[str, ...]) -> Source:
-        return Source(self.root, keys, {k: v for k, v in self.renamed.items() if k in set(keys)})
+        wanted = set(keys)
+        return Source(self.root, keys, {k: v for k, v in self.renamed.items() if k in wanted})
 
 
 def key_for(name: str) -> str:
