@@ -223,7 +223,8 @@ def info(cache: Annotated[str, typer.Argument(help="Cache directory.")], as_json
     m = d["model"]
     typer.echo(
         f"{d['cache']} ({d['state']}): {d['done']} done, {d['failed']} failed of {d['images']}; "
-        f"{_gb(d['disk_bytes'])} on disk"
+        f"{_gb(d['disk_bytes'])} on disk; format {d['format_version']}"
+        f"{', checksummed' if d['checksums'] else ' (no checksums)'}"
     )
     typer.echo(
         f"model {m['id']}{' (RANDOM WEIGHTS)' if m['random_weights'] else ''}, {m['model_type']}, patch "

@@ -12,7 +12,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = {"dinofeat": (46, 117, 182), "npy": (237, 125, 49), "raw": (150, 150, 150)}
+COLORS = {
+    "dinofeat": (46, 117, 182),
+    "dinofeat_unverified": (140, 180, 220),
+    "npy": (237, 125, 49),
+    "raw": (150, 150, 150),
+}
 
 
 def plot(result: dict, out: Path) -> None:

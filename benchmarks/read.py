@@ -1,6 +1,8 @@
 """Random-access read throughput of a dinofeat cache against two baselines holding the same bytes, in one run:
 
-1. dinofeat: `FeatureDataset` over a sealed cache (fast shard reader) with `BucketBatchSampler` + `collate_features`;
+1. dinofeat: `FeatureDataset` over a sealed cache (fast shard reader) with `BucketBatchSampler` + `collate_features`,
+   every row checked against its crc32c (the default), and `dinofeat_unverified` (`FeatureCache(verify=False)`),
+   the same files read without the check, to show what the check costs;
 2. npy: one `.npy` per image (cls row + patch grid, [1 + h*w, D]) read with `np.load`;
 3. raw: one flat file holding every image's bytes back to back, read with one `os.pread` per image at its offset
    (the upper bound: no format at all).
@@ -10,8 +12,8 @@ Each is read through a torch DataLoader (0 and 2 workers) in the same random ord
 
     python benchmarks/read.py --images 1024 --grid 24 --hidden 768 --json benchmarks/results-read-cpu.json
 
-Targets (issue 4): dinofeat >= 0.8x raw and >= 1x npy, warm and cold. Memory: the reader's RSS after a full random
-pass must not grow with the cache's size beyond its index (reported as rss_growth_mb per pass).
+Targets (issues 4, 12): dinofeat (verified) >= 0.8x raw and >= 1x npy, warm and cold. Memory: the reader's RSS
+after a full random pass must not grow with the cache's size beyond its index (reported as rss_growth_mb per pass).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def build_layouts(root: Path, n: int, grid: int, hidden: int, model: str, seed: 
                 rows = fake_rows(rng, s1 - s0, 1 + grid * grid, hidden)
                 arrays = {"cls": rows[:, 0], "patches": rows[:, 1:].reshape(-1, grid, grid, hidden)}
                 st.write_shard(b.name, s0, arrays)
-                st.write_marker(b.name, u, s0, s1, {})
+                st.write_marker(b.name, u, s0, s1, {}, st.shard_checksums(b.name, u))
                 for r in range(s1 - s0):
                     np.save(root / "npy" / f"{keys[positions[b.name][s0 + r]]}.npy", rows[r])
                     flat.write(rows[r].tobytes())
@@ -196,6 +198,11 @@ def main() -> None:
         batches_key = [ours_to_key[b].tolist() for b in batches_ours]
         layouts = {
             "dinofeat": (ds_ours, batches_ours, files_under(lay["cache"])),
+            "dinofeat_unverified": (
+                FeatureDataset(FeatureCache(lay["cache"], verify=False)),
+                batches_ours,
+                files_under(lay["cache"]),
+            ),
             "npy": (NpyDataset(lay["npy"], keys, a.grid), batches_key, files_under(lay["npy"])),
             "raw": (RawDataset(lay["flat"], keys, a.grid, a.hidden, row_bytes), batches_key, [lay["flat"]]),
         }
@@ -208,7 +215,8 @@ def main() -> None:
                 every_file = [f for _, _, files in layouts.values() for f in files]
                 names = list(layouts)
                 for rep in range(a.repeats + (cache_state == "warm")):
-                    for name in names[rep % 3 :] + names[: rep % 3]:  # rotate, so no layout always goes first
+                    k = rep % len(names)
+                    for name in names[k:] + names[:k]:  # rotate, so no layout always goes first
                         ds, batches, _ = layouts[name]
                         if cache_state == "cold":
                             drop_page_cache(every_file)  # all layouts, so each pass starts from the same state
@@ -240,6 +248,8 @@ def main() -> None:
                 ratios[f"{workers}w_{cache_state}"] = {
                     "over_raw": round(cell["dinofeat"] / cell["raw"], 3),
                     "over_npy": round(cell["dinofeat"] / cell["npy"], 3),
+                    "unverified_over_raw": round(cell["dinofeat_unverified"] / cell["raw"], 3),
+                    "verified_over_unverified": round(cell["dinofeat"] / cell["dinofeat_unverified"], 3),
                 }
         res = {
             "images": a.images,

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from buckets import BucketSpec
-from dinofeat.errors import CacheFormatError
+from dinofeat.checksum import expected_checksums
+from dinofeat.errors import CacheFormatError, ChecksumError
 from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
 from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
@@ -34,13 +35,18 @@ class FeatureCache:
     One generation: the cache directory is held open and every shard is opened relative to it, so a reader
     keeps serving the cache it opened while `precompute --overwrite` builds a new one at the same path (the old
     one is moved aside, and deleted when the new one seals; reads of shards not yet open then fail loudly).
-    An unpickled copy checks that the path still holds the cache it was made from (`cache_id`)."""
+    An unpickled copy checks that the path still holds the cache it was made from (`cache_id`). Opened while an
+    incremental run adds images, it serves the last sealed generation (`serving_last_sealed` is then True).
+
+    Integrity (format 3): the index columns are checked against their crc32c at open, and with `verify` every row
+    read is checked against the crc32c its shard's done marker recorded; a mismatch raises ChecksumError naming
+    the key (cost: docs/benchmarks.md). Format 1-2 caches have no row checksums and are read unchecked."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, fast: bool = True, verify_index: bool = True, max_open_files: int = 128
+        self, path: str | os.PathLike[str], *, fast: bool = True, verify: bool = True, max_open_files: int = 128
     ) -> None:
         self.path = local_path(path, "cache")
-        self._fast, self._verify = fast, verify_index
+        self._fast, self._verify = fast, verify
         self._pool = HandlePool(max_open_files)  # one fd budget for every bucket and array
         self._root_fd = _open_dir(self.path)
         st = Store(self.path)
@@ -49,15 +55,21 @@ class FeatureCache:
             os.close(self._root_fd)
             self._root_fd = None
             raise CacheFormatError(f"{self.path} was replaced while opening it (--overwrite running?); open it again")
-        if meta.get("state") != "sealed":
+        generation = _serving_generation(meta)
+        if generation is None:
             raise CacheFormatError(
                 f"{self.path} is not sealed (state {meta.get('state')!r}): precompute has not finished; rerun it"
             )
+        self.serving_last_sealed = meta.get("state") != "sealed"
+        if self.serving_last_sealed:  # the buckets an incremental run added are not part of what we serve
+            meta = {**meta, "buckets": meta["buckets"][: generation["num_buckets"]], **generation}
         self.meta = meta
-        ix = st.index()
+        ix = st.index(generation if self.serving_last_sealed else None)
         done = np.flatnonzero(ix["status"] == STATUS_DONE)
-        self._bucket_plans = st.bucket_plans()
-        self._check_markers(st, ix["bucket"][done], ix["row"][done])
+        self._bucket_plans = st.bucket_plans()[: len(meta["buckets"])]
+        markers = st.markers()
+        self._check_markers(markers, ix["bucket"][done], ix["row"][done])
+        self._expected = expected_checksums(markers, self._bucket_plans)
         self._keys = ix["key"][done]
         self._bucket = ix["bucket"][done].astype(np.int32)  # which arrays hold the row (one group per part)
         # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
@@ -69,9 +81,9 @@ class FeatureCache:
         self._failures = st.failures()
         self._store: Store | None = st
 
-    def _check_markers(self, st: Store, buckets: np.ndarray, rows: np.ndarray) -> None:
+    def _check_markers(self, markers: dict[tuple[str, int], Any], buckets: np.ndarray, rows: np.ndarray) -> None:
         """Only rows of marked shards may be served: an unwritten row reads back as zeros."""
-        marked = {(b, u) for (b, u) in st.markers()}
+        marked = set(markers)
         for k, bp in enumerate(self._bucket_plans):
             sel = rows[buckets == k]
             shards = set((sel // bp.shard_rows).tolist())
@@ -137,6 +149,10 @@ class FeatureCache:
         """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by."""
         return self._size_of_group[self._bucket] if len(self._bucket) else np.zeros(0, np.int32)
 
+    def size(self, i: int) -> tuple[int, int]:
+        """(width, height) the image at position i was resized to."""
+        return self._sizes[int(self._size_of_group[self._bucket[i]])]
+
     @property
     def failures(self) -> dict[str, str]:
         return dict(self._failures)
@@ -185,7 +201,12 @@ class FeatureCache:
             rd = None
             if self._fast:
                 try:
-                    rd = ShardReader(read_layout(rel, self._root_fd), self._pool, verify=self._verify)
+                    rd = ShardReader(
+                        read_layout(rel, self._root_fd),
+                        self._pool,
+                        verify=self._verify,
+                        expected=self._expected.get((self._bucket_plans[b].name, name)),
+                    )
                 except UnsupportedLayout:
                     rd = None
             if rd is None:
@@ -206,14 +227,17 @@ class FeatureCache:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         b, r = int(self._bucket[i]), int(self._row[i])
-        return self._as_float(self._reader(b, name).read_row(r))
+        try:
+            return self._as_float(self._reader(b, name).read_row(r))
+        except ChecksumError as e:
+            why = f"{self.key(i)!r} ({name}): {e}. Run `dinofeat validate` to list every damaged row"
+            raise ChecksumError(why) from None
 
     def __getitem__(self, i: int | str) -> Features:
         if isinstance(i, str):
             i = self.index_of(i)
-        b = int(self._size_of_group[self._bucket[i]])
         regs = self.read(i, "registers") if self.meta.get("registers_stored") else None
-        return Features(self.key(i), self.read(i, "cls"), self.read(i, "patches"), self.buckets[b], regs)
+        return Features(self.key(i), self.read(i, "cls"), self.read(i, "patches"), self.size(i), regs)
 
     def close(self) -> None:
         if hasattr(self, "_readers"):  # __del__ of a cache whose __init__ raised
@@ -222,6 +246,14 @@ class FeatureCache:
         fd, self._root_fd = getattr(self, "_root_fd", None), None
         if fd is not None:
             os.close(fd)
+
+
+def _serving_generation(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What a new reader serves: the current plan once sealed; while a run works on it, the last sealed generation
+    (an incremental run never deletes its index or arrays); None if the cache was never sealed."""
+    if meta.get("state") == "sealed":
+        return {"index_group": meta.get("index_group", "index"), "num_buckets": len(meta["buckets"])}
+    return meta.get("last_sealed")
 
 
 def _open_dir(path: Path) -> int:

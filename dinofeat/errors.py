@@ -32,3 +32,7 @@ class CacheLockedError(DinofeatError):
 class CacheConflictError(DinofeatError):
     """The cache's metadata changed under this run (another writer despite the lock, e.g. on NFS): nothing of
     this run's metadata was written, so the other run's work is kept."""
+
+
+class ChecksumError(CacheFormatError):
+    """Stored bytes fail their crc32c: a damaged, moved or stale chunk, shard index or index column."""

@@ -57,6 +57,8 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
     return {
         "cache": str(cache),
         "state": meta.get("state"),
+        "format_version": st.format_version,
+        "checksums": st.format_version >= 3,  # chunk and index crc32c (docs/format.md, "Integrity")
         "model": {
             k: meta["model"][k]
             for k in (

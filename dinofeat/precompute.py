@@ -179,6 +179,12 @@ def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
 
 
 def _check_fingerprint(st: Store, prep: Prepared) -> None:
+    if st.format_version != store.FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"{st.path} is a format {st.format_version} cache (dinofeat 0.2 or older); this version reads it but "
+            f"adds only to format {store.FORMAT_VERSION} caches, whose chunks carry checksums. Rebuild it with "
+            "--overwrite, or finish it with the dinofeat that started it"
+        )
     old, new = st.meta.get("fingerprint", {}), prep.fingerprint()
     diff = fingerprint_diff(old, new)
     if diff:

@@ -3,8 +3,9 @@
 zarr-python 3.1 re-reads a shard's index on every `arr[i]` (3-4x slower than the disk allows). The format is
 simple and standard: a shard object is its chunks' bytes followed by an index of (offset, nbytes) uint64 little-
 endian pairs, one per inner chunk in C order, then a crc32c of the index. We cache each shard's index and read a
-chunk with one `os.pread`. Only the layout dinofeat writes is accepted (uncompressed little-endian chunks, index
-at the end); anything else raises, and the caller falls back to zarr. No zarr import here.
+chunk with one `os.preadv`. Only the layouts dinofeat writes are accepted (uncompressed little-endian chunks, with
+(format 3) or without (format 2) zarr's 4-byte crc32c trailer per chunk, index at the end); anything else raises,
+and the caller falls back to zarr. No zarr import here.
 """
 
 from __future__ import annotations
@@ -22,12 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dinofeat.errors import CacheFormatError
-
-try:  # zarr's own crc32c dependency; verification is skipped if it is missing
-    import google_crc32c as _crc32c
-except ImportError:  # pragma: no cover
-    _crc32c = None
+from dinofeat.checksum import crc32c
+from dinofeat.errors import CacheFormatError, ChecksumError
 
 _EMPTY = 2**64 - 1
 _DTYPES = {"float16": "<f2", "float32": "<f4", "uint16": "<u2", "bfloat16": "<u2"}
@@ -47,7 +44,7 @@ class ShardLayout:
     chunk_shape: tuple[int, ...]
     dtype: np.dtype
     separator: str
-    checksum: bool
+    checksum: bool  # the shard index ends with its crc32c
     dir_fd: int | None = None  # paths are relative to this open directory (a reader pinned to one generation)
 
     @cached_property  # read on every row: computed once
@@ -58,9 +55,17 @@ class ShardLayout:
     def index_bytes(self) -> int:
         return self.chunks_per_shard * 16 + (4 if self.checksum else 0)
 
+    chunk_crc: bool = False  # each chunk is followed by its crc32c (zarr's crc32c codec inside the shard)
+
     @cached_property
     def chunk_nbytes(self) -> int:
+        """Bytes of one decoded row."""
         return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
+    @cached_property
+    def stored_nbytes(self) -> int:
+        """Bytes of one stored chunk: the row, plus its crc32c trailer in format 3."""
+        return self.chunk_nbytes + (4 if self.chunk_crc else 0)
 
 
 def read_layout(array_dir: str | os.PathLike[str], dir_fd: int | None = None) -> ShardLayout:
@@ -75,9 +80,11 @@ def read_layout(array_dir: str | os.PathLike[str], dir_fd: int | None = None) ->
         raise UnsupportedLayout(f"{array_dir}: not a sharded array")
     cfg = codecs[0]["configuration"]
     inner = cfg.get("codecs", [])
-    if [c.get("name") for c in inner] != ["bytes"] or inner[0].get("configuration", {}).get(
-        "endian", "little"
-    ) != "little":
+    inner_names = [c.get("name") for c in inner]
+    if (
+        inner_names not in (["bytes"], ["bytes", "crc32c"])
+        or inner[0].get("configuration", {}).get("endian", "little") != "little"
+    ):
         raise UnsupportedLayout(f"{array_dir}: chunks are compressed or not little-endian")
     index_codecs = [c.get("name") for c in cfg.get("index_codecs", [])]
     if index_codecs not in (["bytes"], ["bytes", "crc32c"]) or cfg.get("index_location", "end") != "end":
@@ -102,6 +109,7 @@ def read_layout(array_dir: str | os.PathLike[str], dir_fd: int | None = None) ->
         enc.get("configuration", {}).get("separator", "/"),
         index_codecs[-1] == "crc32c",
         dir_fd,
+        inner_names[-1] == "crc32c",
     )
 
 
@@ -180,19 +188,47 @@ def _open_shard(
     if size < index_bytes:
         raise CacheFormatError(f"shard file truncated: {path} ({size} bytes)")
     raw = os.pread(fd, index_bytes, size - index_bytes)
-    if verify and struct.unpack("<I", raw[-4:])[0] != _crc32c.value(raw[:-4]):
-        raise CacheFormatError(f"shard index checksum mismatch: {path}")
+    if verify and struct.unpack("<I", raw[-4:])[0] != crc32c(raw[:-4]):
+        raise ChecksumError(f"shard index checksum mismatch: {path}")
     shard.index = np.frombuffer(raw[: chunks * 16], "<u8").reshape(-1, 2)
     return shard
 
 
+def stored_chunk_checksums(path: Path, chunks: int) -> list[int]:
+    """The crc32c trailers of a written format-3 shard's chunks, read back from the file (-1: chunk not stored).
+    The writer records them in the shard's done marker."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        index = np.frombuffer(os.pread(fd, chunks * 16, size - chunks * 16 - 4), "<u8").reshape(-1, 2)
+        out = []
+        for offset, nbytes in index.tolist():
+            if offset == _EMPTY:
+                out.append(-1)
+            else:
+                out.append(struct.unpack("<I", os.pread(fd, 4, offset + nbytes - 4))[0])
+    return out
+
+
 class ShardReader:
     """Row reads from one array. Thread-safe. File handles and parsed indexes live in a `HandlePool`, which a
-    FeatureCache shares across all its arrays."""
+    FeatureCache shares across all its arrays.
 
-    def __init__(self, layout: ShardLayout, pool: HandlePool | None = None, verify: bool = True) -> None:
+    With `verify` (format 3), every row read is checked: the crc32c of its bytes must equal the chunk's stored
+    trailer and, when `expected` (per-row crcs from the done markers, -1 unknown) is given, the recorded crc; a
+    mismatch raises ChecksumError. Shard indexes are checked when opened."""
+
+    def __init__(
+        self,
+        layout: ShardLayout,
+        pool: HandlePool | None = None,
+        verify: bool = True,
+        expected: np.ndarray | None = None,
+    ) -> None:
         self.layout = layout
-        self.verify = verify and layout.checksum and _crc32c is not None
+        self.verify = verify and layout.checksum
+        self.verify_rows = verify and layout.chunk_crc
+        self.expected = expected
         self.pool = pool if pool is not None else HandlePool(64)
 
     def shard_file(self, shard: int) -> Path:
@@ -209,20 +245,43 @@ class ShardReader:
         )
 
     def read_row(self, row: int) -> np.ndarray:
-        """One row (one inner chunk) as a new, writable array of shape chunk_shape[1:]."""
+        """One row (one inner chunk) as a new, writable array of shape chunk_shape[1:], checked when `verify`."""
+        out, stored = self.read_row_unchecked(row)
+        if stored is not None:
+            self.check(row, out, stored)
+        return out
+
+    def read_row_unchecked(self, row: int) -> tuple[np.ndarray, int | None]:
+        """The row and, when it must still be checked (`check`), its stored crc32c; else None. Lets a caller read
+        a batch and check the rows on other threads while it reads the next ones."""
         if not 0 <= row < self.layout.shape[0]:
             raise IndexError(row)
         s = self.layout.shard_shape[0]
         shard = self._handle(row // s)
         offset, nbytes = (int(v) for v in shard.index[row % s])
         if offset == _EMPTY and nbytes == _EMPTY:
-            return np.zeros(self.layout.chunk_shape[1:], self.layout.dtype)  # zarr's fill value
-        if nbytes != self.layout.chunk_nbytes:
+            if self.verify_rows and self.expected is not None and self.expected[row] >= 0:
+                raise ChecksumError(f"{self.shard_file(row // s)}: chunk {row % s} was written but is not stored")
+            return np.zeros(self.layout.chunk_shape[1:], self.layout.dtype), None  # zarr's fill value
+        if nbytes != self.layout.stored_nbytes:
             raise CacheFormatError(f"{self.shard_file(row // s)}: chunk {row % s} has {nbytes} bytes")
         out = np.empty(self.layout.chunk_shape[1:], self.layout.dtype)  # writable: torch.from_numpy needs no copy
-        if os.preadv(shard.fd, [memoryview(out).cast("B")], offset) != nbytes:
+        buffers = [memoryview(out).cast("B")]
+        if self.layout.chunk_crc:
+            trailer = bytearray(4)
+            buffers.append(trailer)
+        if os.preadv(shard.fd, buffers, offset) != nbytes:
             raise CacheFormatError(f"{self.shard_file(row // s)}: short read (truncated shard)")
-        return out
+        return out, (int.from_bytes(trailer, "little") if self.verify_rows else None)
+
+    def check(self, row: int, out: np.ndarray, stored: int) -> None:
+        """Raise ChecksumError unless crc32c(out) equals the chunk's stored trailer and the recorded crc."""
+        got = crc32c(out)
+        want = int(self.expected[row]) if self.expected is not None else -1
+        if got != stored or (want >= 0 and stored != want):
+            s = self.layout.shard_shape[0]
+            what = "its bytes are damaged" if got != stored else "it is not the chunk written there (moved or stale)"
+            raise ChecksumError(f"{self.shard_file(row // s)}: chunk {row % s} fails its crc32c: {what}")
 
     def close(self) -> None:
         self.pool.clear()

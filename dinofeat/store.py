@@ -17,13 +17,19 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
+from dinofeat.checksum import column_checksums, mismatched_columns
 from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
 from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan
+from dinofeat.shardfile import stored_chunk_checksums
 
-FORMAT_VERSION = 2  # 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
-READABLE_VERSIONS = (1, 2)  # a version 1 cache is a version 2 cache with one part and its index in "index"
+# 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
+# 3: crc32c per stored chunk (shard inner codec) recorded in done markers, crc32c per index column in the metadata,
+#    `last_sealed` (the generation new readers get while an incremental run works)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # a version 1 cache is a version 2 cache with one part and its index in "index"
 META_KEY = "dinofeat"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 # zarr 3.1 has no bfloat16: bf16 features are stored as their uint16 bit patterns (exact; see docs/format.md)
@@ -81,6 +87,7 @@ class Store:
             )
         self._arrays: dict[tuple[str, str], Any] = {}
         self._generation = int(meta.get("generation", 0))
+        self.format_version = int(version)
 
     # ---- creation -------------------------------------------------------------------------------------------
     @classmethod
@@ -103,9 +110,9 @@ class Store:
             "generation": 0,
             "state": "planning",
             "index_group": "index",
+            "index_checksums": _write_index(root, "index", plan),
             "buckets": [bucket_record(b) for b in plan.buckets],
         }
-        _write_index(root, "index", plan)
         _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype)
         _write_probe_failures(path, plan)
         store = cls(path, mode="r+")
@@ -124,25 +131,26 @@ class Store:
             raise ValueError("an extension must keep the existing buckets first and unchanged")
         old_group = self._index_group
         group = f"index_{max(b.part for b in plan.buckets)}"
+        sealed_group = (meta.get("last_sealed") or {}).get("index_group")
+        if group == sealed_group:
+            raise CacheConflictError(f"{self.path}: part {group} is the last sealed generation; it is never rewritten")
         # a crashed earlier attempt at this part: its index, bucket groups AND their done markers go together
         for stale in (group, *(f"buckets/{b.name}" for b in new), *(f"_dinofeat/done/{b.name}" for b in new)):
             shutil.rmtree(self.path / stale, ignore_errors=True)
-        _write_index(self.root, group, plan)
+        sums = _write_index(self.root, group, plan)
         _create_bucket_arrays(self.root, new, hidden, registers, store_dtype)
         _write_probe_failures(self.path, plan)  # keys not in the current index are ignored until the switch
         self.update_meta(
             state="planned",
             index_group=group,
+            index_checksums=sums,
             previous_index_group=old_group,
             num_images=len(plan),
             buckets=[*meta["buckets"], *(bucket_record(b) for b in new)],
             parts=[*meta.get("parts", [{"part": 0}]), {"part": max(b.part for b in plan.buckets), "time": time.time()}],
         )
         self._arrays.clear()
-        # the index before the previous one goes; the previous one stays for readers that opened the metadata
-        # just before this switch (a reader loads the index once, at open)
-        if meta.get("previous_index_group") not in (None, old_group, group):
-            shutil.rmtree(self.path / meta["previous_index_group"], ignore_errors=True)
+        self._drop_stale_index_groups()
 
     # ---- metadata -------------------------------------------------------------------------------------------
     @property
@@ -177,18 +185,43 @@ class Store:
     def _index_group(self) -> str:
         return str(self.meta.get("index_group", "index"))
 
-    def index(self) -> dict[str, np.ndarray]:
-        """The index columns. If an incremental run switched the index since this store was opened and its group
-        is gone, the metadata is read again and the current index is returned."""
+    def index(self, generation: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The index columns of the current plan, or of `generation` (a `last_sealed` record), checked against
+        their recorded crc32c (format 3). `status` is checked only once sealed: a run writes it just before the
+        metadata that vouches for it. If an incremental run switched the index since this store was opened and
+        its group is gone, the metadata is read again and the current index is returned."""
         for attempt in (0, 1):
+            meta = self.meta
+            if generation is not None:
+                group, sums = str(generation["index_group"]), dict(generation.get("index_checksums") or {})
+            else:
+                group, sums = str(meta.get("index_group", "index")), dict(meta.get("index_checksums") or {})
+                if meta.get("state") != "sealed":
+                    sums.pop("status", None)
             try:
-                g = self.root[self._index_group]
-                return {name: g[name][:] for name in (*INDEX_COLUMNS, "status")}
+                g = self.root[group]
+                cols = {name: g[name][:] for name in (*INDEX_COLUMNS, "status")}
             except (KeyError, FileNotFoundError):
-                if attempt:
-                    raise CacheFormatError(f"{self.path}: index group {self._index_group!r} is missing") from None
+                if attempt or generation is not None:
+                    raise CacheFormatError(
+                        f"{self.path}: index group {group!r} or one of its columns is missing; the cache is damaged "
+                        "(run `dinofeat validate`; rebuild with --overwrite)"
+                    ) from None
                 self.root = zarr.open_group(str(self.path), mode=self._mode)
                 self._arrays.clear()
+                continue
+            except Exception as e:  # a damaged chunk or array metadata: zarr's crc32c codec, JSON, UTF-8 errors
+                raise CacheFormatError(
+                    f"{self.path}: index group {group!r} is damaged ({type(e).__name__}: {e}); run `dinofeat "
+                    "validate`, rebuild with --overwrite"
+                ) from None
+            bad = mismatched_columns(cols, sums)
+            if bad:
+                raise CacheFormatError(
+                    f"{self.path}: index column(s) {', '.join(f'{group}/{n}' for n in bad)} fail their checksum "
+                    "(damaged, or a chunk is missing); the cache cannot be trusted: rebuild it with --overwrite"
+                )
+            return cols
         raise AssertionError("unreachable")
 
     def bucket_plans(self) -> tuple[BucketPlan, ...]:
@@ -265,7 +298,25 @@ class Store:
     def marker_path(self, bucket: str, shard: int) -> Path:
         return self.path / "_dinofeat" / "done" / bucket / f"{shard}.json"
 
-    def write_marker(self, bucket: str, shard: int, start: int, stop: int, failed: dict[int, str]) -> None:
+    def shard_checksums(self, bucket: str, shard: int) -> dict[str, list[int]]:
+        """The crc32c of every chunk of a written shard, per array, as zarr stored them (-1: chunk not stored).
+        Format 3 only; recorded in the done marker, so a reader also catches a chunk that is intact but is not the
+        one written there (e.g. two shard files swapped)."""
+        if self.format_version < 3:
+            return {}
+        rows = next(b.shard_rows for b in self.bucket_plans() if b.name == bucket)
+        names = self.array_names(bucket)
+        return {n: stored_chunk_checksums(f, rows) for n, f in zip(names, self.shard_files(bucket, shard), strict=True)}
+
+    def write_marker(
+        self,
+        bucket: str,
+        shard: int,
+        start: int,
+        stop: int,
+        failed: dict[int, str],
+        checksums: dict[str, list[int]] | None = None,
+    ) -> None:
         body = {
             "bucket": bucket,
             "shard": shard,
@@ -274,6 +325,8 @@ class Store:
             "failed": {str(r): why for r, why in sorted(failed.items())},
             "time": time.time(),
         }
+        if checksums:
+            body["crc32c"] = checksums
         _atomic_write_text(self.marker_path(bucket, shard), json.dumps(body))
 
     def markers(self) -> dict[tuple[str, int], dict[str, Any]]:
@@ -319,12 +372,28 @@ class Store:
                     removed += 1
         return removed
 
+    def _kept_index_groups(self) -> set[str]:
+        """Index groups a reader may still load: the current one, the one it replaced (a reader that read the
+        metadata just before a switch), the last sealed one (what new readers get while a run works) and the one
+        that was last sealed before it (a reader that read the metadata just before this seal)."""
+        meta = self.meta
+        keep = {meta.get("index_group", "index"), meta.get("previous_index_group"), meta.get("previous_sealed_group")}
+        keep.add((meta.get("last_sealed") or {}).get("index_group"))
+        return {g for g in keep if g}
+
+    def _drop_stale_index_groups(self) -> None:
+        """Readers load an index once, at open: older groups than those kept are deleted (at most four stay)."""
+        keep = self._kept_index_groups()
+        for d in self.path.glob("index*"):
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
     def orphan_groups(self) -> list[Path]:
         """Bucket and index groups no metadata points to: what an incremental run that crashed before its
         metadata switch leaves behind."""
         planned = {b.name for b in self.bucket_plans()}
         out = [d for d in sorted((self.path / "buckets").glob("*")) if d.is_dir() and d.name not in planned]
-        keep = {self._index_group, self.meta.get("previous_index_group")}
+        keep = self._kept_index_groups()
         out += [d for d in sorted(self.path.glob("index*")) if d.is_dir() and d.name not in keep]
         return out
 
@@ -336,9 +405,17 @@ class Store:
         if disk.get("state") == "sealed" and disk.get("index_group") == self._index_group:
             return  # another rank of a manual split sealed this very plan first
         self.check_generation()  # another run's index switch is never overwritten with this run's status
-        self.root[self._index_group]["status"][:] = status
+        group = self._index_group
+        self.root[group]["status"][:] = status
         _atomic_write_text(self.path / "_dinofeat" / "failures.json", json.dumps(failures, sort_keys=True))
-        self.update_meta(state="sealed", sealed_at=time.time())
+        now = time.time()
+        sums = {**(disk.get("index_checksums") or {}), **column_checksums({"status": status})}
+        last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
+        before = (disk.get("last_sealed") or {}).get("index_group")
+        self.update_meta(
+            state="sealed", sealed_at=now, index_checksums=sums, last_sealed=last, previous_sealed_group=before
+        )
+        self._drop_stale_index_groups()
 
     def failures(self) -> dict[str, str]:
         p = self.path / "_dinofeat" / "failures.json"
@@ -366,7 +443,9 @@ def bucket_record(b: BucketPlan) -> dict[str, Any]:
     }
 
 
-def _write_index(root: Any, group: str, plan: Plan) -> None:
+def _write_index(root: Any, group: str, plan: Plan) -> dict[str, int]:
+    """Write the index columns (each chunk with zarr's crc32c codec); returns each column's crc32c for the
+    metadata."""
     idx = root.create_group(group, overwrite=True)
     n = len(plan)
     cols: dict[str, np.ndarray] = {
@@ -379,11 +458,19 @@ def _write_index(root: Any, group: str, plan: Plan) -> None:
         "file_size": plan.file_size,
         "mtime_ns": plan.mtime_ns,
     }
+    cols["status"] = np.zeros(n, np.int8)
     for name, values in cols.items():
-        a = idx.create_array(name, shape=(n,), dtype=values.dtype if name != "key" else str, chunks=(max(n, 1),))
+        a = idx.create_array(
+            name,
+            shape=(n,),
+            dtype=values.dtype if name != "key" else str,
+            chunks=(max(n, 1),),
+            fill_value=0 if name == "status" else None,
+            compressors=[Crc32cCodec()],
+        )
         if n:
             a[:] = values
-    idx.create_array("status", shape=(n,), dtype="int8", chunks=(max(n, 1),), fill_value=0)
+    return column_checksums(cols)
 
 
 def _create_bucket_arrays(root: Any, buckets: Any, hidden: int, registers: int, store_dtype: str) -> None:
@@ -403,7 +490,7 @@ def _create_bucket_arrays(root: Any, buckets: Any, hidden: int, registers: int, 
                 dtype=dtype,
                 chunks=(1, *shape[1:]),
                 shards=(s, *shape[1:]),
-                compressors=None,
+                compressors=[Crc32cCodec()],  # inside the shard: a crc32c trailer per chunk (row)
                 fill_value=0,
                 config=_ARRAY_CONFIG,
             )

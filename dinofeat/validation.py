@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dinofeat.checksum import expected_checksums
 from dinofeat.errors import CacheFormatError, DinofeatError
 from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, read_layout
@@ -129,7 +130,11 @@ def validate(
         return report
     if meta.get("state") != "sealed":
         report.add("complete", "zarr.json", f"cache is not sealed (state {meta.get('state')!r}): precompute unfinished")
-    ix = st.index()
+    try:
+        ix = st.index()  # format 3: every column checked against its crc32c
+    except CacheFormatError as e:
+        report.add("index", "index", str(e))
+        return report
     keys = [str(k) for k in ix["key"]]
     plans = st.bucket_plans()
     markers = st.markers()
@@ -222,22 +227,33 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
         if (b.name, u) in markers and (sample >= 1 or rng.random() < sample)
     ]
     bf16 = st.meta["dtypes"]["store"] == "bf16"
+    expected = expected_checksums(markers, plans)
     norms, norm_keys = [], []
+    unchecked = 0
     for k, b, u in tqdm(todo, desc="validate", unit="shard", disable=not progress):
         s0, s1 = b.shard_range(u)
         positions = by_bucket[k][s0:s1]
         done = ix["status"][positions] == STATUS_DONE
         for name in st.array_names(b.name):
             try:
-                ShardReader(read_layout(st.path / "buckets" / b.name / name), HandlePool(1))._handle(u)
+                layout = read_layout(st.path / "buckets" / b.name / name)
+                reader = ShardReader(layout, HandlePool(1), expected=expected.get((b.name, name)))
+                reader._handle(u)  # the shard index and its crc32c
             except CacheFormatError as e:
                 report.add("shard", f"{b.name}/{name} shard {u}", str(e))
                 continue
-            try:
-                x = st.read_rows(b.name, name, s0, s1)
-            except Exception as e:
-                report.add("shard", f"{b.name}/{name} shard {u}", f"unreadable: {e}")
-                continue
+            if reader.verify_rows:
+                x, damaged = _read_checked(reader, s0, s1)
+                for r, why in damaged.items():
+                    (report.add if done[r] else report.warn)("checksum", keys[positions[r]], f"{name}: {why}")
+                done = done & ~np.isin(np.arange(len(done)), list(damaged))
+            else:
+                unchecked += 1
+                try:
+                    x = st.read_rows(b.name, name, s0, s1)
+                except Exception as e:
+                    report.add("shard", f"{b.name}/{name} shard {u}", f"unreadable: {e}")
+                    continue
             x = bf16_bits_to_float32(x) if bf16 else x
             for check, rows, why in (
                 ("nan", nonfinite_rows(x), "NaN or Inf values"),
@@ -256,6 +272,26 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
     for i in norm_outliers(np.asarray(norms)):
         report.warn("cls_norm", norm_keys[i], f"CLS norm {norms[i]:.3g} is an outlier")
     report.checked["value_shards"] = len(todo)
+    if unchecked:
+        report.warn(
+            "checksum",
+            "cache",
+            f"format {st.format_version}: chunks carry no checksums, so {unchecked} shard arrays were read unverified "
+            "(rebuild with this version to get them)",
+        )
+
+
+def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows [s0, s1) of one shard, each verified against its crc32c; damaged rows read as zeros and are returned
+    with their reason (position within the shard)."""
+    rows, damaged = [], {}
+    for r in range(s0, s1):
+        try:
+            rows.append(reader.read_row(r))
+        except CacheFormatError as e:
+            damaged[r - s0] = str(e)
+            rows.append(np.zeros(reader.layout.chunk_shape[1:], reader.layout.dtype))
+    return np.stack(rows), damaged
 
 
 def _check_folder(folder: Path, ix, keys, report: Report) -> None:

@@ -25,8 +25,8 @@ class ShardResult:
 
 
 class ShardWriter:
-    """Writes each shard in one call per array, fsyncs it, then writes its done marker. Errors surface on the
-    next call."""
+    """Writes each shard in one call per array, fsyncs it, then writes its done marker with every chunk's
+    crc32c. Errors surface on the next call."""
 
     def __init__(self, store: Store, max_pending: int = 2) -> None:
         self.store = store
@@ -47,7 +47,8 @@ class ShardWriter:
             try:
                 self.bytes_written += self.store.write_shard(item.bucket, item.start, item.build())
                 self.store.sync_shard(item.bucket, item.shard)  # data on disk before the marker that vouches for it
-                self.store.write_marker(item.bucket, item.shard, item.start, item.stop, item.failed)
+                sums = self.store.shard_checksums(item.bucket, item.shard)  # each chunk's crc32c, as stored
+                self.store.write_marker(item.bucket, item.shard, item.start, item.stop, item.failed, sums)
                 self.shards_written += 1
             except BaseException as e:  # re-raised in the main thread
                 self._error = e

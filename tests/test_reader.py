@@ -86,6 +86,7 @@ def test_refuses_unsealed_unknown_version_and_unmarked(tmp_path, cache_dir):
         FeatureCache(c)
     meta["attributes"]["dinofeat"]["format_version"] = 1
     meta["attributes"]["dinofeat"]["state"] = "planned"
+    del meta["attributes"]["dinofeat"]["last_sealed"]  # never sealed: nothing to serve
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CacheFormatError, match="not sealed"):
         FeatureCache(c)

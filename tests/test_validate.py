@@ -74,29 +74,35 @@ def test_truncated_shard_file(copy):
     assert "shard" in checks(r)
 
 
+def rewrite_row(cache, bucket: str, name: str, row: int, change) -> None:
+    """What a run that wrote a bad value would have left: the shard rewritten whole and its done marker (with the
+    chunks' crc32c) written again, so only the value checks can tell."""
+    st = Store(cache, mode="r+")
+    a = zarr.open_array(str(cache / "buckets" / bucket / name), mode="r+")
+    shard_rows = next(b for b in st.bucket_plans() if b.name == bucket).shard_rows
+    u = row // shard_rows
+    start = u * shard_rows
+    block = a[start : start + shard_rows]
+    change(block[row - start])
+    a[start : start + shard_rows] = block
+    m = st.markers()[(bucket, u)]
+    failed = {int(r): why for r, why in m["failed"].items()}
+    st.write_marker(bucket, u, m["start"], m["stop"], failed, st.shard_checksums(bucket, u))
+
+
 def test_nan_row(copy):
     _, cache = copy
     key, bucket, row = first_row(cache)
-    a = zarr.open_array(str(cache / "buckets" / bucket / "patches"), mode="r+")
-    s = Store(cache).bucket_plans()
-    shard_rows = next(b for b in s if b.name == bucket).shard_rows
-    start = row // shard_rows * shard_rows
-    block = a[start : start + shard_rows]
-    block[row - start, 0, 0, 0] = np.nan
-    a[start : start + shard_rows] = block
+    rewrite_row(cache, bucket, "patches", row, lambda x: x.__setitem__((0, 0, 0), np.nan))
     r = run_validate(cache, progress=False)
     assert any(p.check == "nan" and p.where == key for p in r.problems)
+    assert "checksum" not in checks(r)
 
 
 def test_zeroed_row(copy):
     _, cache = copy
     key, bucket, row = first_row(cache)
-    a = zarr.open_array(str(cache / "buckets" / bucket / "cls"), mode="r+")
-    shard_rows = next(b for b in Store(cache).bucket_plans() if b.name == bucket).shard_rows
-    start = row // shard_rows * shard_rows
-    block = a[start : start + shard_rows]
-    block[row - start] = 0
-    a[start : start + shard_rows] = block
+    rewrite_row(cache, bucket, "cls", row, lambda x: x.fill(0))
     r = run_validate(cache, progress=False)
     assert any(p.check == "zero" and p.where == key for p in r.problems)
 

@@ -1,0 +1,58 @@
+"""crc32c, the checksum zarr v3's `crc32c` codec uses, over numpy arrays and index columns (no zarr import).
+
+Chunks carry their crc32c as a 4-byte little-endian trailer (the codec's format); done markers record each chunk's
+crc so that a chunk moved to another place (two shard files swapped) fails too; index columns have one crc each in
+the metadata, so a missing chunk (which zarr silently reads as fill values) fails as well."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+
+def crc32c(data: np.ndarray | bytes) -> int:
+    """crc32c of an array's bytes (C order), without copying a contiguous array."""
+    if isinstance(data, bytes):
+        return int(google_crc32c.value(data))
+    view = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    view.flags.writeable = False  # google_crc32c takes read-only buffers only
+    return int(google_crc32c.value(view))
+
+
+def keys_checksum(keys: Sequence[str] | np.ndarray) -> int:
+    """crc32c of the key column: NUL-separated UTF-8 (NUL cannot occur in a file name)."""
+    return crc32c("\0".join(str(k) for k in keys).encode("utf-8", "surrogatepass"))
+
+
+def column_checksum(name: str, values: np.ndarray) -> int:
+    """The checksum recorded for one index column."""
+    if name == "key":
+        return keys_checksum(values)
+    return crc32c(np.asarray(values))
+
+
+def column_checksums(columns: dict[str, np.ndarray]) -> dict[str, int]:
+    return {name: column_checksum(name, v) for name, v in columns.items()}
+
+
+def mismatched_columns(columns: dict[str, np.ndarray], recorded: dict[str, int]) -> list[str]:
+    """Names of recorded columns whose values no longer match their checksum (or are missing)."""
+    return [n for n, want in recorded.items() if n not in columns or column_checksum(n, columns[n]) != int(want)]
+
+
+def expected_checksums(
+    markers: Mapping[tuple[str, int], Any], plans: Sequence[Any]
+) -> dict[tuple[str, str], np.ndarray]:
+    """Per (bucket, array): the crc32c each row's done marker recorded (-1: none recorded, format 1-2)."""
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for bp in plans:
+        for u in range(bp.num_shards):
+            sums = markers.get((bp.name, u), {}).get("crc32c") or {}
+            s0, s1 = bp.shard_range(u)
+            for name, crcs in sums.items():
+                arr = out.setdefault((bp.name, name), np.full(bp.rows, -1, np.int64))
+                arr[s0:s1] = np.asarray(crcs, np.int64)[: s1 - s0]
+    return out
