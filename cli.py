@@ -242,8 +242,9 @@ def info(cache: Annotated[str, typer.Argument(help="Cache directory.")], as_json
     cs = d["channel_stats"]
     if cs.get("images"):
         mean, std = cs["mean"], cs["std"]
+        how = f"all {cs['tokens']} patch tokens (recorded)" if cs.get("exact") else f"{cs['images']} sampled images"
         typer.echo(
-            f"patch features over {cs['images']} images: channel mean in [{min(mean):.3g}, {max(mean):.3g}], "
+            f"patch features over {how}: channel mean in [{min(mean):.3g}, {max(mean):.3g}], "
             f"channel std in [{min(std):.3g}, {max(std):.3g}] (--json for all channels)"
         )
 

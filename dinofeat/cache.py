@@ -149,6 +149,15 @@ class FeatureCache:
         """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by."""
         return self._size_of_group[self._bucket] if len(self._bucket) else np.zeros(0, np.int32)
 
+    @property
+    def channel_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        """{'cls' | 'patches': (mean [D], std [D])} over every stored image, accumulated during precompute; None for
+        caches written before they were recorded."""
+        recorded = self.meta.get("channel_stats")
+        if not recorded:
+            return None
+        return {n: (np.asarray(v["mean"], np.float32), np.asarray(v["std"], np.float32)) for n, v in recorded.items()}
+
     def size(self, i: int) -> tuple[int, int]:
         """(width, height) the image at position i was resized to."""
         return self._sizes[int(self._size_of_group[self._bucket[i]])]

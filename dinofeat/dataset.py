@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dinofeat.cache import FeatureCache
+from dinofeat.errors import ConfigError
 
 Extra = Mapping[str, Any] | Callable[[str], Any]
 
@@ -21,6 +22,9 @@ class FeatureDataset(Dataset):
     `extra` is a mapping key -> item or a function key -> item (their VAE latents, captions, ...). With a mapping,
     images it lacks are left out (`missing="drop"`) or raise (`missing="error"`). Each DataLoader worker reopens
     the cache's file handles; only paths and the index cross the process boundary.
+
+    `normalize=True` returns float32 `(x - mean) / std` per channel for cls and patches, with the statistics
+    precompute accumulated over every stored image (`FeatureCache.channel_stats`).
     """
 
     def __init__(
@@ -30,8 +34,18 @@ class FeatureDataset(Dataset):
         *,
         missing: str = "drop",
         registers: bool = False,
+        normalize: bool = False,
     ) -> None:
         self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        self.norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        if normalize:
+            stats = self.cache.channel_stats
+            if stats is None:
+                raise ConfigError(
+                    f"{self.cache.path} records no channel statistics (written by dinofeat < 0.3); rebuild it with "
+                    "--overwrite to use normalize=True"
+                )
+            self.norm = {n: (torch.from_numpy(m), torch.from_numpy(np.maximum(s, 1e-6))) for n, (m, s) in stats.items()}
         self.extra = extra
         self.registers = registers
         positions = np.arange(len(self.cache))
@@ -61,6 +75,10 @@ class FeatureDataset(Dataset):
             "bucket": f.bucket,
             "grid": (f.bucket[1] // patch, f.bucket[0] // patch),
         }
+        if self.norm is not None:
+            for name in ("cls", "patches"):
+                mean, std = self.norm[name]
+                sample[name] = (sample[name].float() - mean) / std
         if self.registers:
             sample["registers"] = torch.from_numpy(self.cache.read(pos, "registers"))
         if self.extra is not None:

@@ -81,5 +81,23 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
         "disk_bytes": st.disk_bytes(),
         "created": meta.get("created"),
         "dinofeat_version": meta.get("dinofeat_version"),
-        "channel_stats": channel_stats(st, stats_images),
+        "channel_stats": recorded_stats(meta, int((ix["status"] == STATUS_DONE).sum()))
+        or channel_stats(st, stats_images),
+    }
+
+
+def recorded_stats(meta: dict[str, Any], done: int) -> dict[str, Any] | None:
+    """The exact patch statistics precompute recorded (over every stored image), in `channel_stats`'s shape, plus
+    the CLS ones."""
+    rec = meta.get("channel_stats")
+    if not rec:
+        return None
+    p = rec["patches"]
+    return {
+        "images": done,
+        "tokens": p["count"],
+        "mean": p["mean"],
+        "std": p["std"],
+        "exact": True,
+        "cls": rec.get("cls"),
     }

@@ -31,6 +31,7 @@ from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, 
 from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
 from dinofeat.probe import probe_many
+from dinofeat.stats import ChannelStats
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store
 from dinofeat.tokens import split_tokens
 from dinofeat.writer import ShardResult, ShardWriter
@@ -317,8 +318,23 @@ def finalize(st: Store, plan: Plan, seal: bool = True) -> tuple[np.ndarray, dict
                 failures[plan.keys[positions[int(r)]]] = why
     complete = bool((status != STATUS_PENDING).all())
     if seal and complete and st.disk_state() != "sealed":
-        st.seal(status, failures)
+        st.seal(status, failures, cache_channel_stats(st, plan))
     return status, failures, complete
+
+
+def cache_channel_stats(st: Store, plan: Plan) -> dict[str, Any] | None:
+    """Per-channel mean and std over every stored image: the merge of each shard's statistics, in plan order (so
+    any split of the work gives the same numbers). None if a shard has none (written by an older version)."""
+    dim = int(st.meta["hidden_size"])
+    merged: dict[str, ChannelStats] = {}
+    for b in plan.buckets:
+        for u in range(b.num_shards):
+            part = st.read_stats(b.name, u)
+            if part is None:
+                return None
+            for name, s in part.items():
+                merged[name] = merged.get(name, ChannelStats.empty(dim)).merge(s)
+    return {name: s.to_dict() for name, s in merged.items()}
 
 
 class _ShardAssembler:

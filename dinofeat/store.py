@@ -24,6 +24,7 @@ from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
 from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan
 from dinofeat.shardfile import stored_chunk_checksums
+from dinofeat.stats import ChannelStats
 
 # 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
 # 3: crc32c per stored chunk (shard inner codec) recorded in done markers, crc32c per index column in the metadata,
@@ -135,7 +136,9 @@ class Store:
         if group == sealed_group:
             raise CacheConflictError(f"{self.path}: part {group} is the last sealed generation; it is never rewritten")
         # a crashed earlier attempt at this part: its index, bucket groups AND their done markers go together
-        for stale in (group, *(f"buckets/{b.name}" for b in new), *(f"_dinofeat/done/{b.name}" for b in new)):
+        leftovers = [f"buckets/{b.name}" for b in new]
+        leftovers += [f"_dinofeat/{kind}/{b.name}" for b in new for kind in ("done", "stats")]
+        for stale in (group, *leftovers):
             shutil.rmtree(self.path / stale, ignore_errors=True)
         sums = _write_index(self.root, group, plan)
         _create_bucket_arrays(self.root, new, hidden, registers, store_dtype)
@@ -294,6 +297,33 @@ class Store:
             out.append(self.path / "buckets" / bucket / name / "c" / str(shard) / Path(*(["0"] * (ndim - 1))))
         return out
 
+    # ---- per-shard channel statistics (issue 14) ----------------------------------------------------------
+    def stats_path(self, bucket: str, shard: int) -> Path:
+        return self.path / "_dinofeat" / "stats" / bucket / f"{shard}.npz"
+
+    def write_stats(self, bucket: str, shard: int, stats: dict[str, ChannelStats]) -> None:
+        """One shard's statistics, written (atomically, fsynced) before its done marker."""
+        path = self.stats_path(bucket, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        arrays = {}
+        for name, st in stats.items():
+            arrays |= {f"{name}.count": np.int64(st.count), f"{name}.mean": st.mean, f"{name}.m2": st.m2}
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+
+    def read_stats(self, bucket: str, shard: int) -> dict[str, ChannelStats] | None:
+        try:
+            with np.load(self.stats_path(bucket, shard)) as z:
+                names = {k.split(".")[0] for k in z.files}
+                return {n: ChannelStats(int(z[f"{n}.count"]), z[f"{n}.mean"], z[f"{n}.m2"]) for n in names}
+        except (OSError, ValueError, KeyError):
+            return None
+
     # ---- done markers ---------------------------------------------------------------------------------------
     def marker_path(self, bucket: str, shard: int) -> Path:
         return self.path / "_dinofeat" / "done" / bucket / f"{shard}.json"
@@ -400,7 +430,7 @@ class Store:
     def disk_state(self) -> str | None:
         return self._disk_meta().get("state")
 
-    def seal(self, status: np.ndarray, failures: dict[str, str]) -> None:
+    def seal(self, status: np.ndarray, failures: dict[str, str], channel_stats: dict[str, Any] | None = None) -> None:
         disk = self._disk_meta()
         if disk.get("state") == "sealed" and disk.get("index_group") == self._index_group:
             return  # another rank of a manual split sealed this very plan first
@@ -413,7 +443,12 @@ class Store:
         last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
         before = (disk.get("last_sealed") or {}).get("index_group")
         self.update_meta(
-            state="sealed", sealed_at=now, index_checksums=sums, last_sealed=last, previous_sealed_group=before
+            state="sealed",
+            sealed_at=now,
+            index_checksums=sums,
+            last_sealed=last,
+            previous_sealed_group=before,
+            channel_stats=channel_stats,
         )
         self._drop_stale_index_groups()
 

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dinofeat.store import Store
+from dinofeat.stats import ChannelStats, shard_stats
+from dinofeat.store import Store, bf16_bits_to_float32
+
+STAT_ARRAYS = ("cls", "patches")  # the arrays whose per-channel statistics the cache records
 
 
 @dataclass
@@ -25,11 +28,12 @@ class ShardResult:
 
 
 class ShardWriter:
-    """Writes each shard in one call per array, fsyncs it, then writes its done marker with every chunk's
-    crc32c. Errors surface on the next call."""
+    """Writes each shard in one call per array, fsyncs it, writes its per-channel statistics, then its done marker
+    with every chunk's crc32c. Errors surface on the next call."""
 
     def __init__(self, store: Store, max_pending: int = 2) -> None:
         self.store = store
+        self._bf16 = store.meta["dtypes"]["store"] == "bf16"
         self.bytes_written = 0
         self.shards_written = 0
         self._q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=max_pending)
@@ -45,13 +49,22 @@ class ShardWriter:
             if self._error is not None:
                 continue  # drain after a failure; nothing more is written
             try:
-                self.bytes_written += self.store.write_shard(item.bucket, item.start, item.build())
+                arrays = item.build()
+                self.bytes_written += self.store.write_shard(item.bucket, item.start, arrays)
                 self.store.sync_shard(item.bucket, item.shard)  # data on disk before the marker that vouches for it
+                self.store.write_stats(item.bucket, item.shard, self._stats(item, arrays))
                 sums = self.store.shard_checksums(item.bucket, item.shard)  # each chunk's crc32c, as stored
                 self.store.write_marker(item.bucket, item.shard, item.start, item.stop, item.failed, sums)
                 self.shards_written += 1
             except BaseException as e:  # re-raised in the main thread
                 self._error = e
+
+    def _stats(self, item: ShardResult, arrays: dict[str, np.ndarray]) -> dict[str, ChannelStats]:
+        """Per-channel statistics of the shard's done rows (failed rows are zeros and are left out)."""
+        done = np.ones(item.stop - item.start, bool)
+        done[[r - item.start for r in item.failed]] = False
+        as_float = {n: bf16_bits_to_float32(a) if self._bf16 else a for n, a in arrays.items() if n in STAT_ARRAYS}
+        return shard_stats(as_float, done, STAT_ARRAYS)
 
     def _check(self) -> None:
         if self._error is not None:

@@ -42,6 +42,8 @@ def assert_same_cache(a: Path, b: Path) -> None:
     for col in ia:
         np.testing.assert_array_equal(ia[col], ib[col], err_msg=col)
     assert sa.failures() == sb.failures()
+    # channel statistics: per shard, merged in plan order at seal, so any split of the work gives the same numbers
+    assert sa.meta["channel_stats"] is not None and sa.meta["channel_stats"] == sb.meta["channel_stats"]
     for bp in sa.bucket_plans():
         for name in sa.array_names(bp.name):
             np.testing.assert_array_equal(
