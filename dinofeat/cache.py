@@ -146,8 +146,12 @@ class FeatureCache:
 
     @property
     def bucket_ids(self) -> np.ndarray:
-        """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by."""
-        return self._size_of_group[self._bucket] if len(self._bucket) else np.zeros(0, np.int32)
+        """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by (built once)."""
+        ids = self.__dict__.get("_bucket_ids")
+        if ids is None:
+            ids = self._size_of_group[self._bucket] if len(self._bucket) else np.zeros(0, np.int32)
+            self._bucket_ids = ids
+        return ids
 
     @property
     def channel_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
