@@ -75,6 +75,7 @@ class FeatureCache:
         # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
         self._sizes = list(dict.fromkeys(b.size for b in self._bucket_plans))
         self._size_of_group = np.array([self._sizes.index(b.size) for b in self._bucket_plans], np.int32)
+        self._bucket_ids = self._size_of_group[self._bucket]
         self._row = ix["row"][done].astype(np.int64)
         self._lookup: dict[str, int] | None = None
         self._readers: dict[tuple[int, str], Any] = {}
@@ -146,12 +147,8 @@ class FeatureCache:
 
     @property
     def bucket_ids(self) -> np.ndarray:
-        """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by (built once)."""
-        ids = self.__dict__.get("_bucket_ids")
-        if ids is None:
-            ids = self._size_of_group[self._bucket] if len(self._bucket) else np.zeros(0, np.int32)
-            self._bucket_ids = ids
-        return ids
+        """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by."""
+        return self._bucket_ids
 
     @property
     def channel_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -164,7 +161,7 @@ class FeatureCache:
 
     def size(self, i: int) -> tuple[int, int]:
         """(width, height) the image at position i was resized to."""
-        return self._sizes[int(self._size_of_group[self._bucket[i]])]
+        return self._sizes[int(self._bucket_ids[i])]
 
     @property
     def failures(self) -> dict[str, str]:

@@ -246,14 +246,6 @@ class ShardReader:
 
     def read_row(self, row: int) -> np.ndarray:
         """One row (one inner chunk) as a new, writable array of shape chunk_shape[1:], checked when `verify`."""
-        out, stored = self.read_row_unchecked(row)
-        if stored is not None:
-            self.check(row, out, stored)
-        return out
-
-    def read_row_unchecked(self, row: int) -> tuple[np.ndarray, int | None]:
-        """The row and, when it must still be checked (`check`), its stored crc32c; else None. Lets a caller read
-        a batch and check the rows on other threads while it reads the next ones."""
         if not 0 <= row < self.layout.shape[0]:
             raise IndexError(row)
         s = self.layout.shard_shape[0]
@@ -262,7 +254,7 @@ class ShardReader:
         if offset == _EMPTY and nbytes == _EMPTY:
             if self.verify_rows and self.expected is not None and self.expected[row] >= 0:
                 raise ChecksumError(f"{self.shard_file(row // s)}: chunk {row % s} was written but is not stored")
-            return np.zeros(self.layout.chunk_shape[1:], self.layout.dtype), None  # zarr's fill value
+            return np.zeros(self.layout.chunk_shape[1:], self.layout.dtype)  # zarr's fill value
         if nbytes != self.layout.stored_nbytes:
             raise CacheFormatError(f"{self.shard_file(row // s)}: chunk {row % s} has {nbytes} bytes")
         out = np.empty(self.layout.chunk_shape[1:], self.layout.dtype)  # writable: torch.from_numpy needs no copy
@@ -272,9 +264,11 @@ class ShardReader:
             buffers.append(trailer)
         if os.preadv(shard.fd, buffers, offset) != nbytes:
             raise CacheFormatError(f"{self.shard_file(row // s)}: short read (truncated shard)")
-        return out, (int.from_bytes(trailer, "little") if self.verify_rows else None)
+        if self.verify_rows:
+            self._check(row, out, int.from_bytes(trailer, "little"))
+        return out
 
-    def check(self, row: int, out: np.ndarray, stored: int) -> None:
+    def _check(self, row: int, out: np.ndarray, stored: int) -> None:
         """Raise ChecksumError unless crc32c(out) equals the chunk's stored trailer and the recorded crc."""
         got = crc32c(out)
         want = int(self.expected[row]) if self.expected is not None else -1

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-ROW_BLOCK = 16  # rows converted to float64 at a time: bounded memory for 128 MiB shards
+BLOCK = 65536  # vectors converted to float64 at a time: bounded memory for 128 MiB shards
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class ChannelStats:
         dim = x.shape[-1]
         flat = x.reshape(-1, dim)
         total, sq = np.zeros(dim), np.zeros(dim)
-        for a in range(0, len(flat), ROW_BLOCK * 4096):
-            block = flat[a : a + ROW_BLOCK * 4096].astype(np.float64)
+        for a in range(0, len(flat), BLOCK):
+            block = flat[a : a + BLOCK].astype(np.float64)
             total += block.sum(0)
             sq += np.einsum("ij,ij->j", block, block)
         n = len(flat)
@@ -71,4 +71,5 @@ def merge_all(parts: Iterable[ChannelStats], dim: int) -> ChannelStats:
 def shard_stats(arrays: dict[str, np.ndarray], done: np.ndarray, names: tuple[str, ...]) -> dict[str, ChannelStats]:
     """Statistics of the done rows (`done` is a bool mask over the shard's rows) of each named array (float
     values; bf16 bit patterns must be converted first)."""
-    return {n: ChannelStats.of(arrays[n][done]) for n in names if n in arrays}
+    every = bool(done.all())  # the usual case: no copy of the shard
+    return {n: ChannelStats.of(arrays[n] if every else arrays[n][done]) for n in names if n in arrays}

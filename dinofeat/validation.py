@@ -246,7 +246,8 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
                 x, damaged = _read_checked(reader, s0, s1)
                 for r, why in damaged.items():
                     (report.add if done[r] else report.warn)("checksum", keys[positions[r]], f"{name}: {why}")
-                done = done & ~np.isin(np.arange(len(done)), list(damaged))
+                done = done.copy()
+                done[list(damaged)] = False  # already reported; their zeros are not a "zero row" finding
             else:
                 unchecked += 1
                 try:
