@@ -17,6 +17,14 @@ MaxAR = Annotated[float, typer.Option("--max-ar", help="Largest aspect ratio (wi
 NumBuckets = Annotated[int, typer.Option("--num-buckets", help="Sizes spaced evenly in log aspect ratio.")]
 Fit = Annotated[bool, typer.Option("--fit", help="Per-image sizes (keep aspect, fit area) instead of a list.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+DitScale = Annotated[
+    str | None,
+    typer.Option(
+        help="Tie DINO buckets to the DiT's: --area/--multiple describe the DiT buckets, DINO's are them x this "
+        "exact fraction (1/2)."
+    ),
+]
+DitToken = Annotated[int, typer.Option(help="With --dit-scale: DiT pixels per token (VAE factor x DiT patch).")]
 
 
 def _fail(e: Exception) -> None:
@@ -31,26 +39,45 @@ def _gb(n: int) -> str:
 @app.command()
 def buckets(
     area: Area = 1024,
-    multiple: Annotated[int, typer.Option(help="Every side is a multiple of this (16 DINOv3, 14 DINOv2).")] = 16,
-    patch: Annotated[int | None, typer.Option(help="Patch size for the grid column (default: the multiple).")] = None,
+    multiple: Annotated[
+        int | None, typer.Option(help="Every side is a multiple of this (default 16; tied: the smallest that aligns).")
+    ] = None,
+    patch: Annotated[int | None, typer.Option(help="DINO patch size (default: the multiple; tied: 16).")] = None,
     min_ar: MinAR = 0.25,
     max_ar: MaxAR = 4.0,
     num_buckets: NumBuckets = 33,
+    dit_scale: DitScale = None,
+    dit_token: DitToken = 16,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the table and spec as JSON (what the DiT loads).")
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Print the bucket table: W x H, patch grid h x w, tokens, aspect ratio."""
-    from buckets import BucketSpec, BucketSpecError, table_rows
+    """Print the bucket table: W x H, patch grid h x w, tokens, aspect ratio; tied, both sides and k."""
+    from buckets import BucketSpec, BucketSpecError, TiedSpec, min_tied_multiple, table_document
 
     try:
-        spec = BucketSpec(area, multiple, min_ar, max_ar, num_buckets)
-        rows = table_rows(spec, patch)
+        if dit_scale is None:
+            spec = BucketSpec(area, multiple or 16, min_ar, max_ar, num_buckets)
+        else:
+            patch = patch or 16
+            ratio = TiedSpec(BucketSpec(area, dit_token), dit_scale, dit_token).ratio
+            m = multiple or min_tied_multiple(patch, ratio, dit_token)
+            spec = TiedSpec(BucketSpec(area, m, min_ar, max_ar, num_buckets), dit_scale, dit_token)
+        doc = table_document(spec, patch)
     except (BucketSpecError, ValueError) as e:
         _fail(e)
+    if out is not None:
+        out.write_text(json.dumps(doc, indent=2) + "\n")
     if as_json:
-        typer.echo(json.dumps({"spec": spec.to_dict(), "hash": spec.hash, "buckets": rows}, indent=2))
+        typer.echo(json.dumps(doc, indent=2))
         return
+    if isinstance(spec, TiedSpec):
+        _print_tied(spec, doc)
+        return
+    rows = doc["buckets"]
     typer.echo(
-        f"# {len(rows)} buckets, area {area}^2, multiple {multiple}, aspect {min_ar:g}..{max_ar:g}, "
+        f"# {len(rows)} buckets, area {area}^2, multiple {spec.multiple}, aspect {min_ar:g}..{max_ar:g}, "
         f"spec hash {spec.hash}"
     )
     typer.echo(f"{'W x H':>11}  {'grid h x w':>10}  {'tokens':>6}  {'aspect':>6}  {'area/A':>6}")
@@ -58,6 +85,21 @@ def buckets(
         typer.echo(
             f"{r['width']:>5} x {r['height']:<4}  {r['grid_h']:>4} x {r['grid_w']:<4}  {r['tokens']:>6}  "
             f"{r['aspect']:>6.3f}  {r['area_ratio']:>6.3f}"
+        )
+
+
+def _print_tied(spec, doc: dict) -> None:
+    d = spec.dit
+    typer.echo(
+        f"# {len(doc['buckets'])} buckets tied: DiT area {d.area}^2, multiple {d.multiple}, token {spec.dit_token} px; "
+        f"DINO = DiT x {spec.scale}; k = {doc['grid_factor']} DiT tokens per DINO patch side; spec hash {spec.hash}"
+    )
+    typer.echo(f"{'DiT W x H':>11}  {'tokens h x w':>12}   {'DINO W x H':>11}  {'patches h x w':>13}  {'aspect':>6}")
+    for r in doc["buckets"]:
+        t, p = r["dit"], r["dino"]
+        typer.echo(
+            f"{t['width']:>5} x {t['height']:<4}  {t['grid_h']:>5} x {t['grid_w']:<5}   {p['width']:>5} x "
+            f"{p['height']:<4}  {p['grid_h']:>6} x {p['grid_w']:<5}  {r['aspect']:>6.3f}"
         )
 
 
@@ -75,6 +117,18 @@ def precompute(
     max_ar: MaxAR = 4.0,
     num_buckets: NumBuckets = 33,
     fit: Fit = False,
+    dit_scale: DitScale = None,
+    dit_token: DitToken = 16,
+    bucket_spec: Annotated[
+        Path | None, typer.Option(help="Buckets from a `dinofeat buckets --out` file (overrides the bucket options).")
+    ] = None,
+    layers: Annotated[
+        str, typer.Option(help="Blocks to store, e.g. 8,16,-1 (-1 = last). The deepest is stored as cls/patches.")
+    ] = "-1",
+    layer_norm: Annotated[
+        bool, typer.Option(help="Apply the model's final LayerNorm to every stored layer (as HF does to the last).")
+    ] = True,
+    flip: Annotated[bool, typer.Option(help="Also store the features of each horizontally mirrored image.")] = False,
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")] = "auto",
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: fp16|bf16|fp32.")] = "fp16",
     keep_registers: Annotated[bool, typer.Option(help="Also store register tokens.")] = False,
@@ -128,6 +182,11 @@ def precompute(
             num_buckets=num_buckets,
             bucket_mode="fit" if fit else "list",
             keep_registers=keep_registers,
+            dit_scale=dit_scale,
+            dit_token=dit_token,
+            layers=layers,
+            layer_norm=layer_norm,
+            flip=flip,
             recipe=Recipe(jpeg_draft=draft_gap if jpeg_draft else 0),
             batch_size=batch_size,
             token_budget=token_budget,
@@ -140,6 +199,8 @@ def precompute(
             world_size=world_size,
             progress=not as_json,
         )
+        if bucket_spec is not None:
+            cfg = cfg.with_bucket_spec(bucket_spec)
         s = extract_processes(source, cache, cfg, num_processes, overwrite=overwrite, dry_run=dry_run)
     except DinofeatError as e:
         _fail(e)

@@ -1,22 +1,38 @@
 """Aspect-ratio buckets shared by feature extraction and DiT training. Pure Python: no torch, no zarr."""
 
 from buckets.assign import Assignment, assign, fit_size, log_distortion, nearest_bucket
-from buckets.spec import BucketSpec, BucketSpecError
-from buckets.table import Bucket, area_bound, aspects, make_buckets, round_to_multiple, size_for_aspect, table_rows
+from buckets.spec import AnySpec, BucketSpec, BucketSpecError, TiedSpec, load_spec, min_tied_multiple
+from buckets.table import (
+    Bucket,
+    area_bound,
+    aspects,
+    make_buckets,
+    round_to_multiple,
+    size_for_aspect,
+    table_document,
+    table_rows,
+    tied_table_rows,
+)
 
 __all__ = [
+    "AnySpec",
     "Assignment",
     "Bucket",
     "BucketSpec",
     "BucketSpecError",
+    "TiedSpec",
     "area_bound",
     "aspects",
     "assign",
     "fit_size",
+    "load_spec",
     "log_distortion",
     "make_buckets",
+    "min_tied_multiple",
     "nearest_bucket",
     "round_to_multiple",
     "size_for_aspect",
+    "table_document",
     "table_rows",
+    "tied_table_rows",
 ]

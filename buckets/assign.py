@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from buckets.spec import BucketSpec
+from buckets.spec import AnySpec, BucketSpec, TiedSpec
 from buckets.table import Bucket, make_buckets, size_for_aspect
 
 _TIE_DIGITS = 12  # distances equal to 12 decimals are ties, broken by the lower bucket index
@@ -43,8 +43,12 @@ def fit_size(spec: BucketSpec, width: int, height: int) -> Assignment:
     return Assignment(b, -1, log_distortion(b, width, height))
 
 
-def assign(spec: BucketSpec, width: int, height: int) -> Assignment:
-    """Dispatch on the spec's mode."""
+def assign(spec: AnySpec, width: int, height: int) -> Assignment:
+    """Dispatch on the spec's mode. A TiedSpec assigns on the DiT side and returns the tied DINO bucket (same
+    aspect ratio, so the same distortion); `assign(spec.dit, ...)` gives the DiT bucket of the same image."""
+    if isinstance(spec, TiedSpec):
+        a = assign(spec.dit, width, height)
+        return Assignment(Bucket(*spec.dino_size(a.bucket.width, a.bucket.height)), a.index, a.distortion)
     if spec.mode == "fit":
         return fit_size(spec, width, height)
     return nearest_bucket(make_buckets(spec), width, height)

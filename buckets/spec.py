@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 from typing import Any, Literal
 
 Mode = Literal["list", "fit"]
@@ -75,3 +76,95 @@ class BucketSpec:
     def hash(self) -> str:
         """Stable across processes and machines: sha256 of the canonical JSON, first 16 hex digits."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TiedSpec:
+    """DINO buckets tied to a DiT's: every DINO bucket is a DiT bucket scaled by `scale` exactly, so an image lands
+    in buckets of the same aspect ratio on both sides and each DINO patch covers k x k DiT tokens.
+
+    `dit` is the DiT's own spec (in DiT pixels); `scale` an exact fraction ("1/2"); `dit_token` the DiT pixels per
+    token (VAE factor x DiT patch, 8 x 2 = 16). With DINO patch P, k = P / (scale * dit_token) must be an integer
+    (checked by `grid_factor`): DiT token (i, j) then lies in DINO patch (i // k, j // k).
+    """
+
+    dit: BucketSpec
+    scale: str = "1/2"
+    dit_token: int = 16
+
+    def __post_init__(self) -> None:
+        try:
+            ratio = Fraction(self.scale)
+        except (ValueError, ZeroDivisionError):
+            raise BucketSpecError(f"scale must be a fraction like 1/2, got {self.scale!r}") from None
+        if ratio <= 0:
+            raise BucketSpecError(f"scale must be positive, got {self.scale}")
+        object.__setattr__(self, "scale", str(ratio))  # "2/4" and "0.5" hash like "1/2"
+        if self.dit_token < 1 or self.dit.multiple % self.dit_token:
+            raise BucketSpecError(
+                f"the DiT multiple {self.dit.multiple} must be a multiple of the DiT token size {self.dit_token}"
+            )
+        if (self.dit.multiple * ratio).denominator != 1:
+            raise BucketSpecError(f"the DiT multiple {self.dit.multiple} x {self.scale} is not a whole pixel count")
+
+    @property
+    def ratio(self) -> Fraction:
+        return Fraction(self.scale)
+
+    @property
+    def mode(self) -> Mode:
+        return self.dit.mode
+
+    def dino_size(self, width: int, height: int) -> tuple[int, int]:
+        return int(width * self.ratio), int(height * self.ratio)
+
+    def dit_size(self, width: int, height: int) -> tuple[int, int]:
+        return int(width / self.ratio), int(height / self.ratio)
+
+    def grid_factor(self, patch: int) -> int:
+        """k: DiT tokens per DINO patch along each side. Raises BucketSpecError unless every DINO side is a
+        multiple of `patch` and k is a whole number."""
+        if (self.dit.multiple * self.ratio) % patch:
+            raise BucketSpecError(
+                f"DINO sides (DiT multiple {self.dit.multiple} x {self.scale}) are not multiples of the patch {patch}; "
+                f"use a DiT multiple that is a multiple of {min_tied_multiple(patch, self.ratio, self.dit_token)}"
+            )
+        k = Fraction(patch) / (self.ratio * self.dit_token)
+        if k.denominator != 1:
+            raise BucketSpecError(
+                f"a DINO patch ({patch} px at scale {self.scale}) covers {k} DiT tokens of {self.dit_token} px: "
+                "not a whole number, so the grids cannot be aligned"
+            )
+        return int(k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": SPEC_VERSION,
+            "tied": {"scale": self.scale, "dit_token": self.dit_token},
+            "dit": self.dit.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+AnySpec = BucketSpec | TiedSpec
+
+
+def min_tied_multiple(patch: int, ratio: Fraction, dit_token: int) -> int:
+    """The smallest DiT multiple whose scaled sides are multiples of `patch` and which is a multiple of the token."""
+    base = patch * ratio.denominator // math.gcd(ratio.numerator, patch * ratio.denominator)
+    return math.lcm(base, dit_token)
+
+
+def load_spec(data: dict[str, Any]) -> AnySpec:
+    """A spec from its `to_dict()` (a cache's metadata, or the JSON `dinofeat buckets --out` writes)."""
+    data = dict(data.get("spec", data))  # the whole --out file, or just its spec
+    if "tied" in data:
+        tied = data["tied"]
+        return TiedSpec(BucketSpec.from_dict(data["dit"]), str(tied["scale"]), int(tied["dit_token"]))
+    return BucketSpec.from_dict(data)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from buckets.spec import BucketSpec
+from buckets.spec import AnySpec, BucketSpec, TiedSpec
 
 
 @dataclass(frozen=True, order=True)
@@ -68,8 +68,11 @@ def aspects(spec: BucketSpec) -> list[float]:
 
 
 @lru_cache(maxsize=64)
-def make_buckets(spec: BucketSpec) -> tuple[Bucket, ...]:
-    """The bucket list for a spec: distinct sizes sorted by aspect ratio (tall to wide), then by width."""
+def make_buckets(spec: AnySpec) -> tuple[Bucket, ...]:
+    """The bucket list for a spec: distinct sizes sorted by aspect ratio (tall to wide), then by width. For a
+    TiedSpec, the DINO side: each DiT bucket scaled exactly (same order, same aspect ratios)."""
+    if isinstance(spec, TiedSpec):
+        return tuple(Bucket(*spec.dino_size(b.width, b.height)) for b in make_buckets(spec.dit))
     sizes = {size_for_aspect(a, spec) for a in aspects(spec)}
     return tuple(sorted(sizes, key=lambda b: (b.aspect, b.width)))
 
@@ -92,3 +95,33 @@ def table_rows(spec: BucketSpec, patch: int | None = None) -> list[dict[str, obj
             }
         )
     return rows
+
+
+def tied_table_rows(spec: TiedSpec, patch: int) -> list[dict[str, object]]:
+    """Both tables side by side: each DiT bucket with its token grid, the DINO bucket it is tied to with its patch
+    grid, and k (DiT tokens per DINO patch along a side)."""
+    k = spec.grid_factor(patch)
+    rows = []
+    for dit, dino in zip(make_buckets(spec.dit), make_buckets(spec), strict=True):
+        th, tw = dit.grid(spec.dit_token)
+        gh, gw = dino.grid(patch)
+        rows.append(
+            {
+                "dit": {"width": dit.width, "height": dit.height, "grid_h": th, "grid_w": tw, "tokens": th * tw},
+                "dino": {"width": dino.width, "height": dino.height, "grid_h": gh, "grid_w": gw, "tokens": gh * gw},
+                "grid_factor": k,
+                "aspect": round(dit.aspect, 4),
+            }
+        )
+    return rows
+
+
+def table_document(spec: AnySpec, patch: int | None = None) -> dict[str, object]:
+    """What `dinofeat buckets --out` writes and a DiT dataloader loads: the spec (`load_spec` rebuilds it), its
+    hash, and the table (both sides for a TiedSpec)."""
+    if isinstance(spec, TiedSpec):
+        if patch is None:
+            raise ValueError("a tied table needs the DINO patch size")
+        rows = tied_table_rows(spec, patch)
+        return {"spec": spec.to_dict(), "hash": spec.hash, "grid_factor": spec.grid_factor(patch), "buckets": rows}
+    return {"spec": spec.to_dict(), "hash": spec.hash, "buckets": table_rows(spec, patch)}

@@ -20,6 +20,7 @@ _LAZY = {
     "FeatureDataset": "dinofeat.dataset",
     "BucketBatchSampler": "dinofeat.sampler",
     "collate_features": "dinofeat.collate",
+    "flip_coin": "dinofeat.flip",
     "validate": "dinofeat.validation",
     "DinofeatError": "dinofeat.errors",
     "ConfigError": "dinofeat.errors",

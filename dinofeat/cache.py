@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from buckets import BucketSpec
+from buckets import AnySpec, TiedSpec, load_spec
+from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
 from dinofeat.errors import CacheFormatError, ChecksumError
 from dinofeat.paths import local_path
@@ -19,13 +20,16 @@ from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
 
 @dataclass(frozen=True)
 class Features:
-    """One image's features. `patches[i, j]` is image region (i, j) of the resized (bucket-sized) image."""
+    """One image's features. `patches[i, j]` is image region (i, j) of the resized (bucket-sized) image; when
+    `flipped`, of the mirrored image (region (i, w - 1 - j) of the original)."""
 
     key: str
     cls: np.ndarray  # [D]
     patches: np.ndarray  # [h, w, D]
     bucket: tuple[int, int]  # (width, height) the image was resized to
     registers: np.ndarray | None = None  # [R, D] when stored
+    flipped: bool = False
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # other stored layers: 'cls_l8', 'patches_l8', ...
 
 
 class FeatureCache:
@@ -64,6 +68,7 @@ class FeatureCache:
         if self.serving_last_sealed:  # the buckets an incremental run added are not part of what we serve
             meta = {**meta, "buckets": meta["buckets"][: generation["num_buckets"]], **generation}
         self.meta = meta
+        self.arrays = ArraySet.from_meta(meta)
         ix = st.index(generation if self.serving_last_sealed else None)
         done = np.flatnonzero(ix["status"] == STATUS_DONE)
         self._bucket_plans = st.bucket_plans()[: len(meta["buckets"])]
@@ -137,8 +142,20 @@ class FeatureCache:
         return int(self.meta["num_register_tokens"])
 
     @property
-    def bucket_spec(self) -> BucketSpec:
-        return BucketSpec.from_dict(self.meta["bucket_spec"])
+    def bucket_spec(self) -> AnySpec:
+        """The spec the buckets came from: a BucketSpec, or a TiedSpec when the buckets are tied to a DiT's."""
+        return load_spec(self.meta["bucket_spec"])
+
+    @property
+    def grid_factor(self) -> int | None:
+        """Tied caches: k, the DiT tokens per DINO patch along each side (DiT token (i, j) lies in DINO patch
+        (i // k, j // k)); None otherwise."""
+        spec = self.bucket_spec
+        return spec.grid_factor(self.patch_size) if isinstance(spec, TiedSpec) else None
+
+    def dit_size(self, i: int) -> tuple[int, int] | None:
+        """Tied caches: (width, height) of the DiT bucket of the image at position i, as recorded at planning."""
+        return self._bucket_plans[int(self._bucket[i])].dit
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -199,8 +216,8 @@ class FeatureCache:
         rd = self._readers.get((b, name))
         if rd is None:
             rel = Path("buckets") / self._bucket_plans[b].name / name
-            if name not in ("cls", "patches") and not (name == "registers" and self.meta.get("registers_stored")):
-                raise KeyError(f"array {name!r} is not stored in this cache")
+            if name not in self.arrays.names():
+                raise KeyError(f"array {name!r} is not stored in this cache; it has {', '.join(self.arrays.names())}")
             try:
                 os.stat(rel / "zarr.json", dir_fd=self._root_fd)
             except FileNotFoundError:
@@ -233,7 +250,8 @@ class FeatureCache:
         return bf16_bits_to_float32(a) if self.meta["dtypes"]["store"] == "bf16" else a
 
     def read(self, i: int, name: str) -> np.ndarray:
-        """One array ('cls', 'patches', 'registers') for position i."""
+        """One array for position i: 'cls', 'patches', 'registers', or another stored one ('patches_l8',
+        'patches_flip'; see `arrays`)."""
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         b, r = int(self._bucket[i]), int(self._row[i])
@@ -244,10 +262,33 @@ class FeatureCache:
             raise ChecksumError(why) from None
 
     def __getitem__(self, i: int | str) -> Features:
+        return self.get(i)
+
+    def get(
+        self, i: int | str, *, flip: bool = False, layers: tuple[int, ...] | None = None, registers: bool = True
+    ) -> Features:
+        """Features of position (or key) i: of the mirrored image with `flip` (stored with --flip); `layers` picks
+        the other stored layers to read besides the primary one (None: all, (): none)."""
         if isinstance(i, str):
             i = self.index_of(i)
-        regs = self.read(i, "registers") if self.meta.get("registers_stored") else None
-        return Features(self.key(i), self.read(i, "cls"), self.read(i, "patches"), self.size(i), regs)
+        a = self.arrays
+        if flip and not a.flip:
+            raise KeyError(f"{self.path} stores no mirrored-image features (precompute with --flip)")
+        regs = self.read(i, a.name("registers", flip=flip)) if a.registers and registers else None
+        extra = a.extra_layer_names(flip)
+        if layers is not None:
+            for k in layers:
+                a.name("cls", k)  # KeyError naming the stored layers
+            extra = {s: n for s, n in extra.items() if int(s.rsplit("_l", 1)[1]) in layers}
+        return Features(
+            self.key(i),
+            self.read(i, a.name("cls", flip=flip)),
+            self.read(i, a.name("patches", flip=flip)),
+            self.size(i),
+            regs,
+            flip,
+            {s: self.read(i, n) for s, n in extra.items()},
+        )
 
     def close(self) -> None:
         if hasattr(self, "_readers"):  # __del__ of a cache whose __init__ raised

@@ -3,9 +3,12 @@ compared on every rerun (the fingerprint); runtime knobs (workers, batch size, d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
+from buckets import BucketSpecError, TiedSpec, load_spec
 from dinofeat.decode import BACKGROUND, DEFAULT_MAX_PIXELS
 from dinofeat.errors import ConfigError
 from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
@@ -64,7 +67,13 @@ class ExtractConfig:
     max_ar: float = 4.0
     num_buckets: int = 33
     bucket_mode: Literal["list", "fit"] = "list"
+    # tied to a DiT: area/multiple/aspects above describe the DiT's buckets, DINO's are those x dit_scale (exact)
+    dit_scale: str | None = None
+    dit_token: int = 16  # DiT pixels per token: VAE factor x DiT patch
     keep_registers: bool = False
+    layers: tuple[int, ...] = (-1,)  # blocks to store; -1 = last. The deepest is the primary (`cls`, `patches`)
+    layer_norm: bool = True  # the final LayerNorm on every stored layer (it is always on the last one in HF)
+    flip: bool = False  # also store the features of each horizontally mirrored image (`*_flip` arrays)
     recipe: Recipe = field(default_factory=Recipe)
     limit: int | None = None
     # runtime knobs, not fingerprinted
@@ -82,6 +91,13 @@ class ExtractConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            try:
+                object.__setattr__(self, "layers", tuple(int(p) for p in self.layers.split(",") if p.strip()))
+            except ValueError:
+                raise ConfigError(
+                    f"layers must be comma-separated block numbers like 8,16,-1; got {self.layers!r}"
+                ) from None
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be auto, fp16, bf16 or fp32; got {self.dtype!r}")
         if self.store_dtype not in DTYPES:
@@ -96,3 +112,24 @@ class ExtractConfig:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if not (0 <= self.rank < self.world_size):
             raise ConfigError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
+
+    def with_bucket_spec(self, path: str | Path) -> ExtractConfig:
+        """These settings with the buckets of a spec file (`dinofeat buckets --out`, plain or tied to a DiT), so
+        the DiT side and the cache share one source of truth."""
+        try:
+            spec = load_spec(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, BucketSpecError) as e:
+            raise ConfigError(f"cannot read a bucket spec from {path}: {e}") from e
+        tied = isinstance(spec, TiedSpec)
+        side = spec.dit if isinstance(spec, TiedSpec) else spec
+        return replace(
+            self,
+            area=side.area,
+            multiple=side.multiple,
+            min_ar=side.min_ar,
+            max_ar=side.max_ar,
+            num_buckets=side.num_buckets,
+            bucket_mode=side.mode,
+            dit_scale=spec.scale if tied else None,
+            dit_token=spec.dit_token if tied else self.dit_token,
+        )

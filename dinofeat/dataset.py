@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from dinofeat.cache import FeatureCache
 from dinofeat.errors import ConfigError
+from dinofeat.flip import flip_coin
 
 Extra = Mapping[str, Any] | Callable[[str], Any]
 
@@ -23,8 +24,14 @@ class FeatureDataset(Dataset):
     images it lacks are left out (`missing="drop"`) or raise (`missing="error"`). Each DataLoader worker reopens
     the cache's file handles; only paths and the index cross the process boundary.
 
-    `normalize=True` returns float32 `(x - mean) / std` per channel for cls and patches, with the statistics
-    precompute accumulated over every stored image (`FeatureCache.channel_stats`).
+    `normalize=True` returns float32 `(x - mean) / std` per channel for cls and patches (of every layer), with the
+    statistics precompute accumulated over every stored image (`FeatureCache.channel_stats`).
+
+    `flip` (caches made with --flip): False serves the original images, True the mirrored ones, "random" tosses
+    `flip_coin(seed, epoch, key)` per sample; `sample["flipped"]` says which. Call `set_epoch` each epoch (it
+    reaches DataLoader workers, persistent ones too, through shared memory) and mirror the latent of the same key
+    when the coin says so. `layers` picks the other stored layers to return as `cls_l8`, `patches_l8`, ...
+    (None: all of them).
     """
 
     def __init__(
@@ -35,8 +42,24 @@ class FeatureDataset(Dataset):
         missing: str = "drop",
         registers: bool = False,
         normalize: bool = False,
+        flip: bool | Literal["random"] = False,
+        seed: int = 0,
+        layers: Sequence[int] | None = None,
     ) -> None:
         self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+        if flip not in (False, True, "random"):
+            raise ConfigError(f"flip must be False, True or 'random', got {flip!r}")
+        if flip and not self.cache.arrays.flip:
+            raise ConfigError(f"{self.cache.path} stores no mirrored-image features; precompute it with --flip")
+        self.flip, self.seed = flip, seed
+        self.layers = None if layers is None else tuple(layers)
+        for k in self.layers or ():
+            if k not in self.cache.arrays.layers:
+                raise ConfigError(
+                    f"layer {k} is not stored; {self.cache.path} has layers {list(self.cache.arrays.layers)}"
+                )
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.grid_factor = self.cache.grid_factor
         self.norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         if normalize:
             stats = self.cache.channel_stats
@@ -64,9 +87,25 @@ class FeatureDataset(Dataset):
     def bucket_ids(self) -> np.ndarray:
         return self.cache.bucket_ids[self.positions]
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the flip coin uses. Shared memory: workers already started see it at their next sample."""
+        self._epoch.fill_(int(epoch))
+
+    def flipped(self, key: str) -> bool:
+        """Whether `key` is served mirrored in the current epoch."""
+        if self.flip == "random":
+            return flip_coin(self.seed, self.epoch, key)
+        return bool(self.flip)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         pos = int(self.positions[i])
-        f = self.cache[pos]
+        key = self.cache.key(pos)
+        flipped = self.flipped(key)
+        f = self.cache.get(pos, flip=flipped, layers=self.layers, registers=self.registers)
         patch = self.cache.patch_size
         sample: dict[str, Any] = {
             "key": f.key,
@@ -74,13 +113,20 @@ class FeatureDataset(Dataset):
             "patches": torch.from_numpy(f.patches),
             "bucket": f.bucket,
             "grid": (f.bucket[1] // patch, f.bucket[0] // patch),
+            "flipped": flipped,
         }
+        dit = self.cache.dit_size(pos)
+        if dit is not None:  # a tied cache: the DiT bucket of this image, and k = DiT tokens per DINO patch side
+            sample["dit_bucket"], sample["grid_factor"] = dit, self.grid_factor
+        sample |= {name: torch.from_numpy(x) for name, x in f.layers.items()}
         if self.norm is not None:
-            for name in ("cls", "patches"):
-                mean, std = self.norm[name]
-                sample[name] = (sample[name].float() - mean) / std
+            for name, (mean, std) in self.norm.items():
+                if name in sample:
+                    sample[name] = (sample[name].float() - mean) / std
         if self.registers:
-            sample["registers"] = torch.from_numpy(self.cache.read(pos, "registers"))
+            if f.registers is None:
+                raise ConfigError(f"{self.cache.path} stores no registers (precompute with --keep-registers)")
+            sample["registers"] = torch.from_numpy(f.registers)
         if self.extra is not None:
             sample["extra"] = self.extra[f.key] if isinstance(self.extra, Mapping) else self.extra(f.key)
         return sample

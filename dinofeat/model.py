@@ -77,6 +77,10 @@ class ModelInfo:
     random: bool
 
     @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 1))
+
+    @property
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -177,18 +181,43 @@ def normalize_on_device(u8: torch.Tensor, mean: tuple[float, ...], std: tuple[fl
     return ((x - m) / s).to(dtype)
 
 
+def _blocks_and_norm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.LayerNorm]:
+    """The module holding the transformer blocks (its `.layer` list) and the final LayerNorm, per architecture."""
+    if hasattr(model, "norm") and hasattr(model, "model"):  # DINOv3ViTModel: model.model.layer, model.norm
+        return model.model, model.norm
+    return model.encoder, model.layernorm  # Dinov2Model, Dinov2WithRegistersModel
+
+
 class Encoder:
-    """Weights on a device, eval mode (DINOv3's RoPE jitters positions in train mode), SDPA attention."""
+    """Weights on a device, eval mode (DINOv3's RoPE jitters positions in train mode), SDPA attention.
+
+    `layers` (block numbers, ascending; default the last) are captured with forward hooks on those blocks; blocks
+    after the deepest one are dropped from the model, so `--layers 8` on a 24-block model costs a third. With
+    `layer_norm` the final LayerNorm is applied to every captured layer (the last one then equals HF's
+    `last_hidden_state`, the default path)."""
 
     def __init__(
-        self, info: ModelInfo, device: torch.device, dtype: str, compile: bool = False, shapes: int = 8
+        self,
+        info: ModelInfo,
+        device: torch.device,
+        dtype: str,
+        compile: bool = False,
+        shapes: int = 8,
+        layers: tuple[int, ...] | None = None,
+        layer_norm: bool = True,
     ) -> None:
         self.info = info
         self.device = device
         self.dtype_name = dtype
         self.dtype = TORCH_DTYPES[dtype]
+        self.layers = tuple(layers) if layers else (info.num_layers,)
+        self.layer_norm = layer_norm
         self.model = self._build()
         self.model.eval()
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooked = self.layers != (info.num_layers,) or not layer_norm
+        if self._hooked:
+            self._install_hooks()
         if compile:
             # one graph per bucket shape; past dynamo's recompile limit (8) it would silently fall back to eager
             import torch._dynamo.config as dynamo_config
@@ -196,6 +225,21 @@ class Encoder:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes)
             dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * shapes)
             self.model = torch.compile(self.model, dynamic=False)
+
+    def _install_hooks(self) -> None:
+        holder, self._norm = _blocks_and_norm(self.model)
+        blocks = holder.layer
+        if not all(1 <= k <= len(blocks) for k in self.layers):
+            raise ConfigError(f"layers {list(self.layers)} outside the model's blocks 1..{len(blocks)}")
+        holder.layer = torch.nn.ModuleList(list(blocks)[: self.layers[-1]])  # later blocks would be wasted work
+        for k in self.layers:
+            holder.layer[k - 1].register_forward_hook(self._capture(k))
+
+    def _capture(self, k: int) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            self._captured[k] = output[0] if isinstance(output, tuple) else output
+
+        return hook
 
     def _build(self) -> torch.nn.Module:
         from transformers import AutoModel
@@ -218,11 +262,40 @@ class Encoder:
 
     @torch.inference_mode()
     def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] normalised input -> last_hidden_state [B, T, D]."""
+        """[B, 3, H, W] normalised input -> last_hidden_state [B, T, D] (of the full model only)."""
+        if self._hooked:
+            raise RuntimeError("this encoder captures chosen layers; use layer_states()")
         return self.model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
+
+    @torch.inference_mode()
+    def layer_states(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """[B, 3, H, W] normalised input -> {block: [B, T, D]} for every chosen block."""
+        x = pixel_values.to(self.device, self.dtype)
+        if not self._hooked:
+            return {self.layers[0]: self.model(pixel_values=x).last_hidden_state}
+        self._captured.clear()
+        self.model(pixel_values=x)
+        out = {k: self._captured.pop(k) for k in self.layers}
+        return {k: self._norm(v) for k, v in out.items()} if self.layer_norm else out
 
     @torch.inference_mode()
     def encode_uint8(self, u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
         """[B, H, W, 3] uint8 (CPU, possibly pinned) -> last_hidden_state [B, T, D] on the device."""
         x = u8.to(self.device, non_blocking=True)
         return self.hidden_states(normalize_on_device(x, mean, std, self.dtype))
+
+    @torch.inference_mode()
+    def encode_variants(
+        self, u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], flip: bool = False
+    ) -> dict[tuple[int, bool], torch.Tensor]:
+        """[B, H, W, 3] uint8 -> {(block, mirrored): [B, T, D]}. With `flip` the mirrored images (width axis
+        reversed, on the device) run in the same forward pass as the originals."""
+        x = u8.to(self.device, non_blocking=True)
+        if flip:
+            x = torch.cat([x, x.flip(2)])
+        states = self.layer_states(normalize_on_device(x, mean, std, self.dtype))
+        n = u8.shape[0]
+        out = {(k, False): v[:n] for k, v in states.items()}
+        if flip:
+            out |= {(k, True): v[n:] for k, v in states.items()}
+        return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from buckets import BucketSpec, assign, make_buckets
+from buckets import AnySpec, TiedSpec, assign, make_buckets
 from dinofeat.probe import Probe
 
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -32,6 +32,7 @@ class BucketPlan:
     rows: int
     shard_rows: int
     part: int = 0
+    dit: tuple[int, int] | None = None  # (width, height) of the DiT bucket this one is tied to (a TiedSpec)
 
     @property
     def name(self) -> str:
@@ -109,9 +110,10 @@ def bucket_name(width: int, height: int, part: int = 0) -> str:
     return f"{width}x{height}" if part == 0 else f"{width}x{height}_{part}"
 
 
-def bytes_per_image(grid: tuple[int, int], hidden: int, store_dtype: str, registers: int = 0) -> int:
+def bytes_per_image(grid: tuple[int, int], hidden: int, store_dtype: str, registers: int = 0, copies: int = 1) -> int:
+    """Stored bytes of one image: `copies` feature sets (chosen layers x variants) of CLS, registers, patches."""
     h, w = grid
-    return (h * w + 1 + registers) * hidden * ITEMSIZE[store_dtype]
+    return copies * (h * w + 1 + registers) * hidden * ITEMSIZE[store_dtype]
 
 
 def shard_rows_for(image_bytes: int, shard_bytes: int, rows: int) -> int:
@@ -122,13 +124,14 @@ def shard_rows_for(image_bytes: int, shard_bytes: int, rows: int) -> int:
 def make_plan(
     keys: Sequence[str],
     probes: Sequence[Probe],
-    spec: BucketSpec,
+    spec: AnySpec,
     patch: int,
     hidden: int,
     store_dtype: str,
     shard_bytes: int,
     registers_stored: int = 0,
     part: int = 0,
+    copies: int = 1,
 ) -> Plan:
     """Assign every probed image to a bucket and a row. Rows follow discovery order inside each bucket. `part`
     names the arrays of an incremental run (see BucketPlan)."""
@@ -165,8 +168,9 @@ def make_plan(
         counts[k] += 1
     plans = []
     for (w, h), rows in zip(used, counts, strict=True):
-        per = bytes_per_image((h // patch, w // patch), hidden, store_dtype, registers_stored)
-        plans.append(BucketPlan(w, h, patch, rows, shard_rows_for(per, shard_bytes, rows), part))
+        per = bytes_per_image((h // patch, w // patch), hidden, store_dtype, registers_stored, copies)
+        dit = spec.dit_size(w, h) if isinstance(spec, TiedSpec) else None
+        plans.append(BucketPlan(w, h, patch, rows, shard_rows_for(per, shard_bytes, rows), part, dit))
     return Plan(
         keys=list(keys),
         bucket=bucket,
@@ -227,5 +231,5 @@ def pending_batches(bucket: BucketPlan, pending: set[int], batch_size: int) -> l
     return out
 
 
-def projected_bytes(plan: Plan, hidden: int, store_dtype: str, registers_stored: int = 0) -> int:
-    return sum(b.rows * bytes_per_image(b.grid, hidden, store_dtype, registers_stored) for b in plan.buckets)
+def projected_bytes(plan: Plan, hidden: int, store_dtype: str, registers_stored: int = 0, copies: int = 1) -> int:
+    return sum(b.rows * bytes_per_image(b.grid, hidden, store_dtype, registers_stored, copies) for b in plan.buckets)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from buckets import BucketSpec, BucketSpecError
+from buckets import AnySpec, BucketSpec, BucketSpecError, TiedSpec, min_tied_multiple
 from dinofeat import __version__, ranks, store
+from dinofeat.arrays import ArraySet, parse_layers
 from dinofeat.config import ExtractConfig
 from dinofeat.discover import Source, discover
 from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError
@@ -78,13 +79,21 @@ class Prepared:
 
     config: ExtractConfig
     model: ModelInfo
-    spec: BucketSpec
+    spec: AnySpec
     device: torch.device
     dtype: str
+    arrays: ArraySet
 
     @property
     def registers_stored(self) -> int:
         return self.model.num_register_tokens if self.config.keep_registers else 0
+
+    @property
+    def default_arrays(self) -> bool:
+        """Last layer, final norm, no mirror: the only feature set of dinofeat <= 0.3 (whose fingerprints lack
+        `features`, so those caches still resume)."""
+        a = self.arrays
+        return a.layers == (self.model.num_layers,) and a.layer_norm and not a.flip
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the stored numbers. A rerun with any of these different is refused."""
@@ -99,21 +108,42 @@ class Prepared:
             "recipe": self.config.recipe.to_dict(),
             "keep_registers": self.config.keep_registers,
             "limit": self.config.limit,
-        }
+        } | ({} if self.default_arrays else {"features": self._features()})
+
+    def _features(self) -> dict[str, Any]:
+        a = self.arrays
+        return {"layers": list(a.layers), "layer_norm": a.layer_norm, "flip": a.flip}
 
 
 def prepare(config: ExtractConfig, group: ranks.Group | None = None) -> Prepared:
     """Validate settings against the model's config; raises ConfigError before any work starts."""
     info = load_model_info(config.model, config.revision)
-    multiple = config.multiple if config.multiple is not None else info.patch_size
-    if multiple % info.patch_size:
-        raise ConfigError(f"bucket multiple {multiple} is not a multiple of the model's patch size {info.patch_size}")
+    spec = bucket_spec(config, info.patch_size)
+    device = resolve_device(ranks.device_for(group or ranks.Group(), config.device))
+    layers = parse_layers(config.layers, info.num_layers)
+    arrays = ArraySet(layers, config.flip, config.keep_registers and info.num_register_tokens > 0, config.layer_norm)
+    return Prepared(config, info, spec, device, resolve_dtype(config.dtype, device), arrays)
+
+
+def bucket_spec(config: ExtractConfig, patch: int) -> AnySpec:
+    """The DINO-side bucket spec; tied to the DiT's own buckets when `dit_scale` is set. ConfigError if the sides
+    cannot be multiples of the patch (or, tied, the grids cannot align)."""
     try:
-        spec = BucketSpec(config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode)
+        if config.dit_scale is None:
+            multiple = config.multiple if config.multiple is not None else patch
+            if multiple % patch:
+                raise ConfigError(f"bucket multiple {multiple} is not a multiple of the model's patch size {patch}")
+            return BucketSpec(
+                config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode
+            )
+        probe = TiedSpec(BucketSpec(config.area, config.dit_token), config.dit_scale, config.dit_token)
+        multiple = config.multiple or min_tied_multiple(patch, probe.ratio, config.dit_token)
+        dit = BucketSpec(config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode)
+        spec = TiedSpec(dit, config.dit_scale, config.dit_token)
+        spec.grid_factor(patch)
+        return spec
     except BucketSpecError as e:
         raise ConfigError(str(e)) from e
-    device = resolve_device(ranks.device_for(group or ranks.Group(), config.device))
-    return Prepared(config, info, spec, device, resolve_dtype(config.dtype, device))
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -155,6 +185,7 @@ def build_plan(src: Source, prep: Prepared, progress: bool, part: int = 0) -> Pl
         shard_bytes,
         prep.registers_stored,
         part,
+        prep.arrays.copies,
     )
 
 
@@ -169,6 +200,7 @@ def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
         "patch_size": prep.model.patch_size,
         "num_register_tokens": prep.model.num_register_tokens,
         "registers_stored": prep.registers_stored,
+        "arrays": prep.arrays.to_dict(),
         "hidden_size": prep.model.hidden_size,
         "bucket_spec": prep.spec.to_dict(),
         "bucket_spec_hash": prep.spec.hash,
@@ -444,21 +476,32 @@ def run_shards(
     buckets = {b.name: b for b in plan.buckets}
     mine = {name: {u for (n, u) in pending if n == name} for name in buckets}
     jobs: list[BatchJob] = []
+    arrays = prep.arrays
     for b in plan.buckets:
         if not mine[b.name]:
             continue
-        bs = batch_size_for(b.grid[0] * b.grid[1] + 1 + prep.model.num_register_tokens, budget, cfg.batch_size)
+        tokens = (b.grid[0] * b.grid[1] + 1 + prep.model.num_register_tokens) * len(arrays.variants)
+        bs = batch_size_for(tokens, budget, cfg.batch_size)
         for a, z in pending_batches(b, mine[b.name], bs):
             paths = tuple(src.path(plan.keys[i]) for i in positions[b.name][a:z])
             jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths))
     if not jobs:
         return
-    encoder = Encoder(prep.model, prep.device, prep.dtype, cfg.compile, shapes=len({j.size for j in jobs}))
+    encoder = Encoder(
+        prep.model,
+        prep.device,
+        prep.dtype,
+        cfg.compile,
+        shapes=len({j.size for j in jobs}),
+        layers=arrays.layers,
+        layer_norm=arrays.layer_norm,
+    )
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(prep.device)
     loader = make_loader(jobs, cfg.recipe, workers, prep.device.type == "cuda", cfg.decode_timeout_s)
     writer = ShardWriter(st)
     assemblers = {name: _ShardAssembler(buckets[name], mine[name], writer, cfg.store_dtype) for name in buckets}
     n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
+    n_registers = prep.model.num_register_tokens
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar:
@@ -466,11 +509,14 @@ def run_shards(
             for batch in loader:
                 job = batch.job
                 b = buckets[job.bucket]
-                hidden = encoder.encode_uint8(batch.pixels, cfg.recipe.mean, cfg.recipe.std)
-                cls, regs, patches = split_tokens(hidden, prep.model.num_register_tokens, b.grid)
-                outputs = {"cls": _to_host(cls, cfg.store_dtype), "patches": _to_host(patches, cfg.store_dtype)}
-                if prep.registers_stored:
-                    outputs["registers"] = _to_host(regs, cfg.store_dtype)
+                states = encoder.encode_variants(batch.pixels, cfg.recipe.mean, cfg.recipe.std, arrays.flip)
+                outputs = {}
+                for (layer, flipped), hidden in states.items():
+                    tokens = dict(
+                        zip(("cls", "registers", "patches"), split_tokens(hidden, n_registers, b.grid), strict=True)
+                    )
+                    for base in arrays.bases:
+                        outputs[arrays.name(base, layer, flipped)] = _to_host(tokens[base], cfg.store_dtype)
                 event = None
                 if prep.device.type == "cuda":
                     event = torch.cuda.Event()
@@ -525,7 +571,7 @@ def extract(
         summary.pending = summary.total - summary.failed
         summary.histogram = plan.histogram()
         summary.projected_bytes = projected_bytes(
-            plan, prep.model.hidden_size, config.store_dtype, prep.registers_stored
+            plan, prep.model.hidden_size, config.store_dtype, prep.registers_stored, prep.arrays.copies
         )
         summary.failures_by_reason = dict(Counter(_reason_class(r) for r in plan.probe_errors.values()))
         return summary

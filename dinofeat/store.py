@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from dinofeat.arrays import ArraySet, base_of
 from dinofeat.checksum import column_checksums, mismatched_columns
 from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
 from dinofeat.paths import local_path
@@ -114,7 +115,8 @@ class Store:
             "index_checksums": _write_index(root, "index", plan),
             "buckets": [bucket_record(b) for b in plan.buckets],
         }
-        _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype)
+        names = ArraySet.from_meta(root.attrs[META_KEY]).names()
+        _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype, names)
         _write_probe_failures(path, plan)
         store = cls(path, mode="r+")
         store.update_meta(state="planned")
@@ -141,7 +143,7 @@ class Store:
         for stale in (group, *leftovers):
             shutil.rmtree(self.path / stale, ignore_errors=True)
         sums = _write_index(self.root, group, plan)
-        _create_bucket_arrays(self.root, new, hidden, registers, store_dtype)
+        _create_bucket_arrays(self.root, new, hidden, registers, store_dtype, self.arrays.names())
         _write_probe_failures(self.path, plan)  # keys not in the current index are ignored until the switch
         self.update_meta(
             state="planned",
@@ -231,7 +233,13 @@ class Store:
         patch = int(self.meta["model"]["patch_size"])
         return tuple(
             BucketPlan(
-                int(b["width"]), int(b["height"]), patch, int(b["rows"]), int(b["shard_rows"]), int(b.get("part", 0))
+                int(b["width"]),
+                int(b["height"]),
+                patch,
+                int(b["rows"]),
+                int(b["shard_rows"]),
+                int(b.get("part", 0)),
+                tuple(b["dit_size"]) if b.get("dit_size") else None,
             )
             for b in self.meta["buckets"]
         )
@@ -286,7 +294,14 @@ class Store:
     def read_rows(self, bucket: str, name: str, start: int, stop: int) -> np.ndarray:
         return self.array(bucket, name)[start:stop]
 
+    @property
+    def arrays(self) -> ArraySet:
+        return ArraySet.from_meta(self.meta)
+
     def array_names(self, bucket: str) -> list[str]:
+        """The feature arrays of a bucket: those the metadata records (all are created with the bucket)."""
+        if "arrays" in self.meta:
+            return list(self.meta["arrays"]["names"])
         return [n for n in ("cls", "patches", "registers") if self.has_array(bucket, n)]
 
     def shard_files(self, bucket: str, shard: int) -> list[Path]:
@@ -475,7 +490,7 @@ def bucket_record(b: BucketPlan) -> dict[str, Any]:
         "rows": b.rows,
         "shard_rows": b.shard_rows,
         "part": b.part,
-    }
+    } | ({"dit_size": list(b.dit)} if b.dit else {})
 
 
 def _write_index(root: Any, group: str, plan: Plan) -> dict[str, int]:
@@ -508,17 +523,24 @@ def _write_index(root: Any, group: str, plan: Plan) -> dict[str, int]:
     return column_checksums(cols)
 
 
-def _create_bucket_arrays(root: Any, buckets: Any, hidden: int, registers: int, store_dtype: str) -> None:
+def array_shape(name: str, rows: int, grid: tuple[int, int], hidden: int, registers: int) -> tuple[int, ...]:
+    """Shape of a feature array by its token kind (see dinofeat.arrays)."""
+    h, w = grid
+    return {"cls": (rows, hidden), "patches": (rows, h, w, hidden), "registers": (rows, registers, hidden)}[
+        base_of(name)
+    ]
+
+
+def _create_bucket_arrays(
+    root: Any, buckets: Any, hidden: int, registers: int, store_dtype: str, names: list[str]
+) -> None:
     dtype = _np_dtype(store_dtype)
     for b in buckets:
         g = root.create_group(f"buckets/{b.name}")
         g.attrs.update(bucket_record(b))
-        h, w = b.grid
         s = b.shard_rows
-        shapes = {"cls": (b.rows, hidden), "patches": (b.rows, h, w, hidden)}
-        if registers:
-            shapes["registers"] = (b.rows, registers, hidden)
-        for name, shape in shapes.items():
+        for name in names:
+            shape = array_shape(name, b.rows, b.grid, hidden, registers)
             g.create_array(
                 name,
                 shape=shape,

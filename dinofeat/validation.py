@@ -15,11 +15,20 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
 from dinofeat.errors import CacheFormatError, DinofeatError
 from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, read_layout
-from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, ZARR_DTYPES, Store, bf16_bits_to_float32
+from dinofeat.store import (
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_PENDING,
+    ZARR_DTYPES,
+    Store,
+    array_shape,
+    bf16_bits_to_float32,
+)
 
 FP16_MAX = 65504.0
 COSINE_THRESHOLD = 0.99  # per patch, stored vs recomputed; fp16 storage + bf16/fp16 compute stays above 0.999
@@ -156,10 +165,14 @@ def _check_structure(st, meta, ix, keys, plans, markers, report: Report) -> None
         ):
             report.add("grid", b.name, f"recorded grid differs from {b.height}/{patch} x {b.width}/{patch}")
         for name in st.array_names(b.name):
-            arr = st.array(b.name, name)
-            gh, gw = expected_grid(b.width, b.height, patch)
-            want = {"cls": (b.rows, hidden), "patches": (b.rows, gh, gw, hidden)}.get(name)
-            if want is not None and tuple(arr.shape) != want:
+            try:
+                arr = st.array(b.name, name)
+            except (KeyError, FileNotFoundError):
+                report.add("arrays", f"{b.name}/{name}", "array recorded in the metadata is missing")
+                continue
+            grid = expected_grid(b.width, b.height, patch)
+            want = array_shape(name, b.rows, grid, hidden, int(meta.get("registers_stored") or 0))
+            if tuple(arr.shape) != want:
                 report.add("shape", f"{b.name}/{name}", f"shape {tuple(arr.shape)}, expected {want} (grid, D or rows)")
             if str(arr.dtype) != want_dtype:
                 report.add("dtype", f"{b.name}/{name}", f"dtype {arr.dtype}, recorded {want_dtype}")
@@ -332,7 +345,9 @@ def _check_recompute(st, meta, ix, keys, plans, folder: Path, k: int, seed: int,
     device = resolve_device(None)
     recorded = meta["dtypes"]["compute"]
     # a cache made in fp16 on a GPU is checked in fp32 on a CPU (no fast fp16 matmul there); the threshold allows it
-    enc = Encoder(info, device, "fp32" if device.type == "cpu" and recorded == "fp16" else recorded)
+    arrays = ArraySet.from_meta(meta)
+    dtype = "fp32" if device.type == "cpu" and recorded == "fp16" else recorded
+    enc = Encoder(info, device, dtype, layers=arrays.layers, layer_norm=arrays.layer_norm)
     recipe = Recipe.from_dict(meta["recipe"])
     bf16 = meta["dtypes"]["store"] == "bf16"
     worst = 1.0
@@ -343,15 +358,17 @@ def _check_recompute(st, meta, ix, keys, plans, folder: Path, k: int, seed: int,
         except Exception as e:
             report.add("recompute", keys[i], f"cannot read the source image: {e}")
             continue
-        hidden = enc.encode_uint8(torch.from_numpy(u8)[None], recipe.mean, recipe.std)
-        _, _, patches = split_tokens(hidden.float().cpu().numpy(), info.num_register_tokens, b.grid)
-        stored = st.read_rows(b.name, "patches", int(ix["row"][i]), int(ix["row"][i]) + 1)[0]
-        stored = bf16_bits_to_float32(stored) if bf16 else stored
-        cos = patch_cosines(stored, patches[0])
-        worst = min(worst, float(cos.min()))
-        if cos.min() < COSINE_THRESHOLD:
-            report.add(
-                "recompute", keys[i], f"recomputed patches differ: min cosine {cos.min():.4f} < {COSINE_THRESHOLD}"
-            )
+        states = enc.encode_variants(torch.from_numpy(u8.copy())[None], recipe.mean, recipe.std, arrays.flip)
+        for (layer, flipped), hidden in states.items():  # every stored layer, and the mirrored image's too
+            _, _, patches = split_tokens(hidden.float().cpu().numpy(), info.num_register_tokens, b.grid)
+            name = arrays.name("patches", layer, flipped)
+            stored = st.read_rows(b.name, name, int(ix["row"][i]), int(ix["row"][i]) + 1)[0]
+            stored = bf16_bits_to_float32(stored) if bf16 else stored
+            cos = patch_cosines(stored, patches[0])
+            worst = min(worst, float(cos.min()))
+            if cos.min() < COSINE_THRESHOLD:
+                report.add(
+                    "recompute", keys[i], f"recomputed {name} differ: min cosine {cos.min():.4f} < {COSINE_THRESHOLD}"
+                )
     report.checked["recomputed"] = len(picks)
     report.checked["recompute_min_cosine_x1e4"] = int(worst * 1e4)

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dinofeat.arrays import FLIP_SUFFIX
 from dinofeat.stats import ChannelStats, shard_stats
 from dinofeat.store import Store, bf16_bits_to_float32
-
-STAT_ARRAYS = ("cls", "patches")  # the arrays whose per-channel statistics the cache records
 
 
 @dataclass
@@ -34,6 +33,7 @@ class ShardWriter:
     def __init__(self, store: Store, max_pending: int = 2) -> None:
         self.store = store
         self._bf16 = store.meta["dtypes"]["store"] == "bf16"
+        self._stat_names = store.arrays.stat_names()  # cls and patches of each layer, both variants pooled
         self.bytes_written = 0
         self.shards_written = 0
         self._q: queue.Queue[ShardResult | None] = queue.Queue(maxsize=max_pending)
@@ -60,11 +60,17 @@ class ShardWriter:
                 self._error = e
 
     def _stats(self, item: ShardResult, arrays: dict[str, np.ndarray]) -> dict[str, ChannelStats]:
-        """Per-channel statistics of the shard's done rows (failed rows are zeros and are left out)."""
+        """Per-channel statistics of the shard's done rows (failed rows are zeros and are left out); a layer's
+        mirrored-image features are pooled with the original's."""
         done = np.ones(item.stop - item.start, bool)
         done[[r - item.start for r in item.failed]] = False
-        as_float = {n: bf16_bits_to_float32(a) if self._bf16 else a for n, a in arrays.items() if n in STAT_ARRAYS}
-        return shard_stats(as_float, done, STAT_ARRAYS)
+        wanted = {*self._stat_names, *(n + FLIP_SUFFIX for n in self._stat_names)}
+        as_float = {n: bf16_bits_to_float32(a) if self._bf16 else a for n, a in arrays.items() if n in wanted}
+        stats = shard_stats(as_float, done, tuple(as_float))
+        return {
+            n: stats[n].merge(stats[n + FLIP_SUFFIX]) if n + FLIP_SUFFIX in stats else stats[n]
+            for n in self._stat_names
+        }
 
     def _check(self) -> None:
         if self._error is not None:
