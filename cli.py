@@ -58,11 +58,11 @@ def buckets(
 
     try:
         if dit_scale is None:
-            spec = BucketSpec(area, multiple or 16, min_ar, max_ar, num_buckets)
+            spec = BucketSpec(area, 16 if multiple is None else multiple, min_ar, max_ar, num_buckets)
         else:
             patch = patch or 16
             ratio = TiedSpec(BucketSpec(area, dit_token), dit_scale, dit_token).ratio
-            m = multiple or min_tied_multiple(patch, ratio, dit_token)
+            m = min_tied_multiple(patch, ratio, dit_token) if multiple is None else multiple
             spec = TiedSpec(BucketSpec(area, m, min_ar, max_ar, num_buckets), dit_scale, dit_token)
         doc = table_document(spec, patch)
     except (BucketSpecError, ValueError) as e:
@@ -292,11 +292,20 @@ def info(cache: Annotated[str, typer.Argument(help="Cache directory.")], as_json
         f"{m['patch_size']}, {m['num_register_tokens']} registers, D={m['hidden_size']}; "
         f"compute {d['dtypes']['compute']}, stored {d['dtypes']['store']}"
     )
+    f = d["features"]
+    tied = d["bucket_spec"].get("tied")
+    typer.echo(
+        f"features: blocks {f['layers']} (block {f['primary_layer']} as cls/patches"
+        f"{', final norm on each' if f['layer_norm'] else ', raw block outputs'})"
+        + ("; mirrored images too (_flip)" if f["flip"] else "")
+        + (f"; buckets tied to the DiT buckets x {tied['scale']}" if tied else "")
+    )
     typer.echo(f"{'bucket':>11}  {'grid':>7}  {'tokens':>6}  {'done':>7}  {'failed':>6}  {'shards':>6}")
     for b in d["buckets"]:
+        dit = f"  DiT {b['dit_size'][0]}x{b['dit_size'][1]}" if "dit_size" in b else ""
         typer.echo(
             f"{b['bucket']:>11}  {b['grid'][0]:>3}x{b['grid'][1]:<3}  {b['tokens']:>6}  {b['done']:>7}  "
-            f"{b['failed']:>6}  {b['shards']:>6}"
+            f"{b['failed']:>6}  {b['shards']:>6}{dit}"
         )
     for reason, n in sorted(d["failures_by_reason"].items()):
         typer.echo(f"failed ({reason}): {n}")

@@ -53,6 +53,7 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
                 "failed": int((ix["status"][sel] == STATUS_FAILED).sum()),
                 "shards": b.num_shards,
             }
+            | ({"dit_size": list(b.dit)} if b.dit else {})
         )
     return {
         "cache": str(cache),
@@ -73,6 +74,7 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
         },
         "dtypes": meta["dtypes"],
         "bucket_spec": meta["bucket_spec"],
+        "features": st.arrays.to_dict(),  # stored blocks, mirrored-image arrays, final norm
         "images": len(ix["key"]),
         "done": int((ix["status"] == STATUS_DONE).sum()),
         "failed": int((ix["status"] == STATUS_FAILED).sum()),

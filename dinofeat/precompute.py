@@ -137,7 +137,9 @@ def bucket_spec(config: ExtractConfig, patch: int) -> AnySpec:
                 config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode
             )
         probe = TiedSpec(BucketSpec(config.area, config.dit_token), config.dit_scale, config.dit_token)
-        multiple = config.multiple or min_tied_multiple(patch, probe.ratio, config.dit_token)
+        multiple = config.multiple
+        if multiple is None:
+            multiple = min_tied_multiple(patch, probe.ratio, config.dit_token)
         dit = BucketSpec(config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode)
         spec = TiedSpec(dit, config.dit_scale, config.dit_token)
         spec.grid_factor(patch)
