@@ -214,7 +214,7 @@ def _metadata(prep: Prepared, plan: Plan, src: Source) -> dict[str, Any]:
 
 
 def _check_fingerprint(st: Store, prep: Prepared) -> None:
-    if st.format_version != store.FORMAT_VERSION:
+    if st.format_version not in store.WRITABLE_VERSIONS:
         raise CacheMismatchError(
             f"{st.path} is a format {st.format_version} cache (dinofeat 0.2 or older); this version reads it but "
             f"adds only to format {store.FORMAT_VERSION} caches, whose chunks carry checksums. Rebuild it with "

@@ -30,8 +30,13 @@ from dinofeat.stats import ChannelStats
 # 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
 # 3: crc32c per stored chunk (shard inner codec) recorded in done markers, crc32c per index column in the metadata,
 #    `last_sealed` (the generation new readers get while an incremental run works)
+# 4: a version 3 cache whose feature arrays are not only the last block of the image (--layers, --flip,
+#    --no-layer-norm): `metadata.arrays` names them, and readers that do not know it (dinofeat <= 0.3) must refuse it
+#    rather than serve block 4 as the model's output. Default caches stay version 3.
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # a version 1 cache is a version 2 cache with one part and its index in "index"
+FEATURE_SETS_VERSION = 4
+WRITABLE_VERSIONS = (FORMAT_VERSION, FEATURE_SETS_VERSION)
+READABLE_VERSIONS = (1, 2, 3, 4)  # a version 1 cache is a version 2 cache with one part and its index in "index"
 META_KEY = "dinofeat"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 # zarr 3.1 has no bfloat16: bf16 features are stored as their uint16 bit patterns (exact; see docs/format.md)
@@ -107,7 +112,7 @@ class Store:
         root = zarr.open_group(str(path), mode="w")
         root.attrs[META_KEY] = {
             **meta,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if _default_arrays(meta) else FEATURE_SETS_VERSION,
             "cache_id": uuid.uuid4().hex,  # readers tell a rebuilt cache from the one they opened
             "generation": 0,
             "state": "planning",
@@ -478,6 +483,13 @@ class Store:
         for b in self.bucket_plans():
             for u in range(b.num_shards):
                 yield b, u
+
+
+def _default_arrays(meta: dict[str, Any]) -> bool:
+    """The last block of the image, final norm applied (registers or not): what every version 3 reader expects."""
+    a = ArraySet.from_meta(meta)
+    last = int(meta.get("model", {}).get("config", {}).get("num_hidden_layers", a.primary))
+    return a.layers == (last,) and a.layer_norm and not a.flip
 
 
 def bucket_record(b: BucketPlan) -> dict[str, Any]:

@@ -283,3 +283,25 @@ def test_validate_recomputes_every_layer_and_variant(flip_cache):
     report = validate(cache, images=str(imgs), recompute=2)
     assert report.ok, report.problems
     assert report.checked["recomputed"] == 2
+
+
+def test_non_default_feature_sets_are_format_4_which_older_readers_refuse(
+    flip_cache, tmp_path, dinov3_path, monkeypatch
+):
+    """A cache whose `patches` is not the last block of the image must not be served by a reader that does not know
+    `metadata.arrays` (dinofeat <= 0.3 read versions 1-3); default caches stay version 3."""
+    from dinofeat import store
+    from dinofeat.errors import CacheFormatError
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)])
+    extract(imgs, tmp_path / "plain", model=str(dinov3_path), area=64, keep_registers=True, **FAST)
+    assert store.Store(tmp_path / "plain").format_version == 3
+    extract(imgs, tmp_path / "early", model=str(dinov3_path), area=64, layers="1", **FAST)
+    assert store.Store(tmp_path / "early").format_version == 4
+    assert store.Store(flip_cache[1]).format_version == 4
+    monkeypatch.setattr(store, "READABLE_VERSIONS", (1, 2, 3))  # what dinofeat 0.3 shipped
+    store.Store(tmp_path / "plain")
+    for cache in (tmp_path / "early", flip_cache[1]):
+        with pytest.raises(CacheFormatError, match="format version 4"):
+            store.Store(cache)
