@@ -105,7 +105,10 @@ def _print_tied(spec, doc: dict) -> None:
 
 @app.command()
 def precompute(
-    source: Annotated[str, typer.Argument(help="Image folder (walked recursively) or a .txt list of paths.")],
+    source: Annotated[
+        str,
+        typer.Argument(help="Image folder (walked), a .txt list of paths, or tar shards: a.tar, 's/{000..099}.tar'."),
+    ],
     cache: Annotated[str, typer.Argument(help="Cache directory to create or resume.")],
     model: Annotated[str, typer.Option(help="Hub id, local directory, or random:vits16|vitb16|vitl16|...")] = (
         "facebook/dinov3-vitl16-pretrain-lvd1689m"

@@ -6,12 +6,14 @@ and multipage files give their first frame. Large JPEGs can be decoded at 1/2, 1
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from dinofeat.archive import Member, header_reader, read_member
 from dinofeat.errors import ImageError
 
 BACKGROUND = (255, 255, 255)  # alpha is composited on white: documented in docs/format.md (recipe.background)
@@ -21,14 +23,21 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failed image, n
 _ROTATING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open lazily (header only) and refuse bombs before any pixel is decoded."""
+def open_image(
+    path: str | os.PathLike[str] | Member, max_pixels: int = DEFAULT_MAX_PIXELS, header_only: bool = False
+) -> Image.Image:
+    """Open lazily (header only) and refuse bombs before any pixel is decoded. An archive member is read whole into
+    memory, or, with `header_only`, only as far as the header parser asks."""
     try:
-        if os.path.getsize(path) == 0:
+        if (path.size if isinstance(path, Member) else os.path.getsize(path)) == 0:
             raise ImageError("empty file")
+        if isinstance(path, Member):
+            src = header_reader(path) if header_only else io.BytesIO(read_member(path))
+        else:
+            src = path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(src)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -50,7 +59,13 @@ def open_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
 
 
 def orientation(im: Image.Image) -> int:
-    """EXIF orientation (1..8), read from the already-parsed header; 1 when absent or invalid."""
+    """EXIF orientation (1..8), read from the already-parsed header; 1 when absent or invalid.
+
+    PNG: only an eXIf chunk before the pixel data counts (where encoders put it, and where PIL finds it while
+    parsing the header). PIL's PNG `getexif()` would otherwise decode the whole image to look for one after it,
+    which made every PNG probe a full decode."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
     try:
         value = int(im.getexif().get(0x0112, 1))
     except Exception:  # malformed EXIF must not fail an otherwise good image
@@ -87,7 +102,7 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Im
 
 
 def decode_rgb(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Member,
     draft_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = BACKGROUND,

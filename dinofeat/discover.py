@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from dinofeat.archive import Member, is_tar_source, list_images, shard_paths
 from dinofeat.errors import ConfigError
 from dinofeat.paths import local_path
 
@@ -16,7 +18,8 @@ IMAGE_EXTENSIONS = frozenset(
 
 @dataclass(frozen=True)
 class Source:
-    """An image source: `root` + sorted relative `keys` (POSIX). `path(key)` is the file to open.
+    """An image source: `root` + sorted relative `keys` (POSIX). `path(key)` is the file to open, or the archive
+    member (tar shards: `root` is then the shard pattern, and `members` maps each key to its byte range).
 
     `renamed` maps the keys of files whose names are not valid UTF-8 (the cache stores keys as UTF-8) to their
     real relative names: the key spells each undecodable byte as `\\xNN` (see `key_for`)."""
@@ -24,13 +27,21 @@ class Source:
     root: Path
     keys: tuple[str, ...]
     renamed: dict[str, str] = field(default_factory=dict, compare=False)
+    members: dict[str, Member] = field(default_factory=dict, compare=False)
 
-    def path(self, key: str) -> str:
+    def path(self, key: str) -> str | Member:
+        if self.members:
+            return self.members[key]
         return str(self.root / self.renamed.get(key, key))
 
     def subset(self, keys: tuple[str, ...]) -> Source:
         wanted = set(keys)
-        return Source(self.root, keys, {k: v for k, v in self.renamed.items() if k in wanted})
+        return Source(
+            self.root,
+            keys,
+            {k: v for k, v in self.renamed.items() if k in wanted},
+            {k: v for k, v in self.members.items() if k in wanted},
+        )
 
 
 def key_for(name: str) -> str:
@@ -86,7 +97,10 @@ def read_list(list_file: Path, root: Path | None) -> tuple[Path, list[str]]:
 
 
 def discover(source: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, limit: int | None = None):
-    """A folder (walked) or a .txt list of paths. `limit` keeps the first N keys of the sorted order."""
+    """A folder (walked), a .txt list of paths, or tar shards (`shard.tar`, `shards/{000000..000099}.tar`).
+    `limit` keeps the first N keys of the sorted order."""
+    if is_tar_source(os.fspath(source)):
+        return discover_tars(os.fspath(source), limit)
     src = local_path(source, "image source")
     renamed: dict[str, str] = {}
     if src.is_dir():
@@ -98,3 +112,31 @@ def discover(source: str | os.PathLike[str], root: str | os.PathLike[str] | None
     if limit is not None:
         keys = keys[:limit]
     return Source(base, tuple(keys), renamed)
+
+
+def discover_tars(source: str, limit: int | None = None) -> Source:
+    """Image members of every shard, keyed `<shard stem>/<sample key>`; only tar headers are read."""
+    local_path(source, "image source")  # URLs are refused with the others, before anything is read
+    members: dict[str, Member] = {}
+    for shard in shard_paths(source):
+        stem = Path(shard).stem
+        for key, m in list_images(shard, IMAGE_EXTENSIONS).items():
+            members[f"{stem}/{key}"] = m
+    keys = sorted(members)[:limit] if limit is not None else sorted(members)
+    return Source(Path(source), tuple(keys), {}, {k: members[k] for k in keys})
+
+
+def locator(source: str) -> Callable[[str], str | Member]:
+    """key -> what to open, without walking a folder (a tar source lists its shards' headers once)."""
+    if is_tar_source(source):
+        return discover_tars(source).path
+    root = local_path(source, "image source")
+    return lambda key: str(root / key)
+
+
+def size_and_mtime(loc: str | Member) -> tuple[int, int]:
+    """What staleness checks compare: a file's, or an archive member's recorded size and mtime."""
+    if isinstance(loc, Member):
+        return loc.size, loc.mtime_ns
+    st = os.stat(loc)
+    return st.st_size, st.st_mtime_ns

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dinofeat.archive import Member
 from dinofeat.config import Recipe
 from dinofeat.errors import ImageError
 from dinofeat.preprocess import load_resized
@@ -16,13 +17,13 @@ from dinofeat.preprocess import load_resized
 
 @dataclass(frozen=True)
 class BatchJob:
-    """Rows [start, stop) of one bucket; `paths[i]` is the file for row start + i."""
+    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i."""
 
     bucket: str
     start: int
     stop: int
     size: tuple[int, int]  # (width, height)
-    paths: tuple[str, ...]
+    paths: tuple[str | Member, ...]
 
 
 @dataclass

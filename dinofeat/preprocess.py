@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dinofeat.archive import Member
 from dinofeat.config import Recipe
 from dinofeat.decode import decode_rgb
 from dinofeat.resize import resize_uint8
@@ -11,7 +12,7 @@ from dinofeat.resize import resize_uint8
 DEFAULT_RECIPE = Recipe()
 
 
-def load_resized(path: str, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE) -> np.ndarray:
+def load_resized(path: str | Member, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE) -> np.ndarray:
     """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file."""
     im = decode_rgb(
         path,

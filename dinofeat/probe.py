@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from dinofeat.archive import Member
 from dinofeat.decode import DEFAULT_MAX_PIXELS, open_image, oriented_size
 from dinofeat.errors import ImageError
 
@@ -16,7 +17,7 @@ from dinofeat.errors import ImageError
 class Probe:
     """What the header says about one file. `error` is set (and width/height are 0) when it is unusable."""
 
-    path: str
+    path: str | Member
     width: int
     height: int
     file_size: int
@@ -24,8 +25,16 @@ class Probe:
     error: str | None = None
 
 
-def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
-    """Displayed size (EXIF rotation applied) from the header; failures come back as data."""
+def probe(path: str | Member, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
+    """Displayed size (EXIF rotation applied) from the header; failures come back as data. An archive member is
+    read only as far as its header parser asks."""
+    if isinstance(path, Member):
+        try:
+            with open_image(path, max_pixels, header_only=True) as im:
+                w, h = oriented_size(im)
+        except ImageError as e:
+            return Probe(path, 0, 0, path.size, path.mtime_ns, str(e))
+        return Probe(path, w, h, path.size, path.mtime_ns)
     try:
         st = os.stat(path)
     except OSError as e:
@@ -41,7 +50,7 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
 
 
 def probe_many(
-    paths: Iterable[str],
+    paths: Iterable[str | Member],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     threads: int = 16,
     on_done: Callable[[int], None] | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,9 +149,9 @@ def validate(
     _check_structure(st, meta, ix, keys, plans, markers, report)
     _check_values(st, ix, keys, plans, markers, sample, seed, progress, report)
     if images is not None:
-        _check_folder(Path(images), ix, keys, report)
+        _check_folder(str(images), ix, keys, report)
     if recompute:
-        _check_recompute(st, meta, ix, keys, plans, Path(images or meta["source_root"]), recompute, seed, report)
+        _check_recompute(st, meta, ix, keys, plans, str(images or meta["source_root"]), recompute, seed, report)
     return report
 
 
@@ -308,8 +307,8 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
     return np.stack(rows), damaged
 
 
-def _check_folder(folder: Path, ix, keys, report: Report) -> None:
-    from dinofeat.discover import discover
+def _check_folder(folder: str, ix, keys, report: Report) -> None:
+    from dinofeat.discover import discover, size_and_mtime
 
     src = discover(folder)
     found, planned = set(src.keys), set(keys)
@@ -319,20 +318,21 @@ def _check_folder(folder: Path, ix, keys, report: Report) -> None:
         report.add("extra", k, "cache has an image the folder lacks")
     pos = {k: i for i, k in enumerate(keys)}
     for k in sorted(found & planned):
-        st = os.stat(src.path(k))
         i = pos[k]
-        if st.st_size != int(ix["file_size"][i]) or st.st_mtime_ns != int(ix["mtime_ns"][i]):
+        if size_and_mtime(src.path(k)) != (int(ix["file_size"][i]), int(ix["mtime_ns"][i])):
             report.add("stale", k, "file changed since extraction (size or mtime)")
 
 
-def _check_recompute(st, meta, ix, keys, plans, folder: Path, k: int, seed: int, report: Report) -> None:
+def _check_recompute(st, meta, ix, keys, plans, source: str, k: int, seed: int, report: Report) -> None:
     import torch
 
     from dinofeat.config import Recipe
+    from dinofeat.discover import locator
     from dinofeat.model import Encoder, load_model_info, resolve_device
     from dinofeat.preprocess import load_resized
     from dinofeat.tokens import split_tokens
 
+    locate = locator(source)
     done = [i for i in np.flatnonzero(ix["status"] == STATUS_DONE)]
     picks = random.Random(seed).sample(done, min(k, len(done)))
     try:
@@ -354,7 +354,7 @@ def _check_recompute(st, meta, ix, keys, plans, folder: Path, k: int, seed: int,
     for i in picks:
         b = plans[int(ix["bucket"][i])]
         try:
-            u8 = load_resized(str(folder / keys[i]), (b.width, b.height), recipe)
+            u8 = load_resized(locate(keys[i]), (b.width, b.height), recipe)
         except Exception as e:
             report.add("recompute", keys[i], f"cannot read the source image: {e}")
             continue

@@ -1,0 +1,150 @@
+"""Images inside tar shards (webdataset, img2dataset): listed from the tar headers, read by byte range, never unpacked.
+
+A webdataset sample is the members sharing a key: the member name up to the first dot of its basename
+(`000123.jpg`, `000123.txt`, `000123.json`). Our key for it is `<shard stem>/<sample key>`, stable and unique across
+the shards, and what a DiT dataloader over the same tars can rebuild from webdataset's `__url__` and `__key__`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from dinofeat.errors import ConfigError
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One archive member as a byte range: what decode workers receive instead of a path (small, picklable)."""
+
+    archive: str
+    name: str
+    offset: int
+    size: int
+    mtime_ns: int
+
+    def __str__(self) -> str:
+        return f"{self.archive}:{self.name}"
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard patterns: `a/{000000..000099}.tar` (zero padding kept), `{a,b}`, several braces."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    r = _RANGE.match(body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        if hi < lo:
+            raise ConfigError(f"empty range {{{body}}} in {pattern!r}")
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise ConfigError(f"cannot expand {{{body}}} in {pattern!r}: use {{000..099}} or {{a,b}}")
+    return [x for o in options for x in expand_braces(head + o + tail)]
+
+
+def is_tar_source(source: str) -> bool:
+    return source.endswith(".tar") or (_BRACE.search(source) is not None and ".tar" in source)
+
+
+def sample_key(member_name: str) -> str:
+    """webdataset's rule: directory kept, basename cut at its first dot."""
+    p = PurePosixPath(member_name)
+    stem = p.name.split(".", 1)[0]
+    return (p.parent / stem).as_posix() if str(p.parent) != "." else stem
+
+
+def list_images(archive: str, extensions: frozenset[str]) -> dict[str, Member]:
+    """Image members of one tar by sample key, from its headers only (tarfile seeks over the data). A sample with
+    several image members keeps the first by name; unreadable shards raise ConfigError before any work."""
+    out: dict[str, Member] = {}
+    try:
+        with tarfile.open(archive, mode="r:") as tf:
+            for info in tf:
+                if not info.isreg() or os.path.splitext(info.name)[1].lower() not in extensions:
+                    continue
+                if PurePosixPath(info.name).name.startswith("."):
+                    continue
+                key = sample_key(info.name)
+                m = Member(archive, info.name, info.offset_data, info.size, int(info.mtime) * 1_000_000_000)
+                if key not in out or info.name < out[key].name:
+                    out[key] = m
+    except (OSError, tarfile.TarError) as e:
+        raise ConfigError(f"cannot read the tar shard {archive}: {e}") from e
+    return out
+
+
+class _Slice(io.RawIOBase):
+    """A read-only, seekable view of a member's bytes. It holds no file descriptor between reads (each read is one
+    open + pread + close), so an image opened through it for its header needs no closing of ours."""
+
+    def __init__(self, m: Member) -> None:
+        super().__init__()
+        self.m, self.pos = m, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.m.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        n = max(0, min(len(buf), self.m.size - self.pos))
+        if n == 0:
+            return 0
+        fd = os.open(self.m.archive, os.O_RDONLY)
+        try:
+            data = os.pread(fd, n, self.m.offset + self.pos)
+        finally:
+            os.close(fd)
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def header_reader(m: Member) -> io.BufferedReader:
+    """For probing: reads only what the image header parser asks for."""
+    return io.BufferedReader(_Slice(m), buffer_size=16384)
+
+
+def read_member(m: Member) -> bytes:
+    """The whole member, in one positioned read (for decoding)."""
+    fd = os.open(m.archive, os.O_RDONLY)
+    try:
+        data = os.pread(fd, m.size, m.offset)
+    finally:
+        os.close(fd)
+    if len(data) != m.size:
+        raise OSError(f"{m}: truncated archive ({len(data)} of {m.size} bytes)")
+    return data
+
+
+def shard_paths(source: str) -> list[str]:
+    """The tar shards a source names (one path or a brace pattern), each checked to exist."""
+    paths = expand_braces(source)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {len(paths)} tar shards do not exist (e.g. {missing[0]!r})")
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise ConfigError(f"tar shards of {source!r} share file names; keys (<shard>/<sample>) would collide")
+    return paths

@@ -1,0 +1,194 @@
+"""Tar shard sources (webdataset / img2dataset layout): brace patterns, keys, streaming reads by byte range, bad
+members recorded, features bit-identical to the same images in a folder."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dinofeat import archive
+from dinofeat.archive import Member, expand_braces, sample_key
+from dinofeat.cache import FeatureCache
+from dinofeat.discover import discover
+from dinofeat.errors import ConfigError
+from dinofeat.precompute import extract
+from dinofeat.probe import probe
+from dinofeat.validation import validate
+from tests.helpers import FAST, bad_files, noise_image
+
+
+@pytest.mark.parametrize(
+    ("pattern", "want"),
+    [
+        ("a.tar", ["a.tar"]),
+        ("s/{000..002}.tar", ["s/000.tar", "s/001.tar", "s/002.tar"]),
+        ("s/{8..10}.tar", ["s/8.tar", "s/9.tar", "s/10.tar"]),
+        ("{a,b}/{0..1}.tar", ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]),
+        ("s/shard-{000009..000010}.tar", ["s/shard-000009.tar", "s/shard-000010.tar"]),
+    ],
+)
+def test_expand_braces(pattern, want):
+    assert expand_braces(pattern) == want
+
+
+@pytest.mark.parametrize("pattern", ["s/{3..1}.tar", "s/{x}.tar"])
+def test_expand_braces_refuses(pattern):
+    with pytest.raises(ConfigError):
+        expand_braces(pattern)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("000123.jpg", "000123"), ("dir/000123.jpg", "dir/000123"), ("a.b.c.png", "a"), ("x/y.z/w.q.jpg", "x/y.z/w")],
+)
+def test_sample_key_is_webdatasets(name, key):
+    assert sample_key(name) == key
+
+
+def _png_bytes(w: int, h: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    noise_image(w, h, seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 1_700_000_000
+    tf.addfile(info, io.BytesIO(data))
+
+
+SIZES = [(64, 48), (48, 64), (64, 64), (80, 60)]
+
+
+def make_shards(root: Path, folder: Path, shards: int = 2) -> dict[str, str]:
+    """webdataset shards (image + caption per sample) and the same images as files in `folder`; returns tar key ->
+    folder key. Shard 0 also holds one corrupt image and one non-image member."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = {}
+    for s in range(shards):
+        with tarfile.open(root / f"shard-{s:06d}.tar", "w") as tf:
+            for i, (w, h) in enumerate(SIZES):
+                data = _png_bytes(w, h, 10 * s + i)
+                _add(tf, f"{i:06d}.png", data)
+                _add(tf, f"{i:06d}.txt", b"a caption")
+                (folder / f"s{s}_{i}.png").write_bytes(data)
+                pairs[f"shard-{s:06d}/{i:06d}"] = f"s{s}_{i}.png"
+            if s == 0:
+                _add(tf, "000099.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)  # not a decodable JPEG
+                _add(tf, "meta.json", b"{}")
+    return pairs
+
+
+def test_tar_shards_give_the_same_features_as_a_folder(tmp_path, dinov3_path):
+    pairs = make_shards(tmp_path / "shards", tmp_path / "folder")
+    pattern = str(tmp_path / "shards" / "shard-{000000..000001}.tar")
+    src = discover(pattern)
+    assert set(src.keys) == {*pairs, "shard-000000/000099"}  # captions and json skipped
+    s = extract(pattern, tmp_path / "from-tar", model=str(dinov3_path), area=64, store_dtype="fp32", **FAST)
+    assert (s.done, s.failed) == (8, 1)
+    extract(tmp_path / "folder", tmp_path / "from-dir", model=str(dinov3_path), area=64, store_dtype="fp32", **FAST)
+    a, b = FeatureCache(tmp_path / "from-tar"), FeatureCache(tmp_path / "from-dir")
+    for tar_key, file_key in pairs.items():
+        fa, fb = a[tar_key], b[file_key]
+        assert fa.bucket == fb.bucket
+        np.testing.assert_array_equal(fa.patches, fb.patches)
+        np.testing.assert_array_equal(fa.cls, fb.cls)
+    assert (
+        a.failures["shard-000000/000099"].startswith("not an image") or "corrupt" in a.failures["shard-000000/000099"]
+    )
+    assert not list((tmp_path / "from-tar").rglob("*.png"))  # nothing was unpacked
+    report = validate(tmp_path / "from-tar", images=pattern, recompute=2)
+    assert report.ok, report.problems
+
+
+def test_a_new_shard_is_an_incremental_run(tmp_path, dinov3_path):
+    make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
+    one = str(tmp_path / "shards" / "shard-{000000..000001}.tar")
+    extract(one, tmp_path / "c", model=str(dinov3_path), area=64, **FAST)
+    s = extract(
+        str(tmp_path / "shards" / "shard-{000000..000002}.tar"), tmp_path / "c", model=str(dinov3_path), area=64, **FAST
+    )
+    assert s.appended == 4 and s.sealed
+    assert "shard-000002/000003" in FeatureCache(tmp_path / "c")
+
+
+def test_probe_reads_only_the_header(tmp_path, monkeypatch):
+    big = _png_bytes(1500, 1000, 0)
+    assert len(big) > 500_000
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        _add(tf, "x.png", big)
+    (m,) = archive.list_images(str(tmp_path / "a.tar"), frozenset({".png"})).values()
+    read = []
+    real = archive.os.pread
+
+    def counting(fd, n, offset):
+        data = real(fd, n, offset)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(archive.os, "pread", counting)
+    p = probe(m)
+    assert (p.width, p.height, p.error) == (1500, 1000, None)
+    assert 0 < sum(read) <= 16384, read
+
+
+def test_bad_sources_are_refused_before_any_work(tmp_path):
+    make_shards(tmp_path / "shards", tmp_path / "folder", shards=1)
+    with pytest.raises(ConfigError, match="1 of 2 tar shards do not exist"):
+        discover(str(tmp_path / "shards" / "shard-{000000..000001}.tar"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "shard-000000.tar").write_bytes((tmp_path / "shards" / "shard-000000.tar").read_bytes())
+    with pytest.raises(ConfigError, match="share file names"):
+        discover(str(tmp_path / "{shards,other}" / "shard-000000.tar"))
+    (tmp_path / "broken.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ConfigError, match="cannot read the tar shard"):
+        discover(str(tmp_path / "broken.tar"))
+
+
+def test_every_kind_of_bad_member_is_recorded(tmp_path, dinov3_path):
+    reasons = bad_files(tmp_path / "bad")
+    with tarfile.open(tmp_path / "bad.tar", "w") as tf:
+        for f in sorted((tmp_path / "bad").iterdir()):
+            _add(tf, f.name, f.read_bytes())
+        _add(tf, "good.png", _png_bytes(64, 48, 1))
+    s = extract(str(tmp_path / "bad.tar"), tmp_path / "c", model=str(dinov3_path), area=64, **FAST)
+    assert (s.done, s.failed) == (1, len(reasons))
+    failures = FeatureCache(tmp_path / "c").failures
+    for name, prefix in reasons.items():
+        assert failures[f"bad/{sample_key(name)}"].startswith(prefix), (name, failures)
+
+
+def test_member_is_picklable_and_small():
+    import pickle
+
+    m = Member("/data/shard.tar", "000001.jpg", 1536, 1000, 0)
+    assert pickle.loads(pickle.dumps(m)) == m and str(m) == "/data/shard.tar:000001.jpg"
+
+
+def test_png_probe_parses_the_header_only(tmp_path, monkeypatch):
+    """PIL's PNG getexif() decodes the whole image looking for a late eXIf chunk: a probe must not decode pixels.
+    An eXIf rotation before the pixel data (where encoders put it) is still applied."""
+    from PIL import Image, ImageFile
+
+    loads = []
+    real = ImageFile.ImageFile.load
+
+    def counting(self):
+        loads.append(self.format)
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
+    (tmp_path / "big.png").write_bytes(_png_bytes(300, 200, 3))
+    p = probe(str(tmp_path / "big.png"))
+    assert (p.width, p.height, p.error) == (300, 200, None)
+    assert loads == []
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: displayed 200 x 300
+    noise_image(300, 200, 4).save(tmp_path / "rot.png", exif=exif)
+    p = probe(str(tmp_path / "rot.png"))
+    assert (p.width, p.height) == (200, 300) and loads == []
