@@ -93,6 +93,11 @@ class ArraySet:
         """Non-primary layers: sample key ('patches_l8') -> array holding it for the chosen variant."""
         return {self.name(b, k): self.name(b, k, flip) for k in self.layers if k != self.primary for b in self.bases}
 
+    def is_default(self, num_layers: int) -> bool:
+        """The last block of the image with the final norm (registers or not): the only feature set of dinofeat
+        <= 0.3, whose caches are format 3 and whose fingerprints lack `features`."""
+        return self.layers == (num_layers,) and self.layer_norm and not self.flip
+
     @property
     def copies(self) -> int:
         """How many (layer, variant) feature sets each image stores: the factor on bytes per image."""

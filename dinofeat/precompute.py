@@ -88,13 +88,6 @@ class Prepared:
     def registers_stored(self) -> int:
         return self.model.num_register_tokens if self.config.keep_registers else 0
 
-    @property
-    def default_arrays(self) -> bool:
-        """Last layer, final norm, no mirror: the only feature set of dinofeat <= 0.3 (whose fingerprints lack
-        `features`, so those caches still resume)."""
-        a = self.arrays
-        return a.layers == (self.model.num_layers,) and a.layer_norm and not a.flip
-
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the stored numbers. A rerun with any of these different is refused."""
         return {
@@ -108,7 +101,7 @@ class Prepared:
             "recipe": self.config.recipe.to_dict(),
             "keep_registers": self.config.keep_registers,
             "limit": self.config.limit,
-        } | ({} if self.default_arrays else {"features": self._features()})
+        } | ({} if self.arrays.is_default(self.model.num_layers) else {"features": self._features()})
 
     def _features(self) -> dict[str, Any]:
         a = self.arrays
@@ -136,10 +129,10 @@ def bucket_spec(config: ExtractConfig, patch: int) -> AnySpec:
             return BucketSpec(
                 config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode
             )
-        probe = TiedSpec(BucketSpec(config.area, config.dit_token), config.dit_scale, config.dit_token)
         multiple = config.multiple
         if multiple is None:
-            multiple = min_tied_multiple(patch, probe.ratio, config.dit_token)
+            ratio = TiedSpec(BucketSpec(config.area, config.dit_token), config.dit_scale, config.dit_token).ratio
+            multiple = min_tied_multiple(patch, ratio, config.dit_token)
         dit = BucketSpec(config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode)
         spec = TiedSpec(dit, config.dit_scale, config.dit_token)
         spec.grid_factor(patch)

@@ -488,8 +488,7 @@ class Store:
 def _default_arrays(meta: dict[str, Any]) -> bool:
     """The last block of the image, final norm applied (registers or not): what every version 3 reader expects."""
     a = ArraySet.from_meta(meta)
-    last = int(meta.get("model", {}).get("config", {}).get("num_hidden_layers", a.primary))
-    return a.layers == (last,) and a.layer_norm and not a.flip
+    return a.is_default(int(meta.get("model", {}).get("config", {}).get("num_hidden_layers", a.primary)))
 
 
 def bucket_record(b: BucketPlan) -> dict[str, Any]:
