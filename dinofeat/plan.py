@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from buckets import AnySpec, TiedSpec, assign, make_buckets
+from dinofeat.archive import Member
 from dinofeat.probe import Probe
 
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -82,6 +83,11 @@ class Plan:
     mtime_ns: np.ndarray
     probe_errors: dict[int, str]
     buckets: tuple[BucketPlan, ...]
+    # tar shard sources: where each image's bytes are (index into `archives`, byte offset), so ranks other than the
+    # one that listed the shards read them from the plan instead of listing them again; None for files
+    archive: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    archives: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -171,6 +177,7 @@ def make_plan(
         per = bytes_per_image((h // patch, w // patch), hidden, store_dtype, registers_stored, copies)
         dit = spec.dit_size(w, h) if isinstance(spec, TiedSpec) else None
         plans.append(BucketPlan(w, h, patch, rows, shard_rows_for(per, shard_bytes, rows), part, dit))
+    archive, offset, archives = member_locations(probes)
     return Plan(
         keys=list(keys),
         bucket=bucket,
@@ -182,7 +189,25 @@ def make_plan(
         mtime_ns=np.array([p.mtime_ns for p in probes], np.int64),
         probe_errors=probe_errors,
         buckets=tuple(plans),
+        archive=archive,
+        offset=offset,
+        archives=archives,
     )
+
+
+def member_locations(probes: Sequence[Probe]) -> tuple[np.ndarray | None, np.ndarray | None, tuple[str, ...]]:
+    """(archive index, byte offset) of every probed archive member, and the archives in first-seen order; Nones
+    when no image comes from an archive."""
+    names: dict[str, int] = {}
+    archive = np.full(len(probes), -1, np.int32)
+    offset = np.full(len(probes), -1, np.int64)
+    for i, p in enumerate(probes):
+        if isinstance(p.path, Member):
+            archive[i] = names.setdefault(p.path.archive, len(names))
+            offset[i] = p.path.offset
+    if not names:
+        return None, None, ()
+    return archive, offset, tuple(names)
 
 
 def extend_plan(old: Plan, new: Plan) -> Plan:
@@ -204,7 +229,29 @@ def extend_plan(old: Plan, new: Plan) -> Plan:
         mtime_ns=np.concatenate([old.mtime_ns, new.mtime_ns]).astype(np.int64),
         probe_errors={**old.probe_errors, **{len(old) + i: why for i, why in new.probe_errors.items()}},
         buckets=(*old.buckets, *new.buckets),
+        **_merged_locations(old, new),
     )
+
+
+def _merged_locations(old: Plan, new: Plan) -> dict[str, object]:
+    """The archive columns of `old` followed by `new`'s, `new`'s archive indices remapped into the union list."""
+    if old.archive is None and new.archive is None:
+        return {}
+    archives = list(old.archives)
+    for a in new.archives:
+        if a not in archives:
+            archives.append(a)
+    remap = np.array([archives.index(a) for a in new.archives] or [0], np.int32)
+    old_a = old.archive if old.archive is not None else np.full(len(old), -1, np.int32)
+    old_o = old.offset if old.offset is not None else np.full(len(old), -1, np.int64)
+    new_a = np.where(new.archive >= 0, remap[np.maximum(new.archive, 0)], -1) if new.archive is not None else None
+    return {
+        "archive": np.concatenate([old_a, new_a if new_a is not None else np.full(len(new), -1)]).astype(np.int32),
+        "offset": np.concatenate([old_o, new.offset if new.offset is not None else np.full(len(new), -1)]).astype(
+            np.int64
+        ),
+        "archives": tuple(archives),
+    }
 
 
 def batch_size_for(tokens_per_image: int, token_budget: int, override: int | None = None) -> int:

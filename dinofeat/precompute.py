@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from buckets import AnySpec, BucketSpec, BucketSpecError, TiedSpec, min_tied_multiple
 from dinofeat import __version__, ranks, store
+from dinofeat.archive import Member
 from dinofeat.arrays import ArraySet, parse_layers
 from dinofeat.config import ExtractConfig
 from dinofeat.discover import Source, discover
@@ -244,6 +245,7 @@ def open_or_create(
     st = Store.create(
         cache, _metadata(prep, plan, src), plan, prep.model.hidden_size, prep.registers_stored, prep.config.store_dtype
     )
+    st.write_source_names(src.renamed)
     return st, plan, 0
 
 
@@ -258,10 +260,25 @@ def extend(st: Store, src: Source, prep: Prepared, progress: bool) -> tuple[Plan
     new = build_plan(src.subset(tuple(added)), prep, progress, part)
     plan = extend_plan(plan, new)
     st.extend(plan, prep.model.hidden_size, prep.registers_stored, prep.config.store_dtype)
+    st.write_source_names({**st.source_names(), **src.renamed})
     return plan, len(added)
 
 
-def join_cache(cache: Path, src: Source, prep: Prepared, group: ranks.Group, timeout_s: float) -> tuple[Store, Plan]:
+def source_from_plan(plan: Plan, root: str, renamed: dict[str, str]) -> Source:
+    """What a rank other than rank 0 reads images from: the plan's keys and, for tar shards, each image's byte range
+    (recorded in the index), so only rank 0 ever lists the source."""
+    members: dict[str, Member] = {}
+    if plan.archive is not None and plan.offset is not None:
+        for i in np.flatnonzero(plan.archive >= 0):
+            key = plan.keys[i]
+            archive = plan.archives[int(plan.archive[i])]
+            members[key] = Member(archive, key, int(plan.offset[i]), int(plan.file_size[i]), int(plan.mtime_ns[i]))
+    return Source(Path(root), tuple(plan.keys), dict(renamed), members)
+
+
+def join_cache(
+    cache: Path, src: Source | None, prep: Prepared, group: ranks.Group, timeout_s: float
+) -> tuple[Store, Plan]:
     """A non-leader rank opens the cache rank 0 planned: after the barrier, or in a manual split by polling until
     it is planned and, when the folder holds images the plan lacks, until rank 0 has extended it."""
 
@@ -280,7 +297,7 @@ def join_cache(cache: Path, src: Source, prep: Prepared, group: ranks.Group, tim
     st = Store(cache, mode="r+")
     _check_fingerprint(st, prep)
     plan = st.read_plan()
-    if not group.connected and set(src.keys) - set(plan.keys):  # rank 0 is adding the new images
+    if src is not None and not group.connected and set(src.keys) - set(plan.keys):  # rank 0 is adding images
         old = st.meta.get("index_group", "index")
         ranks.wait_until(lambda: ready(after=old), f"rank 0 to add new images to {cache}", timeout_s)
         st = Store(cache, mode="r+")
@@ -299,6 +316,16 @@ def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]
             if (b.name, int(plan.row[i]) // b.shard_rows) in pending:
                 out.append(key)
     return out
+
+
+def _refuse_missing(plan: Plan, src: Source, pending: set[tuple[str, int]]) -> None:
+    """Rank 0 checks every unfinished shard (before the others start), each rank its own shards again."""
+    missing = missing_in_pending(plan, set(src.keys), pending)
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "
+            "restore them or rerun with --overwrite"
+        )
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -557,7 +584,8 @@ def extract(
         raise ConfigError(str(e)) from e
     group = ranks.join(config.rank, config.world_size, config.device)
     prep = prepare(config, group)
-    src = discover(source, limit=config.limit)
+    # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan
+    src = discover(source, limit=config.limit) if group.is_leader or not group.connected or dry_run else None
     summary = Summary(cache=str(cache), dry_run=dry_run, world_size=group.world_size, rank=group.rank)
     if dry_run:
         plan = build_plan(src, prep, config.progress)
@@ -578,6 +606,8 @@ def extract(
     progress = config.progress and group.is_leader
     with contextlib.ExitStack() as held, _disk_errors(cache):
         st, plan = _open_on_every_rank(cache, src, prep, group, overwrite, progress, summary, held)
+        if src is None:
+            src = source_from_plan(plan, str(st.meta["source_root"]), st.source_names())
         found, planned = set(src.keys), set(plan.keys)
         removed = sorted(planned - found)
         summary.new_files, summary.removed_files = len(found - planned), len(removed)
@@ -586,12 +616,7 @@ def extract(
         pending = {
             (s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)
         }
-        missing = missing_in_pending(plan, found, pending)
-        if missing:
-            raise ConfigError(
-                f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "
-                "restore them or rerun with --overwrite"
-            )
+        _refuse_missing(plan, src, pending)
         summary.cleaned_files += st.cleanup(pending, orphans=False)
         run_shards(st, plan, src, prep, pending, summary, progress)
         group.barrier()  # every rank's shards are marked before anyone seals
@@ -616,7 +641,7 @@ def extract(
 
 def _open_on_every_rank(
     cache: Path,
-    src: Source,
+    src: Source | None,
     prep: Prepared,
     group: ranks.Group,
     overwrite: bool,
@@ -635,10 +660,12 @@ def _open_on_every_rank(
         if manual:
             held.enter_context(CacheLock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
         return join_cache(cache, src, prep, group, prep.config.wait_s)
+    assert src is not None  # rank 0 always lists the source
     try:
         held.enter_context(CacheLock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
         st, plan, summary.appended = open_or_create(cache, src, prep, overwrite, progress)
         summary.cleaned_files += st.cleanup(set(), orphans=True)
+        _refuse_missing(plan, src, {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers()))
     except Exception as e:
         group.broadcast(e)
         raise

@@ -42,6 +42,7 @@ STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 # zarr 3.1 has no bfloat16: bf16 features are stored as their uint16 bit patterns (exact; see docs/format.md)
 ZARR_DTYPES = {"fp16": "float16", "bf16": "uint16", "fp32": "float32"}
 INDEX_COLUMNS = ("key", "bucket", "row", "src_w", "src_h", "distortion", "file_size", "mtime_ns")
+SOURCE_COLUMNS = ("archive", "offset")  # tar shard sources only: metadata.source_archives[archive], byte offset
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # whole-shard writes, and ~2x faster sharded writes in zarr 3.1
 
 
@@ -119,6 +120,7 @@ class Store:
             "index_group": "index",
             "index_checksums": _write_index(root, "index", plan),
             "buckets": [bucket_record(b) for b in plan.buckets],
+            "source_archives": list(plan.archives),
         }
         names = ArraySet.from_meta(root.attrs[META_KEY]).names()
         _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype, names)
@@ -156,6 +158,7 @@ class Store:
             index_checksums=sums,
             previous_index_group=old_group,
             num_images=len(plan),
+            source_archives=list(plan.archives),
             buckets=[*meta["buckets"], *(bucket_record(b) for b in new)],
             parts=[*meta.get("parts", [{"part": 0}]), {"part": max(b.part for b in plan.buckets), "time": time.time()}],
         )
@@ -210,7 +213,8 @@ class Store:
                     sums.pop("status", None)
             try:
                 g = self.root[group]
-                cols = {name: g[name][:] for name in (*INDEX_COLUMNS, "status")}
+                optional = [n for n in SOURCE_COLUMNS if n in sums or n in g]
+                cols = {name: g[name][:] for name in (*INDEX_COLUMNS, "status", *optional)}
             except (KeyError, FileNotFoundError):
                 if attempt or generation is not None:
                     raise CacheFormatError(
@@ -249,6 +253,15 @@ class Store:
             for b in self.meta["buckets"]
         )
 
+    def write_source_names(self, renamed: dict[str, str]) -> None:
+        """Keys whose file name is not the key (names that are not UTF-8), for ranks that read the plan instead of
+        walking the folder."""
+        _atomic_write_text(self.path / "_dinofeat" / "source_names.json", json.dumps(renamed, sort_keys=True))
+
+    def source_names(self) -> dict[str, str]:
+        p = self.path / "_dinofeat" / "source_names.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
     def probe_failures(self) -> dict[str, str]:
         p = self.path / "_dinofeat" / "probe_failures.json"
         return json.loads(p.read_text()) if p.exists() else {}
@@ -268,6 +281,9 @@ class Store:
             mtime_ns=ix["mtime_ns"],
             probe_errors={pos[k]: r for k, r in self.probe_failures().items() if k in pos},
             buckets=self.bucket_plans(),
+            archive=ix.get("archive"),
+            offset=ix.get("offset"),
+            archives=tuple(self.meta.get("source_archives") or ()),
         )
 
     # ---- features -------------------------------------------------------------------------------------------
@@ -519,6 +535,8 @@ def _write_index(root: Any, group: str, plan: Plan) -> dict[str, int]:
         "file_size": plan.file_size,
         "mtime_ns": plan.mtime_ns,
     }
+    if plan.archive is not None:
+        cols |= {"archive": plan.archive, "offset": plan.offset}
     cols["status"] = np.zeros(n, np.int8)
     for name, values in cols.items():
         a = idx.create_array(

@@ -192,3 +192,53 @@ def test_png_probe_parses_the_header_only(tmp_path, monkeypatch):
     noise_image(300, 200, 4).save(tmp_path / "rot.png", exif=exif)
     p = probe(str(tmp_path / "rot.png"))
     assert (p.width, p.height) == (200, 300) and loads == []
+
+
+class _Rank1Of2(__import__("dinofeat.ranks", fromlist=["Group"]).Group):
+    """Rank 1 of a connected group of 2 whose rank 0 has already planned: collectives are no-ops here."""
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, obj):
+        return obj
+
+    def gather(self, obj):
+        return [obj, obj]
+
+
+def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch):
+    """Rank 1 of a process group reads every image's location (tar member byte ranges included) from the plan rank
+    0 wrote: with discovery made to fail, it still extracts its shards, and the finished cache equals a
+    one-process cache bit for bit."""
+    from dinofeat import precompute, ranks
+    from dinofeat.precompute import source_from_plan
+    from dinofeat.store import Store
+
+    make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
+    pattern = str(tmp_path / "shards" / "shard-{000000..000002}.tar")
+    opts = {"model": str(dinov3_path), "area": 64, "store_dtype": "fp32", "shard_mb": 0.001, **FAST}
+    extract(pattern, tmp_path / "one", **opts)
+    extract(pattern, tmp_path / "split", rank=0, world_size=2, **opts)  # rank 0 plans and does its shards
+    st = Store(tmp_path / "split")
+    plan = st.read_plan()
+    assert plan.archive is not None and len(plan.archives) == 3
+    listed = discover(pattern)
+    rebuilt = source_from_plan(plan, st.meta["source_root"], st.source_names())
+    for key in listed.keys:
+        a, b = listed.path(key), rebuilt.path(key)
+        assert (a.archive, a.offset, a.size, a.mtime_ns) == (b.archive, b.offset, b.size, b.mtime_ns)
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("rank 1 listed the source")
+
+    monkeypatch.setattr(precompute, "discover", no_listing)
+    monkeypatch.setattr(ranks, "join", lambda *a: _Rank1Of2(rank=1, world_size=2, connected=True))
+    s = extract(pattern, tmp_path / "split", **opts)
+    assert s.processed > 0 and Store(tmp_path / "split").disk_state() == "planned"  # sealing is rank 0's
+    monkeypatch.undo()
+    assert extract(pattern, tmp_path / "split", **opts).sealed
+    a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.read(i, "patches"), b.read(i, "patches"))
