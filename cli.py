@@ -54,16 +54,12 @@ def buckets(
     as_json: AsJson = False,
 ) -> None:
     """Print the bucket table: W x H, patch grid h x w, tokens, aspect ratio; tied, both sides and k."""
-    from buckets import BucketSpec, BucketSpecError, TiedSpec, min_tied_multiple, table_document
+    from buckets import BucketSpecError, TiedSpec, spec_for, table_document
 
+    # untied, the grid column's patch defaults to the multiple (a table for any model); tied, to DINOv3's 16
+    patch = patch or (multiple or 16 if dit_scale is None else 16)
     try:
-        if dit_scale is None:
-            spec = BucketSpec(area, 16 if multiple is None else multiple, min_ar, max_ar, num_buckets)
-        else:
-            patch = patch or 16
-            ratio = TiedSpec(BucketSpec(area, dit_token), dit_scale, dit_token).ratio
-            m = min_tied_multiple(patch, ratio, dit_token) if multiple is None else multiple
-            spec = TiedSpec(BucketSpec(area, m, min_ar, max_ar, num_buckets), dit_scale, dit_token)
+        spec = spec_for(area, multiple, min_ar, max_ar, num_buckets, "list", patch, dit_scale, dit_token)
         doc = table_document(spec, patch)
     except (BucketSpecError, ValueError) as e:
         _fail(e)

@@ -13,7 +13,6 @@ Targets (issue 6): end-to-end >= 0.8x model-only and >= 2x naive.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 from dinofeat.bench import bench
 from dinofeat.config import ExtractConfig
@@ -75,10 +75,7 @@ def main() -> None:
         "e2e_wall_over_naive": r.end_to_end_wall_img_s / naive_img_s,
         "model_only_over_naive": r.model_only_img_s / naive_img_s,
     }
-    res = {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
-    print(json.dumps(res, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, a.json)
 
 
 if __name__ == "__main__":

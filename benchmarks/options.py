@@ -12,7 +12,6 @@ block 4); --flip with --layers 6,-1; tied buckets (--dit-scale 1/2 with the DiT 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 from dinofeat.cache import FeatureCache
 from dinofeat.precompute import extract
@@ -93,11 +93,9 @@ def main() -> None:
         "megapixels": a.megapixels,
         "repeats": a.repeats,
         "torch_threads": torch.get_num_threads(),
-        "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+        "rows": rows,
     }
-    print(json.dumps(res, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, a.json)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -10,13 +10,14 @@ the source kind is in the `extract` rows (inline decoding on this CPU, model ran
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 from dinofeat.discover import discover
 from dinofeat.precompute import extract
@@ -75,10 +76,7 @@ def main() -> None:
         res[f"{kind}_extract_img_s"] = s.images_per_s
     res["tar_over_folder_decode"] = res["folder_decode_resize_ms"] / res["tar_decode_resize_ms"]
     res["tar_over_folder_probe"] = res["folder_probe_ms"] / res["tar_probe_ms"]
-    res = {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
-    print(json.dumps(res, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, a.json)
 
 
 if __name__ == "__main__":

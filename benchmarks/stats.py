@@ -7,11 +7,11 @@ features, as the writer thread runs it after writing the shard.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
 from dinofeat.stats import ChannelStats
 
@@ -39,9 +39,7 @@ def main() -> None:
         "ms_per_image": round(med / a.rows * 1e3, 2),
         "stats_file_bytes_approx": 2 * 2 * 8 * a.hidden + 1300,  # mean and m2 (float64) of cls and patches + npz
     }
-    print(json.dumps(res, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
 """Aspect-ratio buckets shared by feature extraction and DiT training. Pure Python: no torch, no zarr."""
 
 from buckets.assign import Assignment, assign, fit_size, log_distortion, nearest_bucket
-from buckets.spec import AnySpec, BucketSpec, BucketSpecError, TiedSpec, load_spec, min_tied_multiple
+from buckets.spec import (
+    AnySpec,
+    BucketSpec,
+    BucketSpecError,
+    TiedSpec,
+    load_spec,
+    min_tied_multiple,
+    parse_scale,
+    spec_for,
+)
 from buckets.table import (
     Bucket,
     area_bound,
@@ -30,8 +39,10 @@ __all__ = [
     "make_buckets",
     "min_tied_multiple",
     "nearest_bucket",
+    "parse_scale",
     "round_to_multiple",
     "size_for_aspect",
+    "spec_for",
     "table_document",
     "table_rows",
     "tied_table_rows",

@@ -93,12 +93,7 @@ class TiedSpec:
     dit_token: int = 16
 
     def __post_init__(self) -> None:
-        try:
-            ratio = Fraction(self.scale)
-        except (ValueError, ZeroDivisionError):
-            raise BucketSpecError(f"scale must be a fraction like 1/2, got {self.scale!r}") from None
-        if ratio <= 0:
-            raise BucketSpecError(f"scale must be positive, got {self.scale}")
+        ratio = parse_scale(self.scale)
         object.__setattr__(self, "scale", str(ratio))  # "2/4" and "0.5" hash like "1/2"
         if self.dit_token < 1 or self.dit.multiple % self.dit_token:
             raise BucketSpecError(
@@ -153,6 +148,42 @@ class TiedSpec:
 
 
 AnySpec = BucketSpec | TiedSpec
+
+
+def parse_scale(scale: str) -> Fraction:
+    """'1/2', '0.5', '2/4' -> Fraction(1, 2); BucketSpecError unless a positive fraction."""
+    try:
+        ratio = Fraction(scale)
+    except (ValueError, ZeroDivisionError):
+        raise BucketSpecError(f"scale must be a fraction like 1/2, got {scale!r}") from None
+    if ratio <= 0:
+        raise BucketSpecError(f"scale must be positive, got {scale}")
+    return ratio
+
+
+def spec_for(
+    area: int,
+    multiple: int | None,
+    min_ar: float,
+    max_ar: float,
+    num_buckets: int,
+    mode: Mode,
+    patch: int,
+    dit_scale: str | None = None,
+    dit_token: int = 16,
+) -> AnySpec:
+    """The DINO-side spec from user settings, checked against the patch size. Untied: `multiple` defaults to the
+    patch and must be a multiple of it. Tied (`dit_scale`): area/multiple/aspects describe the DiT's buckets,
+    `multiple` defaults to the smallest that aligns, and the grids must align (k whole)."""
+    if dit_scale is None:
+        m = patch if multiple is None else multiple
+        if m % patch:
+            raise BucketSpecError(f"bucket multiple {m} is not a multiple of the model's patch size {patch}")
+        return BucketSpec(area, m, min_ar, max_ar, num_buckets, mode)
+    m = min_tied_multiple(patch, parse_scale(dit_scale), dit_token) if multiple is None else multiple
+    spec = TiedSpec(BucketSpec(area, m, min_ar, max_ar, num_buckets, mode), dit_scale, dit_token)
+    spec.grid_factor(patch)
+    return spec
 
 
 def min_tied_multiple(patch: int, ratio: Fraction, dit_token: int) -> int:

@@ -89,9 +89,13 @@ class ArraySet:
     def names(self) -> list[str]:
         return [self.name(b, k, f) for f in self.variants for k in self.layers for b in self.bases]
 
-    def extra_layer_names(self, flip: bool = False) -> dict[str, str]:
-        """Non-primary layers: sample key ('patches_l8') -> array holding it for the chosen variant."""
-        return {self.name(b, k): self.name(b, k, flip) for k in self.layers if k != self.primary for b in self.bases}
+    def extra_layer_names(self, flip: bool = False, layers: tuple[int, ...] | None = None) -> dict[str, str]:
+        """Non-primary layers (all, or those in `layers`): sample key ('patches_l8') -> array holding it for the
+        chosen variant. KeyError for a layer that is not stored."""
+        for k in layers or ():
+            self.name("cls", k)
+        chosen = [k for k in self.layers if k != self.primary and (layers is None or k in layers)]
+        return {self.name(b, k): self.name(b, k, flip) for k in chosen for b in self.bases}
 
     def is_default(self, num_layers: int) -> bool:
         """The last block of the image with the final norm (registers or not): the only feature set of dinofeat

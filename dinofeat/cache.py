@@ -275,11 +275,7 @@ class FeatureCache:
         if flip and not a.flip:
             raise KeyError(f"{self.path} stores no mirrored-image features (precompute with --flip)")
         regs = self.read(i, a.name("registers", flip=flip)) if a.registers and registers else None
-        extra = a.extra_layer_names(flip)
-        if layers is not None:
-            for k in layers:
-                a.name("cls", k)  # KeyError naming the stored layers
-            extra = {s: n for s, n in extra.items() if int(s.rsplit("_l", 1)[1]) in layers}
+        extra = a.extra_layer_names(flip, layers)
         return Features(
             self.key(i),
             self.read(i, a.name("cls", flip=flip)),

@@ -126,12 +126,12 @@ def discover_tars(source: str, limit: int | None = None) -> Source:
     return Source(Path(source), tuple(keys), {}, {k: members[k] for k in keys})
 
 
-def locator(source: str) -> Callable[[str], str | Member]:
-    """key -> what to open, without walking a folder (a tar source lists its shards' headers once)."""
+def locator(source: str, renamed: dict[str, str] | None = None) -> Callable[[str], str | Member]:
+    """key -> what to open, without walking a folder (a tar source lists its shards' headers once). `renamed`:
+    the keys whose file names differ (as recorded with the cache)."""
     if is_tar_source(source):
         return discover_tars(source).path
-    root = local_path(source, "image source")
-    return lambda key: str(root / key)
+    return Source(local_path(source, "image source"), (), dict(renamed or {})).path
 
 
 def size_and_mtime(loc: str | Member) -> tuple[int, int]:

@@ -237,21 +237,22 @@ def _merged_locations(old: Plan, new: Plan) -> dict[str, object]:
     """The archive columns of `old` followed by `new`'s, `new`'s archive indices remapped into the union list."""
     if old.archive is None and new.archive is None:
         return {}
-    archives = list(old.archives)
-    for a in new.archives:
-        if a not in archives:
-            archives.append(a)
-    remap = np.array([archives.index(a) for a in new.archives] or [0], np.int32)
-    old_a = old.archive if old.archive is not None else np.full(len(old), -1, np.int32)
-    old_o = old.offset if old.offset is not None else np.full(len(old), -1, np.int64)
-    new_a = np.where(new.archive >= 0, remap[np.maximum(new.archive, 0)], -1) if new.archive is not None else None
+    archives = list(dict.fromkeys([*old.archives, *new.archives]))
+    # new archive index -> union index; the trailing -1 keeps "not from an archive" (-1) as -1
+    remap = np.array([archives.index(a) for a in new.archives] + [-1], np.int32)
+    (old_a, old_o), (new_a, new_o) = _locations(old), _locations(new)
     return {
-        "archive": np.concatenate([old_a, new_a if new_a is not None else np.full(len(new), -1)]).astype(np.int32),
-        "offset": np.concatenate([old_o, new.offset if new.offset is not None else np.full(len(new), -1)]).astype(
-            np.int64
-        ),
+        "archive": np.concatenate([old_a, remap[new_a]]),
+        "offset": np.concatenate([old_o, new_o]),
         "archives": tuple(archives),
     }
+
+
+def _locations(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """The plan's (archive, offset) columns, all -1 when its images are files."""
+    if plan.archive is None or plan.offset is None:
+        return np.full(len(plan), -1, np.int32), np.full(len(plan), -1, np.int64)
+    return plan.archive.astype(np.int32), plan.offset.astype(np.int64)
 
 
 def batch_size_for(tokens_per_image: int, token_budget: int, override: int | None = None) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from buckets import AnySpec, BucketSpec, BucketSpecError, TiedSpec, min_tied_multiple
+from buckets import AnySpec, BucketSpecError, spec_for
 from dinofeat import __version__, ranks, store
 from dinofeat.archive import Member
 from dinofeat.arrays import ArraySet, parse_layers
@@ -123,21 +123,17 @@ def bucket_spec(config: ExtractConfig, patch: int) -> AnySpec:
     """The DINO-side bucket spec; tied to the DiT's own buckets when `dit_scale` is set. ConfigError if the sides
     cannot be multiples of the patch (or, tied, the grids cannot align)."""
     try:
-        if config.dit_scale is None:
-            multiple = config.multiple if config.multiple is not None else patch
-            if multiple % patch:
-                raise ConfigError(f"bucket multiple {multiple} is not a multiple of the model's patch size {patch}")
-            return BucketSpec(
-                config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode
-            )
-        multiple = config.multiple
-        if multiple is None:
-            ratio = TiedSpec(BucketSpec(config.area, config.dit_token), config.dit_scale, config.dit_token).ratio
-            multiple = min_tied_multiple(patch, ratio, config.dit_token)
-        dit = BucketSpec(config.area, multiple, config.min_ar, config.max_ar, config.num_buckets, config.bucket_mode)
-        spec = TiedSpec(dit, config.dit_scale, config.dit_token)
-        spec.grid_factor(patch)
-        return spec
+        return spec_for(
+            config.area,
+            config.multiple,
+            config.min_ar,
+            config.max_ar,
+            config.num_buckets,
+            config.bucket_mode,
+            patch,
+            config.dit_scale,
+            config.dit_token,
+        )
     except BucketSpecError as e:
         raise ConfigError(str(e)) from e
 
@@ -616,7 +612,8 @@ def extract(
         pending = {
             (s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)
         }
-        _refuse_missing(plan, src, pending)
+        if not group.is_leader and not group.connected:  # rank 0 checked every shard; a manual split's rank its own
+            _refuse_missing(plan, src, pending)
         summary.cleaned_files += st.cleanup(pending, orphans=False)
         run_shards(st, plan, src, prep, pending, summary, progress)
         group.barrier()  # every rank's shards are marked before anyone seals

@@ -122,7 +122,7 @@ class Store:
             "buckets": [bucket_record(b) for b in plan.buckets],
             "source_archives": list(plan.archives),
         }
-        names = ArraySet.from_meta(root.attrs[META_KEY]).names()
+        names = ArraySet.from_meta(meta).names()
         _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype, names)
         _write_probe_failures(path, plan)
         store = cls(path, mode="r+")
@@ -321,8 +321,9 @@ class Store:
 
     def array_names(self, bucket: str) -> list[str]:
         """The feature arrays of a bucket: those the metadata records (all are created with the bucket)."""
-        if "arrays" in self.meta:
-            return list(self.meta["arrays"]["names"])
+        recorded = self.meta.get("arrays")
+        if recorded:
+            return list(recorded["names"])
         return [n for n in ("cls", "patches", "registers") if self.has_array(bucket, n)]
 
     def shard_files(self, bucket: str, shard: int) -> list[Path]:

@@ -332,7 +332,7 @@ def _check_recompute(st, meta, ix, keys, plans, source: str, k: int, seed: int, 
     from dinofeat.preprocess import load_resized
     from dinofeat.tokens import split_tokens
 
-    locate = locator(source)
+    locate = locator(source, st.source_names())
     done = [i for i in np.flatnonzero(ix["status"] == STATUS_DONE)]
     picks = random.Random(seed).sample(done, min(k, len(done)))
     try:

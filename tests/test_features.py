@@ -128,6 +128,9 @@ def test_layers_equal_hf_hidden_states(tmp_path, deep_model, layer_norm):
         assert not np.allclose(_stored(c, key, "patches"), last[5:].reshape(gh, gw, -1), atol=1e-3)
         f = c.get(key)
         assert set(f.layers) == {"cls_l1", "patches_l1"}
+        assert c.get(key, layers=()).layers == {} and set(c.get(key, layers=(1,)).layers) == set(f.layers)
+        with pytest.raises(KeyError, match="layer 2 is not stored"):
+            c.get(key, layers=(2,))
         np.testing.assert_array_equal(f.layers["patches_l1"], _stored(c, key, "patches_l1"))
     assert validate(cache).ok
 

@@ -317,3 +317,23 @@ def test_a_hung_decode_worker_stops_the_run_resumably(tmp_path, dinov3_path, mon
     monkeypatch.undo()
     s = extract(imgs, tmp_path / "c", **kw)
     assert s.sealed and s.done == 3
+
+
+def test_images_gone_from_unfinished_shards_are_refused_before_work(tmp_path, dinov3_path):
+    """Rank 0 checks the images of every unfinished shard (its own and the other ranks') before anyone starts."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64)] * 6)
+    opts = {"model": str(dinov3_path), "area": 64, "num_buckets": 1, "shard_mb": 0.001, **FAST}
+    extract(imgs, tmp_path / "c", rank=0, world_size=2, **opts)  # rank 0's shards only; rank 1's stay unfinished
+    st = Store(tmp_path / "c")
+    done = {u for (_, u) in st.markers()}
+    plan = st.read_plan()
+    b = plan.buckets[0]
+    gone = next(
+        k for i, k in enumerate(plan.keys) if int(plan.row[i]) // b.shard_rows not in done
+    )  # an image of a shard rank 1 owns
+    (imgs / gone).unlink()
+    with pytest.raises(ConfigError, match="gone from"):  # rank 0 itself has nothing left to do
+        extract(imgs, tmp_path / "c", rank=0, world_size=2, **opts)
+    with pytest.raises(ConfigError, match="gone from"):
+        extract(imgs, tmp_path / "c", **opts)

@@ -242,3 +242,35 @@ def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch):
     assert a.keys() == b.keys()
     for i in range(len(a)):
         np.testing.assert_array_equal(a.read(i, "patches"), b.read(i, "patches"))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "want_archives", "want_new"),
+    [
+        # each side: archive of every image (None: a file); want_new: the new images' union indices
+        (["a", "a"], ["a", "b"], ("a", "b"), [0, 1]),
+        (["b"], ["a", None], ("b", "a"), [1, -1]),
+        ([None, None], ["c"], ("c",), [0]),
+        (["a"], [None], ("a",), [-1]),
+    ],
+)
+def test_extended_plans_keep_every_images_location(old, new, want_archives, want_new):
+    from buckets import BucketSpec
+    from dinofeat.plan import extend_plan, make_plan
+    from dinofeat.probe import Probe
+
+    def plan(archives, prefix, part):
+        probes = [
+            Probe(Member(a, f"{i}.jpg", 1000 * i + 512, 10, 0) if a else f"/f/{prefix}{i}.jpg", 64, 64, 10, 0)
+            for i, a in enumerate(archives)
+        ]
+        keys = [f"{prefix}{i}" for i in range(len(archives))]
+        return make_plan(keys, probes, BucketSpec(64, 16), 16, 8, "fp16", 2**20, part=part)
+
+    a, b = plan(old, "old", 0), plan(new, "new", 1)
+    ext = extend_plan(a, b)
+    assert ext.archives == want_archives
+    old_want = [want_archives.index(x) if x else -1 for x in old]
+    assert ext.archive.tolist() == old_want + want_new
+    offsets = [1000 * i + 512 if x else -1 for side in (old, new) for i, x in enumerate(side)]
+    assert ext.offset.tolist() == offsets

@@ -190,3 +190,25 @@ def test_unalignable_tie_is_refused_before_any_work(tmp_path, dinov3_path):
     assert not (tmp_path / "c").exists()
     r = CliRunner().invoke(app, ["buckets", "--dit-scale", "3/4"])
     assert r.exit_code == 1 and "not a whole number" in r.output
+
+
+@pytest.mark.parametrize(
+    ("multiple", "patch", "scale", "want"),
+    [
+        (None, 16, None, BucketSpec(1024, 16)),  # untied: the patch
+        (None, 14, None, BucketSpec(1024, 14)),
+        (32, 16, None, BucketSpec(1024, 32)),
+        (20, 16, None, "patch size"),
+        (None, 16, "1/2", TiedSpec(BucketSpec(1024, 32), "1/2", 16)),  # tied: the smallest that aligns
+        (64, 16, "1/2", TiedSpec(BucketSpec(1024, 64), "1/2", 16)),
+        (None, 16, "3/4", "not a whole number"),
+    ],
+)
+def test_spec_for(multiple, patch, scale, want):
+    from buckets import spec_for
+
+    if isinstance(want, str):
+        with pytest.raises(BucketSpecError, match=want):
+            spec_for(1024, multiple, 0.25, 4.0, 33, "list", patch, scale)
+    else:
+        assert spec_for(1024, multiple, 0.25, 4.0, 33, "list", patch, scale) == want
