@@ -17,6 +17,10 @@ MaxAR = Annotated[float, typer.Option("--max-ar", help="Largest aspect ratio (wi
 NumBuckets = Annotated[int, typer.Option("--num-buckets", help="Sizes spaced evenly in log aspect ratio.")]
 Fit = Annotated[bool, typer.Option("--fit", help="Per-image sizes (keep aspect, fit area) instead of a list.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+CACHE_HELP = (
+    "Cache directory, or s3://bucket/prefix (gs://, az://; credentials from the usual AWS_*/GOOGLE_*/AZURE_* "
+    "environment)."
+)
 DitScale = Annotated[
     str | None,
     typer.Option(
@@ -105,7 +109,7 @@ def precompute(
         str,
         typer.Argument(help="Image folder (walked), a .txt list of paths, or tar shards: a.tar, 's/{000..099}.tar'."),
     ],
-    cache: Annotated[str, typer.Argument(help="Cache directory to create or resume.")],
+    cache: Annotated[str, typer.Argument(help=CACHE_HELP + " Created, or resumed.")],
     model: Annotated[str, typer.Option(help="Hub id, local directory, or random:vits16|vitb16|vitl16|...")] = (
         "facebook/dinov3-vitl16-pretrain-lvd1689m"
     ),
@@ -237,7 +241,7 @@ def precompute(
 
 @app.command()
 def validate(
-    cache: Annotated[str, typer.Argument(help="Cache directory.")],
+    cache: Annotated[str, typer.Argument(help=CACHE_HELP)],
     images: Annotated[str | None, typer.Option(help="Image folder to compare against (missing/extra/stale).")] = None,
     recompute: Annotated[int, typer.Option(help="Re-extract K random images and compare (cosine per patch).")] = 0,
     sample: Annotated[float, typer.Option(help="Fraction of shards whose values are checked.")] = 1.0,
@@ -268,7 +272,7 @@ def validate(
 
 
 @app.command()
-def info(cache: Annotated[str, typer.Argument(help="Cache directory.")], as_json: AsJson = False) -> None:
+def info(cache: Annotated[str, typer.Argument(help=CACHE_HELP)], as_json: AsJson = False) -> None:
     """Model, dtypes, per-bucket counts, failures by reason, size on disk, per-channel feature statistics."""
     from dinofeat.errors import DinofeatError
     from dinofeat.info import info as run_info
@@ -320,7 +324,7 @@ def info(cache: Annotated[str, typer.Argument(help="Cache directory.")], as_json
 
 @app.command()
 def show(
-    cache: Annotated[str, typer.Argument(help="Cache directory.")],
+    cache: Annotated[str, typer.Argument(help=CACHE_HELP)],
     keys: Annotated[list[str], typer.Argument(help="Image keys (paths relative to the source folder).")],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("dinofeat-show"),
     grid: Annotated[bool, typer.Option(help="One tiled PNG with a PCA shared by all images.")] = False,

@@ -1,5 +1,9 @@
 """Images inside tar shards (webdataset, img2dataset): listed from the tar headers, read by byte range, never unpacked.
 
+Shards are local paths or URLs (`s3://bucket/shards/{000000..000999}.tar`, any fsspec URL): a remote shard is listed
+through a read-ahead stream (tarfile seeks over the data; each 8 MiB read-ahead GET covers many small members) and
+each image is one ranged GET.
+
 A webdataset sample is the members sharing a key: the member name up to the first dot of its basename
 (`000123.jpg`, `000123.txt`, `000123.json`). Our key for it is `<shard stem>/<sample key>`, stable and unique across
 the shards, and what a DiT dataloader over the same tars can rebuild from webdataset's `__url__` and `__key__`.
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dinofeat.errors import ConfigError
+from dinofeat.objects import filesystem
+from dinofeat.paths import is_url
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -70,7 +76,7 @@ def list_images(archive: str, extensions: frozenset[str]) -> dict[str, Member]:
     several image members keeps the first by name; unreadable shards raise ConfigError before any work."""
     out: dict[str, Member] = {}
     try:
-        with tarfile.open(archive, mode="r:") as tf:
+        with _open_archive(archive) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             for info in tf:
                 if not info.isreg() or os.path.splitext(info.name)[1].lower() not in extensions:
                     continue
@@ -83,6 +89,26 @@ def list_images(archive: str, extensions: frozenset[str]) -> dict[str, Member]:
     except (OSError, tarfile.TarError) as e:
         raise ConfigError(f"cannot read the tar shard {archive}: {e}") from e
     return out
+
+
+LISTING_READAHEAD = 8 * 2**20
+
+
+def _open_archive(archive: str) -> io.BufferedIOBase:
+    if is_url(archive):
+        return filesystem(archive).open(archive, "rb", block_size=LISTING_READAHEAD, cache_type="readahead")
+    return open(archive, "rb")
+
+
+def _read_range(archive: str, offset: int, n: int) -> bytes:
+    """n bytes at offset: one pread, or one ranged GET for a URL."""
+    if is_url(archive):
+        return bytes(filesystem(archive).cat_file(archive, start=offset, end=offset + n))
+    fd = os.open(archive, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)
 
 
 class _Slice(io.RawIOBase):
@@ -111,11 +137,7 @@ class _Slice(io.RawIOBase):
         n = max(0, min(len(buf), self.m.size - self.pos))
         if n == 0:
             return 0
-        fd = os.open(self.m.archive, os.O_RDONLY)
-        try:
-            data = os.pread(fd, n, self.m.offset + self.pos)
-        finally:
-            os.close(fd)
+        data = _read_range(self.m.archive, self.m.offset + self.pos, n)
         buf[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -127,24 +149,46 @@ def header_reader(m: Member) -> io.BufferedReader:
 
 
 def read_member(m: Member) -> bytes:
-    """The whole member, in one positioned read (for decoding)."""
-    fd = os.open(m.archive, os.O_RDONLY)
-    try:
-        data = os.pread(fd, m.size, m.offset)
-    finally:
-        os.close(fd)
+    """The whole member, in one positioned read or ranged GET (for decoding)."""
+    data = _read_range(m.archive, m.offset, m.size)
     if len(data) != m.size:
         raise OSError(f"{m}: truncated archive ({len(data)} of {m.size} bytes)")
     return data
 
 
 def shard_paths(source: str) -> list[str]:
-    """The tar shards a source names (one path or a brace pattern), each checked to exist."""
+    """The tar shards a source names (one path or a brace pattern), each checked to exist (for URLs: one listing
+    per folder, not one request per shard)."""
     paths = expand_braces(source)
-    missing = [p for p in paths if not Path(p).is_file()]
+    missing = [p for p in paths if not _exists(p)] if not is_url(source) else _missing_objects(paths)
     if missing:
         raise ConfigError(f"{len(missing)} of {len(paths)} tar shards do not exist (e.g. {missing[0]!r})")
-    stems = [Path(p).stem for p in paths]
+    stems = [shard_stem(p) for p in paths]
     if len(set(stems)) != len(stems):
         raise ConfigError(f"tar shards of {source!r} share file names; keys (<shard>/<sample>) would collide")
     return paths
+
+
+def shard_stem(path: str) -> str:
+    """`000123` for `.../000123.tar`, local or URL."""
+    return PurePosixPath(path.split("://", 1)[-1]).stem if is_url(path) else Path(path).stem
+
+
+def _exists(path: str) -> bool:
+    return Path(path).is_file()
+
+
+def _missing_objects(urls: list[str]) -> list[str]:
+    fs = filesystem(urls[0])
+    folders: dict[str, set[str]] = {}
+    missing = []
+    for url in urls:
+        folder = url.rsplit("/", 1)[0]
+        if folder not in folders:
+            try:
+                folders[folder] = {str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+            except (FileNotFoundError, OSError):
+                folders[folder] = set()
+        if url.rsplit("/", 1)[1] not in folders[folder]:
+            missing.append(url)
+    return missing

@@ -13,7 +13,7 @@ from buckets import AnySpec, TiedSpec, load_spec
 from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
 from dinofeat.errors import CacheFormatError, ChecksumError
-from dinofeat.paths import local_path
+from dinofeat.objects import Files, LocalFiles, RemoteFiles, open_files
 from dinofeat.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
 from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
 
@@ -44,21 +44,34 @@ class FeatureCache:
 
     Integrity (format 3): the index columns are checked against their crc32c at open, and with `verify` every row
     read is checked against the crc32c its shard's done marker recorded; a mismatch raises ChecksumError naming
-    the key (cost: docs/benchmarks.md). Format 1-2 caches have no row checksums and are read unchecked."""
+    the key (cost: docs/benchmarks.md). Format 1-2 caches have no row checksums and are read unchecked.
+
+    Remote caches (`s3://bucket/feats`, gs://, az://): one ranged GET per row, each shard's index fetched once and
+    kept (in `max_open_files` shards' worth of LRU). With `local_cache` (a folder), each shard is fetched whole the
+    first time a row of it is read and served from that folder afterwards (shared by DataLoader workers; nothing
+    is evicted: give it room for the shards you read). Credentials: the object store's usual environment."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, fast: bool = True, verify: bool = True, max_open_files: int = 128
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fast: bool = True,
+        verify: bool = True,
+        max_open_files: int = 128,
+        local_cache: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.path = local_path(path, "cache")
+        self._files: Files = open_files(path)
+        self.path: Path | str = Path(path) if not self._files.remote else self._files.location
         self._fast, self._verify = fast, verify
-        self._pool = HandlePool(max_open_files)  # one fd budget for every bucket and array
-        self._root_fd = _open_dir(self.path)
-        st = Store(self.path)
+        self._local_cache = Path(local_cache) if local_cache else None
+        self._pool = HandlePool(max_open_files)  # one fd (or shard index) budget for every bucket and array
+        self._root_fd: int | None = None
+        self._pin()
+        st = Store(self._files)
         meta = st.meta
-        if os.fstat(self._root_fd).st_ino != os.stat(self.path).st_ino:  # replaced between the two opens
-            os.close(self._root_fd)
-            self._root_fd = None
-            raise CacheFormatError(f"{self.path} was replaced while opening it (--overwrite running?); open it again")
+        self._check_same_directory()
+        if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
+            self._files.local_cache = self._local_cache / str(meta.get("cache_id", "unknown"))
         generation = _serving_generation(meta)
         if generation is None:
             raise CacheFormatError(
@@ -87,6 +100,18 @@ class FeatureCache:
         self._failures = st.failures()
         self._store: Store | None = st
 
+    def _pin(self) -> None:
+        """Local caches: hold the directory open and read every file relative to it (one generation)."""
+        if isinstance(self._files, LocalFiles):
+            self._root_fd = _open_dir(Path(self.path))
+            self._files = LocalFiles(Path(self.path), self._root_fd)
+
+    def _check_same_directory(self) -> None:
+        if self._root_fd is not None and os.fstat(self._root_fd).st_ino != os.stat(self.path).st_ino:
+            os.close(self._root_fd)  # replaced between the two opens
+            self._root_fd = None
+            raise CacheFormatError(f"{self.path} was replaced while opening it (--overwrite running?); open it again")
+
     def _check_markers(self, markers: dict[tuple[str, int], Any], buckets: np.ndarray, rows: np.ndarray) -> None:
         """Only rows of marked shards may be served: an unwritten row reads back as zeros."""
         marked = set(markers)
@@ -111,10 +136,11 @@ class FeatureCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._root_fd = _open_dir(self.path)
-        now = Store(self.path).meta.get("cache_id")
+        self._pin()
+        now = Store(self._files).meta.get("cache_id")
         if now != self.meta.get("cache_id"):
-            os.close(self._root_fd)
+            if self._root_fd is not None:
+                os.close(self._root_fd)
             self._root_fd = None
             raise CacheFormatError(
                 f"{self.path} is no longer the cache this reader opened (it was rebuilt with --overwrite); "
@@ -125,6 +151,11 @@ class FeatureCache:
         self.close()
 
     # ---- metadata ---------------------------------------------------------------------------------------------
+    @property
+    def remote(self) -> bool:
+        """The cache is in an object store (reads are ranged GETs)."""
+        return self._files.remote
+
     @property
     def model_id(self) -> str:
         return self.meta["model"]["id"]
@@ -215,35 +246,29 @@ class FeatureCache:
     def _reader(self, b: int, name: str) -> Any:
         rd = self._readers.get((b, name))
         if rd is None:
-            rel = Path("buckets") / self._bucket_plans[b].name / name
+            rel = f"buckets/{self._bucket_plans[b].name}/{name}"
             if name not in self.arrays.names():
                 raise KeyError(f"array {name!r} is not stored in this cache; it has {', '.join(self.arrays.names())}")
             try:
-                os.stat(rel / "zarr.json", dir_fd=self._root_fd)
+                layout = read_layout(rel, self._files)
             except FileNotFoundError:
                 raise CacheFormatError(
                     f"{self.path}: {rel} is missing (the cache was rebuilt with --overwrite since this reader opened "
                     "it, or it is damaged); open the cache again"
                 ) from None
-            rd = None
-            if self._fast:
-                try:
-                    rd = ShardReader(
-                        read_layout(rel, self._root_fd),
-                        self._pool,
-                        verify=self._verify,
-                        expected=self._expected.get((self._bucket_plans[b].name, name)),
-                    )
-                except UnsupportedLayout:
-                    rd = None
-            if rd is None:
+            except UnsupportedLayout:
+                layout = None
+            if self._fast and layout is not None:
+                expected = self._expected.get((self._bucket_plans[b].name, name))
+                rd = ShardReader(layout, self._pool, verify=self._verify, expected=expected)
+            else:
                 rd = _ZarrRowReader(self._open_store(), self._bucket_plans[b].name, name)
             self._readers[(b, name)] = rd
         return rd
 
     def _open_store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.path)
+            self._store = Store(self._files)
         return self._store
 
     def _as_float(self, a: np.ndarray) -> np.ndarray:

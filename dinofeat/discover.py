@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dinofeat.archive import Member, is_tar_source, list_images, shard_paths
+from dinofeat.archive import Member, is_tar_source, list_images, shard_paths, shard_stem
 from dinofeat.errors import ConfigError
-from dinofeat.paths import local_path
+from dinofeat.paths import is_url, local_path
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -24,7 +24,7 @@ class Source:
     `renamed` maps the keys of files whose names are not valid UTF-8 (the cache stores keys as UTF-8) to their
     real relative names: the key spells each undecodable byte as `\\xNN` (see `key_for`)."""
 
-    root: Path
+    root: Path | str  # a URL pattern for remote tar shards
     keys: tuple[str, ...]
     renamed: dict[str, str] = field(default_factory=dict, compare=False)
     members: dict[str, Member] = field(default_factory=dict, compare=False)
@@ -115,15 +115,20 @@ def discover(source: str | os.PathLike[str], root: str | os.PathLike[str] | None
 
 
 def discover_tars(source: str, limit: int | None = None) -> Source:
-    """Image members of every shard, keyed `<shard stem>/<sample key>`; only tar headers are read."""
-    local_path(source, "image source")  # URLs are refused with the others, before anything is read
+    """Image members of every shard (local paths or URLs), keyed `<shard stem>/<sample key>`; only tar headers are
+    read."""
     members: dict[str, Member] = {}
     for shard in shard_paths(source):
-        stem = Path(shard).stem
+        stem = shard_stem(shard)
         for key, m in list_images(shard, IMAGE_EXTENSIONS).items():
             members[f"{stem}/{key}"] = m
     keys = sorted(members)[:limit] if limit is not None else sorted(members)
-    return Source(Path(source), tuple(keys), {}, {k: members[k] for k in keys})
+    return Source(source_root(source), tuple(keys), {}, {k: members[k] for k in keys})
+
+
+def source_root(source: str) -> Path | str:
+    """A source's root as Source keeps it: a Path, or a URL (pattern) as given (Path would fold its '//')."""
+    return source if is_url(source) else Path(source)
 
 
 def locator(source: str, renamed: dict[str, str] | None = None) -> Callable[[str], str | Member]:

@@ -1,4 +1,5 @@
-"""One writer per cache: an advisory `flock` on a file beside the cache, held for the whole run.
+"""One writer per cache: an advisory `flock` on a file beside the cache, held for the whole run; on object storage,
+a lock object beside the cache that only one run can create (`ObjectLock`).
 
 The lock file is `<parent>/.<name>.dinofeat-lock`, beside the cache rather than in it, so that `--overwrite`
 (which moves the old cache aside) never moves or deletes a lock someone holds. The kernel drops the lock when the
@@ -14,10 +15,13 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from dinofeat.errors import CacheLockedError
+from dinofeat.errors import CacheLockedError, ConfigError
+from dinofeat.objects import Files, open_files
 
 
 def lock_path(cache: Path) -> Path:
@@ -74,3 +78,96 @@ def _read_holder(fd: int) -> str:
     if not h:
         return "a manual --rank/--world-size split, or a run that just started"
     return f"{h.get('what', 'a run')}: pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}"
+
+
+class ObjectLock:
+    """The lock of a cache on object storage: the object `<cache name>.dinofeat-lock` beside it, created with a
+    conditional PUT (If-None-Match), so of two runs that start at once exactly one gets it. Nothing drops it when
+    its holder dies, so the holder renews it every `beat_s` seconds (If-Match on its own version) and a lock not
+    renewed for `ttl_s` seconds is taken over (also If-Match, so two runs cannot both take over a stale lock).
+    The expiry is the holder's clock: hosts whose clocks differ by more than ttl_s - beat_s must not share a cache.
+    A holder that loses the lock (it stalled past the ttl) stops renewing; its metadata writes are still refused
+    by the metadata's own compare-and-swap if the new holder changed it."""
+
+    def __init__(self, files: Files, what: str = "precompute", ttl_s: float = 300.0, beat_s: float = 60.0) -> None:
+        self.files, self.name = files.sibling(".dinofeat-lock")
+        self.cache = files.location
+        self.what, self.ttl_s, self.beat_s = what, ttl_s, beat_s
+        self._version: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "what": self.what,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "renewed": now,
+                "expires": now + self.ttl_s,
+            }
+        ).encode()
+
+    def __enter__(self) -> ObjectLock:
+        self._version = self.files.create(self.name, self._body())
+        if self._version is None:
+            try:
+                raw, version = self.files.read_versioned(self.name)
+                holder = json.loads(raw)
+            except FileNotFoundError:  # released between our create and this read: try once more
+                holder, version = {"expires": 0}, None
+            except ValueError:
+                holder, version = {"expires": 0}, None
+            if float(holder.get("expires", 0)) > time.time():
+                raise CacheLockedError(
+                    f"{self.cache} is in use by another dinofeat run ({holder.get('what', 'a run')}: pid "
+                    f"{holder.get('pid')} on host {holder.get('host')}, lock renewed "
+                    f"{time.time() - float(holder.get('renewed', 0)):.0f}s ago); nothing was changed. Wait for it to "
+                    f"finish (or stop it; its lock expires {self.ttl_s:.0f}s after its last renewal), then rerun"
+                )
+            self._version = (
+                self.files.replace(self.name, self._body(), version)
+                if version is not None
+                else self.files.create(self.name, self._body())
+            )
+            if self._version is None:
+                raise CacheLockedError(f"{self.cache}: another run took over its stale lock first; nothing was changed")
+        self._thread = threading.Thread(target=self._renew, name="dinofeat-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            try:
+                version = self.files.replace(self.name, self._body(), self._version)
+            except OSError:
+                continue  # a network blip: the next beat tries again, well before the ttl
+            if version is None:
+                self.lost = True
+                return
+            self._version = version
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.lost:
+            with contextlib.suppress(OSError, ValueError):
+                _, version = self.files.read_versioned(self.name)
+                if version == self._version:  # still ours
+                    self.files.delete(self.name)
+
+
+def cache_lock(cache: str | os.PathLike[str], shared: bool = False, what: str = "precompute") -> Any:
+    """The lock for a cache wherever it lives: a flock beside a local cache, a lock object beside a remote one."""
+    files = open_files(cache)
+    if not files.remote:
+        return CacheLock(Path(cache), shared, what)
+    if shared:
+        raise ConfigError(
+            f"{files.location}: a manual --rank/--world-size split shares a lock, which object storage cannot hold; "
+            "run the ranks as one process group (accelerate launch / torchrun), where rank 0 holds the lock"
+        )
+    return ObjectLock(files, what)

@@ -1,5 +1,6 @@
-"""Where a cache or an image source lives. Local paths only for now: a URL is refused before any work, because
-`Path("s3://bucket/feats")` silently becomes the local folder `s3:/bucket/feats`."""
+"""Local paths where dinofeat needs them: an image folder or list file. A URL there is refused before any work,
+because `Path("s3://bucket/x")` silently becomes the local folder `s3:/bucket/x`. (Caches and tar shard sources
+may be URLs: dinofeat.objects and dinofeat.archive handle those.)"""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def local_path(value: str | os.PathLike[str], what: str) -> Path:
     text = os.fspath(value)
     if is_url(text):
         raise ConfigError(
-            f"{what} {text!r} is a URL; dinofeat reads and writes local paths only (remote caches and sources are "
-            "not supported yet): give a local directory, or mount the bucket (s3fs, gcsfuse) and give the mount path"
+            f"{what} {text!r} is a URL; it must be a local path (caches may be s3://bucket/prefix URLs, and tar "
+            "shard sources URLs such as s3://bucket/shards/{000000..000099}.tar): mount the bucket (mountpoint-s3, "
+            "gcsfuse) and give the mount path"
         )
     return Path(text)

@@ -22,14 +22,15 @@ from tqdm.auto import tqdm
 
 from buckets import AnySpec, BucketSpecError, spec_for
 from dinofeat import __version__, ranks, store
-from dinofeat.archive import Member
+from dinofeat.archive import Member, is_tar_source
 from dinofeat.arrays import ArraySet, parse_layers
 from dinofeat.config import ExtractConfig
-from dinofeat.discover import Source, discover
+from dinofeat.discover import Source, discover, source_root
 from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
-from dinofeat.lock import CacheLock
+from dinofeat.lock import cache_lock
 from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
+from dinofeat.objects import cache_location
 from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
 from dinofeat.probe import probe_many
@@ -221,7 +222,7 @@ def _check_fingerprint(st: Store, prep: Prepared) -> None:
 
 
 def open_or_create(
-    cache: Path, src: Source, prep: Prepared, overwrite: bool, progress: bool
+    cache: Path | str, src: Source, prep: Prepared, overwrite: bool, progress: bool
 ) -> tuple[Store, Plan, int]:
     """Reuse a matching cache (resume), extend it with images new to the folder (incremental), refuse a mismatched
     one, or plan and create a new one. Returns the store, the plan and how many images were appended."""
@@ -235,7 +236,7 @@ def open_or_create(
         if st.markers():
             raise CacheMismatchError(f"{cache} is damaged: its plan is incomplete but some shards are written")
         store.remove(cache)  # crashed while planning: nothing was extracted, plan again
-    elif cache.exists() and any(cache.iterdir()):
+    elif store.occupied(cache):
         raise ConfigError(f"{cache} exists, is not empty and is not a dinofeat cache")
     plan = build_plan(src, prep, progress)
     st = Store.create(
@@ -269,11 +270,11 @@ def source_from_plan(plan: Plan, root: str, renamed: dict[str, str]) -> Source:
             key = plan.keys[i]
             archive = plan.archives[int(plan.archive[i])]
             members[key] = Member(archive, key, int(plan.offset[i]), int(plan.file_size[i]), int(plan.mtime_ns[i]))
-    return Source(Path(root), tuple(plan.keys), dict(renamed), members)
+    return Source(source_root(root), tuple(plan.keys), dict(renamed), members)
 
 
 def join_cache(
-    cache: Path, src: Source | None, prep: Prepared, group: ranks.Group, timeout_s: float
+    cache: Path | str, src: Source | None, prep: Prepared, group: ranks.Group, timeout_s: float
 ) -> tuple[Store, Plan]:
     """A non-leader rank opens the cache rank 0 planned: after the barrier, or in a manual split by polling until
     it is planned and, when the folder holds images the plan lacks, until rank 0 has extended it."""
@@ -328,7 +329,7 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 
 @contextlib.contextmanager
-def _disk_errors(cache: Path) -> Iterator[None]:
+def _disk_errors(cache: Path | str) -> Iterator[None]:
     """Disk full, read-only filesystem, permissions: one clear line instead of a traceback (the CLI exits 1)."""
     try:
         yield
@@ -572,8 +573,9 @@ def extract(
     `overrides` are ExtractConfig fields, e.g. `extract("imgs", "feats", model="facebook/dinov3-vitl16-...",
     area=512)`. Raises ConfigError / CacheMismatchError before any work; bad images are recorded, not raised.
     """
-    cache = local_path(cache, "cache")  # URLs are refused before anything starts
-    local_path(source, "image source")
+    cache = cache_location(cache)  # unsupported URLs are refused before anything starts
+    if not is_tar_source(os.fspath(source)):
+        local_path(source, "image source")  # folders and lists are local; tar shards may be URLs
     try:
         config = replace(config or ExtractConfig(), **overrides)
     except TypeError as e:
@@ -637,7 +639,7 @@ def extract(
 
 
 def _open_on_every_rank(
-    cache: Path,
+    cache: Path | str,
     src: Source | None,
     prep: Prepared,
     group: ranks.Group,
@@ -655,11 +657,11 @@ def _open_on_every_rank(
         if error is not None:
             raise error
         if manual:
-            held.enter_context(CacheLock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
+            held.enter_context(cache_lock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
         return join_cache(cache, src, prep, group, prep.config.wait_s)
     assert src is not None  # rank 0 always lists the source
     try:
-        held.enter_context(CacheLock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
+        held.enter_context(cache_lock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
         st, plan, summary.appended = open_or_create(cache, src, prep, overwrite, progress)
         summary.cleaned_files += st.cleanup(set(), orphans=True)
         _refuse_missing(plan, src, {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers()))

@@ -5,12 +5,12 @@ simple and standard: a shard object is its chunks' bytes followed by an index of
 endian pairs, one per inner chunk in C order, then a crc32c of the index. We cache each shard's index and read a
 chunk with one `os.preadv`. Only the layouts dinofeat writes are accepted (uncompressed little-endian chunks, with
 (format 3) or without (format 2) zarr's 4-byte crc32c trailer per chunk, index at the end); anything else raises,
-and the caller falls back to zarr. No zarr import here.
+and the caller falls back to zarr. No zarr import here. Files are read through dinofeat.objects, so the same code
+reads a local cache (one `preadv` per row) and a remote one (one ranged GET per row).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -25,6 +25,7 @@ import numpy as np
 
 from dinofeat.checksum import crc32c
 from dinofeat.errors import CacheFormatError, ChecksumError
+from dinofeat.objects import Blob, Files, LocalBlob, LocalFiles
 
 _EMPTY = 2**64 - 1
 _DTYPES = {"float16": "<f2", "float32": "<f4", "uint16": "<u2", "bfloat16": "<u2"}
@@ -38,14 +39,14 @@ class UnsupportedLayout(CacheFormatError):
 class ShardLayout:
     """What the fast path needs from an array's zarr.json."""
 
-    path: Path
+    path: str  # the array's folder, relative to `files`
     shape: tuple[int, ...]
     shard_shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
     dtype: np.dtype
     separator: str
     checksum: bool  # the shard index ends with its crc32c
-    dir_fd: int | None = None  # paths are relative to this open directory (a reader pinned to one generation)
+    files: Files | None = None  # where the cache's files are (a directory, maybe pinned to one generation; a prefix)
 
     @cached_property  # read on every row: computed once
     def chunks_per_shard(self) -> int:
@@ -68,13 +69,17 @@ class ShardLayout:
         return self.chunk_nbytes + (4 if self.chunk_crc else 0)
 
 
-def read_layout(array_dir: str | os.PathLike[str], dir_fd: int | None = None) -> ShardLayout:
-    """Parse and check an array's zarr.json for the fast path (row-chunked: chunk = (1, *rest)). With `dir_fd`,
-    `array_dir` is relative to that open directory, and so are the shard files read later."""
-    array_dir = Path(array_dir)
-    fd = os.open(array_dir / "zarr.json", os.O_RDONLY, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as f:
-        meta = json.loads(f.read())
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def read_layout(array_dir: str | os.PathLike[str], files: Files | None = None) -> ShardLayout:
+    """Parse and check an array's zarr.json for the fast path (row-chunked: chunk = (1, *rest)). With `files`,
+    `array_dir` is relative to its root, and so are the shard files read later; without, it is a local folder."""
+    if files is None:
+        files, array_dir = LocalFiles(Path(array_dir)), ""
+    array_dir = Path(array_dir).as_posix() if str(array_dir) else ""
+    meta = json.loads(files.read(_join(array_dir, "zarr.json")))
     codecs = meta.get("codecs", [])
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
         raise UnsupportedLayout(f"{array_dir}: not a sharded array")
@@ -108,23 +113,19 @@ def read_layout(array_dir: str | os.PathLike[str], dir_fd: int | None = None) ->
         np.dtype(_DTYPES[dtype]),
         enc.get("configuration", {}).get("separator", "/"),
         index_codecs[-1] == "crc32c",
-        dir_fd,
+        files,
         inner_names[-1] == "crc32c",
     )
 
 
 class _OpenShard:
-    """An open shard file and its parsed index. The fd closes when the last reference goes (CPython refcounting),
-    so a thread still reading from a shard the pool just evicted never sees its fd closed or reused."""
+    """An open shard (a Blob) and its parsed index. A local blob's fd closes when the last reference goes (CPython
+    refcounting), so a thread still reading from a shard the pool just evicted never sees its fd closed or reused."""
 
-    __slots__ = ("fd", "index")
+    __slots__ = ("blob", "index")
 
-    def __init__(self, fd: int, index: np.ndarray) -> None:
-        self.fd, self.index = fd, index
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down os already
-            os.close(self.fd)
+    def __init__(self, blob: Blob, index: np.ndarray) -> None:
+        self.blob, self.index = blob, index
 
 
 class HandlePool:
@@ -172,42 +173,32 @@ class HandlePool:
 READAHEAD_ROW_BYTES = 64 * 1024  # rows below this keep the kernel's readahead (see _open_shard)
 
 
-def _open_shard(
-    path: Path, index_bytes: int, chunks: int, verify: bool, row_bytes: int, dir_fd: int | None = None
-) -> _OpenShard:
+def _open_shard(files: Files, path: str, index_bytes: int, chunks: int, verify: bool, row_bytes: int) -> _OpenShard:
+    """Open a shard and read its index (one read at its end: a ranged GET on object stores)."""
+    where = f"{files.location}/{path}" if files.remote else path
     try:
-        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+        blob = files.open(path)
     except FileNotFoundError as e:
-        raise CacheFormatError(f"shard file missing: {path}") from e
-    shard = _OpenShard(fd, np.empty((0, 2), "<u8"))  # owns the fd from here on, also on the error paths
-    if row_bytes >= READAHEAD_ROW_BYTES and hasattr(os, "posix_fadvise"):
+        raise CacheFormatError(f"shard file missing: {where}") from e
+    if row_bytes >= READAHEAD_ROW_BYTES and isinstance(blob, LocalBlob):
         # big rows (patch grids): one read fetches the row, readahead would only pull in rows nobody asked for.
         # Small rows (cls, registers) keep readahead: one disk read then serves their neighbours from page cache.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    size = os.fstat(fd).st_size
-    if size < index_bytes:
-        raise CacheFormatError(f"shard file truncated: {path} ({size} bytes)")
-    raw = os.pread(fd, index_bytes, size - index_bytes)
+        blob.advise_random()
+    if blob.size < index_bytes:
+        raise CacheFormatError(f"shard file truncated: {where} ({blob.size} bytes)")
+    raw = blob.read_at(blob.size - index_bytes, index_bytes)
     if verify and struct.unpack("<I", raw[-4:])[0] != crc32c(raw[:-4]):
-        raise ChecksumError(f"shard index checksum mismatch: {path}")
-    shard.index = np.frombuffer(raw[: chunks * 16], "<u8").reshape(-1, 2)
-    return shard
+        raise ChecksumError(f"shard index checksum mismatch: {where}")
+    return _OpenShard(blob, np.frombuffer(raw[: chunks * 16], "<u8").reshape(-1, 2))
 
 
-def stored_chunk_checksums(path: Path, chunks: int) -> list[int]:
-    """The crc32c trailers of a written format-3 shard's chunks, read back from the file (-1: chunk not stored).
+def stored_chunk_checksums(blob: Blob, chunks: int) -> list[int]:
+    """The crc32c trailers of a written format-3 shard's chunks, read back from the shard (-1: chunk not stored).
     The writer records them in the shard's done marker."""
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        index = np.frombuffer(os.pread(fd, chunks * 16, size - chunks * 16 - 4), "<u8").reshape(-1, 2)
-        out = []
-        for offset, nbytes in index.tolist():
-            if offset == _EMPTY:
-                out.append(-1)
-            else:
-                out.append(struct.unpack("<I", os.pread(fd, 4, offset + nbytes - 4))[0])
-    return out
+    index = np.frombuffer(blob.read_at(blob.size - chunks * 16 - 4, chunks * 16), "<u8").reshape(-1, 2)
+    stored = [(offset + nbytes - 4) for offset, nbytes in index.tolist() if offset != _EMPTY]
+    trailers = iter(blob.read_ranges(stored, [4] * len(stored)))
+    return [-1 if offset == _EMPTY else struct.unpack("<I", next(trailers))[0] for offset, _ in index.tolist()]
 
 
 class ShardReader:
@@ -231,16 +222,17 @@ class ShardReader:
         self.expected = expected
         self.pool = pool if pool is not None else HandlePool(64)
 
-    def shard_file(self, shard: int) -> Path:
+    def shard_file(self, shard: int) -> str:
         ndim = len(self.layout.shape)
-        return self.layout.path / self.layout.separator.join(["c", str(shard), *(["0"] * (ndim - 1))])
+        return _join(self.layout.path, self.layout.separator.join(["c", str(shard), *(["0"] * (ndim - 1))]))
 
     def _handle(self, shard: int) -> _OpenShard:
         lay = self.layout
+        assert lay.files is not None
         return self.pool.get(
-            (lay.dir_fd, lay.path, shard),
+            (id(lay.files), lay.path, shard),
             lambda: _open_shard(
-                self.shard_file(shard), lay.index_bytes, lay.chunks_per_shard, self.verify, lay.chunk_nbytes, lay.dir_fd
+                lay.files, self.shard_file(shard), lay.index_bytes, lay.chunks_per_shard, self.verify, lay.chunk_nbytes
             ),
         )
 
@@ -262,7 +254,7 @@ class ShardReader:
         if self.layout.chunk_crc:
             trailer = bytearray(4)
             buffers.append(trailer)
-        if os.preadv(shard.fd, buffers, offset) != nbytes:
+        if shard.blob.readinto_at(buffers, offset) != nbytes:
             raise CacheFormatError(f"{self.shard_file(row // s)}: short read (truncated shard)")
         if self.verify_rows:
             self._check(row, out, int.from_bytes(trailer, "little"))

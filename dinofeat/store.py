@@ -6,12 +6,14 @@ written whole, in one call, by one writer; its done marker is written after it; 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from zarr.codecs import Crc32cCodec
 from dinofeat.arrays import ArraySet, base_of
 from dinofeat.checksum import column_checksums, mismatched_columns
 from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
-from dinofeat.paths import local_path
+from dinofeat.objects import Files, open_files
 from dinofeat.plan import BucketPlan, Plan
 from dinofeat.shardfile import stored_chunk_checksums
 from dinofeat.stats import ChannelStats
@@ -55,36 +57,29 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)  # the rename itself survives a power cut
+def _open_group(files: Files, mode: str) -> Any:
+    """The zarr group at the cache's root: a local path, or zarr's FsspecStore over the cache's object prefix."""
+    if files.remote:
+        store = zarr.storage.FsspecStore.from_url(files.zarr_store(), read_only=mode == "r")
+        return zarr.open_group(store, mode=mode)
+    return zarr.open_group(files.zarr_store(), mode=mode)
 
 
 class Store:
-    """An open cache directory. Writers and readers both go through here for anything zarr-shaped."""
+    """An open cache (a directory, or a prefix in an object store). Writers and readers both go through here for
+    anything zarr-shaped; every other file goes through `files` (dinofeat.objects)."""
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "r") -> None:
-        self.path = local_path(path, "cache")
-        if not (self.path / "zarr.json").is_file():
-            raise CacheFormatError(f"{self.path} is not a dinofeat cache (no zarr.json)")
+    def __init__(self, path: str | os.PathLike[str] | Files, mode: str = "r") -> None:
+        self.files = path if isinstance(path, Files) else open_files(path)
+        self.path = self.files.location  # what messages name
+        try:
+            meta = json.loads(self.files.read("zarr.json")).get("attributes", {}).get(META_KEY)
+        except FileNotFoundError:
+            raise CacheFormatError(f"{self.path} is not a dinofeat cache (no zarr.json)") from None
+        except ValueError:
+            raise CacheFormatError(f"{self.path}: zarr.json is not valid JSON (damaged)") from None
         self._mode = "r" if mode == "r" else "r+"
-        self.root = zarr.open_group(str(self.path), mode=self._mode)
-        meta = self.root.attrs.get(META_KEY)
+        self.root = _open_group(self.files, self._mode)
         if not isinstance(meta, dict):
             raise CacheFormatError(f"{self.path} is a zarr group without dinofeat metadata")
         version = meta.get("format_version")
@@ -94,6 +89,7 @@ class Store:
                 + ", ".join(map(str, READABLE_VERSIONS))
             )
         self._arrays: dict[tuple[str, str], Any] = {}
+        self._meta = meta
         self._generation = int(meta.get("generation", 0))
         self.format_version = int(version)
 
@@ -109,8 +105,8 @@ class Store:
         store_dtype: str,
     ) -> Store:
         """Arrays at their final size, the index, then state 'planned' last (a crash before that is detectable)."""
-        path = local_path(path, "cache")
-        root = zarr.open_group(str(path), mode="w")
+        files = open_files(path)
+        root = _open_group(files, "w")
         root.attrs[META_KEY] = {
             **meta,
             "format_version": FORMAT_VERSION if _default_arrays(meta) else FEATURE_SETS_VERSION,
@@ -124,8 +120,8 @@ class Store:
         }
         names = ArraySet.from_meta(meta).names()
         _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype, names)
-        _write_probe_failures(path, plan)
-        store = cls(path, mode="r+")
+        _write_probe_failures(files, plan)
+        store = cls(files, mode="r+")
         store.update_meta(state="planned")
         return store
 
@@ -148,10 +144,10 @@ class Store:
         leftovers = [f"buckets/{b.name}" for b in new]
         leftovers += [f"_dinofeat/{kind}/{b.name}" for b in new for kind in ("done", "stats")]
         for stale in (group, *leftovers):
-            shutil.rmtree(self.path / stale, ignore_errors=True)
+            self.files.delete_tree(stale)
         sums = _write_index(self.root, group, plan)
         _create_bucket_arrays(self.root, new, hidden, registers, store_dtype, self.arrays.names())
-        _write_probe_failures(self.path, plan)  # keys not in the current index are ignored until the switch
+        _write_probe_failures(self.files, plan)  # keys not in the current index are ignored until the switch
         self.update_meta(
             state="planned",
             index_group=group,
@@ -168,14 +164,14 @@ class Store:
     # ---- metadata -------------------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        return dict(self.root.attrs[META_KEY])
+        return dict(self._meta)
 
     def _disk_meta(self) -> dict[str, Any]:
-        return dict(json.loads((self.path / "zarr.json").read_text())["attributes"][META_KEY])
+        return dict(json.loads(self.files.read("zarr.json"))["attributes"][META_KEY])
 
-    def check_generation(self) -> dict[str, Any]:
+    def check_generation(self, disk: dict[str, Any] | None = None) -> dict[str, Any]:
         """The metadata on disk, if no other writer changed it since this store last read or wrote it."""
-        disk = self._disk_meta()
+        disk = self._disk_meta() if disk is None else disk
         if int(disk.get("generation", 0)) != self._generation:
             raise CacheConflictError(
                 f"{self.path} was changed by another run while this one worked (metadata generation "
@@ -186,12 +182,19 @@ class Store:
 
     def update_meta(self, **changes: Any) -> None:
         """Compare-and-swap: apply `changes` to the metadata on disk (never to a stale copy in memory), only if
-        it is still the generation this store knows, and count the generation up."""
-        disk = self.check_generation()
-        self.root.attrs[META_KEY] = {**disk, **changes, "generation": self._generation + 1}
+        it is still the generation this store knows, and count the generation up. The write itself is conditional
+        on the version read (an object store's If-Match; locally the flock guards it), so two runs that both
+        passed the generation check cannot both write."""
+        raw, version = self.files.read_versioned("zarr.json")
+        doc = json.loads(raw)
+        disk = self.check_generation(dict(doc["attributes"][META_KEY]))
+        new = {**disk, **changes, "generation": self._generation + 1}
+        doc["attributes"][META_KEY] = new
+        if self.files.replace("zarr.json", json.dumps(doc, indent=2).encode(), version) is None:
+            self.check_generation()  # names the other run's generation
+            raise CacheConflictError(f"{self.path}: the metadata changed while this run wrote it; nothing was written")
+        self._meta = new
         self._generation += 1
-        fsync_path(self.path / "zarr.json")
-        fsync_path(self.path)
 
     # ---- plan and index -------------------------------------------------------------------------------------
     @property
@@ -221,7 +224,9 @@ class Store:
                         f"{self.path}: index group {group!r} or one of its columns is missing; the cache is damaged "
                         "(run `dinofeat validate`; rebuild with --overwrite)"
                     ) from None
-                self.root = zarr.open_group(str(self.path), mode=self._mode)
+                self.root = _open_group(self.files, self._mode)
+                self._meta = self._disk_meta()
+                self._generation = int(self._meta.get("generation", 0))
                 self._arrays.clear()
                 continue
             except Exception as e:  # a damaged chunk or array metadata: zarr's crc32c codec, JSON, UTF-8 errors
@@ -256,15 +261,19 @@ class Store:
     def write_source_names(self, renamed: dict[str, str]) -> None:
         """Keys whose file name is not the key (names that are not UTF-8), for ranks that read the plan instead of
         walking the folder."""
-        _atomic_write_text(self.path / "_dinofeat" / "source_names.json", json.dumps(renamed, sort_keys=True))
+        self.files.write("_dinofeat/source_names.json", json.dumps(renamed, sort_keys=True).encode())
+
+    def _read_json(self, rel: str, default: Any) -> Any:
+        try:
+            return json.loads(self.files.read(rel))
+        except FileNotFoundError:
+            return default
 
     def source_names(self) -> dict[str, str]:
-        p = self.path / "_dinofeat" / "source_names.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        return self._read_json("_dinofeat/source_names.json", {})
 
     def probe_failures(self) -> dict[str, str]:
-        p = self.path / "_dinofeat" / "probe_failures.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        return self._read_json("_dinofeat/probe_failures.json", {})
 
     def read_plan(self) -> Plan:
         ix = self.index()
@@ -294,7 +303,7 @@ class Store:
         return self._arrays[key]
 
     def has_array(self, bucket: str, name: str) -> bool:
-        return (self.path / "buckets" / bucket / name / "zarr.json").is_file()
+        return self.files.exists(f"buckets/{bucket}/{name}/zarr.json")
 
     def write_shard(self, bucket: str, start: int, arrays: dict[str, np.ndarray]) -> int:
         """One call per array covering exactly the shard's rows. Returns bytes written."""
@@ -309,8 +318,7 @@ class Store:
         """fsync a written shard's files and their directory entries: called before its done marker is written,
         so after a power cut no marker outlives its data."""
         for f in self.shard_files(bucket, shard):
-            fsync_path(f)
-            fsync_path(f.parent)
+            self.files.sync(f)
 
     def read_rows(self, bucket: str, name: str, start: int, stop: int) -> np.ndarray:
         return self.array(bucket, name)[start:stop]
@@ -326,44 +334,38 @@ class Store:
             return list(recorded["names"])
         return [n for n in ("cls", "patches", "registers") if self.has_array(bucket, n)]
 
-    def shard_files(self, bucket: str, shard: int) -> list[Path]:
-        """The shard objects of one work unit (default chunk-key encoding: c/<shard>/0/...)."""
+    def shard_files(self, bucket: str, shard: int) -> list[str]:
+        """The shard objects of one work unit, relative to the root (default chunk-key encoding: c/<shard>/0/...)."""
         out = []
         for name in self.array_names(bucket):
             ndim = len(self.array(bucket, name).shape)
-            out.append(self.path / "buckets" / bucket / name / "c" / str(shard) / Path(*(["0"] * (ndim - 1))))
+            out.append("/".join(["buckets", bucket, name, "c", str(shard), *(["0"] * (ndim - 1))]))
         return out
 
     # ---- per-shard channel statistics (issue 14) ----------------------------------------------------------
-    def stats_path(self, bucket: str, shard: int) -> Path:
-        return self.path / "_dinofeat" / "stats" / bucket / f"{shard}.npz"
+    def stats_path(self, bucket: str, shard: int) -> str:
+        return f"_dinofeat/stats/{bucket}/{shard}.npz"
 
     def write_stats(self, bucket: str, shard: int, stats: dict[str, ChannelStats]) -> None:
-        """One shard's statistics, written (atomically, fsynced) before its done marker."""
-        path = self.stats_path(bucket, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        """One shard's statistics, written (atomically, durably) before its done marker."""
         arrays = {}
         for name, st in stats.items():
             arrays |= {f"{name}.count": np.int64(st.count), f"{name}.mean": st.mean, f"{name}.m2": st.m2}
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.files.write(self.stats_path(bucket, shard), buf.getvalue())
 
     def read_stats(self, bucket: str, shard: int) -> dict[str, ChannelStats] | None:
         try:
-            with np.load(self.stats_path(bucket, shard)) as z:
+            with np.load(io.BytesIO(self.files.read(self.stats_path(bucket, shard)))) as z:
                 names = {k.split(".")[0] for k in z.files}
                 return {n: ChannelStats(int(z[f"{n}.count"]), z[f"{n}.mean"], z[f"{n}.m2"]) for n in names}
         except (OSError, ValueError, KeyError):
             return None
 
     # ---- done markers ---------------------------------------------------------------------------------------
-    def marker_path(self, bucket: str, shard: int) -> Path:
-        return self.path / "_dinofeat" / "done" / bucket / f"{shard}.json"
+    def marker_path(self, bucket: str, shard: int) -> str:
+        return f"_dinofeat/done/{bucket}/{shard}.json"
 
     def shard_checksums(self, bucket: str, shard: int) -> dict[str, list[int]]:
         """The crc32c of every chunk of a written shard, per array, as zarr stored them (-1: chunk not stored).
@@ -373,7 +375,8 @@ class Store:
             return {}
         rows = next(b.shard_rows for b in self.bucket_plans() if b.name == bucket)
         names = self.array_names(bucket)
-        return {n: stored_chunk_checksums(f, rows) for n, f in zip(names, self.shard_files(bucket, shard), strict=True)}
+        files = self.shard_files(bucket, shard)
+        return {n: stored_chunk_checksums(self.files.open(f), rows) for n, f in zip(names, files, strict=True)}
 
     def write_marker(
         self,
@@ -394,21 +397,26 @@ class Store:
         }
         if checksums:
             body["crc32c"] = checksums
-        _atomic_write_text(self.marker_path(bucket, shard), json.dumps(body))
+        self.files.write(self.marker_path(bucket, shard), json.dumps(body).encode())
 
     def markers(self) -> dict[tuple[str, int], dict[str, Any]]:
-        out: dict[tuple[str, int], dict[str, Any]] = {}
-        done = self.path / "_dinofeat" / "done"
-        if not done.is_dir():
-            return out
-        for bdir in done.iterdir():
-            for f in bdir.glob("*.json"):
-                try:
-                    m = json.loads(f.read_text())
-                except (OSError, ValueError):
-                    continue  # unreadable marker = shard not done; it will be redone
-                out[(bdir.name, int(f.stem))] = m
-        return out
+        """Every readable done marker. Remote markers are fetched 32 at a time (one GET each)."""
+        wanted = []
+        for rel in self.files.list("_dinofeat/done"):
+            parts = rel.split("/")  # _dinofeat/done/<bucket>/<shard>.json
+            if len(parts) == 4 and parts[3].endswith(".json") and parts[3][:-5].isdigit():
+                wanted.append((parts[2], int(parts[3][:-5]), rel))
+
+        def load(rel: str) -> dict[str, Any] | None:
+            try:
+                return json.loads(self.files.read(rel))
+            except (OSError, ValueError):
+                return None  # unreadable marker = shard not done; it will be redone
+
+        workers = 32 if self.files.remote and len(wanted) > 1 else 1
+        with ThreadPoolExecutor(workers) as ex:
+            bodies = list(ex.map(load, [w[2] for w in wanted]))
+        return {(b, u): m for (b, u, _), m in zip(wanted, bodies, strict=True) if m is not None}
 
     def cleanup(self, shards: set[tuple[str, int]], orphans: bool = True) -> int:
         """Remove what a crash left in `shards` (pending shards this process owns): zarr's *.partial temp files,
@@ -420,23 +428,35 @@ class Store:
             if bucket not in names:
                 continue
             for f in self.shard_files(bucket, u):
-                stale = [*f.parent.glob(f"{f.name}.*.partial")]
-                stale += [f] if f.exists() else []
-                for p in stale:
+                removed += self._remove_written(f)
+            if not self.files.remote:  # an object store has no temp files: a PUT is whole or absent
+                root = Path(self.path)
+                for p in (root / self.marker_path(bucket, u)).parent.glob(f".{u}.json.*.tmp"):
                     p.unlink(missing_ok=True)
                     removed += 1
-            for p in self.marker_path(bucket, u).parent.glob(f".{u}.json.*.tmp"):
-                p.unlink(missing_ok=True)
-                removed += 1
         if orphans:
             for d in self.orphan_groups():
-                removed += sum(1 for f in d.rglob("*") if f.is_file())
-                shutil.rmtree(d)
-            # temp files of metadata writes (zarr.json, index, failures) that a crash cut short
-            for pattern in ("*.partial", f"{self._index_group}/**/*.partial", "_dinofeat/.*.tmp"):
-                for p in self.path.glob(pattern):
-                    p.unlink(missing_ok=True)
-                    removed += 1
+                removed += self.files.delete_tree(d)
+            if not self.files.remote:
+                # temp files of metadata writes (zarr.json, index, failures) that a crash cut short
+                root = Path(self.path)
+                for pattern in ("*.partial", f"{self._index_group}/**/*.partial", "_dinofeat/.*.tmp"):
+                    for p in root.glob(pattern):
+                        p.unlink(missing_ok=True)
+                        removed += 1
+        return removed
+
+    def _remove_written(self, rel: str) -> int:
+        """Delete a shard object that may be half-written, and (locally) zarr's temp files for it."""
+        removed = 0
+        if not self.files.remote:
+            f = Path(self.path) / rel
+            for p in f.parent.glob(f"{f.name}.*.partial"):
+                p.unlink(missing_ok=True)
+                removed += 1
+        if self.files.exists(rel):
+            self.files.delete(rel)
+            removed += 1
         return removed
 
     def _kept_index_groups(self) -> set[str]:
@@ -451,17 +471,17 @@ class Store:
     def _drop_stale_index_groups(self) -> None:
         """Readers load an index once, at open: older groups than those kept are deleted (at most four stay)."""
         keep = self._kept_index_groups()
-        for d in self.path.glob("index*"):
-            if d.is_dir() and d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+        for d in self.files.children(""):
+            if d.startswith("index") and d not in keep:
+                self.files.delete_tree(d)
 
-    def orphan_groups(self) -> list[Path]:
-        """Bucket and index groups no metadata points to: what an incremental run that crashed before its
-        metadata switch leaves behind."""
+    def orphan_groups(self) -> list[str]:
+        """Bucket and index groups no metadata points to (paths relative to the root): what an incremental run
+        that crashed before its metadata switch leaves behind."""
         planned = {b.name for b in self.bucket_plans()}
-        out = [d for d in sorted((self.path / "buckets").glob("*")) if d.is_dir() and d.name not in planned]
+        out = [f"buckets/{d}" for d in self.files.children("buckets") if d not in planned]
         keep = self._kept_index_groups()
-        out += [d for d in sorted(self.path.glob("index*")) if d.is_dir() and d.name not in keep]
+        out += [d for d in self.files.children("") if d.startswith("index") and d not in keep]
         return out
 
     def disk_state(self) -> str | None:
@@ -474,7 +494,7 @@ class Store:
         self.check_generation()  # another run's index switch is never overwritten with this run's status
         group = self._index_group
         self.root[group]["status"][:] = status
-        _atomic_write_text(self.path / "_dinofeat" / "failures.json", json.dumps(failures, sort_keys=True))
+        self.files.write("_dinofeat/failures.json", json.dumps(failures, sort_keys=True).encode())
         now = time.time()
         sums = {**(disk.get("index_checksums") or {}), **column_checksums({"status": status})}
         last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
@@ -490,11 +510,10 @@ class Store:
         self._drop_stale_index_groups()
 
     def failures(self) -> dict[str, str]:
-        p = self.path / "_dinofeat" / "failures.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        return self._read_json("_dinofeat/failures.json", {})
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return self.files.total_bytes()
 
     def iter_shards(self) -> Iterator[tuple[BucketPlan, int]]:
         for b in self.bucket_plans():
@@ -583,29 +602,44 @@ def _create_bucket_arrays(
             )
 
 
-def _write_probe_failures(path: Path, plan: Plan) -> None:
+def _write_probe_failures(files: Files, plan: Plan) -> None:
     failures = {plan.keys[i]: r for i, r in plan.probe_errors.items()}
-    _atomic_write_text(path / "_dinofeat" / "probe_failures.json", json.dumps(failures, sort_keys=True))
+    files.write("_dinofeat/probe_failures.json", json.dumps(failures, sort_keys=True).encode())
 
 
 def exists(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / "zarr.json").is_file()
+    return open_files(path).exists("zarr.json")
 
 
-def is_dinofeat_cache(path: Path) -> bool:
+def is_dinofeat_cache(files: Files) -> bool:
     try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        attrs = json.loads(files.read("zarr.json")).get("attributes", {})
     except (OSError, ValueError):
         return False
     return isinstance(attrs.get(META_KEY), dict)
 
 
+def occupied(path: str | os.PathLike[str]) -> bool:
+    """Something (a cache or anything else) is at `path`."""
+    files = open_files(path)
+    if files.remote:
+        return bool(files.children("")) or bool(files.list(""))
+    p = Path(path)
+    return p.exists() and any(p.iterdir())
+
+
 def remove(path: str | os.PathLike[str]) -> None:
-    """Delete a cache directory (only if it is one, or is empty)."""
+    """Delete a cache (only if it is one, or is empty)."""
+    files = open_files(path)
+    if files.remote:
+        if occupied(path) and not is_dinofeat_cache(files):
+            raise ConfigError(f"refusing to delete {files.location}: it is not empty and not a dinofeat cache")
+        files.delete_tree("")
+        return
     p = Path(path)
     if not p.exists():
         return
-    if not is_dinofeat_cache(p) and any(p.iterdir()):
+    if not is_dinofeat_cache(files) and any(p.iterdir()):
         raise ConfigError(f"refusing to delete {p}: it is not empty and not a dinofeat cache")
     shutil.rmtree(p)
 
@@ -613,11 +647,17 @@ def remove(path: str | os.PathLike[str]) -> None:
 def retire(path: str | os.PathLike[str]) -> Path | None:
     """--overwrite: move a dinofeat cache aside (one rename) so that readers still holding it keep a consistent
     old generation; `purge_retired` deletes it once the new cache is sealed. Refuses anything that is not a
-    dinofeat cache (a zarr store of someone else's, a folder of files) unless it is empty."""
+    dinofeat cache (a zarr store of someone else's, a folder of files) unless it is empty. An object store has no
+    rename: a remote cache is deleted, and readers still holding it fail loudly (missing objects, or rows that fail
+    the checksums their markers recorded) instead of keeping their generation (docs/format.md)."""
+    files = open_files(path)
+    if files.remote:
+        remove(path)
+        return None
     p = Path(path)
     if not p.exists():
         return None
-    if not is_dinofeat_cache(p):
+    if not is_dinofeat_cache(files):
         remove(p)  # empty: fine; anything else: refused
         return None
     aside = p.with_name(f".{p.name}.retired-{os.getpid()}-{time.time_ns()}")
@@ -627,6 +667,8 @@ def retire(path: str | os.PathLike[str]) -> Path | None:
 
 def purge_retired(path: str | os.PathLike[str]) -> int:
     """Delete the generations `retire` moved aside. Returns how many."""
+    if open_files(path).remote:
+        return 0
     p = Path(path)
     old = list(p.parent.glob(f".{p.name}.retired-*"))
     for d in old:

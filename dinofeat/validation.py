@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dinofeat.archive import is_tar_source
 from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
 from dinofeat.errors import CacheFormatError, DinofeatError
+from dinofeat.objects import open_files
 from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.store import (
@@ -121,9 +123,9 @@ def validate(
     progress: bool = True,
 ) -> Report:
     """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked)."""
-    local_path(cache, "cache")  # a URL is a configuration error, not a damaged cache
-    if images is not None:
-        images = local_path(images, "image folder")
+    open_files(cache)  # an unsupported URL is a configuration error, not a damaged cache
+    if images is not None and not is_tar_source(os.fspath(images)):
+        images = local_path(images, "image folder")  # tar shards may be URLs; folders and lists are local
     report = Report(str(cache))
     try:
         st = Store(cache)
@@ -209,19 +211,16 @@ def _check_structure(st, meta, ix, keys, plans, markers, report: Report) -> None
     orphans = st.orphan_groups()
     for d in orphans:
         report.add(
-            "orphan",
-            str(d.relative_to(st.path)),
-            "group no metadata points to (an interrupted incremental run); rerun precompute to remove it",
+            "orphan", d, "group no metadata points to (an interrupted incremental run); rerun precompute to remove it"
         )
-    for f in (st.path / "buckets").rglob("*"):
-        if any(d in f.parents for d in orphans):
+    for rel in st.files.list("buckets"):
+        if any(rel.startswith(d + "/") for d in orphans):
             continue
-        if f.is_file() and (f.suffix == ".partial" or f.name.endswith(".partial")):
-            report.add("orphan", str(f.relative_to(st.path)), "partial file left by an interrupted write")
-        elif f.is_file() and "c" in f.relative_to(st.path).parts:
-            parts = f.relative_to(st.path).parts  # buckets/<b>/<array>/c/<u>/0...
-            if (parts[1], int(parts[4])) not in planned:
-                report.add("orphan", str(f.relative_to(st.path)), "shard file outside the plan")
+        parts = rel.split("/")  # buckets/<b>/<array>/c/<u>/0...
+        if parts[-1].endswith(".partial"):
+            report.add("orphan", rel, "partial file left by an interrupted write")
+        elif len(parts) > 4 and parts[3] == "c" and parts[4].isdigit() and (parts[1], int(parts[4])) not in planned:
+            report.add("orphan", rel, "shard file outside the plan")
     report.checked["images"] = len(keys)
     report.checked["shards"] = len(planned)
 
@@ -248,7 +247,7 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
         done = ix["status"][positions] == STATUS_DONE
         for name in st.array_names(b.name):
             try:
-                layout = read_layout(st.path / "buckets" / b.name / name)
+                layout = read_layout(f"buckets/{b.name}/{name}", st.files)
                 reader = ShardReader(layout, HandlePool(1), expected=expected.get((b.name, name)))
                 reader._handle(u)  # the shard index and its crc32c
             except CacheFormatError as e:

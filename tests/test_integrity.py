@@ -52,9 +52,10 @@ def row_location(cache: Path, key: str, name: str) -> tuple[Path, int, int]:
     i = fc.index_of(key)
     bucket, row = fc._bucket_plans[int(fc._bucket[i])].name, int(fc._row[i])
     fc.close()
-    lay = read_layout(cache / "buckets" / bucket / name)
+    array_dir = cache / "buckets" / bucket / name
+    lay = read_layout(array_dir)
     s = lay.shard_shape[0]
-    f = lay.path / "c" / str(row // s) / Path(*(["0"] * (len(lay.shape) - 1)))
+    f = array_dir / "c" / str(row // s) / Path(*(["0"] * (len(lay.shape) - 1)))
     raw = f.read_bytes()
     index = np.frombuffer(raw[-lay.index_bytes : -4], "<u8").reshape(-1, 2)
     offset, nbytes = (int(v) for v in index[row % s])

@@ -83,19 +83,22 @@ def test_url_detection(value, url):
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "words"),
     [
-        ["precompute", "docs/examples/images", "s3://bucket/feats", "--model", "random:vits16"],
-        ["precompute", "s3://bucket/images", "{tmp}/c", "--model", "random:vits16"],
-        ["validate", "gs://bucket/feats"],
-        ["info", "s3://bucket/feats"],
-        ["show", "s3://bucket/feats", "a.jpg"],
+        (["precompute", "docs/examples/images", "nosuch://bucket/feats", "--model", "random:vits16"], "no filesystem"),
+        (["precompute", "s3://bucket/images", "{tmp}/c", "--model", "random:vits16"], "is a URL"),
+        (["precompute", "docs/examples/images", "s3://bucket", "--model", "random:vits16"], "prefix inside"),
+        (["validate", "nosuch://bucket/feats"], "no filesystem"),
+        (["info", "s3://bucket/"], "prefix inside"),
+        (["show", "nosuch://bucket/feats", "a.jpg"], "no filesystem"),
     ],
 )
-def test_cli_refuses_urls_with_one_line(tmp_path, monkeypatch, args):
+def test_cli_refuses_bad_urls_with_one_line(tmp_path, monkeypatch, args, words):
+    """Caches may be URLs (tests/test_remote.py); image folders may not, and a URL dinofeat cannot use is refused in
+    one line before anything is read or written (no request leaves the machine)."""
     monkeypatch.chdir(ROOT)
     r = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
     assert r.exit_code == 1
     err = r.output.strip().splitlines()
-    assert len(err) == 1 and "is a URL" in err[0], r.output
+    assert len(err) == 1 and words in err[0], r.output
     assert not list(ROOT.glob("s3:*")) and not list(tmp_path.iterdir())

@@ -143,7 +143,7 @@ def test_non_utf8_file_name_is_processed(tmp_path, imgs, dinov3_path):
 @pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "No space left"), (errno.EROFS, "Read-only")])
 def test_disk_errors_end_in_one_line(tmp_path, imgs, dinov3_path, monkeypatch, code, words):
     def full(self, *a, **k):
-        raise OSError(code, os.strerror(code), str(self.path / "buckets"))
+        raise OSError(code, os.strerror(code), f"{self.path}/buckets")
 
     monkeypatch.setattr(Store, "write_shard", full)
     args = ["precompute", str(imgs), str(tmp_path / "c"), "--model", str(dinov3_path), "--area", "64"]

@@ -1,0 +1,122 @@
+"""A real S3-compatible server for tests and benchmarks: moto's server mode, in its own process, on 127.0.0.1 only.
+
+The clients under test (obstore inside dinofeat, boto3 here to make buckets) reach it through the standard AWS_*
+environment variables, exactly as they would reach S3 or MinIO, so nothing in dinofeat knows it is a test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class S3Server:
+    """`with S3Server() as s3:` starts the server, `s3.env` are the variables a client needs, `s3.bucket(name)`
+    makes a bucket. Raises RuntimeError (with the server's output) if it does not come up in `timeout` seconds."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        # the server logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server)
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; closed in __exit__)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "dinofeat-test",
+            "AWS_SECRET_ACCESS_KEY": "dinofeat-test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def __enter__(self) -> S3Server:
+        for _ in range(3):  # the port picked may be taken by someone else before the server binds it
+            self.port = _free_port()
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise RuntimeError(f"moto S3 server did not start on 127.0.0.1: {self._output()}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.1)  # polling for readiness, not waiting for a result
+        return False
+
+    def _output(self) -> str:
+        try:
+            self.log.seek(0)
+            return self.log.read().decode(errors="replace")[-2000:]
+        except (OSError, ValueError):
+            return ""
+
+    def client(self) -> Any:
+        import boto3
+
+        e = self.env
+        return boto3.client(
+            "s3",
+            endpoint_url=e["AWS_ENDPOINT_URL"],
+            aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"],
+            region_name=e["AWS_REGION"],
+        )
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.log.close()
+
+
+def apply_env(env: dict[str, str]) -> dict[str, str | None]:
+    """Set `env` in os.environ; returns what to restore."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return old
+
+
+def restore_env(old: dict[str, str | None]) -> None:
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

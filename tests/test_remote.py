@@ -1,0 +1,331 @@
+"""Caches on object storage, against a real S3-compatible server (moto's server mode, its own process, 127.0.0.1).
+
+dinofeat reaches it through the standard AWS_* variables (tests/s3server.py), exactly as it would reach S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinofeat import FeatureCache, extract
+from dinofeat.dataset import FeatureDataset
+from dinofeat.errors import CacheConflictError, CacheLockedError, ChecksumError, ConfigError
+from dinofeat.info import info
+from dinofeat.lock import ObjectLock
+from dinofeat.objects import LocalFiles, RemoteFiles, open_files
+from dinofeat.store import Store
+from dinofeat.validation import validate
+from tests.helpers import FAST, write_images
+from tests.s3server import S3Server, apply_env, restore_env
+
+
+@pytest.fixture(scope="module")
+def s3():
+    try:
+        server = S3Server().__enter__()
+    except (RuntimeError, OSError) as e:  # pragma: no cover - only where moto cannot run
+        pytest.skip(f"the S3-compatible test server (moto) could not start on 127.0.0.1: {e}")
+    old = apply_env(server.env)
+    try:
+        yield server
+    finally:
+        restore_env(old)
+        server.stop()
+
+
+_BUCKETS = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    """A fresh bucket per test: no test sees another's objects."""
+    return s3.bucket(f"dinofeat-test-{os.getpid()}-{next(_BUCKETS)}")
+
+
+def _all_features(fc: FeatureCache) -> dict[str, dict[str, np.ndarray]]:
+    return {k: {n: fc.read(fc.index_of(k), n) for n in fc.arrays.names()} for k in fc.keys()}  # noqa: SIM118 (iterating yields Features)
+
+
+def _assert_same(a: FeatureCache, b: FeatureCache) -> None:
+    fa, fb = _all_features(a), _all_features(b)
+    assert fa.keys() == fb.keys() and len(fa) > 0
+    for k in fa:
+        for n in fa[k]:
+            np.testing.assert_array_equal(fa[k][n], fb[k][n], err_msg=f"{k} {n}")
+            assert fa[k][n].tobytes() == fb[k][n].tobytes()
+
+
+@pytest.fixture
+def remote_and_local(tmp_path, bucket, dinov3_path, image_dir):
+    """The same images precomputed into a local cache and into s3://<bucket>/feats."""
+    kw = {**FAST, "model": str(dinov3_path), "area": 64, "shard_mb": 0.01, "keep_registers": True}
+    local = tmp_path / "local"
+    s_local = extract(image_dir, local, **kw)
+    url = f"s3://{bucket}/feats"
+    s_remote = extract(image_dir, url, **kw)
+    assert s_local.sealed and s_remote.sealed and s_remote.done == s_local.done == 10
+    return local, url
+
+
+def test_remote_cache_reads_back_bit_identical_to_local(remote_and_local, tmp_path):
+    local, url = remote_and_local
+    _assert_same(FeatureCache(local), FeatureCache(url))
+    shards = tmp_path / "shard-cache"
+    fc = FeatureCache(url, local_cache=shards)
+    _assert_same(FeatureCache(local), fc)
+    fetched = [p for p in shards.rglob("*") if p.is_file()]
+    assert fetched, "local_cache kept no shards"
+    assert {p.relative_to(shards).parts[0] for p in fetched} == {fc.meta["cache_id"]}
+
+
+def test_remote_cache_is_objects_under_its_prefix_and_a_lock_is_gone_after_the_run(remote_and_local, s3):
+    _, url = remote_and_local
+    bucket = url.split("/")[2]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert "feats/zarr.json" in keys and any(k.startswith("feats/_dinofeat/done/") for k in keys)
+    assert all(k.startswith("feats/") for k in keys), "the lock object must be released (and nothing else outside)"
+    assert not any(k.endswith(".partial") or k.endswith(".tmp") for k in keys)
+
+
+def test_validate_and_info_on_a_remote_cache(remote_and_local):
+    local, url = remote_and_local
+    rep = validate(url, progress=False)
+    assert rep.ok, rep.problems
+    assert rep.checked["value_shards"] == validate(local, progress=False).checked["value_shards"] > 0
+    d = info(url, stats_images=4)
+    assert d["images"] == 10 and d["disk_bytes"] > 0
+
+
+def test_rerun_on_a_sealed_remote_cache_resumes_with_nothing_to_do(remote_and_local, dinov3_path, image_dir):
+    _, url = remote_and_local
+    s = extract(image_dir, url, **FAST, model=str(dinov3_path), area=64, shard_mb=0.01, keep_registers=True)
+    assert s.sealed and s.processed == 0 and s.done == 10
+
+
+def test_mismatched_remote_cache_is_refused(remote_and_local, dinov3_path, image_dir):
+    _, url = remote_and_local
+    with pytest.raises(Exception, match="different settings"):
+        extract(image_dir, url, **FAST, model=str(dinov3_path), area=96, shard_mb=0.01, keep_registers=True)
+
+
+def test_flipped_byte_in_a_remote_shard_is_caught(remote_and_local, s3):
+    _, url = remote_and_local
+    bucket = url.split("/")[2]
+    fc = FeatureCache(url)
+    key = fc.keys()[0]
+    b = fc._bucket_plans[int(fc._bucket[0])].name
+    obj = f"feats/buckets/{b}/patches/c/{int(fc._row[0]) // fc._bucket_plans[int(fc._bucket[0])].shard_rows}/0/0/0"
+    c = s3.client()
+    data = bytearray(c.get_object(Bucket=bucket, Key=obj)["Body"].read())
+    data[int(fc._row[0]) % 1 + 10] ^= 0x10  # a byte inside the shard's first stored chunk
+    c.put_object(Bucket=bucket, Key=obj, Body=bytes(data))
+    with pytest.raises(ChecksumError):
+        for i in range(len(fc)):
+            FeatureCache(url).read(i, "patches")
+    assert not validate(url, progress=False).ok
+    assert key  # the damaged row belongs to a key the cache lists
+
+
+def test_dataloader_with_two_workers_over_a_remote_cache(remote_and_local):
+    local, url = remote_and_local
+    ds_remote, ds_local = FeatureDataset(url), FeatureDataset(local)
+    loader = torch.utils.data.DataLoader(ds_remote, batch_size=None, num_workers=2, shuffle=False)
+    got = {s["key"]: s for s in loader}
+    assert len(got) == len(ds_local) == 10
+    for i in range(len(ds_local)):
+        want = ds_local[i]
+        assert torch.equal(got[want["key"]]["patches"], want["patches"])
+        assert torch.equal(got[want["key"]]["cls"], want["cls"])
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_into_s3_equals_local(tmp_path, s3, bucket, dinov3_path):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64)] * 120 + [(96, 48)] * 40)
+    opts = [
+        "--model",
+        str(dinov3_path),
+        "--area",
+        "64",
+        "--dtype",
+        "fp32",
+        "--workers",
+        "0",
+        "--shard-mb",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, **s3.env}
+
+    def run(cache: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "cli", "precompute", str(imgs), cache, *opts]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path.cwd())
+
+    ref = tmp_path / "ref"
+    assert run(str(ref)).wait(timeout=300) == 0
+    url = f"s3://{bucket}/feats"
+    proc = run(url)
+    c = s3.client()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        listed = c.list_objects_v2(Bucket=bucket, Prefix="feats/_dinofeat/done/").get("KeyCount", 0)
+        if listed >= 3:
+            break
+        time.sleep(0.05)  # polling an external process's progress
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    st = Store(url)
+    assert st.meta["state"] == "planned"
+    assert 0 < len(st.markers()) < sum(b.num_shards for b in st.bucket_plans())
+    # the killed run's lock object is still there: a new run is refused until it expires or is removed
+    lock_key = "feats.dinofeat-lock"
+    assert c.head_object(Bucket=bucket, Key=lock_key)
+    out = run(url)
+    text = out.communicate(timeout=300)[0].decode()
+    assert out.returncode == 1 and "in use by another dinofeat run" in text, text
+    c.delete_object(Bucket=bucket, Key=lock_key)  # what the operator does (or waits for the expiry)
+    out = run(url)
+    text = out.communicate(timeout=300)[0].decode()
+    assert out.returncode == 0, text
+    _assert_same(FeatureCache(ref), FeatureCache(url))
+
+
+# ---- the pieces: conditional writes, the lock, locations --------------------------------------------------------
+@pytest.fixture(params=["local", "remote"])
+def files(request, tmp_path):
+    if request.param == "local":
+        return LocalFiles(tmp_path / "root")
+    bucket = request.getfixturevalue("bucket")
+    return RemoteFiles("s3", bucket, "root")
+
+
+def test_create_is_exclusive_and_replace_is_conditional(files):
+    assert files.create("a.json", b"1") is not None
+    assert files.create("a.json", b"2") is None
+    data, v1 = files.read_versioned("a.json")
+    assert data == b"1"
+    v2 = files.replace("a.json", b"3", v1)
+    assert v2 is not None and files.read("a.json") == b"3"
+    assert files.replace("a.json", b"4", v1) is None, "a stale version must not overwrite"
+    assert files.read("a.json") == b"3"
+
+
+def test_files_list_children_delete(files):
+    for rel in ("x/1", "x/y/2", "z/3", "top"):
+        files.write(rel, rel.encode())
+    assert files.list("x") == ["x/1", "x/y/2"]
+    assert files.children("") == ["x", "z"]
+    assert files.open("x/y/2").read_at(2, 3) == b"y/2"
+    assert files.delete_tree("x") == 2 and files.list("x") == []
+    files.delete("top")
+    assert not files.exists("top") and files.exists("z/3")
+    with pytest.raises(FileNotFoundError):
+        files.read("top")
+
+
+def test_two_metadata_updates_from_the_same_generation_one_wins(remote_and_local):
+    _, url = remote_and_local
+    a, b = Store(url, mode="r+"), Store(url, mode="r+")
+    a.update_meta(note="a")
+    with pytest.raises(CacheConflictError):
+        b.update_meta(note="b")
+    assert Store(url).meta["note"] == "a"
+
+
+def test_metadata_write_is_conditional_even_after_the_generation_check(remote_and_local, monkeypatch):
+    """Two runs that both pass the generation check: only the conditional PUT stops the second."""
+    _, url = remote_and_local
+    a, b = Store(url, mode="r+"), Store(url, mode="r+")
+    real = b.files.read_versioned
+    raced = {}
+
+    def read_then_other_writes(rel):
+        got = real(rel)
+        if rel == "zarr.json" and not raced:
+            raced[1] = True
+            a.update_meta(note="a")  # lands between b's read and b's write
+        return got
+
+    monkeypatch.setattr(b.files, "read_versioned", read_then_other_writes)
+    with pytest.raises(CacheConflictError):
+        b.update_meta(note="b")
+    assert Store(url).meta["note"] == "a"
+
+
+def test_object_lock_excludes_a_second_run_and_expires(bucket):
+    files = RemoteFiles("s3", bucket, "feats")
+    with ObjectLock(files, "first"), pytest.raises(CacheLockedError, match="first"), ObjectLock(files, "second"):
+        pass
+    with ObjectLock(files, "third"):  # released: free again
+        pass
+    stale = ObjectLock(files, "crashed", ttl_s=0.5, beat_s=60)
+    stale.__enter__()
+    stale._stop.set()  # the holder dies: no renewal, no release
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with ObjectLock(files, "after"):
+                break
+        except CacheLockedError:
+            assert time.monotonic() < deadline, "an expired lock was never taken over"
+            time.sleep(0.1)  # waiting out the lock's 0.5 s expiry
+
+
+def test_renewal_keeps_a_lock(bucket):
+    files = RemoteFiles("s3", bucket, "feats")
+    with ObjectLock(files, "long", ttl_s=1.0, beat_s=0.2) as held:
+        time.sleep(1.5)  # longer than the ttl: only the renewals keep it
+        with pytest.raises(CacheLockedError), ObjectLock(files, "other"):
+            pass
+        assert not held.lost
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("s3://bucket", "prefix inside the bucket"),
+        ("s3://bucket/", "prefix inside the bucket"),
+        ("nosuchscheme://host/feats", "no filesystem for nosuchscheme"),
+        ("s3:///feats", "prefix inside the bucket"),
+    ],
+)
+def test_unsupported_cache_urls_are_configuration_errors(url, why, tmp_path, dinov3_path, image_dir):
+    with pytest.raises(ConfigError, match=why):
+        open_files(url)
+    with pytest.raises(ConfigError, match=why):
+        extract(image_dir, url, **FAST, model=str(dinov3_path), area=64)
+
+
+# ---- tar shards as a remote source ---------------------------------------------------------------------------------
+def test_tar_shards_on_s3_give_the_same_cache_as_local_shards(tmp_path, s3, bucket, dinov3_path):
+    from tests.test_sources import make_shards
+
+    pairs = make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
+    c = s3.client()
+    for f in sorted((tmp_path / "shards").iterdir()):
+        c.upload_file(str(f), bucket, f"shards/{f.name}")
+    local_pattern = str(tmp_path / "shards" / "shard-{000000..000002}.tar")
+    url_pattern = f"s3://{bucket}/shards/shard-{{000000..000002}}.tar"
+    kw = {**FAST, "model": str(dinov3_path), "area": 64}
+    a = extract(local_pattern, tmp_path / "from-local", **kw)
+    b = extract(url_pattern, tmp_path / "from-s3", **kw)
+    assert (b.done, b.failed) == (a.done, a.failed) == (len(pairs), 1)
+    fa, fb = FeatureCache(tmp_path / "from-local"), FeatureCache(tmp_path / "from-s3")
+    assert fa.keys() == fb.keys() and set(pairs) <= set(fb.keys())
+    _assert_same(fa, fb)
+    assert fb.failures.keys() == fa.failures.keys() == {"shard-000000/000099"}
+    assert fb.meta["source_root"] == url_pattern  # not folded into a local path
+    assert validate(tmp_path / "from-s3", images=url_pattern, recompute=2, progress=False).ok
+    with pytest.raises(ConfigError, match="1 of 4 tar shards do not exist"):
+        extract(f"s3://{bucket}/shards/shard-{{000000..000003}}.tar", tmp_path / "x", **kw)
