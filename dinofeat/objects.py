@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -282,6 +283,11 @@ class RemoteBlob(Blob):
 
 
 _FILESYSTEMS: dict[tuple[str, int], Any] = {}
+_FETCH_LOCKS = tuple(threading.Lock() for _ in range(64))  # striped: bounded memory for millions of shards
+
+
+def _fetch_lock(key: str) -> threading.Lock:
+    return _FETCH_LOCKS[hash(key) % len(_FETCH_LOCKS)]
 
 
 def filesystem(scheme_or_url: str) -> Any:
@@ -360,14 +366,17 @@ class RemoteFiles(Files):
         return RemoteBlob(self, self._key(rel), int(info["size"]))
 
     def _open_cached(self, rel: str) -> Blob:
+        """The shard from the local folder, fetched whole first if absent. One fetch per shard per process (the
+        threads of a batch wait for it); processes racing each rename a complete copy of the same bytes."""
         assert self.local_cache is not None
         path = self.local_cache / rel
-        if not path.is_file():
-            data = self.read(rel)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)  # workers fetching the same shard at once each rename a complete copy
+        with _fetch_lock(str(path)):
+            if not path.is_file():
+                data = self.read(rel)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
         return LocalBlob(os.open(path, os.O_RDONLY))
 
     def read(self, rel: str) -> bytes:

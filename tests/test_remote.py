@@ -4,11 +4,14 @@ dinofeat reaches it through the standard AWS_* variables (tests/s3server.py), ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +332,49 @@ def test_tar_shards_on_s3_give_the_same_cache_as_local_shards(tmp_path, s3, buck
     assert validate(tmp_path / "from-s3", images=url_pattern, recompute=2, progress=False).ok
     with pytest.raises(ConfigError, match="1 of 4 tar shards do not exist"):
         extract(f"s3://{bucket}/shards/shard-{{000000..000003}}.tar", tmp_path / "x", **kw)
+
+
+@pytest.mark.parametrize("local_cache", [False, True])
+def test_batched_fetch_threads_over_a_remote_cache(tmp_path, bucket, dinov3_path, local_cache):
+    """A batch's rows fetched 16 at a time (what DataLoader's batched path does) give the same samples as a local
+    read, also when all 16 threads want the same shard from an empty local shard cache at once (one bucket, one
+    shard of 48 rows)."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64)] * 48)
+    kw = {**FAST, "model": str(dinov3_path), "area": 64}
+    url = f"s3://{bucket}/one-shard"
+    extract(imgs, tmp_path / "local", **kw)
+    extract(imgs, url, **kw)
+    fc = FeatureCache(url, local_cache=tmp_path / "shards") if local_cache else FeatureCache(url)
+    assert sum(b.num_shards for b in fc._bucket_plans) == 1
+    remote, ref = FeatureDataset(fc), FeatureDataset(tmp_path / "local")
+    assert remote.fetch_threads == 16 and ref.fetch_threads == 0
+    got = remote.__getitems__(list(range(len(remote))))
+    want = ref.__getitems__(list(range(len(ref))))
+    assert [g["key"] for g in got] == [w["key"] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g["patches"], w["patches"]) and torch.equal(g["cls"], w["cls"])
+
+
+def test_threads_missing_the_same_shard_fetch_it_once(remote_and_local, tmp_path, monkeypatch):
+    """Eight threads that all find a shard absent from the local shard cache at the same moment: one fetches it,
+    the others wait and read the complete copy (without the per-shard lock they wrote one temp file together)."""
+    _, url = remote_and_local
+    fc = FeatureCache(url, local_cache=tmp_path / "shards")
+    fetched: list[str] = []
+    together = threading.Barrier(8, timeout=2)
+    real = RemoteFiles.read
+
+    def read(self, rel):
+        if "/c/" in rel:
+            fetched.append(rel)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                together.wait()  # no thread writes before all eight missed the shard (or two seconds passed)
+        return real(self, rel)
+
+    monkeypatch.setattr(RemoteFiles, "read", read)
+    with ThreadPoolExecutor(8) as ex:
+        rows = list(ex.map(lambda _: fc.read(0, "patches"), range(8)))
+    assert len(fetched) == 1, fetched
+    for r in rows:
+        np.testing.assert_array_equal(r, FeatureCache(remote_and_local[0]).read(0, "patches"))
