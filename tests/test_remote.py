@@ -378,3 +378,51 @@ def test_threads_missing_the_same_shard_fetch_it_once(remote_and_local, tmp_path
     assert len(fetched) == 1, fetched
     for r in rows:
         np.testing.assert_array_equal(r, FeatureCache(remote_and_local[0]).read(0, "patches"))
+
+
+def test_incremental_run_on_a_remote_cache_keeps_finished_shards_and_equals_local(tmp_path, s3, bucket, dinov3_path):
+    """New images in the folder: new bucket groups and a new index beside the old, one conditional metadata switch;
+    no finished shard object is rewritten (their ETags are unchanged), and the result equals the same run locally."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48), (48, 64), (64, 64)] * 2)
+    kw = {**FAST, "model": str(dinov3_path), "area": 64, "shard_mb": 0.002, "batch_size": 1}
+    url, local = f"s3://{bucket}/inc", tmp_path / "local"
+    assert extract(imgs, url, **kw).sealed and extract(imgs, local, **kw).sealed
+    c = s3.client()
+
+    def etags() -> dict[str, str]:
+        got = c.list_objects_v2(Bucket=bucket, Prefix="inc/buckets/").get("Contents", [])
+        return {o["Key"]: o["ETag"] for o in got if "/c/" in o["Key"]}
+
+    before = etags()
+    write_images(imgs / "later", [(80, 60), (64, 64)], start_seed=50)
+    s = extract(imgs, url, **kw)
+    assert s.appended == 2 and s.processed == 2 and s.sealed
+    extract(imgs, local, **kw)
+    after = etags()
+    assert {k: after[k] for k in before} == before, "a finished shard was rewritten"
+    assert len(after) > len(before)
+    _assert_same(FeatureCache(local), FeatureCache(url))
+    assert validate(url, imgs, progress=False).ok
+
+
+@pytest.mark.slow
+def test_two_processes_into_s3_equal_one_local(tmp_path, bucket, dinov3_path):
+    """A process group (gloo on CPU) writing one remote cache: rank 0 holds the lock object and plans, every rank
+    PUTs its own shards; the result equals one local process."""
+    from dinofeat.config import ExtractConfig
+    from dinofeat.launch import extract_processes
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64)] * 10 + [(96, 48)] * 6)
+    cfg = ExtractConfig(model=str(dinov3_path), area=64, shard_mb=0.002, batch_size=3, **FAST)
+    url = f"s3://{bucket}/mp"
+    s = extract_processes(imgs, url, cfg, 2)
+    assert s.world_size == 2 and s.sealed and s.done == 16
+    assert extract(imgs, tmp_path / "local", cfg).sealed
+    _assert_same(FeatureCache(tmp_path / "local"), FeatureCache(url))
+
+
+def test_a_manual_split_is_refused_on_a_remote_cache(bucket, dinov3_path, image_dir):
+    with pytest.raises(ConfigError, match="process group"):
+        extract(image_dir, f"s3://{bucket}/split", **FAST, model=str(dinov3_path), area=64, rank=0, world_size=2)
