@@ -85,9 +85,12 @@ class FeatureCache:
         ix = st.index(generation if self.serving_last_sealed else None)
         done = np.flatnonzero(ix["status"] == STATUS_DONE)
         self._bucket_plans = st.bucket_plans()[: len(meta["buckets"])]
-        markers = st.markers()
-        self._check_markers(markers, ix["bucket"][done], ix["row"][done])
-        self._expected = expected_checksums(markers, self._bucket_plans)
+        summary = st.marker_summary(meta.get("marker_summary"))  # one read; caches sealed before 0.5 have none
+        if summary is None:
+            markers = st.markers()
+            summary = set(markers), expected_checksums(markers, self._bucket_plans)
+        marked, self._expected = summary
+        self._check_markers(marked, ix["bucket"][done], ix["row"][done])
         self._keys = ix["key"][done]
         self._bucket = ix["bucket"][done].astype(np.int32)  # which arrays hold the row (one group per part)
         # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
@@ -112,9 +115,8 @@ class FeatureCache:
             self._root_fd = None
             raise CacheFormatError(f"{self.path} was replaced while opening it (--overwrite running?); open it again")
 
-    def _check_markers(self, markers: dict[tuple[str, int], Any], buckets: np.ndarray, rows: np.ndarray) -> None:
+    def _check_markers(self, marked: set[tuple[str, int]], buckets: np.ndarray, rows: np.ndarray) -> None:
         """Only rows of marked shards may be served: an unwritten row reads back as zeros."""
-        marked = set(markers)
         for k, bp in enumerate(self._bucket_plans):
             sel = rows[buckets == k]
             shards = set((sel // bp.shard_rows).tolist())

@@ -22,7 +22,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from dinofeat.arrays import ArraySet, base_of
-from dinofeat.checksum import column_checksums, mismatched_columns
+from dinofeat.checksum import column_checksums, crc32c, expected_checksums, mismatched_columns
 from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
 from dinofeat.objects import Files, open_files
 from dinofeat.plan import BucketPlan, Plan
@@ -497,7 +497,9 @@ class Store:
         self.files.write("_dinofeat/failures.json", json.dumps(failures, sort_keys=True).encode())
         now = time.time()
         sums = {**(disk.get("index_checksums") or {}), **column_checksums({"status": status})}
+        summary = self.write_marker_summary(group)
         last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
+        last["marker_summary"] = summary
         before = (disk.get("last_sealed") or {}).get("index_group")
         self.update_meta(
             state="sealed",
@@ -506,8 +508,46 @@ class Store:
             last_sealed=last,
             previous_sealed_group=before,
             channel_stats=channel_stats,
+            marker_summary=summary,
         )
         self._drop_stale_index_groups()
+
+    def write_marker_summary(self, group: str) -> dict[str, Any]:
+        """At seal: every done marker of the plan folded into one object (which shards are marked, and each row's
+        recorded crc32c), so that a reader opens the cache with one read instead of one per shard (on object
+        storage: one GET instead of a million). Returns its record for the metadata (path and crc32c)."""
+        markers, plans = self.markers(), self.bucket_plans()
+        arrays = {f"{b.name}::marked": np.array([(b.name, u) in markers for u in range(b.num_shards)]) for b in plans}
+        arrays |= {f"{b}::{name}": crcs for (b, name), crcs in expected_checksums(markers, plans).items()}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        rel = f"_dinofeat/sealed/{group}.npz"
+        self.files.write(rel, buf.getvalue())
+        return {"path": rel, "crc32c": crc32c(buf.getvalue())}
+
+    def marker_summary(
+        self, record: dict[str, Any] | None
+    ) -> tuple[set[tuple[str, int]], dict[tuple[str, str], np.ndarray]] | None:
+        """(marked shards, expected row crcs) from the summary `record` names, checked against its crc32c; None if
+        there is none (caches sealed before 0.5) or it is missing or damaged: the caller then reads every marker."""
+        if not record:
+            return None
+        try:
+            data = self.files.read(str(record["path"]))
+        except (FileNotFoundError, KeyError):
+            return None
+        if crc32c(data) != int(record.get("crc32c", -1)):
+            return None
+        marked: set[tuple[str, int]] = set()
+        expected: dict[tuple[str, str], np.ndarray] = {}
+        with np.load(io.BytesIO(data)) as z:
+            for k in z.files:
+                bucket, name = k.split("::", 1)
+                if name == "marked":
+                    marked |= {(bucket, int(u)) for u in np.flatnonzero(z[k])}
+                else:
+                    expected[(bucket, name)] = z[k]
+        return marked, expected
 
     def failures(self) -> dict[str, str]:
         return self._read_json("_dinofeat/failures.json", {})

@@ -93,6 +93,12 @@ def test_refuses_unsealed_unknown_version_and_unmarked(tmp_path, cache_dir):
     meta["attributes"]["dinofeat"]["state"] = "sealed"
     meta_path.write_text(json.dumps(meta))
     next((c / "_dinofeat" / "done").rglob("*.json")).unlink()
+    # the reader opens from the marker summary written at seal (its rows still checked against their crcs), and
+    # validate reports the lost marker; without the summary the reader itself refuses the unmarked shard
+    from dinofeat.validation import validate
+
+    assert any(p.check == "complete" for p in validate(c, progress=False).problems)
+    (c / meta["attributes"]["dinofeat"]["marker_summary"]["path"]).unlink()
     with pytest.raises(CacheFormatError, match="no done marker"):
         FeatureCache(c)
 
@@ -267,3 +273,53 @@ def test_version_1_caches_still_read(tmp_path, cache_dir):
     assert old.keys() == new.keys() and old.buckets == new.buckets
     for i in range(len(new)):
         np.testing.assert_array_equal(old[i].patches, new[i].patches)
+
+
+# ---- the marker summary: one read opens a sealed cache ----------------------------------------------------------
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_sealed_cache_opens_without_reading_any_marker(cache_dir, monkeypatch):
+    from dinofeat.checksum import expected_checksums
+
+    st = Store(cache_dir)
+    summary = st.marker_summary(st.meta["marker_summary"])
+    assert summary is not None
+    marked, expected = summary
+    markers = st.markers()
+    assert marked == set(markers) and len(marked) > 1
+    want = expected_checksums(markers, st.bucket_plans())
+    assert expected.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(expected[k], want[k])
+
+    def no_listing(self):
+        raise AssertionError("a sealed cache must open from its marker summary")
+
+    monkeypatch.setattr(Store, "markers", no_listing)
+    fc = FeatureCache(cache_dir)
+    assert all(fc.read(i, "patches").size for i in range(len(fc)))
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_damaged_or_missing_marker_summary_falls_back_to_the_markers(cache_dir, tmp_path, monkeypatch, damage):
+    cache = _copy(cache_dir, tmp_path / "c")
+    rel = Store(cache).meta["marker_summary"]["path"]
+    if damage == "flip":
+        data = bytearray((cache / rel).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (cache / rel).write_bytes(bytes(data))
+    else:
+        (cache / rel).unlink()
+    listed = []
+    real = Store.markers
+    monkeypatch.setattr(Store, "markers", lambda self: listed.append(1) or real(self))
+    fc = FeatureCache(cache)
+    assert listed, "the damaged summary was trusted"
+    ref = FeatureCache(cache_dir)
+    for i in range(len(fc)):
+        np.testing.assert_array_equal(fc.read(i, "patches"), ref.read(i, "patches"))
