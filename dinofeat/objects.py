@@ -7,16 +7,16 @@ run can create, a metadata update that fails if another run changed it since it 
 and `open` for positioned reads of shards (local: one `preadv`; remote: one ranged GET).
 
 Why fsspec (s3fs) and not obstore, measured against the same S3 server (benchmarks/s3_clients.py,
-docs/benchmarks.md): obstore is faster per request (small objects 3.9 vs 13.3 ms, 2 KB ranged GETs 4.1 vs 7.1 ms,
-576 KB ones 26.1 vs 28.2 ms; s3fs PUTs 36 MB shards 16% faster), but it is not fork-safe: once a process has used
-it, a forked child's requests hang forever (its tokio runtime's threads do not survive the fork), and torch's
-DataLoader forks its workers by default on Linux. A reader that hangs training is worse than one that is slower
-per request, and the request latency that matters on real S3 is the service's (tens of ms), which both share;
-throughput comes from concurrency (`FeatureDataset.fetch_threads`). fsspec also reaches every store it has a
+docs/benchmarks.md): obstore is faster per request (small objects 3.7 vs 13.5 ms, 2 KB ranged GETs 4.1 vs 6.8 ms,
+576 KB ones 26.4 vs 29.2 ms; s3fs PUTs 36 MB shards faster, 133 vs 115 MB/s), but it is not fork-safe: once a
+process has used it, a forked child's requests hang forever (its tokio runtime's threads do not survive the fork),
+and torch's DataLoader forks its workers by default on Linux. A reader that hangs training is worse than one
+that is slower per request, and the request latency that matters on real S3 is the service's (tens of ms), which
+both share; throughput comes from concurrency (`FeatureDataset.fetch_threads`). fsspec also reaches every store it has a
 filesystem for (gcsfs, adlfs, ...). Credentials come from each filesystem's usual environment and config (for s3fs:
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, AWS_ENDPOINT_URL for
 S3-compatible servers, instance roles); dinofeat never stores or prints them. Conditional writes (If-None-Match,
-If-Match) are S3's; other stores get them where their fsspec filesystem passes them on.
+If-Match) are S3's; on other stores they are a check followed by a write (not atomic; only S3 is tested).
 """
 
 from __future__ import annotations
