@@ -24,12 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from read import FixedBatches, build_layouts
+from read import build_layouts, timed_pass
 from report import emit
-from torch.utils.data import DataLoader
 
 from dinofeat.cache import FeatureCache
-from dinofeat.collate import collate_features
 from dinofeat.dataset import FeatureDataset
 from tests.s3server import S3Server, apply_env
 
@@ -38,13 +36,6 @@ def upload(cache: Path, s3: S3Server, bucket: str, prefix: str) -> None:
     c = s3.client()
     for f in sorted(p for p in cache.rglob("*") if p.is_file()):
         c.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(cache).as_posix()}")
-
-
-def timed(ds: FeatureDataset, batches: list[list[int]], workers: int) -> tuple[float, int]:
-    dl = DataLoader(ds, batch_sampler=FixedBatches(batches), num_workers=workers, collate_fn=collate_features)
-    t0 = time.perf_counter()
-    n = sum(b["patches"].shape[0] for b in dl)
-    return time.perf_counter() - t0, n
 
 
 def main() -> None:
@@ -91,7 +82,7 @@ def main() -> None:
                     ds = make()
                     secs = []
                     for rep in range(a.repeats + 1):
-                        t, n = timed(ds, batches, workers)
+                        t, n = timed_pass(ds, batches, workers)
                         assert n == a.images
                         if name == "s3_local_cache" and rep == 0:
                             out["rows"].append(_row(f"{name}_first_pass", workers, a.images, row_bytes, [t]))

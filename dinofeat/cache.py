@@ -61,7 +61,7 @@ class FeatureCache:
         local_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         self._files: Files = open_files(path)
-        self.path: Path | str = Path(path) if not self._files.remote else self._files.location
+        self.path: Path | str = self._files.root if isinstance(self._files, LocalFiles) else self._files.location
         self._fast, self._verify = fast, verify
         self._local_cache = Path(local_cache) if local_cache else None
         self._pool = HandlePool(max_open_files)  # one fd (or shard index) budget for every bucket and array

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dinofeat.errors import CacheLockedError, ConfigError
-from dinofeat.objects import Files, open_files
+from dinofeat.objects import Files, LocalFiles, open_files
 
 
 def lock_path(cache: Path) -> Path:
@@ -163,8 +163,8 @@ class ObjectLock:
 def cache_lock(cache: str | os.PathLike[str], shared: bool = False, what: str = "precompute") -> Any:
     """The lock for a cache wherever it lives: a flock beside a local cache, a lock object beside a remote one."""
     files = open_files(cache)
-    if not files.remote:
-        return CacheLock(Path(cache), shared, what)
+    if isinstance(files, LocalFiles):
+        return CacheLock(files.root, shared, what)
     if shared:
         raise ConfigError(
             f"{files.location}: a manual --rank/--world-size split shares a lock, which object storage cannot hold; "

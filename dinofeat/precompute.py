@@ -369,7 +369,7 @@ def finalize(st: Store, plan: Plan, seal: bool = True) -> tuple[np.ndarray, dict
                 failures[plan.keys[positions[int(r)]]] = why
     complete = bool((status != STATUS_PENDING).all())
     if seal and complete and st.disk_state() != "sealed":
-        st.seal(status, failures, cache_channel_stats(st, plan))
+        st.seal(status, failures, cache_channel_stats(st, plan), markers)
     return status, failures, complete
 
 

@@ -413,9 +413,12 @@ class Store:
             except (OSError, ValueError):
                 return None  # unreadable marker = shard not done; it will be redone
 
-        workers = 32 if self.files.remote and len(wanted) > 1 else 1
-        with ThreadPoolExecutor(workers) as ex:
-            bodies = list(ex.map(load, [w[2] for w in wanted]))
+        rels = [w[2] for w in wanted]
+        if self.files.remote and len(rels) > 1:
+            with ThreadPoolExecutor(32) as ex:
+                bodies = list(ex.map(load, rels))
+        else:
+            bodies = [load(r) for r in rels]
         return {(b, u): m for (b, u, _), m in zip(wanted, bodies, strict=True) if m is not None}
 
     def cleanup(self, shards: set[tuple[str, int]], orphans: bool = True) -> int:
@@ -487,7 +490,15 @@ class Store:
     def disk_state(self) -> str | None:
         return self._disk_meta().get("state")
 
-    def seal(self, status: np.ndarray, failures: dict[str, str], channel_stats: dict[str, Any] | None = None) -> None:
+    def seal(
+        self,
+        status: np.ndarray,
+        failures: dict[str, str],
+        channel_stats: dict[str, Any] | None = None,
+        markers: dict[tuple[str, int], dict[str, Any]] | None = None,
+    ) -> None:
+        """Write `status` and the failures, the marker summary (from `markers` when the caller has just read them),
+        then the metadata that says sealed."""
         disk = self._disk_meta()
         if disk.get("state") == "sealed" and disk.get("index_group") == self._index_group:
             return  # another rank of a manual split sealed this very plan first
@@ -497,7 +508,7 @@ class Store:
         self.files.write("_dinofeat/failures.json", json.dumps(failures, sort_keys=True).encode())
         now = time.time()
         sums = {**(disk.get("index_checksums") or {}), **column_checksums({"status": status})}
-        summary = self.write_marker_summary(group)
+        summary = self.write_marker_summary(group, markers)
         last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
         last["marker_summary"] = summary
         before = (disk.get("last_sealed") or {}).get("index_group")
@@ -512,11 +523,13 @@ class Store:
         )
         self._drop_stale_index_groups()
 
-    def write_marker_summary(self, group: str) -> dict[str, Any]:
+    def write_marker_summary(
+        self, group: str, markers: dict[tuple[str, int], dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """At seal: every done marker of the plan folded into one object (which shards are marked, and each row's
         recorded crc32c), so that a reader opens the cache with one read instead of one per shard (on object
         storage: one GET instead of a million). Returns its record for the metadata (path and crc32c)."""
-        markers, plans = self.markers(), self.bucket_plans()
+        markers, plans = self.markers() if markers is None else markers, self.bucket_plans()
         arrays = {f"{b.name}::marked": np.array([(b.name, u) in markers for u in range(b.num_shards)]) for b in plans}
         arrays |= {f"{b}::{name}": crcs for (b, name), crcs in expected_checksums(markers, plans).items()}
         buf = io.BytesIO()

@@ -5,8 +5,16 @@ A module of its own, so that no test module imports another (and `tests` resolve
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import struct
+import subprocess
+import sys
+import tarfile
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +22,7 @@ import torch
 from PIL import Image
 
 FAST = {"num_workers": 0, "progress": False, "dtype": "fp32", "device": "cpu"}
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -150,3 +159,66 @@ def real_photos(folder: Path, names: tuple[str, ...] = PHOTOS, quality: int = 92
             Image.open(src).convert("RGB").save(dst, quality=quality)
         out.append(dst)
     return out
+
+
+# ---- tar shards ------------------------------------------------------------------------------------------------
+def png_bytes(w: int, h: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    noise_image(w, h, seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 1_700_000_000
+    tf.addfile(info, io.BytesIO(data))
+
+
+SHARD_SIZES = [(64, 48), (48, 64), (64, 64), (80, 60)]
+
+
+def make_shards(root: Path, folder: Path, shards: int = 2) -> dict[str, str]:
+    """webdataset shards (image + caption per sample) and the same images as files in `folder`; returns tar key ->
+    folder key. Shard 0 also holds one corrupt image and one non-image member."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = {}
+    for s in range(shards):
+        with tarfile.open(root / f"shard-{s:06d}.tar", "w") as tf:
+            for i, (w, h) in enumerate(SHARD_SIZES):
+                data = png_bytes(w, h, 10 * s + i)
+                add_member(tf, f"{i:06d}.png", data)
+                add_member(tf, f"{i:06d}.txt", b"a caption")
+                (folder / f"s{s}_{i}.png").write_bytes(data)
+                pairs[f"shard-{s:06d}/{i:06d}"] = f"s{s}_{i}.png"
+            if s == 0:
+                add_member(tf, "000099.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)  # not a decodable JPEG
+                add_member(tf, "meta.json", b"{}")
+    return pairs
+
+
+# ---- the CLI in a subprocess (kill -9 tests) ----------------------------------------------------------------------
+def kill_test_args(model: Path) -> list[str]:
+    """precompute options of the kill -9 tests: small shards and batches, so a run has many marked shards early."""
+    return ["--model", str(model), "--area", "64", "--dtype", "fp32", "--workers", "0", "--shard-mb", "0.01",
+            "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m cli ARGS` from the repository root, unbuffered, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+def kill_9_once(proc: subprocess.Popen, progressed: Callable[[], bool], timeout: float = 120) -> None:
+    """SIGKILL `proc` as soon as `progressed()` says it got far enough (polled), and check it had not finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not progressed():
+        time.sleep(0.05)  # polling another process's progress
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,7 @@ from dinofeat.precompute import extract
 from dinofeat.preprocess import load_resized
 from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, Store
-from tests.helpers import FAST, bad_files, make_tiny, write_images
+from tests.helpers import FAST, bad_files, kill_9_once, kill_test_args, make_tiny, run_cli, write_images
 
 
 def rows_by_key(cache: Path) -> dict[str, tuple[str, int]]:
@@ -212,17 +208,6 @@ def test_limit_and_bf16_storage(tmp_path, image_dir, dinov3_path):
     np.testing.assert_array_equal(as_float, want)
 
 
-def _run_cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-
-
 def _arrays(cache: Path) -> dict[str, np.ndarray]:
     st = Store(cache)
     return {
@@ -234,41 +219,18 @@ def _arrays(cache: Path) -> dict[str, np.ndarray]:
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, dinov3_path):
     imgs = tmp_path / "imgs"
     write_images(imgs, [(64, 64)] * 120 + [(96, 48)] * 40)
-    args = [
-        "precompute",
-        str(imgs),
-        "",
-        "--model",
-        str(dinov3_path),
-        "--area",
-        "64",
-        "--dtype",
-        "fp32",
-        "--workers",
-        "0",
-        "--shard-mb",
-        "0.01",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-    ]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert _run_cli([args[0], args[1], str(ref), *args[3:]]).wait(timeout=300) == 0
-    proc = _run_cli([args[0], args[1], str(cut), *args[3:]])
+    opts = kill_test_args(dinov3_path)
+    assert run_cli(["precompute", str(imgs), str(ref), *opts]).wait(timeout=300) == 0
+    proc = run_cli(["precompute", str(imgs), str(cut), *opts])
     done_dir = cut / "_dinofeat" / "done"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if done_dir.is_dir() and sum(len(list(d.iterdir())) for d in done_dir.iterdir()) >= 3:
-            break
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_9_once(proc, lambda: done_dir.is_dir() and sum(len(list(d.iterdir())) for d in done_dir.iterdir()) >= 3)
     st = Store(cut)
     assert st.meta["state"] == "planned"
     n_marked = len(st.markers())
     total = sum(b.num_shards for b in st.bucket_plans())
     assert 0 < n_marked < total
-    out = _run_cli([args[0], args[1], str(cut), *args[3:]])
+    out = run_cli(["precompute", str(imgs), str(cut), *opts])
     text = out.communicate(timeout=300)[0].decode()
     assert out.returncode == 0, text
     assert Store(cut).meta["state"] == "sealed"

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +23,7 @@ from dinofeat.lock import ObjectLock
 from dinofeat.objects import LocalFiles, RemoteFiles, open_files
 from dinofeat.store import Store
 from dinofeat.validation import validate
-from tests.helpers import FAST, write_images
+from tests.helpers import FAST, kill_9_once, kill_test_args, make_shards, run_cli, write_images
 from tests.s3server import S3Server, apply_env, restore_env
 
 
@@ -153,41 +150,17 @@ def test_dataloader_with_two_workers_over_a_remote_cache(remote_and_local):
 def test_kill_9_then_rerun_into_s3_equals_local(tmp_path, s3, bucket, dinov3_path):
     imgs = tmp_path / "imgs"
     write_images(imgs, [(64, 64)] * 120 + [(96, 48)] * 40)
-    opts = [
-        "--model",
-        str(dinov3_path),
-        "--area",
-        "64",
-        "--dtype",
-        "fp32",
-        "--workers",
-        "0",
-        "--shard-mb",
-        "0.01",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-    ]
-    env = {**os.environ, **s3.env}
+    opts, env = kill_test_args(dinov3_path), s3.env
 
     def run(cache: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "cli", "precompute", str(imgs), cache, *opts]
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        return run_cli(["precompute", str(imgs), cache, *opts], env)
 
     ref = tmp_path / "ref"
     assert run(str(ref)).wait(timeout=300) == 0
     url = f"s3://{bucket}/feats"
     proc = run(url)
     c = s3.client()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        listed = c.list_objects_v2(Bucket=bucket, Prefix="feats/_dinofeat/done/").get("KeyCount", 0)
-        if listed >= 3:
-            break
-        time.sleep(0.05)  # polling an external process's progress
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_9_once(proc, lambda: c.list_objects_v2(Bucket=bucket, Prefix="feats/_dinofeat/done/").get("KeyCount", 0) >= 3)
     st = Store(url)
     assert st.meta["state"] == "planned"
     assert 0 < len(st.markers()) < sum(b.num_shards for b in st.bucket_plans())
@@ -312,8 +285,6 @@ def test_unsupported_cache_urls_are_configuration_errors(url, why, tmp_path, din
 
 # ---- tar shards as a remote source ---------------------------------------------------------------------------------
 def test_tar_shards_on_s3_give_the_same_cache_as_local_shards(tmp_path, s3, bucket, dinov3_path):
-    from tests.test_sources import make_shards
-
     pairs = make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
     c = s3.client()
     for f in sorted((tmp_path / "shards").iterdir()):

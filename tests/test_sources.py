@@ -3,9 +3,7 @@ members recorded, features bit-identical to the same images in a folder."""
 
 from __future__ import annotations
 
-import io
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from dinofeat.errors import ConfigError
 from dinofeat.precompute import extract
 from dinofeat.probe import probe
 from dinofeat.validation import validate
-from tests.helpers import FAST, bad_files, noise_image
+from tests.helpers import FAST, add_member, bad_files, make_shards, noise_image, png_bytes
 
 
 @pytest.mark.parametrize(
@@ -47,41 +45,6 @@ def test_expand_braces_refuses(pattern):
 )
 def test_sample_key_is_webdatasets(name, key):
     assert sample_key(name) == key
-
-
-def _png_bytes(w: int, h: int, seed: int) -> bytes:
-    buf = io.BytesIO()
-    noise_image(w, h, seed).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime = len(data), 1_700_000_000
-    tf.addfile(info, io.BytesIO(data))
-
-
-SIZES = [(64, 48), (48, 64), (64, 64), (80, 60)]
-
-
-def make_shards(root: Path, folder: Path, shards: int = 2) -> dict[str, str]:
-    """webdataset shards (image + caption per sample) and the same images as files in `folder`; returns tar key ->
-    folder key. Shard 0 also holds one corrupt image and one non-image member."""
-    root.mkdir(parents=True, exist_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    pairs = {}
-    for s in range(shards):
-        with tarfile.open(root / f"shard-{s:06d}.tar", "w") as tf:
-            for i, (w, h) in enumerate(SIZES):
-                data = _png_bytes(w, h, 10 * s + i)
-                _add(tf, f"{i:06d}.png", data)
-                _add(tf, f"{i:06d}.txt", b"a caption")
-                (folder / f"s{s}_{i}.png").write_bytes(data)
-                pairs[f"shard-{s:06d}/{i:06d}"] = f"s{s}_{i}.png"
-            if s == 0:
-                _add(tf, "000099.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)  # not a decodable JPEG
-                _add(tf, "meta.json", b"{}")
-    return pairs
 
 
 def test_tar_shards_give_the_same_features_as_a_folder(tmp_path, dinov3_path):
@@ -118,10 +81,10 @@ def test_a_new_shard_is_an_incremental_run(tmp_path, dinov3_path):
 
 
 def test_probe_reads_only_the_header(tmp_path, monkeypatch):
-    big = _png_bytes(1500, 1000, 0)
+    big = png_bytes(1500, 1000, 0)
     assert len(big) > 500_000
     with tarfile.open(tmp_path / "a.tar", "w") as tf:
-        _add(tf, "x.png", big)
+        add_member(tf, "x.png", big)
     (m,) = archive.list_images(str(tmp_path / "a.tar"), frozenset({".png"})).values()
     read = []
     real = archive.os.pread
@@ -154,8 +117,8 @@ def test_every_kind_of_bad_member_is_recorded(tmp_path, dinov3_path):
     reasons = bad_files(tmp_path / "bad")
     with tarfile.open(tmp_path / "bad.tar", "w") as tf:
         for f in sorted((tmp_path / "bad").iterdir()):
-            _add(tf, f.name, f.read_bytes())
-        _add(tf, "good.png", _png_bytes(64, 48, 1))
+            add_member(tf, f.name, f.read_bytes())
+        add_member(tf, "good.png", png_bytes(64, 48, 1))
     s = extract(str(tmp_path / "bad.tar"), tmp_path / "c", model=str(dinov3_path), area=64, **FAST)
     assert (s.done, s.failed) == (1, len(reasons))
     failures = FeatureCache(tmp_path / "c").failures
@@ -183,7 +146,7 @@ def test_png_probe_parses_the_header_only(tmp_path, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
-    (tmp_path / "big.png").write_bytes(_png_bytes(300, 200, 3))
+    (tmp_path / "big.png").write_bytes(png_bytes(300, 200, 3))
     p = probe(str(tmp_path / "big.png"))
     assert (p.width, p.height, p.error) == (300, 200, None)
     assert loads == []
