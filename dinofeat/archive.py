@@ -1,4 +1,5 @@
 """Images inside tar shards (webdataset, img2dataset): listed from the tar headers, read by byte range, never unpacked.
+Members are also how parquet rows travel (dinofeat.parquet: the offset is the row), and the file patterns of both.
 
 Shards are local paths or URLs (`s3://bucket/shards/{000000..000999}.tar`, any fsspec URL): a remote shard is listed
 through a read-ahead stream (tarfile seeks over the data; each 8 MiB read-ahead GET covers many small members) and
@@ -11,6 +12,7 @@ the shards, and what a DiT dataloader over the same tars can rebuild from webdat
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import re
@@ -20,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from dinofeat.errors import ConfigError
 from dinofeat.objects import filesystem
+from dinofeat.parquet import read_row, split_column, with_column
 from dinofeat.paths import is_url
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -62,6 +65,16 @@ def expand_braces(pattern: str) -> list[str]:
 
 def is_tar_source(source: str) -> bool:
     return source.endswith(".tar") or (_BRACE.search(source) is not None and ".tar" in source)
+
+
+def is_parquet(source: str) -> bool:
+    """A parquet file or pattern (`data/{00000..00009}.parquet`, `data/*.parquet`, either with `?column=NAME`)."""
+    return split_column(source)[0].endswith(".parquet")
+
+
+def is_archive_source(source: str) -> bool:
+    """Tar shards or parquet files: images inside other files, local or at URLs."""
+    return is_tar_source(source) or is_parquet(source)
 
 
 def sample_key(member_name: str) -> str:
@@ -143,13 +156,22 @@ class _Slice(io.RawIOBase):
         return len(data)
 
 
-def header_reader(m: Member) -> io.BufferedReader:
-    """For probing: reads only what the image header parser asks for."""
+def header_reader(m: Member) -> io.BufferedIOBase:
+    """For probing: reads only what the image header parser asks for (a parquet row is read whole: its row group is
+    the smallest unit a parquet file can be read in)."""
+    if is_parquet(m.archive):
+        return io.BytesIO(read_member(m))
     return io.BufferedReader(_Slice(m), buffer_size=16384)
 
 
 def read_member(m: Member) -> bytes:
-    """The whole member, in one positioned read or ranged GET (for decoding)."""
+    """The whole member, in one positioned read or ranged GET (for decoding). A parquet member's offset is its row;
+    its size is -1 until a probe has read it."""
+    if is_parquet(m.archive):
+        data = read_row(m.archive, m.offset)
+        if m.size >= 0 and len(data) != m.size:
+            raise OSError(f"{m}: {len(data)} bytes, {m.size} when planned: the parquet file changed")
+        return data
     data = _read_range(m.archive, m.offset, m.size)
     if len(data) != m.size:
         raise OSError(f"{m}: truncated archive ({len(data)} of {m.size} bytes)")
@@ -157,20 +179,33 @@ def read_member(m: Member) -> bytes:
 
 
 def shard_paths(source: str) -> list[str]:
-    """The tar shards a source names (one path or a brace pattern), each checked to exist (for URLs: one listing
-    per folder, not one request per shard)."""
-    paths = expand_braces(source)
-    missing = [p for p in paths if not _exists(p)] if not is_url(source) else _missing_objects(paths)
+    """The files a source names (one path, a brace pattern or a `*` glob; parquet ones keep their `?column=`),
+    each checked to exist (for URLs: one listing per folder, not one request per file)."""
+    pattern, column = split_column(source)
+    what = "parquet files" if is_parquet(source) else "tar shards"
+    paths = [p for b in expand_braces(pattern) for p in (_glob(b) if "*" in b else [b])]
+    if not paths:
+        raise ConfigError(f"no {what} match {pattern!r}")
+    missing = [p for p in paths if not _exists(p)] if not is_url(pattern) else _missing_objects(paths)
     if missing:
-        raise ConfigError(f"{len(missing)} of {len(paths)} tar shards do not exist (e.g. {missing[0]!r})")
+        raise ConfigError(f"{len(missing)} of {len(paths)} {what} do not exist (e.g. {missing[0]!r})")
     stems = [shard_stem(p) for p in paths]
     if len(set(stems)) != len(stems):
-        raise ConfigError(f"tar shards of {source!r} share file names; keys (<shard>/<sample>) would collide")
-    return paths
+        raise ConfigError(f"{what} of {source!r} share file names; keys (<file>/<sample>) would collide")
+    return [with_column(p, column) for p in paths]
+
+
+def _glob(pattern: str) -> list[str]:
+    """Sorted matches of a `*` pattern: local paths, or URLs with their scheme kept."""
+    if not is_url(pattern):
+        return sorted(glob.glob(pattern))
+    scheme = pattern.split("://", 1)[0]
+    return sorted(f"{scheme}://{p}" for p in filesystem(pattern).glob(pattern))
 
 
 def shard_stem(path: str) -> str:
-    """`000123` for `.../000123.tar`, local or URL."""
+    """`000123` for `.../000123.tar`, local or URL (a parquet file's `?column=` dropped)."""
+    path = split_column(path)[0]
     return PurePosixPath(path.split("://", 1)[-1]).stem if is_url(path) else Path(path).stem
 
 

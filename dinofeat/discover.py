@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dinofeat.archive import Member, is_tar_source, list_images, shard_paths, shard_stem
+from dinofeat.archive import Member, is_parquet, is_tar_source, list_images, shard_paths, shard_stem
 from dinofeat.errors import ConfigError
 from dinofeat.paths import is_url, local_path
 
@@ -80,25 +81,35 @@ def read_list(list_file: Path, root: Path | None) -> tuple[Path, list[str]]:
     """A text file of paths, one a line (# comments and blanks skipped). Relative paths resolve against `root`,
     or the list file's folder. Keys are relative to that root; order is sorted, duplicates refused."""
     base = (root or list_file.parent).resolve()
-    keys: list[str] = []
+    entries = []
     for n, line in enumerate(list_file.read_text().splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+        if line and not line.startswith("#"):
+            entries.append((line, base, f"{list_file}:{n}"))
+    return base, sorted(keys_under(base, entries, str(list_file)))
+
+
+def keys_under(base: Path, entries: list[tuple[str, Path, str]], what: str) -> list[str]:
+    """Keys of listed paths: (path, folder it is relative to, where it was listed) -> path relative to `base`.
+    A path outside `base` or listed twice is refused."""
+    keys: list[str] = []
+    for line, folder, where in entries:
         p = Path(line)
-        p = p if p.is_absolute() else base / p
+        p = p if p.is_absolute() else folder / p
         try:
             keys.append(p.resolve().relative_to(base).as_posix())
         except ValueError as e:
-            raise ConfigError(f"{list_file}:{n}: {line!r} is outside the root {base}") from e
+            raise ConfigError(f"{where}: {line!r} is outside the root {base}") from e
     if len(set(keys)) != len(keys):
-        raise ConfigError(f"{list_file} lists some files more than once")
-    return base, sorted(keys)
+        raise ConfigError(f"{what} lists some files more than once")
+    return keys
 
 
 def discover(source: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, limit: int | None = None):
-    """A folder (walked), a .txt list of paths, or tar shards (`shard.tar`, `shards/{000000..000099}.tar`).
-    `limit` keeps the first N keys of the sorted order."""
+    """A folder (walked), a .txt list of paths, tar shards (`shard.tar`, `shards/{000000..000099}.tar`) or parquet
+    files (`data/*.parquet`). `limit` keeps the first N keys."""
+    if is_parquet(os.fspath(source)):
+        return discover_parquet(os.fspath(source), limit)
     if is_tar_source(os.fspath(source)):
         return discover_tars(os.fspath(source), limit)
     src = local_path(source, "image source")
@@ -126,6 +137,40 @@ def discover_tars(source: str, limit: int | None = None) -> Source:
     return Source(source_root(source), tuple(keys), {}, {k: members[k] for k in keys})
 
 
+def discover_parquet(source: str, limit: int | None = None, threads: int = 16) -> Source:
+    """Rows of every parquet file (local or URLs), in file then row order (the order that reads each row group
+    least often), keyed `<file stem>/<key>`. Only footers and the small key or path columns are read. Files
+    whose image column holds paths make a list of files, as a .txt list does."""
+    from dinofeat.parquet import list_rows, listing_root
+
+    files = shard_paths(source)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        listings = list(pool.map(list_rows, files))
+    kinds = {x.column.kind == "path" for x in listings}
+    if len(kinds) > 1:
+        raise ConfigError(f"some files of {source!r} hold image bytes, others file paths")
+    if kinds == {True}:
+        if is_url(source):
+            raise ConfigError("a parquet list of file paths must be a local file (the paths are read as local files)")
+        base = listing_root(files)
+        parent = {f: Path(f.split("?column=")[0]).resolve().parent for f in files}
+        entries = [
+            (p, parent[f], f"{f}: row {row}")
+            for f, x in zip(files, listings, strict=True)
+            for row, p in enumerate(x.paths or [])
+            if p  # a row without a path names no file
+        ]
+        keys = keys_under(base, entries, source)
+        return Source(base, tuple(keys[:limit] if limit is not None else keys))
+    members: dict[str, Member] = {}
+    for f, x in zip(files, listings, strict=True):
+        stem = shard_stem(f)
+        for row, k in enumerate(x.keys):
+            members[f"{stem}/{k}"] = Member(f, k, row, -1, x.mtime_ns)
+    keys = list(members)[:limit] if limit is not None else list(members)
+    return Source(source_root(source), tuple(keys), {}, {k: members[k] for k in keys})
+
+
 def source_root(source: str) -> Path | str:
     """A source's root as Source keeps it: a Path, or a URL (pattern) as given (Path would fold its '//')."""
     return source if is_url(source) else Path(source)
@@ -134,13 +179,16 @@ def source_root(source: str) -> Path | str:
 def locator(source: str, renamed: dict[str, str] | None = None) -> Callable[[str], str | Member]:
     """key -> what to open, without walking a folder (a tar source lists its shards' headers once). `renamed`:
     the keys whose file names differ (as recorded with the cache)."""
+    if is_parquet(source):
+        return discover_parquet(source).path
     if is_tar_source(source):
         return discover_tars(source).path
     return Source(local_path(source, "image source"), (), dict(renamed or {})).path
 
 
 def size_and_mtime(loc: str | Member) -> tuple[int, int]:
-    """What staleness checks compare: a file's, or an archive member's recorded size and mtime."""
+    """What staleness checks compare: a file's, or an archive member's recorded size and mtime (a parquet row's size
+    is -1 until read: its file's mtime is what changes)."""
     if isinstance(loc, Member):
         return loc.size, loc.mtime_ns
     st = os.stat(loc)

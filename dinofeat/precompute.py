@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from buckets import AnySpec, BucketSpecError, spec_for
 from dinofeat import __version__, ranks, store
-from dinofeat.archive import Member, is_tar_source
+from dinofeat.archive import Member, is_archive_source
 from dinofeat.arrays import ArraySet, parse_layers
 from dinofeat.config import ExtractConfig
 from dinofeat.discover import Source, discover, source_root
@@ -250,7 +250,8 @@ def extend(st: Store, src: Source, prep: Prepared, progress: bool) -> tuple[Plan
     """Images in the folder but not in the cache get a plan of their own (a new part: new bucket arrays, rows
     from 0), appended after the existing plan. Finished shards are never rewritten; removed images are kept."""
     plan = st.read_plan()
-    added = sorted(set(src.keys) - set(plan.keys))
+    planned = set(plan.keys)
+    added = [k for k in src.keys if k not in planned]  # discovery order: parquet rows stay in row-group order
     if not added:
         return plan, 0
     part = 1 + max((b.part for b in plan.buckets), default=0)
@@ -574,8 +575,8 @@ def extract(
     area=512)`. Raises ConfigError / CacheMismatchError before any work; bad images are recorded, not raised.
     """
     cache = cache_location(cache)  # unsupported URLs are refused before anything starts
-    if not is_tar_source(os.fspath(source)):
-        local_path(source, "image source")  # folders and lists are local; tar shards may be URLs
+    if not is_archive_source(os.fspath(source)):
+        local_path(source, "image source")  # folders and lists are local; tar shards and parquet files may be URLs
     try:
         config = replace(config or ExtractConfig(), **overrides)
     except TypeError as e:

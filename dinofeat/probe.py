@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dinofeat.archive import Member
+from dinofeat.archive import Member, read_member
 from dinofeat.decode import DEFAULT_MAX_PIXELS, open_image, oriented_size
 from dinofeat.errors import ImageError
 
@@ -26,15 +26,16 @@ class Probe:
 
 
 def probe(path: str | Member, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
-    """Displayed size (EXIF rotation applied) from the header; failures come back as data. An archive member is
-    read only as far as its header parser asks."""
+    """Displayed size (EXIF rotation applied) from the header; failures come back as data. A tar member is read only
+    as far as its header parser asks; a parquet row whole (then its size is known)."""
     if isinstance(path, Member):
         try:
             with open_image(path, max_pixels, header_only=True) as im:
                 w, h = oriented_size(im)
-        except ImageError as e:
+            size = path.size if path.size >= 0 else len(read_member(path))  # a parquet row: read once, cached
+        except (ImageError, OSError) as e:
             return Probe(path, 0, 0, path.size, path.mtime_ns, str(e))
-        return Probe(path, w, h, path.size, path.mtime_ns)
+        return Probe(path, w, h, size, path.mtime_ns)
     try:
         st = os.stat(path)
     except OSError as e:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dinofeat.archive import is_tar_source
+from dinofeat.archive import is_archive_source
 from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
 from dinofeat.errors import CacheFormatError, DinofeatError
@@ -124,7 +124,7 @@ def validate(
 ) -> Report:
     """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked)."""
     open_files(cache)  # an unsupported URL is a configuration error, not a damaged cache
-    if images is not None and not is_tar_source(os.fspath(images)):
+    if images is not None and not is_archive_source(os.fspath(images)):
         images = local_path(images, "image folder")  # tar shards may be URLs; folders and lists are local
     report = Report(str(cache))
     try:
@@ -318,8 +318,13 @@ def _check_folder(folder: str, ix, keys, report: Report) -> None:
     pos = {k: i for i, k in enumerate(keys)}
     for k in sorted(found & planned):
         i = pos[k]
-        if size_and_mtime(src.path(k)) != (int(ix["file_size"][i]), int(ix["mtime_ns"][i])):
+        if is_stale(size_and_mtime(src.path(k)), (int(ix["file_size"][i]), int(ix["mtime_ns"][i]))):
             report.add("stale", k, "file changed since extraction (size or mtime)")
+
+
+def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
+    """(size, mtime) now vs when extracted; a size of -1 (a parquet row not read yet) is not compared."""
+    return now[1] != recorded[1] or (now[0] >= 0 and now[0] != recorded[0])
 
 
 def _check_recompute(st, meta, ix, keys, plans, source: str, k: int, seed: int, report: Report) -> None:

@@ -197,6 +197,50 @@ def make_shards(root: Path, folder: Path, shards: int = 2) -> dict[str, str]:
     return pairs
 
 
+# ---- parquet files ---------------------------------------------------------------------------------------------
+PARQUET_LAYOUTS = ("img2dataset", "hf", "paths")
+
+
+def make_parquet(root: Path, folder: Path, layout: str, files: int = 2, group_rows: int = 3) -> dict[str, str]:
+    """Parquet files in one of three layouts, and the same images as files in `folder`; returns parquet key ->
+    folder key. img2dataset: `key` + `png` bytes + caption; hf: an Image struct {bytes, path} + label, keys are
+    row numbers; paths: a `path` column naming the files in `folder`. The byte layouts' file 0 also holds a null
+    row and a row of bytes that are not an image (keys `.../bad_null`, `.../bad_bytes`, or their row numbers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = {}
+    for f in range(files):
+        keys, images, paths = [], [], []
+        for i, (w, h) in enumerate(SHARD_SIZES):
+            data = png_bytes(w, h, 100 + 10 * f + i)
+            name = f"p{f}_{i}.png"
+            (folder / name).write_bytes(data)
+            keys.append(f"{f:03d}{i:06d}")
+            images.append(data)
+            paths.append(f"{os.path.relpath(folder, root)}/{name}")
+        if f == 0 and layout != "paths":
+            keys += ["bad_null", "bad_bytes"]
+            images += [None, b"\x00not an image" * 10]
+        stem = f"part-{f:05d}"
+        for row, k in enumerate(keys[: len(SHARD_SIZES)]):
+            pairs[f"{stem}/{k if layout == 'img2dataset' else f'{row:06d}'}"] = f"p{f}_{row}.png"
+        if layout == "img2dataset":
+            table = pa.table({"key": keys, "png": pa.array(images, pa.binary()), "caption": ["a caption"] * len(keys)})
+        elif layout == "hf":
+            image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+            pairs_kb = zip(keys, images, strict=True)
+            values = [None if b is None else {"bytes": b, "path": f"{k}.png"} for k, b in pairs_kb]
+            table = pa.table({"image": pa.array(values, image), "label": list(range(len(keys)))})
+        else:
+            pairs = {f"{os.path.relpath(folder, root)}/{v}": v for v in pairs.values()}
+            table = pa.table({"path": paths, "caption": ["a caption"] * len(paths)})
+        pq.write_table(table, root / f"{stem}.parquet", row_group_size=group_rows)
+    return pairs
+
+
 # ---- the CLI in a subprocess (kill -9 tests) ----------------------------------------------------------------------
 def kill_test_args(model: Path) -> list[str]:
     """precompute options of the kill -9 tests: small shards and batches, so a run has many marked shards early."""

@@ -23,7 +23,7 @@ from dinofeat.lock import ObjectLock
 from dinofeat.objects import LocalFiles, RemoteFiles, open_files
 from dinofeat.store import Store
 from dinofeat.validation import validate
-from tests.helpers import FAST, kill_9_once, kill_test_args, make_shards, run_cli, write_images
+from tests.helpers import FAST, kill_9_once, kill_test_args, make_parquet, make_shards, run_cli, write_images
 from tests.s3server import S3Server, apply_env, restore_env
 
 
@@ -303,6 +303,26 @@ def test_tar_shards_on_s3_give_the_same_cache_as_local_shards(tmp_path, s3, buck
     assert validate(tmp_path / "from-s3", images=url_pattern, recompute=2, progress=False).ok
     with pytest.raises(ConfigError, match="1 of 4 tar shards do not exist"):
         extract(f"s3://{bucket}/shards/shard-{{000000..000003}}.tar", tmp_path / "x", **kw)
+
+
+def test_parquet_on_s3_gives_the_same_cache_as_local_parquet(tmp_path, s3, bucket, dinov3_path):
+    """img2dataset-style parquet files read from the server (footer, key column, then row groups by range): the
+    same cache as from the local files, bad rows recorded alike; a glob finds the files by one listing."""
+    pytest.importorskip("pyarrow", reason="parquet sources need pyarrow (the test extra installs it)")
+    pairs = make_parquet(tmp_path / "pq", tmp_path / "folder", "img2dataset", files=3)
+    c = s3.client()
+    for f in sorted((tmp_path / "pq").glob("*.parquet")):
+        c.upload_file(str(f), bucket, f"pq/{f.name}")
+    kw = {**FAST, "model": str(dinov3_path), "area": 64}
+    a = extract(str(tmp_path / "pq" / "*.parquet"), tmp_path / "from-local", **kw)
+    url = f"s3://{bucket}/pq/*.parquet"
+    b = extract(url, f"s3://{bucket}/feats", **kw)
+    assert (b.done, b.failed) == (a.done, a.failed) == (len(pairs), 2)
+    fa, fb = FeatureCache(tmp_path / "from-local"), FeatureCache(f"s3://{bucket}/feats")
+    assert set(pairs) <= set(fb.keys())
+    _assert_same(fa, fb)
+    assert fb.failures.keys() == fa.failures.keys()
+    assert validate(f"s3://{bucket}/feats", images=url, recompute=2, progress=False).ok
 
 
 @pytest.mark.parametrize("local_cache", [False, True])

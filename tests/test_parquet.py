@@ -1,0 +1,215 @@
+"""Parquet sources (img2dataset and Hugging Face datasets layouts, and parquet lists of paths): columns found from the
+schema, stable keys, rows read by row group without unpacking, bad rows recorded, features bit-identical to the same
+images in a folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow", reason="parquet sources need pyarrow (the test extra installs it)")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from dinofeat import parquet  # noqa: E402
+from dinofeat.archive import Member, read_member  # noqa: E402
+from dinofeat.cache import FeatureCache  # noqa: E402
+from dinofeat.discover import discover  # noqa: E402
+from dinofeat.errors import ConfigError, ImageError  # noqa: E402
+from dinofeat.parquet import ImageColumn, image_column, row_keys, split_column  # noqa: E402
+from dinofeat.precompute import extract  # noqa: E402
+from dinofeat.probe import probe  # noqa: E402
+from dinofeat.validation import validate  # noqa: E402
+from tests.helpers import FAST, PARQUET_LAYOUTS, make_parquet, png_bytes  # noqa: E402
+
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+@pytest.mark.parametrize(
+    ("fields", "wanted", "want"),
+    [
+        # img2dataset: key, the format-named bytes column, caption, sizes
+        (
+            [("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("width", pa.int64())],
+            None,
+            ImageColumn("jpg", "bytes"),
+        ),
+        ([("key", pa.string()), ("webp", pa.large_binary())], None, ImageColumn("webp", "bytes")),
+        # Hugging Face datasets: Image feature as a struct
+        ([("image", IMAGE), ("label", pa.int64())], None, ImageColumn("image", "struct")),
+        ([("label", pa.int64()), ("picture", IMAGE)], None, ImageColumn("picture", "struct")),
+        # a known name wins over another binary column; the only binary column is taken whatever its name
+        ([("thumb_blob", pa.binary()), ("png", pa.binary())], None, ImageColumn("png", "bytes")),
+        ([("blob", pa.binary()), ("caption", pa.string())], None, ImageColumn("blob", "bytes")),
+        # path columns only when no bytes exist
+        ([("file_name", pa.string()), ("caption", pa.string())], None, ImageColumn("file_name", "path")),
+        ([("path", pa.string()), ("jpg", pa.binary())], None, ImageColumn("jpg", "bytes")),
+        # ?column= picks
+        ([("a", pa.binary()), ("b", pa.binary())], "b", ImageColumn("b", "bytes")),
+        ([("path", pa.string()), ("jpg", pa.binary())], "path", ImageColumn("path", "path")),
+    ],
+)
+def test_image_column(fields, wanted, want):
+    assert image_column(fields, wanted) == want
+
+
+@pytest.mark.parametrize(
+    ("fields", "wanted", "match"),
+    [
+        ([("a", pa.binary()), ("b", pa.binary())], None, "several image columns"),
+        ([("caption", pa.int64()), ("score", pa.float32())], None, "no column of image bytes"),
+        ([("jpg", pa.binary())], "nope", "'nope' is not an image"),
+        ([("jpg", pa.binary()), ("n", pa.int64())], "n", "'n' is not an image"),
+    ],
+)
+def test_image_column_refuses(fields, wanted, match):
+    with pytest.raises(ConfigError, match=match):
+        image_column(fields, wanted)
+
+
+@pytest.mark.parametrize(
+    ("values", "n", "want"),
+    [
+        (["b", "a"], 2, ["b", "a"]),  # img2dataset's keys, kept in row order
+        (None, 3, ["000000", "000001", "000002"]),  # no key column
+        (["a", "a"], 2, ["000000", "000001"]),  # duplicates: row numbers
+        (["a", None], 2, ["000000", "000001"]),  # a null key
+        (["a/b", "c"], 2, ["000000", "000001"]),  # a slash would nest the key
+        (["a", ""], 2, ["000000", "000001"]),
+    ],
+)
+def test_row_keys(values, n, want):
+    assert row_keys(values, n) == want
+
+
+@pytest.mark.parametrize(
+    ("location", "want"),
+    [
+        ("d/x.parquet", ("d/x.parquet", None)),
+        ("d/{0..3}.parquet?column=jpg", ("d/{0..3}.parquet", "jpg")),
+        ("s3://b/p/*.parquet?column=image", ("s3://b/p/*.parquet", "image")),
+    ],
+)
+def test_split_column(location, want):
+    assert split_column(location) == want
+
+
+@pytest.mark.parametrize("layout", PARQUET_LAYOUTS)
+def test_parquet_gives_the_same_features_as_a_folder(tmp_path, dinov3_path, layout):
+    folder = tmp_path / "pq" / "images" if layout == "paths" else tmp_path / "folder"
+    pairs = make_parquet(tmp_path / "pq", folder, layout)
+    pattern = str(tmp_path / "pq" / "part-{00000..00001}.parquet")
+    bad = 0 if layout == "paths" else 2
+    src = discover(pattern)
+    assert set(pairs) <= set(src.keys) and len(src.keys) == len(pairs) + bad
+    kw = {"model": str(dinov3_path), "area": 64, "store_dtype": "fp32", **FAST}
+    s = extract(pattern, tmp_path / "from-pq", **kw)
+    assert (s.done, s.failed) == (len(pairs), bad)
+    extract(folder, tmp_path / "from-dir", **kw)
+    a, b = FeatureCache(tmp_path / "from-pq"), FeatureCache(tmp_path / "from-dir")
+    for pq_key, file_key in pairs.items():
+        fa, fb = a[pq_key], b[file_key]
+        assert fa.bucket == fb.bucket
+        np.testing.assert_array_equal(fa.patches, fb.patches)
+        np.testing.assert_array_equal(fa.cls, fb.cls)
+    reasons = sorted(a.failures.values())
+    assert len(reasons) == bad
+    if bad:
+        assert "null" in reasons[0] and "not an image" in reasons[1]
+    assert not list((tmp_path / "from-pq").rglob("*.png"))  # nothing was unpacked
+    report = validate(tmp_path / "from-pq", images=pattern, recompute=2)
+    assert report.ok, report.problems
+
+
+def test_parquet_decoded_by_forked_workers(tmp_path, dinov3_path):
+    """The parent probes through pyarrow, then DataLoader forks decode workers: each starts with a fresh reader."""
+    make_parquet(tmp_path / "pq", tmp_path / "folder", "img2dataset", files=3)
+    pattern = str(tmp_path / "pq" / "*.parquet")
+    kw = {"model": str(dinov3_path), "area": 64, "store_dtype": "fp32", **FAST}
+    one = extract(pattern, tmp_path / "inline", **kw)
+    two = extract(pattern, tmp_path / "workers", **{**kw, "num_workers": 2, "batch_size": 2})
+    assert (two.done, two.failed) == (one.done, one.failed) == (12, 2)
+    a, b = FeatureCache(tmp_path / "inline"), FeatureCache(tmp_path / "workers")
+    assert a.keys() == b.keys()
+    for k in a.keys():  # noqa: SIM118 (iterating a FeatureCache yields features)
+        np.testing.assert_array_equal(a[k].patches, b[k].patches)
+
+
+def test_rows_of_one_row_group_cost_one_read(tmp_path):
+    """The reader keeps row groups: the rows a batch takes from one group read it once, and nothing else is read."""
+    data = [png_bytes(16, 16, i) for i in range(10)]
+    pq.write_table(pa.table({"png": pa.array(data, pa.binary())}), tmp_path / "a.parquet", row_group_size=4)
+    src = discover(str(tmp_path / "a.parquet"))
+    parquet._reset_after_fork()
+    for k in src.keys[:4]:
+        assert read_member(src.path(k)) == data[int(k.split("/")[1])]
+    assert parquet.reader_stats()[0] == 1
+    assert read_member(src.path(src.keys[9])) == data[9]
+    reads, nbytes = parquet.reader_stats()
+    assert reads == 2 and nbytes < sum(map(len, data))  # groups 0 and 2, never group 1
+
+
+def test_probing_reads_each_row_group_once(tmp_path):
+    """The probe threads walk the rows in order; a row group another thread is reading is waited for, not read
+    again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dinofeat.probe import probe_many
+
+    make_parquet(tmp_path / "pq", tmp_path / "folder", "img2dataset", files=3, group_rows=4)
+    src = discover(str(tmp_path / "pq" / "*.parquet"))
+    groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in (tmp_path / "pq").glob("*.parquet"))
+    members = [src.path(k) for k in src.keys]
+    parquet._reset_after_fork()
+    probes = probe_many(members, threads=8)
+    assert sum(p.error is None for p in probes) == 12
+    assert parquet.reader_stats()[0] == groups
+    for _ in range(5):  # one row per thread: the threads ask for the same row groups at once
+        parquet._reset_after_fork()
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(probe, members)) == probes
+        assert parquet.reader_stats()[0] == groups
+
+
+def test_probe_records_the_row_size(tmp_path):
+    data = png_bytes(20, 12, 0)
+    pq.write_table(pa.table({"jpg": pa.array([data], pa.binary())}), tmp_path / "a.parquet")
+    (key,) = discover(str(tmp_path / "a.parquet")).keys
+    m = discover(str(tmp_path / "a.parquet")).path(key)
+    assert isinstance(m, Member) and m.size == -1  # unknown until read
+    p = probe(m)
+    assert (p.width, p.height, p.file_size, p.error) == (20, 12, len(data), None)
+    with pytest.raises(OSError, match="changed"):  # a planned size that no longer matches
+        read_member(Member(m.archive, m.name, 0, len(data) + 1, m.mtime_ns))
+    with pytest.raises(OSError, match="past the end"):
+        read_member(Member(m.archive, m.name, 5, -1, m.mtime_ns))
+
+
+def test_bad_parquet_sources_are_refused_before_any_work(tmp_path, dinov3_path):
+    make_parquet(tmp_path / "pq", tmp_path / "folder", "img2dataset")
+    with pytest.raises(ConfigError, match="1 of 3 parquet files do not exist"):
+        discover(str(tmp_path / "pq" / "part-{00000..00002}.parquet"))
+    with pytest.raises(ConfigError, match="no parquet files match"):
+        discover(str(tmp_path / "pq" / "nothing-*.parquet"))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet" * 100)
+    with pytest.raises(ConfigError, match="cannot read the parquet file"):
+        discover(str(tmp_path / "broken.parquet"))
+    two = pa.table({"a": pa.array([b"x"], pa.binary()), "b": pa.array([b"y"], pa.binary())})
+    pq.write_table(two, tmp_path / "two.parquet")
+    with pytest.raises(ConfigError, match="several image columns"):
+        extract(str(tmp_path / "two.parquet"), tmp_path / "c", model=str(dinov3_path), area=64, **FAST)
+    assert not (tmp_path / "c").exists()
+    assert len(discover(str(tmp_path / "two.parquet") + "?column=b").keys) == 1
+    pq.write_table(pa.table({"path": ["../../elsewhere.png"]}), tmp_path / "pq" / "list.parquet")
+    with pytest.raises(ConfigError, match="outside the root"):
+        discover(str(tmp_path / "pq" / "list.parquet"))
+
+
+def test_a_null_image_struct_is_a_recorded_failure(tmp_path):
+    """A Hugging Face Image row that is null as a whole (not just its bytes) is recorded with a reason."""
+    values = pa.array([{"bytes": png_bytes(16, 16, 0), "path": "a"}, None], IMAGE)
+    pq.write_table(pa.table({"image": values}), tmp_path / "hf.parquet")
+    src = discover(str(tmp_path / "hf.parquet"))
+    assert probe(src.path(src.keys[0])).error is None
+    assert "null" in probe(src.path(src.keys[1])).error
+    with pytest.raises(ImageError, match="null"):
+        read_member(src.path(src.keys[1]))
