@@ -107,7 +107,10 @@ def _print_tied(spec, doc: dict) -> None:
 def precompute(
     source: Annotated[
         str,
-        typer.Argument(help="Image folder (walked), a .txt list of paths, or tar shards: a.tar, 's/{000..099}.tar'."),
+        typer.Argument(
+            help="Image folder (walked), a .txt list of paths, tar shards ('s/{000..099}.tar') or parquet files "
+            "('d/*.parquet', add ?column=NAME to pick the image column); shards and parquet may be s3:// URLs."
+        ),
     ],
     cache: Annotated[str, typer.Argument(help=CACHE_HELP + " Created, or resumed.")],
     model: Annotated[str, typer.Option(help="Hub id, local directory, or random:vits16|vitb16|vitl16|...")] = (
@@ -155,7 +158,7 @@ def precompute(
     workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     shard_mb: Annotated[float, typer.Option(help="Target shard size in MiB.")] = 128.0,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (sorted order).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (discovery order).")] = None,
     num_processes: Annotated[
         int, typer.Option(help="Local processes in one process group (one per GPU; gloo on CPU).")
     ] = 1,
@@ -242,7 +245,9 @@ def precompute(
 @app.command()
 def validate(
     cache: Annotated[str, typer.Argument(help=CACHE_HELP)],
-    images: Annotated[str | None, typer.Option(help="Image folder to compare against (missing/extra/stale).")] = None,
+    images: Annotated[
+        str | None, typer.Option(help="The source to compare against (missing/extra/stale): folder, shards, parquet.")
+    ] = None,
     recompute: Annotated[int, typer.Option(help="Re-extract K random images and compare (cosine per patch).")] = 0,
     sample: Annotated[float, typer.Option(help="Fraction of shards whose values are checked.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for --sample and --recompute.")] = 0,
