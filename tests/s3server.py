@@ -1,7 +1,9 @@
-"""A real S3-compatible server for tests and benchmarks: moto's server mode, in its own process, on 127.0.0.1 only.
+"""Real object-storage servers for tests and benchmarks, each in its own process, on 127.0.0.1 only: moto's S3
+server mode, and a Google Cloud Storage emulator.
 
-The clients under test (obstore inside dinofeat, boto3 here to make buckets) reach it through the standard AWS_*
-environment variables, exactly as they would reach S3 or MinIO, so nothing in dinofeat knows it is a test.
+The clients under test (s3fs and gcsfs inside dinofeat, boto3 here to make buckets) reach them through their
+standard environment variables (AWS_*, STORAGE_EMULATOR_HOST), exactly as they would reach S3 or GCS, so nothing
+in dinofeat knows it is a test.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any
+from typing import Any, Self
 
 
 def _free_port() -> int:
@@ -22,20 +24,80 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class S3Server:
-    """`with S3Server() as s3:` starts the server, `s3.env` are the variables a client needs, `s3.bucket(name)`
-    makes a bucket. Raises RuntimeError (with the server's output) if it does not come up in `timeout` seconds."""
+class _ServerProcess:
+    """A server in its own process on 127.0.0.1: `with Server() as srv:` starts it (a fresh port each try),
+    `srv.env` are the variables a client needs. Raises RuntimeError (with the server's output) if it does not come
+    up in `timeout` seconds."""
+
+    name = "server"
 
     def __init__(self, timeout: float = 30.0) -> None:
         self.timeout = timeout
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
-        # the server logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server)
+        # servers log every request: to a file, never to a pipe nobody reads (a full pipe blocks the server)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; closed in __exit__)
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready_url(self) -> str:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for _ in range(3):  # the port picked may be taken by someone else before the server binds it
+            self.port = _free_port()
+            self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT)
+            if self._wait_ready():
+                return self
+            self.stop()
+        raise RuntimeError(f"{self.name} did not start on 127.0.0.1: {self._output()}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.ready_url(), timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.1)  # polling for readiness, not waiting for a result
+        return False
+
+    def _output(self) -> str:
+        try:
+            self.log.seek(0)
+            return self.log.read().decode(errors="replace")[-2000:]
+        except (OSError, ValueError):
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.log.close()
+
+
+class S3Server(_ServerProcess):
+    """moto's S3 server mode; `s3.bucket(name)` makes a bucket."""
+
+    name = "moto S3 server"
 
     @property
     def env(self) -> dict[str, str]:
@@ -48,34 +110,11 @@ class S3Server:
             "AWS_ALLOW_HTTP": "true",
         }
 
-    def __enter__(self) -> S3Server:
-        for _ in range(3):  # the port picked may be taken by someone else before the server binds it
-            self.port = _free_port()
-            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-            if self._wait_ready():
-                return self
-            self.stop()
-        raise RuntimeError(f"moto S3 server did not start on 127.0.0.1: {self._output()}")
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
 
-    def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
-                    return True
-            except OSError:
-                time.sleep(0.1)  # polling for readiness, not waiting for a result
-        return False
-
-    def _output(self) -> str:
-        try:
-            self.log.seek(0)
-            return self.log.read().decode(errors="replace")[-2000:]
-        except (OSError, ValueError):
-            return ""
+    def ready_url(self) -> str:
+        return f"{self.endpoint}/moto-api/"
 
     def client(self) -> Any:
         import boto3
@@ -93,18 +132,28 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        self.log.close()
+class GCSServer(_ServerProcess):
+    """gcp-storage-emulator (a Google Cloud Storage JSON API server, in memory), reached by gcsfs through
+    STORAGE_EMULATOR_HOST as it would reach GCS. It ignores generation preconditions, like our non-S3 path does."""
+
+    name = "GCS emulator"
+
+    def __init__(self, buckets: tuple[str, ...] = ("dinofeat-test",), timeout: float = 30.0) -> None:
+        super().__init__(timeout)
+        self.buckets = buckets
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def command(self) -> list[str]:
+        code = "import sys; from gcp_storage_emulator.__main__ import main; sys.exit(main(sys.argv[1:]))"
+        args = ["start", "-H", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"]
+        return [sys.executable, "-c", code, *args, "--default-bucket", self.buckets[0]]
+
+    def ready_url(self) -> str:
+        return f"{self.endpoint}/storage/v1/b/{self.buckets[0]}"
 
 
 def apply_env(env: dict[str, str]) -> dict[str, str | None]:

@@ -1,0 +1,88 @@
+"""Caches and sources on gs://, against a real Google Cloud Storage API server (gcp-storage-emulator, its own
+process, 127.0.0.1), reached by gcsfs through STORAGE_EMULATOR_HOST. The second object store the cache is tested
+on: only S3 gets conditional writes (this server ignores GCS's preconditions); everything else is the same code."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (the test extra installs it)")
+pytest.importorskip("gcp_storage_emulator", reason="the GCS test server comes from the test extra")
+
+from dinofeat import FeatureCache, extract  # noqa: E402
+from dinofeat.dataset import FeatureDataset  # noqa: E402
+from dinofeat.info import info  # noqa: E402
+from dinofeat.validation import validate  # noqa: E402
+from tests.helpers import FAST, make_parquet  # noqa: E402
+from tests.s3server import GCSServer, apply_env, restore_env  # noqa: E402
+
+BUCKET = "dinofeat-test"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    try:
+        server = GCSServer((BUCKET,)).__enter__()
+    except (RuntimeError, OSError) as e:  # pragma: no cover - only where the emulator cannot run
+        pytest.skip(f"the GCS test server could not start on 127.0.0.1: {e}")
+    old = apply_env(server.env)
+    try:
+        yield server
+    finally:
+        restore_env(old)
+        server.stop()
+
+
+def _same(a: FeatureCache, b: FeatureCache) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for i in range(len(a)):
+        for name in a.arrays.names():
+            assert a.read(i, name).tobytes() == b.read(i, name).tobytes(), (a.keys()[i], name)
+
+
+def test_gs_cache_reads_back_bit_identical_and_resumes(tmp_path, gcs, dinov3_path, image_dir):
+    kw = {**FAST, "model": str(dinov3_path), "area": 64, "shard_mb": 0.01}
+    url = f"gs://{BUCKET}/{os.getpid()}/feats"
+    local = extract(image_dir, tmp_path / "local", **kw)
+    remote = extract(image_dir, url, **kw)
+    assert remote.sealed and remote.done == local.done == 10
+    _same(FeatureCache(tmp_path / "local"), FeatureCache(url))
+    _same(FeatureCache(tmp_path / "local"), FeatureCache(url, local_cache=tmp_path / "shards"))
+    again = extract(image_dir, url, **kw)
+    assert again.sealed and again.processed == 0  # a sealed cache has nothing left to do
+    report = validate(url, progress=False)
+    assert report.ok, report.problems
+    assert info(url)["done"] == 10
+
+
+def test_gs_dataloader_with_two_workers(tmp_path, gcs, dinov3_path, image_dir):
+    """Forked workers each make their own gcsfs client (fsspec resets its event loop after a fork)."""
+    url = f"gs://{BUCKET}/{os.getpid()}/dl"
+    extract(image_dir, url, **{**FAST, "model": str(dinov3_path), "area": 64})
+    ds = FeatureDataset(url)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    got = {s["key"]: s["patches"] for s in loader}
+    ref = FeatureCache(url)
+    assert set(got) == set(ref.keys())
+    for k, v in got.items():
+        np.testing.assert_array_equal(v.numpy(), ref[k].patches)
+
+
+def test_parquet_on_gs_gives_the_same_cache_as_local(tmp_path, gcs, dinov3_path):
+    pytest.importorskip("pyarrow", reason="parquet sources need pyarrow (the test extra installs it)")
+    import fsspec
+
+    make_parquet(tmp_path / "pq", tmp_path / "folder", "hf", files=2)
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    prefix = f"{BUCKET}/{os.getpid()}/pq"
+    for f in sorted((tmp_path / "pq").glob("*.parquet")):
+        fs.put_file(str(f), f"{prefix}/{f.name}")
+    kw = {**FAST, "model": str(dinov3_path), "area": 64}
+    a = extract(str(tmp_path / "pq" / "*.parquet"), tmp_path / "from-local", **kw)
+    b = extract(f"gs://{prefix}/part-{{00000..00001}}.parquet", tmp_path / "from-gs", **kw)
+    assert (b.done, b.failed) == (a.done, a.failed) == (8, 2)
+    _same(FeatureCache(tmp_path / "from-local"), FeatureCache(tmp_path / "from-gs"))
