@@ -12,8 +12,9 @@ import numpy as np
 from buckets import AnySpec, TiedSpec, load_spec
 from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
-from dinofeat.errors import CacheFormatError, ChecksumError
+from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
 from dinofeat.objects import Files, LocalFiles, RemoteFiles, open_files
+from dinofeat.shardcache import ShardCache
 from dinofeat.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
 from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
 
@@ -48,8 +49,9 @@ class FeatureCache:
 
     Remote caches (`s3://bucket/feats`, gs://, az://): one ranged GET per row, each shard's index fetched once and
     kept (in `max_open_files` shards' worth of LRU). With `local_cache` (a folder), each shard is fetched whole the
-    first time a row of it is read and served from that folder afterwards (shared by DataLoader workers; nothing
-    is evicted: give it room for the shards you read). Credentials: the object store's usual environment."""
+    first time a row of it is read and served from that folder afterwards (shared by DataLoader workers, ranks and
+    caches). `local_cache_bytes` caps the folder: least recently opened shards are removed to make room (shards
+    readers hold open still take their space until closed). Credentials: the object store's usual environment."""
 
     def __init__(
         self,
@@ -59,11 +61,14 @@ class FeatureCache:
         verify: bool = True,
         max_open_files: int = 128,
         local_cache: str | os.PathLike[str] | None = None,
+        local_cache_bytes: int | None = None,
     ) -> None:
         self._files: Files = open_files(path)
         self.path: Path | str = self._files.root if isinstance(self._files, LocalFiles) else self._files.location
         self._fast, self._verify = fast, verify
         self._local_cache = Path(local_cache) if local_cache else None
+        if local_cache_bytes is not None and (local_cache_bytes <= 0 or local_cache is None):
+            raise ConfigError(f"local_cache_bytes ({local_cache_bytes}) needs a local_cache folder and a size > 0")
         self._pool = HandlePool(max_open_files)  # one fd (or shard index) budget for every bucket and array
         self._root_fd: int | None = None
         self._pin()
@@ -71,7 +76,8 @@ class FeatureCache:
         meta = st.meta
         self._check_same_directory()
         if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
-            self._files.local_cache = self._local_cache / str(meta.get("cache_id", "unknown"))
+            cache_id = str(meta.get("cache_id", "unknown"))
+            self._files.shard_cache = ShardCache(self._local_cache, cache_id, local_cache_bytes)
         generation = _serving_generation(meta)
         if generation is None:
             raise CacheFormatError(

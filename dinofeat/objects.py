@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dinofeat.errors import ConfigError
 from dinofeat.paths import is_url
+from dinofeat.shardcache import ShardCache
 
 
 class Blob:
@@ -283,11 +283,6 @@ class RemoteBlob(Blob):
 
 
 _FILESYSTEMS: dict[tuple[str, int], Any] = {}
-_FETCH_LOCKS = tuple(threading.Lock() for _ in range(64))  # striped: bounded memory for millions of shards
-
-
-def _fetch_lock(key: str) -> threading.Lock:
-    return _FETCH_LOCKS[hash(key) % len(_FETCH_LOCKS)]
 
 
 def filesystem(scheme_or_url: str) -> Any:
@@ -332,22 +327,21 @@ def split_url(url: str) -> tuple[str, str, str]:
 class RemoteFiles(Files):
     """A prefix in an object store, through fsspec (s3fs for s3://, gcsfs for gs://, adlfs for az://, ...). The
     filesystem object is made lazily in each process (`filesystem`), never pickled: DataLoader workers (forked or
-    spawned) and ranks get their own connections. With `local_cache`, shards opened for reading are fetched whole
-    once into that folder and read from there (shards are immutable once marked; the folder should be per
-    cache_id)."""
+    spawned) and ranks get their own connections. With a `shard_cache`, shards opened for reading are fetched whole
+    once into its folder and read from there (shards are immutable once marked; dinofeat.shardcache)."""
 
     remote = True
 
-    def __init__(self, scheme: str, bucket: str, prefix: str, local_cache: Path | None = None) -> None:
+    def __init__(self, scheme: str, bucket: str, prefix: str, shard_cache: ShardCache | None = None) -> None:
         self.scheme, self.bucket, self.prefix = scheme, bucket, prefix.strip("/")
         # S3 has conditional PUTs (If-None-Match, If-Match); elsewhere they are a check, then a write (not atomic)
         self.conditional = scheme in ("s3", "s3a")
         self.location = f"{scheme}://{bucket}/{self.prefix}".rstrip("/")
-        self.local_cache = Path(local_cache) if local_cache else None
+        self.shard_cache = shard_cache
 
     @classmethod
-    def from_url(cls, url: str, local_cache: Path | None = None) -> RemoteFiles:
-        return cls(*split_url(url), local_cache)
+    def from_url(cls, url: str) -> RemoteFiles:
+        return cls(*split_url(url))
 
     @property
     def fs(self) -> Any:
@@ -358,26 +352,12 @@ class RemoteFiles(Files):
         return "/".join(p for p in (self.bucket, self.prefix, rel) if p)
 
     def open(self, rel: str) -> Blob:
-        if self.local_cache is not None:
-            return self._open_cached(rel)
+        if self.shard_cache is not None:
+            return LocalBlob(self.shard_cache.open(rel, lambda: self.read(rel)))
         info = self.fs.info(self._key(rel))  # FileNotFoundError if absent
         if info.get("type") != "file":
             raise FileNotFoundError(self._key(rel))
         return RemoteBlob(self, self._key(rel), int(info["size"]))
-
-    def _open_cached(self, rel: str) -> Blob:
-        """The shard from the local folder, fetched whole first if absent. One fetch per shard per process (the
-        threads of a batch wait for it); processes racing each rename a complete copy of the same bytes."""
-        assert self.local_cache is not None
-        path = self.local_cache / rel
-        with _fetch_lock(str(path)):
-            if not path.is_file():
-                data = self.read(rel)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-        return LocalBlob(os.open(path, os.O_RDONLY))
 
     def read(self, rel: str) -> bytes:
         return bytes(self.fs.cat_file(self._key(rel)))
@@ -480,13 +460,13 @@ def _precondition_failed(e: OSError) -> bool:
     return "pre-condition" in text or "precondition" in text or "412" in text
 
 
-def open_files(location: str | os.PathLike[str], local_cache: Path | None = None) -> Files:
+def open_files(location: str | os.PathLike[str]) -> Files:
     """The Files of a cache at a local path or a URL (URLs with an unsupported scheme raise ConfigError)."""
     text = os.fspath(location)
     if is_url(text):
         if text.startswith("file://"):
             return LocalFiles(Path(text[len("file://") :]))
-        return RemoteFiles.from_url(text, local_cache)
+        return RemoteFiles.from_url(text)
     return LocalFiles(Path(text))
 
 

@@ -13,12 +13,12 @@ import torch
 pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (the test extra installs it)")
 pytest.importorskip("gcp_storage_emulator", reason="the GCS test server comes from the test extra")
 
-from dinofeat import FeatureCache, extract  # noqa: E402
-from dinofeat.dataset import FeatureDataset  # noqa: E402
-from dinofeat.info import info  # noqa: E402
-from dinofeat.validation import validate  # noqa: E402
-from tests.helpers import FAST, make_parquet  # noqa: E402
-from tests.s3server import GCSServer, apply_env, restore_env  # noqa: E402
+from dinofeat import FeatureCache, extract
+from dinofeat.dataset import FeatureDataset
+from dinofeat.info import info
+from dinofeat.validation import validate
+from tests.helpers import FAST, make_parquet
+from tests.s3server import GCSServer, apply_env, restore_env
 
 BUCKET = "dinofeat-test"
 

@@ -86,6 +86,24 @@ def test_remote_cache_reads_back_bit_identical_to_local(remote_and_local, tmp_pa
     assert {p.relative_to(shards).parts[0] for p in fetched} == {fc.meta["cache_id"]}
 
 
+def test_a_capped_local_cache_reads_everything_within_its_size(remote_and_local, tmp_path):
+    """`local_cache_bytes` of two shards over a cache of many: every row still reads back bit-identical, the
+    folder never ends above the cap, and shards were removed and fetched again to get there."""
+    local, url = remote_and_local
+    full = tmp_path / "full"
+    _assert_same(FeatureCache(local), FeatureCache(url, local_cache=full))
+    sizes = [p.stat().st_size for p in full.rglob("*") if p.is_file()]
+    assert len(sizes) > 4
+    cap = 2 * max(sizes)
+    fc = FeatureCache(url, local_cache=tmp_path / "capped", local_cache_bytes=cap, max_open_files=1)
+    _assert_same(FeatureCache(local), fc)
+    held = sum(p.stat().st_size for p in (tmp_path / "capped").rglob("*") if p.is_file())
+    assert 0 < held <= cap
+    assert fc._files.shard_cache.evicted > 0 and fc._files.shard_cache.fetches > len(sizes)
+    with pytest.raises(ConfigError, match="needs a local_cache folder"):
+        FeatureCache(url, local_cache_bytes=cap)
+
+
 def test_remote_cache_is_objects_under_its_prefix_and_a_lock_is_gone_after_the_run(remote_and_local, s3):
     _, url = remote_and_local
     bucket = url.split("/")[2]

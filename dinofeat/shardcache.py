@@ -1,0 +1,116 @@
+"""A local folder of whole shards fetched from object storage, shared by every process that reads the same cache,
+optionally capped in size.
+
+Why a cap: a 200 TB cache read from S3 through a 7 TB NVMe must not fill the disk days into training. With
+`max_bytes`, every fetch first opens its own copy, then removes the least recently used shards (oldest mtime;
+a hit sets the mtime) until the folder fits. Removing a shard another process has open is safe (POSIX keeps the
+bytes until its descriptor closes); that process fetches it again only if it reopens it. The shard just fetched
+is never removed, so a cap below one shard still works, one shard at a time.
+
+The folder is scanned at every fetch (one `scandir` per directory), not tracked, so that several processes and
+several caches sharing the folder all count. A fetch is a whole shard (~128 MiB), so the scan is small beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+_LOCKS = tuple(threading.Lock() for _ in range(64))  # striped: bounded memory for millions of shards
+STALE_TMP_S = 3600  # a temp file this old was left by a process that died mid-fetch
+
+
+class ShardCache:
+    """`open(rel, fetch)` -> a read-only fd of `subdir/rel` under `root`, fetched with `fetch()` when absent."""
+
+    def __init__(self, root: Path, subdir: str, max_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        self.dir = self.root / subdir
+        self.max_bytes = max_bytes
+        self._clock = 0
+        self.fetches = 0
+        self.evicted = 0
+
+    def open(self, rel: str, fetch: Callable[[], bytes]) -> int:
+        """One fetch per shard per process (threads wanting the same shard wait for it); processes racing each
+        rename a complete copy of the same bytes."""
+        path = self.dir / rel
+        with _LOCKS[hash(str(path)) % len(_LOCKS)]:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                if self.max_bytes is not None:
+                    self._touch(path)
+                return fd
+            data = fetch()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            self._touch(tmp)
+            os.replace(tmp, path)
+            fd = os.open(path, os.O_RDONLY)  # ours before anything is evicted
+            self.fetches += 1
+        if self.max_bytes is not None:
+            self.evict(keep=path)
+        return fd
+
+    def _touch(self, path: Path) -> None:
+        """mtime = now, strictly after this process's previous touch (coarse filesystem clocks tie otherwise)."""
+        self._clock = max(time.time_ns(), self._clock + 1)
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: fetched again when next opened
+            os.utime(path, ns=(self._clock, self._clock))
+
+    def files(self) -> list[tuple[int, int, Path]]:
+        """(mtime_ns, size, path) of every complete shard under the root (all caches sharing it); stale temp files
+        of dead fetches are removed on the way."""
+        out: list[tuple[int, int, Path]] = []
+        stack = [self.root]
+        now = time.time()
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if e.name.startswith(".") and e.name.endswith(".tmp"):
+                    if now - st.st_mtime > STALE_TMP_S:
+                        _unlink(Path(e.path))
+                    continue
+                out.append((st.st_mtime_ns, st.st_size, Path(e.path)))
+        return out
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Remove least recently used shards until the folder fits `max_bytes`; returns how many."""
+        if self.max_bytes is None:
+            return 0
+        files = sorted(self.files())
+        total = sum(size for _, size, _ in files)
+        removed = 0
+        for _, size, path in files:
+            if total <= self.max_bytes:
+                break
+            if keep is not None and path == keep:
+                continue
+            _unlink(path)
+            total -= size
+            removed += 1
+        self.evicted += removed
+        return removed
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):  # another process evicted it first
+        path.unlink()

@@ -1,0 +1,102 @@
+"""The local folder of fetched shards: one fetch per shard, least recently used shards removed under a size cap,
+open descriptors surviving removal, several processes (instances) sharing one folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dinofeat.shardcache import STALE_TMP_S, ShardCache
+
+SIZE = 1000
+
+
+class Remote:
+    """What the object store would return: `SIZE` bytes per shard, every fetch counted."""
+
+    def __init__(self) -> None:
+        self.fetched: list[str] = []
+
+    def fetcher(self, rel: str):
+        def fetch() -> bytes:
+            self.fetched.append(rel)
+            return rel.encode().ljust(SIZE, b".")
+
+        return fetch
+
+
+def _get(cache: ShardCache, remote: Remote, rel: str) -> bytes:
+    fd = cache.open(rel, remote.fetcher(rel))
+    try:
+        return os.pread(fd, SIZE, 0)
+    finally:
+        os.close(fd)
+
+
+def _held(cache: ShardCache) -> list[str]:
+    return sorted(p.relative_to(cache.dir).as_posix() for _, _, p in cache.files())
+
+
+@pytest.mark.parametrize(
+    ("cap", "reads", "held", "fetches"),
+    [
+        # no cap: everything stays, each shard fetched once
+        (None, ["a", "b", "c", "a", "b", "c"], ["a", "b", "c"], ["a", "b", "c"]),
+        # room for two: c pushes out a (oldest); a comes back and pushes out b
+        (2 * SIZE, ["a", "b", "c", "a"], ["a", "c"], ["a", "b", "c", "a"]),
+        # a hit makes a shard recent: a was read again, so c pushes out b, not a
+        (2 * SIZE, ["a", "b", "a", "c", "a"], ["a", "c"], ["a", "b", "c"]),
+        # a cap below one shard: the shard just fetched is kept, alone
+        (SIZE // 2, ["a", "b", "b"], ["b"], ["a", "b"]),
+        # nested keys (buckets/<W>x<H>/<array>/c/<shard>) count like flat ones
+        (2 * SIZE, ["x/c/0", "y/c/0", "x/c/1"], ["x/c/1", "y/c/0"], ["x/c/0", "y/c/0", "x/c/1"]),
+    ],
+)
+def test_least_recently_used_shards_make_room(tmp_path, cap, reads, held, fetches):
+    cache, remote = ShardCache(tmp_path, "cache-id", cap), Remote()
+    for rel in reads:
+        assert _get(cache, remote, rel) == rel.encode().ljust(SIZE, b".")
+    assert _held(cache) == held
+    assert remote.fetched == fetches
+
+
+def test_an_open_shard_survives_its_removal(tmp_path):
+    """Another process (a second instance on the same folder) removes a shard this one holds open: the open
+    descriptor still reads every byte; the next open fetches it again."""
+    remote = Remote()
+    mine, other = ShardCache(tmp_path, "id", 1 * SIZE), ShardCache(tmp_path, "id", 1 * SIZE)
+    fd = mine.open("a", remote.fetcher("a"))
+    try:
+        _get(other, remote, "b")  # fetching b removes a under the shared cap
+        assert _held(mine) == ["b"]
+        assert os.pread(fd, SIZE, 0) == b"a".ljust(SIZE, b".")
+    finally:
+        os.close(fd)
+    _get(mine, remote, "a")
+    assert remote.fetched == ["a", "b", "a"]
+
+
+def test_the_cap_counts_every_cache_sharing_the_folder(tmp_path):
+    """Two caches (two cache_ids) under one local_cache folder share its cap."""
+    remote = Remote()
+    one, two = ShardCache(tmp_path, "one", 2 * SIZE), ShardCache(tmp_path, "two", 2 * SIZE)
+    _get(one, remote, "a")
+    _get(one, remote, "b")
+    _get(two, remote, "a")
+    total = sum(size for _, size, _ in one.files())
+    assert total <= 2 * SIZE
+    assert not (tmp_path / "one" / "a").exists() and (tmp_path / "two" / "a").exists()
+
+
+def test_dead_fetches_temp_files_are_cleared_and_never_counted(tmp_path):
+    cache, remote = ShardCache(tmp_path, "id", 10 * SIZE), Remote()
+    (tmp_path / "id").mkdir()
+    fresh, stale = tmp_path / "id" / ".s.1.2.tmp", tmp_path / "id" / ".t.1.2.tmp"
+    fresh.write_bytes(b"x" * 50 * SIZE)
+    stale.write_bytes(b"x" * 50 * SIZE)
+    old = os.stat(stale).st_mtime - STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    _get(cache, remote, "a")
+    assert _held(cache) == ["a"]  # the 100 KB of temp files do not push out a 1 KB shard
+    assert fresh.exists() and not stale.exists()  # a fetch in progress is left alone
