@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinofeat.checksum import crc32c
+from dinofeat.checksum import RowCrcs, crc32c
 from dinofeat.errors import CacheFormatError, ChecksumError
 from dinofeat.objects import Blob, Files, LocalBlob, LocalFiles
 
@@ -206,7 +206,7 @@ class ShardReader:
     FeatureCache shares across all its arrays.
 
     With `verify` (format 3), every row read is checked: the crc32c of its bytes must equal the chunk's stored
-    trailer and, when `expected` (per-row crcs from the done markers, -1 unknown) is given, the recorded crc; a
+    trailer and, when `expected` (per-row crcs from the done markers; -1 unknown) is given, the recorded crc; a
     mismatch raises ChecksumError. Shard indexes are checked when opened."""
 
     def __init__(
@@ -214,7 +214,7 @@ class ShardReader:
         layout: ShardLayout,
         pool: HandlePool | None = None,
         verify: bool = True,
-        expected: np.ndarray | None = None,
+        expected: RowCrcs | None = None,
     ) -> None:
         self.layout = layout
         self.verify = verify and layout.checksum

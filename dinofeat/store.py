@@ -22,7 +22,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from dinofeat.arrays import ArraySet, base_of
-from dinofeat.checksum import column_checksums, crc32c, expected_checksums, mismatched_columns
+from dinofeat.checksum import RowCrcs, column_checksums, crc32c, expected_checksums, mismatched_columns
 from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
 from dinofeat.objects import Files, open_files
 from dinofeat.plan import BucketPlan, Plan
@@ -531,7 +531,7 @@ class Store:
         storage: one GET instead of a million). Returns its record for the metadata (path and crc32c)."""
         markers, plans = self.markers() if markers is None else markers, self.bucket_plans()
         arrays = {f"{b.name}::marked": np.array([(b.name, u) in markers for u in range(b.num_shards)]) for b in plans}
-        arrays |= {f"{b}::{name}": crcs for (b, name), crcs in expected_checksums(markers, plans).items()}
+        arrays |= {f"{b}::{name}": crcs.to_int64() for (b, name), crcs in expected_checksums(markers, plans).items()}
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         rel = f"_dinofeat/sealed/{group}.npz"
@@ -540,7 +540,7 @@ class Store:
 
     def marker_summary(
         self, record: dict[str, Any] | None
-    ) -> tuple[set[tuple[str, int]], dict[tuple[str, str], np.ndarray]] | None:
+    ) -> tuple[set[tuple[str, int]], dict[tuple[str, str], RowCrcs]] | None:
         """(marked shards, expected row crcs) from the summary `record` names, checked against its crc32c; None if
         there is none (caches sealed before 0.5) or it is missing or damaged: the caller then reads every marker."""
         if not record:
@@ -552,14 +552,15 @@ class Store:
         if crc32c(data) != int(record.get("crc32c", -1)):
             return None
         marked: set[tuple[str, int]] = set()
-        expected: dict[tuple[str, str], np.ndarray] = {}
+        expected: dict[tuple[str, str], RowCrcs] = {}
+        shard_rows = {b.name: b.shard_rows for b in self.bucket_plans()}
         with np.load(io.BytesIO(data)) as z:
             for k in z.files:
                 bucket, name = k.split("::", 1)
                 if name == "marked":
                     marked |= {(bucket, int(u)) for u in np.flatnonzero(z[k])}
-                else:
-                    expected[(bucket, name)] = z[k]
+                elif bucket in shard_rows:
+                    expected[(bucket, name)] = RowCrcs.from_int64(z[k], shard_rows[bucket])
         return marked, expected
 
     def failures(self) -> dict[str, str]:

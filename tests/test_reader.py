@@ -295,7 +295,9 @@ def test_a_sealed_cache_opens_without_reading_any_marker(cache_dir, monkeypatch)
     want = expected_checksums(markers, st.bucket_plans())
     assert expected.keys() == want.keys()
     for k in want:
-        np.testing.assert_array_equal(expected[k], want[k])
+        np.testing.assert_array_equal(expected[k].values, want[k].values)
+        np.testing.assert_array_equal(expected[k].known, want[k].known)
+        assert expected[k].values.dtype == np.uint32 and expected[k].known.all()
 
     def no_listing(self):
         raise AssertionError("a sealed cache must open from its marker summary")
@@ -323,3 +325,30 @@ def test_a_damaged_or_missing_marker_summary_falls_back_to_the_markers(cache_dir
     ref = FeatureCache(cache_dir)
     for i in range(len(fc)):
         np.testing.assert_array_equal(fc.read(i, "patches"), ref.read(i, "patches"))
+
+
+@pytest.mark.parametrize(
+    ("rows", "shard_rows", "marked", "want"),
+    [
+        # every shard recorded its rows' crcs
+        (5, 2, {0: [7, 8], 1: [9, 2**32 - 1], 2: [0]}, [7, 8, 9, 2**32 - 1, 0]),
+        # shard 1 recorded none (a format 1-2 marker): its rows are unknown (-1), the others are kept
+        (5, 2, {0: [7, 8], 2: [5]}, [7, 8, -1, -1, 5]),
+        # one shard only
+        (3, 3, {0: [1, 2, 3]}, [1, 2, 3]),
+    ],
+)
+def test_row_crcs_are_uint32_with_a_flag_per_shard(rows, shard_rows, marked, want):
+    """What a reader holds for every row it serves: 4 bytes a row plus one flag a shard, and it round-trips
+    through the marker summary's int64 form (-1 unknown)."""
+    from dinofeat.checksum import RowCrcs, expected_checksums
+    from dinofeat.plan import BucketPlan
+
+    bp = BucketPlan(32, 32, 16, rows, shard_rows)
+    markers = {(bp.name, u): {"crc32c": {"patches": crcs}} for u, crcs in marked.items()}
+    got = expected_checksums(markers, [bp])[(bp.name, "patches")]
+    assert [got[r] for r in range(rows)] == want
+    assert got.values.dtype == np.uint32 and got.values.nbytes == 4 * rows and got.known.size == bp.num_shards
+    back = RowCrcs.from_int64(got.to_int64(), shard_rows)
+    assert [back[r] for r in range(rows)] == want
+    assert got.to_int64().tolist() == want
