@@ -47,43 +47,41 @@ def mismatched_columns(columns: dict[str, np.ndarray], recorded: dict[str, int])
 @dataclass(frozen=True)
 class RowCrcs:
     """The crc32c each row's done marker recorded, for one array of one bucket. A reader holds one per array for
-    every row it serves, so it is 4 bytes a row (uint32) plus one flag per shard: half of an int64 column with a -1
-    sentinel (2.4 GB -> 1.2 GB at 100M rows x 3 arrays). `crcs[row]` is the crc, or -1 where the shard recorded
-    none (caches of format 1-2)."""
+    every row it serves, so it is 4 bytes a row (uint32) plus the few rows with none recorded, kept sorted: about
+    half of an int64 column with a -1 sentinel (2.4 GB -> 1.2 GB at 100M rows x 3 arrays). A row has none when its
+    chunk was empty when written (zarr stores no all-zero chunk) or its shard's marker predates format 3.
+    `crcs[row]` is the crc, or -1 where none was recorded."""
 
     values: np.ndarray  # uint32 [rows]
-    known: np.ndarray  # bool [num_shards]
-    shard_rows: int
+    missing: np.ndarray  # int64, sorted: rows without a recorded crc
 
     def __getitem__(self, row: int) -> int:
-        return int(self.values[row]) if self.known[row // self.shard_rows] else -1
+        i = int(np.searchsorted(self.missing, row))
+        if i < len(self.missing) and self.missing[i] == row:
+            return -1
+        return int(self.values[row])
 
     def to_int64(self) -> np.ndarray:
-        """The marker summary's stored form: int64 with -1 for unknown rows (unchanged since 0.5)."""
+        """The marker summary's stored form: int64 with -1 where none was recorded (unchanged since 0.5)."""
         out = self.values.astype(np.int64)
-        out[~np.repeat(self.known, self.shard_rows)[: len(out)]] = -1
+        out[self.missing] = -1
         return out
 
     @classmethod
-    def from_int64(cls, column: np.ndarray, shard_rows: int) -> RowCrcs:
+    def from_int64(cls, column: np.ndarray) -> RowCrcs:
         column = np.asarray(column, np.int64)
-        known = column[::shard_rows] >= 0  # a shard records every row's crc or none
-        return cls(np.where(column >= 0, column, 0).astype(np.uint32), known, shard_rows)
+        missing = np.flatnonzero(column < 0).astype(np.int64)
+        return cls(np.where(column >= 0, column, 0).astype(np.uint32), missing)
 
 
 def expected_checksums(markers: Mapping[tuple[str, int], Any], plans: Sequence[Any]) -> dict[tuple[str, str], RowCrcs]:
     """Per (bucket, array): the crc32c each row's done marker recorded."""
-    out: dict[tuple[str, str], RowCrcs] = {}
+    columns: dict[tuple[str, str], np.ndarray] = {}
     for bp in plans:
         for u in range(bp.num_shards):
             sums = markers.get((bp.name, u), {}).get("crc32c") or {}
             s0, s1 = bp.shard_range(u)
             for name, crcs in sums.items():
-                if (bp.name, name) not in out:
-                    out[(bp.name, name)] = RowCrcs(
-                        np.zeros(bp.rows, np.uint32), np.zeros(bp.num_shards, bool), bp.shard_rows
-                    )
-                row_crcs = out[(bp.name, name)]
-                row_crcs.values[s0:s1] = np.asarray(crcs, np.int64)[: s1 - s0]
-                row_crcs.known[u] = True
-    return out
+                arr = columns.setdefault((bp.name, name), np.full(bp.rows, -1, np.int64))
+                arr[s0:s1] = np.asarray(crcs, np.int64)[: s1 - s0]
+    return {k: RowCrcs.from_int64(v) for k, v in columns.items()}

@@ -296,8 +296,8 @@ def test_a_sealed_cache_opens_without_reading_any_marker(cache_dir, monkeypatch)
     assert expected.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(expected[k].values, want[k].values)
-        np.testing.assert_array_equal(expected[k].known, want[k].known)
-        assert expected[k].values.dtype == np.uint32 and expected[k].known.all()
+        np.testing.assert_array_equal(expected[k].missing, want[k].missing)
+        assert expected[k].values.dtype == np.uint32
 
     def no_listing(self):
         raise AssertionError("a sealed cache must open from its marker summary")
@@ -334,12 +334,14 @@ def test_a_damaged_or_missing_marker_summary_falls_back_to_the_markers(cache_dir
         (5, 2, {0: [7, 8], 1: [9, 2**32 - 1], 2: [0]}, [7, 8, 9, 2**32 - 1, 0]),
         # shard 1 recorded none (a format 1-2 marker): its rows are unknown (-1), the others are kept
         (5, 2, {0: [7, 8], 2: [5]}, [7, 8, -1, -1, 5]),
+        # a chunk that was empty when written (an all-zero row) has -1 inside a shard that recorded the others
+        (4, 4, {0: [3, -1, 4, -1]}, [3, -1, 4, -1]),
         # one shard only
         (3, 3, {0: [1, 2, 3]}, [1, 2, 3]),
     ],
 )
-def test_row_crcs_are_uint32_with_a_flag_per_shard(rows, shard_rows, marked, want):
-    """What a reader holds for every row it serves: 4 bytes a row plus one flag a shard, and it round-trips
+def test_row_crcs_are_uint32_plus_the_rows_without_one(rows, shard_rows, marked, want):
+    """What a reader holds for every row it serves: 4 bytes a row plus the rows with no crc, and it round-trips
     through the marker summary's int64 form (-1 unknown)."""
     from dinofeat.checksum import RowCrcs, expected_checksums
     from dinofeat.plan import BucketPlan
@@ -348,7 +350,8 @@ def test_row_crcs_are_uint32_with_a_flag_per_shard(rows, shard_rows, marked, wan
     markers = {(bp.name, u): {"crc32c": {"patches": crcs}} for u, crcs in marked.items()}
     got = expected_checksums(markers, [bp])[(bp.name, "patches")]
     assert [got[r] for r in range(rows)] == want
-    assert got.values.dtype == np.uint32 and got.values.nbytes == 4 * rows and got.known.size == bp.num_shards
-    back = RowCrcs.from_int64(got.to_int64(), shard_rows)
+    assert got.values.dtype == np.uint32 and got.values.nbytes == 4 * rows
+    assert got.missing.tolist() == [r for r, w in enumerate(want) if w == -1]
+    back = RowCrcs.from_int64(got.to_int64())
     assert [back[r] for r in range(rows)] == want
     assert got.to_int64().tolist() == want
