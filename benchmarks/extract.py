@@ -31,9 +31,9 @@ from dinofeat.resize import normalize_np
 from dinofeat.synthetic import make_images
 
 
-def naive(images: Path, cfg: ExtractConfig) -> float:
+def naive(images: Path, cfg: ExtractConfig, count: int | None = None) -> float:
     prep = prepare(cfg)
-    src = discover(images)
+    src = discover(images, limit=count)
     plan = build_plan(src, prep, progress=False)
     enc = Encoder(prep.model, prep.device, prep.dtype)
     p, regs = prep.model.patch_size, prep.model.num_register_tokens
@@ -60,21 +60,31 @@ def main() -> None:
     ap.add_argument("--area", type=int, default=256)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--images", type=Path, default=None, help="a folder to use instead of --count synthetic images")
+    ap.add_argument("--naive-count", type=int, default=None, help="naive on the first N images only (0: skip it)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (both model-only and e2e)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    imgs = Path(tempfile.mkdtemp(prefix="dinofeat-bench-")) / "images"
-    make_images(imgs, a.count, a.megapixels)
-    r = bench(a.model, a.area, a.device, images=imgs, count=a.count, workers=a.workers, progress=False)
-    naive_img_s = naive(imgs, ExtractConfig(model=a.model, area=a.area, device=a.device, progress=False))
-    res = {
-        **r.to_dict(),
-        "megapixels": a.megapixels,
-        "torch_threads": torch.get_num_threads(),
-        "naive_img_s": naive_img_s,
-        "e2e_over_naive": r.end_to_end_img_s / naive_img_s,
-        "e2e_wall_over_naive": r.end_to_end_wall_img_s / naive_img_s,
-        "model_only_over_naive": r.model_only_img_s / naive_img_s,
-    }
+    imgs = a.images
+    if imgs is None:
+        imgs = Path(tempfile.mkdtemp(prefix="dinofeat-bench-")) / "images"
+        make_images(imgs, a.count, a.megapixels)
+    count = len(discover(imgs).keys) if a.images is not None else a.count
+    r = bench(
+        a.model, a.area, a.device, images=imgs, count=count, workers=a.workers, progress=False, compile=a.compile
+    )
+    res = {**r.to_dict(), "megapixels": a.megapixels if a.images is None else None, "compile": a.compile}
+    res["torch_threads"] = torch.get_num_threads()
+    if a.naive_count != 0:
+        cfg = ExtractConfig(model=a.model, area=a.area, device=a.device, progress=False)
+        naive_img_s = naive(imgs, cfg, a.naive_count)
+        res |= {
+            "naive_images": a.naive_count or count,
+            "naive_img_s": naive_img_s,
+            "e2e_over_naive": r.end_to_end_img_s / naive_img_s,
+            "e2e_wall_over_naive": r.end_to_end_wall_img_s / naive_img_s,
+            "model_only_over_naive": r.model_only_img_s / naive_img_s,
+        }
     emit(res, a.json)
 
 
