@@ -56,9 +56,11 @@ class RowCrcs:
     missing: np.ndarray  # int64, sorted: rows without a recorded crc
 
     def __getitem__(self, row: int) -> int:
-        i = int(np.searchsorted(self.missing, row))
-        if i < len(self.missing) and self.missing[i] == row:
-            return -1
+        """Called for every row read: a plain index when every row has its crc (the usual case)."""
+        if self.missing.size:
+            i = int(np.searchsorted(self.missing, row))
+            if i < self.missing.size and self.missing[i] == row:
+                return -1
         return int(self.values[row])
 
     def to_int64(self) -> np.ndarray:

@@ -141,7 +141,7 @@ def discover_parquet(source: str, limit: int | None = None, threads: int = 16) -
     """Rows of every parquet file (local or URLs), in file then row order (the order that reads each row group
     least often), keyed `<file stem>/<key>`. Only footers and the small key or path columns are read. Files
     whose image column holds paths make a list of files, as a .txt list does."""
-    from dinofeat.parquet import list_rows, listing_root
+    from dinofeat.parquet import list_rows, listing_root, split_column
 
     files = shard_paths(source)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
@@ -153,7 +153,7 @@ def discover_parquet(source: str, limit: int | None = None, threads: int = 16) -
         if is_url(source):
             raise ConfigError("a parquet list of file paths must be a local file (the paths are read as local files)")
         base = listing_root(files)
-        parent = {f: Path(f.split("?column=")[0]).resolve().parent for f in files}
+        parent = {f: Path(split_column(f)[0]).resolve().parent for f in files}
         entries = [
             (p, parent[f], f"{f}: row {row}")
             for f, x in zip(files, listings, strict=True)

@@ -269,4 +269,4 @@ def _open(path: str) -> Any:
 
 def listing_root(files: list[str]) -> Path:
     """Path-column parquet: keys are paths relative to the first file's folder, as a list file's are to its own."""
-    return Path(files[0]).resolve().parent
+    return Path(split_column(files[0])[0]).resolve().parent

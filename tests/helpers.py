@@ -16,10 +16,14 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from dinofeat.cache import FeatureCache
 
 FAST = {"num_workers": 0, "progress": False, "dtype": "fp32", "device": "cpu"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +163,31 @@ def real_photos(folder: Path, names: tuple[str, ...] = PHOTOS, quality: int = 92
             Image.open(src).convert("RGB").save(dst, quality=quality)
         out.append(dst)
     return out
+
+
+# ---- comparing caches ------------------------------------------------------------------------------------------
+def _all_features(fc: FeatureCache) -> dict[str, dict[str, np.ndarray]]:
+    return {k: {n: fc.read(fc.index_of(k), n) for n in fc.arrays.names()} for k in fc.keys()}  # noqa: SIM118 (iterating yields Features)
+
+
+def assert_same_caches(a: FeatureCache, b: FeatureCache) -> None:
+    """Two FeatureCaches hold the same keys, in the same order, and every stored array bit for bit."""
+    assert list(a.keys()) == list(b.keys())
+    fa, fb = _all_features(a), _all_features(b)
+    assert fa.keys() == fb.keys() and len(fa) > 0
+    for k in fa:
+        for n in fa[k]:
+            np.testing.assert_array_equal(fa[k][n], fb[k][n], err_msg=f"{k} {n}")
+            assert fa[k][n].tobytes() == fb[k][n].tobytes()
+
+
+def assert_same_pairs(a: FeatureCache, b: FeatureCache, pairs: dict[str, str]) -> None:
+    """The image keyed k in cache `a` has the bucket and features of the one keyed pairs[k] in `b`."""
+    for key_a, key_b in pairs.items():
+        fa, fb = a[key_a], b[key_b]
+        assert fa.bucket == fb.bucket
+        np.testing.assert_array_equal(fa.patches, fb.patches)
+        np.testing.assert_array_equal(fa.cls, fb.cls)
 
 
 # ---- tar shards ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any, Self
 
 
@@ -154,6 +155,23 @@ class GCSServer(_ServerProcess):
 
     def ready_url(self) -> str:
         return f"{self.endpoint}/storage/v1/b/{self.buckets[0]}"
+
+
+def serve(server: _ServerProcess) -> Iterator[Any]:
+    """A module fixture's body: start `server` (or skip the module, naming why), point the clients at it through
+    the environment, and stop it and restore the environment afterwards."""
+    import pytest
+
+    try:
+        server.__enter__()
+    except (RuntimeError, OSError) as e:  # pragma: no cover - only where the server cannot run
+        pytest.skip(f"the {server.name} could not start on 127.0.0.1: {e}")
+    old = apply_env(server.env)
+    try:
+        yield server
+    finally:
+        restore_env(old)
+        server.__exit__()
 
 
 def apply_env(env: dict[str, str]) -> dict[str, str | None]:

@@ -17,31 +17,15 @@ from dinofeat import FeatureCache, extract
 from dinofeat.dataset import FeatureDataset
 from dinofeat.info import info
 from dinofeat.validation import validate
-from tests.helpers import FAST, make_parquet
-from tests.s3server import GCSServer, apply_env, restore_env
+from tests.helpers import FAST, assert_same_caches, make_parquet
+from tests.s3server import GCSServer, serve
 
 BUCKET = "dinofeat-test"
 
 
 @pytest.fixture(scope="module")
 def gcs():
-    try:
-        server = GCSServer((BUCKET,)).__enter__()
-    except (RuntimeError, OSError) as e:  # pragma: no cover - only where the emulator cannot run
-        pytest.skip(f"the GCS test server could not start on 127.0.0.1: {e}")
-    old = apply_env(server.env)
-    try:
-        yield server
-    finally:
-        restore_env(old)
-        server.stop()
-
-
-def _same(a: FeatureCache, b: FeatureCache) -> None:
-    assert a.keys() == b.keys() and len(a) > 0
-    for i in range(len(a)):
-        for name in a.arrays.names():
-            assert a.read(i, name).tobytes() == b.read(i, name).tobytes(), (a.keys()[i], name)
+    yield from serve(GCSServer((BUCKET,)))
 
 
 def test_gs_cache_reads_back_bit_identical_and_resumes(tmp_path, gcs, dinov3_path, image_dir):
@@ -50,8 +34,8 @@ def test_gs_cache_reads_back_bit_identical_and_resumes(tmp_path, gcs, dinov3_pat
     local = extract(image_dir, tmp_path / "local", **kw)
     remote = extract(image_dir, url, **kw)
     assert remote.sealed and remote.done == local.done == 10
-    _same(FeatureCache(tmp_path / "local"), FeatureCache(url))
-    _same(FeatureCache(tmp_path / "local"), FeatureCache(url, local_cache=tmp_path / "shards"))
+    assert_same_caches(FeatureCache(tmp_path / "local"), FeatureCache(url))
+    assert_same_caches(FeatureCache(tmp_path / "local"), FeatureCache(url, local_cache=tmp_path / "shards"))
     again = extract(image_dir, url, **kw)
     assert again.sealed and again.processed == 0  # a sealed cache has nothing left to do
     report = validate(url, progress=False)
@@ -85,4 +69,4 @@ def test_parquet_on_gs_gives_the_same_cache_as_local(tmp_path, gcs, dinov3_path)
     a = extract(str(tmp_path / "pq" / "*.parquet"), tmp_path / "from-local", **kw)
     b = extract(f"gs://{prefix}/part-{{00000..00001}}.parquet", tmp_path / "from-gs", **kw)
     assert (b.done, b.failed) == (a.done, a.failed) == (8, 2)
-    _same(FeatureCache(tmp_path / "from-local"), FeatureCache(tmp_path / "from-gs"))
+    assert_same_caches(FeatureCache(tmp_path / "from-local"), FeatureCache(tmp_path / "from-gs"))

@@ -19,7 +19,7 @@ from dinofeat.parquet import ImageColumn, image_column, row_keys, split_column  
 from dinofeat.precompute import extract  # noqa: E402
 from dinofeat.probe import probe  # noqa: E402
 from dinofeat.validation import validate  # noqa: E402
-from tests.helpers import FAST, PARQUET_LAYOUTS, make_parquet, png_bytes  # noqa: E402
+from tests.helpers import FAST, PARQUET_LAYOUTS, assert_same_pairs, make_parquet, png_bytes  # noqa: E402
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -106,11 +106,7 @@ def test_parquet_gives_the_same_features_as_a_folder(tmp_path, dinov3_path, layo
     assert (s.done, s.failed) == (len(pairs), bad)
     extract(folder, tmp_path / "from-dir", **kw)
     a, b = FeatureCache(tmp_path / "from-pq"), FeatureCache(tmp_path / "from-dir")
-    for pq_key, file_key in pairs.items():
-        fa, fb = a[pq_key], b[file_key]
-        assert fa.bucket == fb.bucket
-        np.testing.assert_array_equal(fa.patches, fb.patches)
-        np.testing.assert_array_equal(fa.cls, fb.cls)
+    assert_same_pairs(a, b, pairs)
     reasons = sorted(a.failures.values())
     assert len(reasons) == bad
     if bad:

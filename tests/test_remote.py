@@ -23,22 +23,22 @@ from dinofeat.lock import ObjectLock
 from dinofeat.objects import LocalFiles, RemoteFiles, open_files
 from dinofeat.store import Store
 from dinofeat.validation import validate
-from tests.helpers import FAST, kill_9_once, kill_test_args, make_parquet, make_shards, run_cli, write_images
-from tests.s3server import S3Server, apply_env, restore_env
+from tests.helpers import (
+    FAST,
+    assert_same_caches,
+    kill_9_once,
+    kill_test_args,
+    make_parquet,
+    make_shards,
+    run_cli,
+    write_images,
+)
+from tests.s3server import S3Server, serve
 
 
 @pytest.fixture(scope="module")
 def s3():
-    try:
-        server = S3Server().__enter__()
-    except (RuntimeError, OSError) as e:  # pragma: no cover - only where moto cannot run
-        pytest.skip(f"the S3-compatible test server (moto) could not start on 127.0.0.1: {e}")
-    old = apply_env(server.env)
-    try:
-        yield server
-    finally:
-        restore_env(old)
-        server.stop()
+    yield from serve(S3Server())
 
 
 _BUCKETS = iter(range(10_000))
@@ -48,19 +48,6 @@ _BUCKETS = iter(range(10_000))
 def bucket(s3) -> str:
     """A fresh bucket per test: no test sees another's objects."""
     return s3.bucket(f"dinofeat-test-{os.getpid()}-{next(_BUCKETS)}")
-
-
-def _all_features(fc: FeatureCache) -> dict[str, dict[str, np.ndarray]]:
-    return {k: {n: fc.read(fc.index_of(k), n) for n in fc.arrays.names()} for k in fc.keys()}  # noqa: SIM118 (iterating yields Features)
-
-
-def _assert_same(a: FeatureCache, b: FeatureCache) -> None:
-    fa, fb = _all_features(a), _all_features(b)
-    assert fa.keys() == fb.keys() and len(fa) > 0
-    for k in fa:
-        for n in fa[k]:
-            np.testing.assert_array_equal(fa[k][n], fb[k][n], err_msg=f"{k} {n}")
-            assert fa[k][n].tobytes() == fb[k][n].tobytes()
 
 
 @pytest.fixture
@@ -77,10 +64,10 @@ def remote_and_local(tmp_path, bucket, dinov3_path, image_dir):
 
 def test_remote_cache_reads_back_bit_identical_to_local(remote_and_local, tmp_path):
     local, url = remote_and_local
-    _assert_same(FeatureCache(local), FeatureCache(url))
+    assert_same_caches(FeatureCache(local), FeatureCache(url))
     shards = tmp_path / "shard-cache"
     fc = FeatureCache(url, local_cache=shards)
-    _assert_same(FeatureCache(local), fc)
+    assert_same_caches(FeatureCache(local), fc)
     fetched = [p for p in shards.rglob("*") if p.is_file()]
     assert fetched, "local_cache kept no shards"
     assert {p.relative_to(shards).parts[0] for p in fetched} == {fc.meta["cache_id"]}
@@ -91,12 +78,12 @@ def test_a_capped_local_cache_reads_everything_within_its_size(remote_and_local,
     folder never ends above the cap, and shards were removed and fetched again to get there."""
     local, url = remote_and_local
     full = tmp_path / "full"
-    _assert_same(FeatureCache(local), FeatureCache(url, local_cache=full))
+    assert_same_caches(FeatureCache(local), FeatureCache(url, local_cache=full))
     sizes = [p.stat().st_size for p in full.rglob("*") if p.is_file()]
     assert len(sizes) > 4
     cap = 2 * max(sizes)
     fc = FeatureCache(url, local_cache=tmp_path / "capped", local_cache_bytes=cap, max_open_files=1)
-    _assert_same(FeatureCache(local), fc)
+    assert_same_caches(FeatureCache(local), fc)
     held = sum(p.stat().st_size for p in (tmp_path / "capped").rglob("*") if p.is_file())
     assert 0 < held <= cap
     assert fc._files.shard_cache.evicted > 0 and fc._files.shard_cache.fetches > len(sizes)
@@ -192,7 +179,7 @@ def test_kill_9_then_rerun_into_s3_equals_local(tmp_path, s3, bucket, dinov3_pat
     out = run(url)
     text = out.communicate(timeout=300)[0].decode()
     assert out.returncode == 0, text
-    _assert_same(FeatureCache(ref), FeatureCache(url))
+    assert_same_caches(FeatureCache(ref), FeatureCache(url))
 
 
 # ---- the pieces: conditional writes, the lock, locations --------------------------------------------------------
@@ -315,7 +302,7 @@ def test_tar_shards_on_s3_give_the_same_cache_as_local_shards(tmp_path, s3, buck
     assert (b.done, b.failed) == (a.done, a.failed) == (len(pairs), 1)
     fa, fb = FeatureCache(tmp_path / "from-local"), FeatureCache(tmp_path / "from-s3")
     assert fa.keys() == fb.keys() and set(pairs) <= set(fb.keys())
-    _assert_same(fa, fb)
+    assert_same_caches(fa, fb)
     assert fb.failures.keys() == fa.failures.keys() == {"shard-000000/000099"}
     assert fb.meta["source_root"] == url_pattern  # not folded into a local path
     assert validate(tmp_path / "from-s3", images=url_pattern, recompute=2, progress=False).ok
@@ -338,7 +325,7 @@ def test_parquet_on_s3_gives_the_same_cache_as_local_parquet(tmp_path, s3, bucke
     assert (b.done, b.failed) == (a.done, a.failed) == (len(pairs), 2)
     fa, fb = FeatureCache(tmp_path / "from-local"), FeatureCache(f"s3://{bucket}/feats")
     assert set(pairs) <= set(fb.keys())
-    _assert_same(fa, fb)
+    assert_same_caches(fa, fb)
     assert fb.failures.keys() == fa.failures.keys()
     assert validate(f"s3://{bucket}/feats", images=url, recompute=2, progress=False).ok
 
@@ -411,7 +398,7 @@ def test_incremental_run_on_a_remote_cache_keeps_finished_shards_and_equals_loca
     after = etags()
     assert {k: after[k] for k in before} == before, "a finished shard was rewritten"
     assert len(after) > len(before)
-    _assert_same(FeatureCache(local), FeatureCache(url))
+    assert_same_caches(FeatureCache(local), FeatureCache(url))
     assert validate(url, imgs, progress=False).ok
 
 
@@ -429,7 +416,7 @@ def test_two_processes_into_s3_equal_one_local(tmp_path, bucket, dinov3_path):
     s = extract_processes(imgs, url, cfg, 2)
     assert s.world_size == 2 and s.sealed and s.done == 16
     assert extract(imgs, tmp_path / "local", cfg).sealed
-    _assert_same(FeatureCache(tmp_path / "local"), FeatureCache(url))
+    assert_same_caches(FeatureCache(tmp_path / "local"), FeatureCache(url))
 
 
 def test_a_manual_split_is_refused_on_a_remote_cache(bucket, dinov3_path, image_dir):

@@ -16,7 +16,16 @@ from dinofeat.errors import ConfigError
 from dinofeat.precompute import extract
 from dinofeat.probe import probe
 from dinofeat.validation import validate
-from tests.helpers import FAST, add_member, bad_files, make_parquet, make_shards, noise_image, png_bytes
+from tests.helpers import (
+    FAST,
+    add_member,
+    assert_same_pairs,
+    bad_files,
+    make_parquet,
+    make_shards,
+    noise_image,
+    png_bytes,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,11 +65,7 @@ def test_tar_shards_give_the_same_features_as_a_folder(tmp_path, dinov3_path):
     assert (s.done, s.failed) == (8, 1)
     extract(tmp_path / "folder", tmp_path / "from-dir", model=str(dinov3_path), area=64, store_dtype="fp32", **FAST)
     a, b = FeatureCache(tmp_path / "from-tar"), FeatureCache(tmp_path / "from-dir")
-    for tar_key, file_key in pairs.items():
-        fa, fb = a[tar_key], b[file_key]
-        assert fa.bucket == fb.bucket
-        np.testing.assert_array_equal(fa.patches, fb.patches)
-        np.testing.assert_array_equal(fa.cls, fb.cls)
+    assert_same_pairs(a, b, pairs)
     assert (
         a.failures["shard-000000/000099"].startswith("not an image") or "corrupt" in a.failures["shard-000000/000099"]
     )
