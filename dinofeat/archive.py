@@ -20,7 +20,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from dinofeat.errors import ConfigError
+from dinofeat.errors import ConfigError, SourceChangedError
 from dinofeat.objects import filesystem
 from dinofeat.parquet import read_row, split_column, with_column
 from dinofeat.paths import is_url
@@ -172,10 +172,37 @@ def read_member(m: Member) -> bytes:
         if m.size >= 0 and len(data) != m.size:
             raise OSError(f"{m}: {len(data)} bytes, {m.size} when planned: the parquet file changed")
         return data
-    data = _read_range(m.archive, m.offset, m.size)
-    if len(data) != m.size:
-        raise OSError(f"{m}: truncated archive ({len(data)} of {m.size} bytes)")
-    return data
+    if m.offset < tarfile.BLOCKSIZE:
+        raise SourceChangedError(f"{m}: no tar header before byte {m.offset}; the plan does not fit this shard")
+    data = _read_range(m.archive, m.offset - tarfile.BLOCKSIZE, m.size + tarfile.BLOCKSIZE)
+    if len(data) != m.size + tarfile.BLOCKSIZE:
+        raise OSError(f"{m}: truncated archive ({len(data) - tarfile.BLOCKSIZE} of {m.size} bytes)")
+    why = header_mismatch(data[: tarfile.BLOCKSIZE], m)
+    if why:
+        raise SourceChangedError(
+            f"{m.archive} changed since it was planned: {why}; rerun the same command (the source is listed again)"
+        )
+    return data[tarfile.BLOCKSIZE :]
+
+
+def header_mismatch(header: bytes, m: Member) -> str | None:
+    """Why the 512-byte tar header just before a member's data is not the member the plan recorded (None if it is).
+    a read checks its name, size and mtime for free (the same positioned read), so a shard rewritten with other
+    members at those offsets never yields another image's bytes. Long names (GNU or pax) leave the header a
+    truncated name, which must then be a prefix of the recorded one."""
+    try:
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"byte {m.offset - tarfile.BLOCKSIZE} is no longer a tar header ({e})"
+    name = info.name  # a member read from the plan is named by its sample key (the member name without suffix)
+    truncated = len(name.encode("utf-8", "surrogateescape")) >= 99 and m.name.startswith(name)
+    if m.name not in (name, sample_key(name)) and not truncated:
+        return f"the member at byte {m.offset} is now {name!r}, not {m.name!r}"
+    if info.size != m.size:
+        return f"{m.name!r} is now {info.size} bytes, planned as {m.size}"
+    if m.mtime_ns >= 0 and int(info.mtime) * 1_000_000_000 != m.mtime_ns:
+        return f"{m.name!r} has another modification time than when planned"
+    return None
 
 
 def shard_paths(source: str) -> list[str]:

@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 
 from buckets import AnySpec, TiedSpec, load_spec
+from dinofeat import metadata
 from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
 from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
 from dinofeat.objects import Files, LocalFiles, RemoteFiles, open_files
 from dinofeat.shardcache import ShardCache
 from dinofeat.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
-from dinofeat.store import STATUS_DONE, Store, bf16_bits_to_float32
+from dinofeat.store import STATUS_DONE, Store, array_shape, bf16_bits_to_float32
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,10 @@ class FeatureCache:
             rel = f"buckets/{self._bucket_plans[b].name}/{name}"
             if name not in self.arrays.names():
                 raise KeyError(f"array {name!r} is not stored in this cache; it has {', '.join(self.arrays.names())}")
+            bucket = self._bucket_plans[b]
             try:
-                layout = read_layout(rel, self._files)
+                layout = read_layout(rel, self._files, metadata.array_checksum(self.meta, bucket.name, name))
+                self._check_shape(rel, layout.shape, name, bucket)
             except FileNotFoundError:
                 raise CacheFormatError(
                     f"{self.path}: {rel} is missing (the cache was rebuilt with --overwrite since this reader opened "
@@ -273,6 +276,14 @@ class FeatureCache:
                 rd = _ZarrRowReader(self._open_store(), self._bucket_plans[b].name, name)
             self._readers[(b, name)] = rd
         return rd
+
+    def _check_shape(self, rel: str, shape: tuple[int, ...], name: str, bucket: Any) -> None:
+        """An array must hold the rows and the grid its bucket's record says (caches made before 0.6 have no
+        zarr.json checksums: this is what catches an edited shape there)."""
+        regs = int(self.meta.get("registers_stored") or 0)
+        want = array_shape(name, bucket.rows, bucket.grid, self.hidden_size, regs)
+        if tuple(shape) != want:
+            raise CacheFormatError(f"{self.path}: {rel} has shape {tuple(shape)}, its bucket says {want} (damaged)")
 
     def _open_store(self) -> Store:
         if self._store is None:

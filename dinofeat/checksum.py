@@ -6,6 +6,7 @@ the metadata, so a missing chunk (which zarr silently reads as fill values) fail
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,3 +88,46 @@ def expected_checksums(markers: Mapping[tuple[str, int], Any], plans: Sequence[A
                 arr = columns.setdefault((bp.name, name), np.full(bp.rows, -1, np.int64))
                 arr[s0:s1] = np.asarray(crcs, np.int64)[: s1 - s0]
     return {k: RowCrcs.from_int64(v) for k, v in columns.items()}
+
+
+# ---- metadata (issue 22): the cache's own description is checked like its data -----------------------------------
+META_CHECKSUMS = "meta_checksums"  # {field: crc32c of its canonical JSON} over every other dinofeat metadata field
+# the fields of an array's zarr.json that decide what its bytes mean: a reader relies on every one of them
+ARRAY_FIELDS = (
+    "zarr_format",
+    "node_type",
+    "shape",
+    "data_type",
+    "chunk_grid",
+    "chunk_key_encoding",
+    "fill_value",
+    "codecs",
+    "dimension_names",
+)
+
+
+def json_checksum(value: Any) -> int:
+    """crc32c of a JSON value's canonical form (sorted keys, no spaces): the same for a value and its round trip."""
+    return crc32c(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
+
+
+def meta_checksums(meta: Mapping[str, Any]) -> dict[str, int]:
+    """One crc32c per metadata field, so a mismatch names the field that changed."""
+    return {k: json_checksum(v) for k, v in sorted(meta.items()) if k != META_CHECKSUMS}
+
+
+def meta_mismatches(meta: Mapping[str, Any]) -> list[str]:
+    """Fields whose value no longer matches its recorded checksum, recorded fields that are gone, and fields that
+    were added without one ([] when `meta` carries no checksums: the caller decides whether it must)."""
+    recorded = meta.get(META_CHECKSUMS)
+    if not isinstance(recorded, dict):
+        return [] if recorded is None else [META_CHECKSUMS]
+    now = meta_checksums(meta)
+    out = [k for k, crc in recorded.items() if k not in now or now[k] != crc]
+    return sorted(out + [k for k in now if k not in recorded])
+
+
+def array_meta_checksum(doc: Mapping[str, Any]) -> int:
+    """crc32c of the fields of an array's zarr.json that a reader relies on (shape, dtype, chunk and shard shape,
+    codecs, fill value); attributes and other fields are left out."""
+    return json_checksum({k: doc[k] for k in ARRAY_FIELDS if k in doc})

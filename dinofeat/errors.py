@@ -36,3 +36,8 @@ class CacheConflictError(DinofeatError):
 
 class ChecksumError(CacheFormatError):
     """Stored bytes fail their crc32c: a damaged, moved or stale chunk, shard index or index column."""
+
+
+class SourceChangedError(DinofeatError):
+    """An archive no longer holds, at the place the plan recorded, the image the plan names (a tar shard rewritten
+    since it was planned): the run stops before it stores another image's features; a rerun re-lists the source."""

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinofeat.archive import Member
 from dinofeat.config import Recipe
-from dinofeat.errors import ImageError
+from dinofeat.errors import ImageError, SourceChangedError
 from dinofeat.preprocess import load_resized
 
 
@@ -57,6 +57,8 @@ class BatchDecodeDataset(Dataset):
                 out[k] = load_resized(path, job.size, self.recipe)
             except ImageError as e:
                 failed[job.start + k] = str(e)
+            except SourceChangedError:
+                raise  # not this image's fault: the plan no longer fits the source, so the run stops (resumably)
             except Exception as e:  # a decoder bug on one file must not end a multi-hour run
                 failed[job.start + k] = f"decode error: {type(e).__name__}: {e}"
         return DecodedBatch(job, torch.from_numpy(out), failed)

@@ -25,7 +25,8 @@ from dinofeat.objects import Files, LocalFiles, open_files
 
 
 def lock_path(cache: Path) -> Path:
-    cache = Path(os.path.abspath(cache))
+    """Beside the cache's real path: every spelling of one cache (a symlink, `..`, a trailing slash) meets one lock."""
+    cache = Path(os.path.realpath(cache))
     return cache.parent / f".{cache.name}.dinofeat-lock"
 
 

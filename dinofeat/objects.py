@@ -314,7 +314,7 @@ def split_url(url: str) -> tuple[str, str, str]:
     itself: its lock object lives beside it."""
     scheme, rest = url.split("://", 1)
     bucket, _, prefix = rest.partition("/")
-    prefix = prefix.strip("/")
+    prefix = "/".join(p for p in prefix.split("/") if p)  # 'a//b/' and 'a/b' name one cache (and one lock)
     if not bucket or not prefix:
         raise ConfigError(f"{url!r}: give a prefix inside the bucket (s3://bucket/feats), not the bucket itself")
     try:
@@ -471,6 +471,7 @@ def open_files(location: str | os.PathLike[str]) -> Files:
 
 
 def cache_location(value: str | os.PathLike[str]) -> Path | str:
-    """A cache's location as given: a local Path, or a checked object-store URL ('s3://bucket/feats')."""
+    """A cache's one true name: a local path with every symlink resolved (`link`, `dir/../c`, `c/` and `c` are one
+    cache, so they meet one lock), or a checked, normalised object-store URL ('s3://bucket/feats')."""
     files = open_files(value)
-    return files.root if isinstance(files, LocalFiles) else files.location
+    return Path(os.path.realpath(files.root)) if isinstance(files, LocalFiles) else files.location

@@ -26,7 +26,7 @@ from dinofeat.archive import Member, is_archive_source
 from dinofeat.arrays import ArraySet, parse_layers
 from dinofeat.config import ExtractConfig
 from dinofeat.discover import Source, discover, source_root
-from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError
+from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError, SourceChangedError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
 from dinofeat.lock import cache_lock
 from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
@@ -34,8 +34,7 @@ from dinofeat.objects import cache_location
 from dinofeat.paths import local_path
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
 from dinofeat.probe import probe_many
-from dinofeat.stats import ChannelStats
-from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store
+from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store, marker_status, merged_channel_stats
 from dinofeat.tokens import split_tokens
 from dinofeat.writer import ShardResult, ShardWriter
 
@@ -262,15 +261,43 @@ def extend(st: Store, src: Source, prep: Prepared, progress: bool) -> tuple[Plan
     return plan, len(added)
 
 
-def source_from_plan(plan: Plan, root: str, renamed: dict[str, str]) -> Source:
-    """What a rank other than rank 0 reads images from: the plan's keys and, for tar shards, each image's byte range
-    (recorded in the index), so only rank 0 ever lists the source."""
+def planned_members(plan: Plan) -> dict[str, Member]:
+    """Each archive image's location as the plan recorded it (tar: byte range; parquet: row)."""
     members: dict[str, Member] = {}
     if plan.archive is not None and plan.offset is not None:
         for i in np.flatnonzero(plan.archive >= 0):
             key = plan.keys[i]
             archive = plan.archives[int(plan.archive[i])]
-            members[key] = Member(archive, key, int(plan.offset[i]), int(plan.file_size[i]), int(plan.mtime_ns[i]))
+            sample = key.split("/", 1)[1]  # keys are <file stem>/<sample key or row>
+            members[key] = Member(archive, sample, int(plan.offset[i]), int(plan.file_size[i]), int(plan.mtime_ns[i]))
+    return members
+
+
+def moved_members(plan: Plan, src: Source) -> dict[str, Member]:
+    """Planned archive images that are somewhere else now (a tar shard or parquet file rewritten since it was
+    planned): key -> where rank 0's listing found it in this run. The other ranks of a process group locate
+    images from the plan, so rank 0 hands them these corrections; images that stayed put are not sent."""
+    if not src.members:
+        return {}
+    planned = planned_members(plan)
+    out = {}
+    for key, now in src.members.items():
+        was = planned.get(key)
+        if was is not None and (was.archive, was.offset, was.size, was.mtime_ns) != (
+            now.archive,
+            now.offset,
+            now.size if was.size >= 0 else was.size,  # a parquet row's size is known once probed
+            now.mtime_ns,
+        ):
+            out[key] = now
+    return out
+
+
+def source_from_plan(plan: Plan, root: str, renamed: dict[str, str], moved: dict[str, Member] | None = None) -> Source:
+    """What a rank other than rank 0 reads images from: the plan's keys and, for archives, each image's location as
+    recorded in the index, corrected by what rank 0 found `moved` in this run, so only rank 0 ever lists the
+    source and every rank reads what rank 0 checked."""
+    members = planned_members(plan) | dict(moved or {})
     return Source(source_root(root), tuple(plan.keys), dict(renamed), members)
 
 
@@ -351,42 +378,11 @@ def finalize(st: Store, plan: Plan, seal: bool = True) -> tuple[np.ndarray, dict
     """Status of every image from the plan and the done markers; seal the cache (when `seal`) once nothing is
     pending."""
     markers = st.markers()
-    status = np.full(len(plan), STATUS_PENDING, np.int8)
-    failures: dict[str, str] = {}
-    for i, why in plan.probe_errors.items():
-        status[i] = STATUS_FAILED
-        failures[plan.keys[i]] = why
-    by_bucket = plan.rows_to_keys()
-    for b in plan.buckets:
-        positions = by_bucket[b.name]
-        for u in range(b.num_shards):
-            m = markers.get((b.name, u))
-            if m is None:
-                continue
-            start, stop = b.shard_range(u)
-            status[positions[start:stop]] = STATUS_DONE
-            for r, why in m["failed"].items():
-                status[positions[int(r)]] = STATUS_FAILED
-                failures[plan.keys[positions[int(r)]]] = why
+    status, failures = marker_status(plan, markers)
     complete = bool((status != STATUS_PENDING).all())
     if seal and complete and st.disk_state() != "sealed":
-        st.seal(status, failures, cache_channel_stats(st, plan), markers)
+        st.seal(status, failures, merged_channel_stats(st, plan, markers), markers)
     return status, failures, complete
-
-
-def cache_channel_stats(st: Store, plan: Plan) -> dict[str, Any] | None:
-    """Per-channel mean and std over every stored image: the merge of each shard's statistics, in plan order (so
-    any split of the work gives the same numbers). None if a shard has none (written by an older version)."""
-    dim = int(st.meta["hidden_size"])
-    merged: dict[str, ChannelStats] = {}
-    for b in plan.buckets:
-        for u in range(b.num_shards):
-            part = st.read_stats(b.name, u)
-            if part is None:
-                return None
-            for name, s in part.items():
-                merged[name] = merged.get(name, ChannelStats.empty(dim)).merge(s)
-    return {name: s.to_dict() for name, s in merged.items()}
 
 
 class _ShardAssembler:
@@ -546,6 +542,8 @@ def run_shards(
     except BaseException as e:
         with contextlib.suppress(BaseException):
             writer.close()  # shards already handed over (all checked) still get written and marked: less to redo
+        if isinstance(e, SourceChangedError):  # from a decode worker: its message carries the worker's traceback
+            raise SourceChangedError(_worker_message(e)) from None
         if isinstance(e, RuntimeError) and "timed out" in str(e):
             raise DinofeatError(
                 f"no decoded batch for {cfg.decode_timeout_s:.0f}s (a read hung on a network mount?); finished "
@@ -558,6 +556,15 @@ def run_shards(
         summary.seconds += time.perf_counter() - t0
         summary.bytes_written += writer.bytes_written
     summary.processed += n_pending
+
+
+def _worker_message(e: BaseException) -> str:
+    """The message of an error a DataLoader worker raised, without the traceback DataLoader wraps it in."""
+    text = str(e).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(type(e).__module__) and ": " in last else last
 
 
 def extract(
@@ -574,7 +581,8 @@ def extract(
     `overrides` are ExtractConfig fields, e.g. `extract("imgs", "feats", model="facebook/dinov3-vitl16-...",
     area=512)`. Raises ConfigError / CacheMismatchError before any work; bad images are recorded, not raised.
     """
-    cache = cache_location(cache)  # unsupported URLs are refused before anything starts
+    given = os.fspath(cache)  # what messages name
+    cache = cache_location(cache)  # symlinks resolved (one cache, one lock); unsupported URLs refused before any work
     if not is_archive_source(os.fspath(source)):
         local_path(source, "image source")  # folders and lists are local; tar shards and parquet files may be URLs
     try:
@@ -585,7 +593,7 @@ def extract(
     prep = prepare(config, group)
     # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan
     src = discover(source, limit=config.limit) if group.is_leader or not group.connected or dry_run else None
-    summary = Summary(cache=str(cache), dry_run=dry_run, world_size=group.world_size, rank=group.rank)
+    summary = Summary(cache=given, dry_run=dry_run, world_size=group.world_size, rank=group.rank)
     if dry_run:
         plan = build_plan(src, prep, config.progress)
         summary.total = len(plan)
@@ -604,9 +612,9 @@ def extract(
         )
     progress = config.progress and group.is_leader
     with contextlib.ExitStack() as held, _disk_errors(cache):
-        st, plan = _open_on_every_rank(cache, src, prep, group, overwrite, progress, summary, held)
+        st, plan, moved = _open_on_every_rank(cache, src, prep, group, overwrite, progress, summary, held)
         if src is None:
-            src = source_from_plan(plan, str(st.meta["source_root"]), st.source_names())
+            src = source_from_plan(plan, str(st.meta["source_root"]), st.source_names(), moved)
         found, planned = set(src.keys), set(plan.keys)
         removed = sorted(planned - found)
         summary.new_files, summary.removed_files = len(found - planned), len(removed)
@@ -648,26 +656,28 @@ def _open_on_every_rank(
     progress: bool,
     summary: Summary,
     held: contextlib.ExitStack,
-) -> tuple[Store, Plan]:
+) -> tuple[Store, Plan, dict[str, Member]]:
     """Rank 0 takes the cache's lock, then plans (creates, resumes or extends the cache) while the others wait;
     an error while locking or planning is raised on every rank, so no rank waits forever for a plan that will
     never come. The lock stays in `held` for the whole run. Ranks of a manual split each hold it shared."""
     manual = group.world_size > 1 and not group.connected
     if not group.is_leader:
-        error = group.broadcast(None)
-        if error is not None:
-            raise error
+        outcome = group.broadcast(None)
+        if isinstance(outcome, BaseException):
+            raise outcome
         if manual:
             held.enter_context(cache_lock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
-        return join_cache(cache, src, prep, group, prep.config.wait_s)
+        st, plan = join_cache(cache, src, prep, group, prep.config.wait_s)
+        return st, plan, outcome or {}
     assert src is not None  # rank 0 always lists the source
     try:
         held.enter_context(cache_lock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
         st, plan, summary.appended = open_or_create(cache, src, prep, overwrite, progress)
         summary.cleaned_files += st.cleanup(set(), orphans=True)
         _refuse_missing(plan, src, {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers()))
+        moved = moved_members(plan, src) if group.connected else {}
     except Exception as e:
         group.broadcast(e)
         raise
-    group.broadcast(None)
-    return st, plan
+    group.broadcast(moved)  # where rank 0 found images that are no longer where the plan says
+    return st, plan, moved

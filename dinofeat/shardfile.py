@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinofeat.checksum import RowCrcs, crc32c
+from dinofeat.checksum import RowCrcs, array_meta_checksum, crc32c
 from dinofeat.errors import CacheFormatError, ChecksumError
 from dinofeat.objects import Blob, Files, LocalBlob, LocalFiles
 
@@ -73,13 +73,30 @@ def _join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
-def read_layout(array_dir: str | os.PathLike[str], files: Files | None = None) -> ShardLayout:
+def check_array_doc(where: str, doc: dict, expected: int | None) -> None:
+    """ChecksumError unless the reader-relevant fields of an array's zarr.json match the checksum the cache's
+    metadata recorded for it (`expected`; None: a cache made before 0.6, nothing to check)."""
+    if expected is not None and array_meta_checksum(doc) != expected:
+        raise ChecksumError(
+            f"{where}/zarr.json fails its checksum: its shape, data type, chunk or shard shape, codecs or fill value "
+            "are not those written (edited or damaged); restore the file from a copy, or rebuild with --overwrite"
+        )
+
+
+def read_layout(
+    array_dir: str | os.PathLike[str], files: Files | None = None, expected: int | None = None
+) -> ShardLayout:
     """Parse and check an array's zarr.json for the fast path (row-chunked: chunk = (1, *rest)). With `files`,
-    `array_dir` is relative to its root, and so are the shard files read later; without, it is a local folder."""
+    `array_dir` is relative to its root, and so are the shard files read later; without, it is a local folder.
+    `expected`: the checksum the cache's metadata recorded for this zarr.json (ChecksumError on a mismatch)."""
     if files is None:
         files, array_dir = LocalFiles(Path(array_dir)), ""
     array_dir = Path(array_dir).as_posix() if str(array_dir) else ""
-    meta = json.loads(files.read(_join(array_dir, "zarr.json")))
+    try:
+        meta = json.loads(files.read(_join(array_dir, "zarr.json")))
+    except ValueError:
+        raise CacheFormatError(f"{array_dir}/zarr.json is not valid JSON (damaged)") from None
+    check_array_doc(array_dir, meta, expected)
     codecs = meta.get("codecs", [])
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
         raise UnsupportedLayout(f"{array_dir}: not a sharded array")
@@ -192,6 +209,40 @@ def _open_shard(files: Files, path: str, index_bytes: int, chunks: int, verify: 
     return _OpenShard(blob, np.frombuffer(raw[: chunks * 16], "<u8").reshape(-1, 2))
 
 
+def encode_shard(layout: ShardLayout, values: np.ndarray) -> bytes:
+    """One whole shard object in zarr v3's `sharding_indexed` format, as zarr reads it: every row's bytes (plus its
+    crc32c trailer when the layout has one), then the index of (offset, nbytes) pairs and its crc32c.
+
+    Every row is stored, all-zero ones included: zarr's own writer drops a chunk that equals the fill value, and
+    a shard whose rows are all fill values (every image of a rare bucket failed) not at all, which a reader cannot
+    tell from a lost file. Here a row is either stored with its checksum or the shard is damaged. Rows past the
+    array's end (the last shard of a bucket) are empty index entries, as zarr writes them."""
+    n = len(values)
+    rows = layout.shard_shape[0]
+    if n > rows or tuple(values.shape[1:]) != tuple(layout.chunk_shape[1:]):
+        raise ValueError(f"{layout.path}: {values.shape} does not fit a shard of {layout.shard_shape}")
+    data = np.ascontiguousarray(values, dtype=layout.dtype).reshape(n, -1).view(np.uint8)
+    chunk = layout.chunk_nbytes
+    body = np.empty((n, layout.stored_nbytes), np.uint8)
+    body[:, :chunk] = data
+    if layout.chunk_crc:
+        crcs = np.array([crc32c(row) for row in data], "<u4")
+        body[:, chunk:] = crcs.view(np.uint8).reshape(n, 4)
+    index = np.full((rows, 2), _EMPTY, "<u8")
+    index[:n, 0] = np.arange(n, dtype=np.uint64) * np.uint64(layout.stored_nbytes)
+    index[:n, 1] = layout.stored_nbytes
+    tail = index.tobytes()
+    if layout.checksum:
+        tail += struct.pack("<I", crc32c(tail))
+    return body.tobytes() + tail
+
+
+def shard_file_name(layout: ShardLayout, shard: int) -> str:
+    """The shard object of `shard`, relative to the cache root (default chunk-key encoding: c/<shard>/0/...)."""
+    ndim = len(layout.shape)
+    return _join(layout.path, layout.separator.join(["c", str(shard), *(["0"] * (ndim - 1))]))
+
+
 def stored_chunk_checksums(blob: Blob, chunks: int) -> list[int]:
     """The crc32c trailers of a written format-3 shard's chunks, read back from the shard (-1: chunk not stored).
     The writer records them in the shard's done marker."""
@@ -223,8 +274,7 @@ class ShardReader:
         self.pool = pool if pool is not None else HandlePool(64)
 
     def shard_file(self, shard: int) -> str:
-        ndim = len(self.layout.shape)
-        return _join(self.layout.path, self.layout.separator.join(["c", str(shard), *(["0"] * (ndim - 1))]))
+        return shard_file_name(self.layout, shard)
 
     def _handle(self, shard: int) -> _OpenShard:
         lay = self.layout

@@ -21,12 +21,27 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from dinofeat import metadata
 from dinofeat.arrays import ArraySet, base_of
-from dinofeat.checksum import RowCrcs, column_checksums, crc32c, expected_checksums, mismatched_columns
+from dinofeat.checksum import (
+    RowCrcs,
+    array_meta_checksum,
+    column_checksums,
+    crc32c,
+    expected_checksums,
+    mismatched_columns,
+)
 from dinofeat.errors import CacheConflictError, CacheFormatError, ConfigError
 from dinofeat.objects import Files, open_files
 from dinofeat.plan import BucketPlan, Plan
-from dinofeat.shardfile import stored_chunk_checksums
+from dinofeat.shardfile import (
+    ShardLayout,
+    check_array_doc,
+    encode_shard,
+    read_layout,
+    shard_file_name,
+    stored_chunk_checksums,
+)
 from dinofeat.stats import ChannelStats
 
 # 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
@@ -41,6 +56,7 @@ WRITABLE_VERSIONS = (FORMAT_VERSION, FEATURE_SETS_VERSION)
 READABLE_VERSIONS = (1, 2, 3, 4)  # a version 1 cache is a version 2 cache with one part and its index in "index"
 META_KEY = "dinofeat"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
+STATUS_PRUNED = 3  # done, then gone from the source and dropped with --prune: never served or counted again
 # zarr 3.1 has no bfloat16: bf16 features are stored as their uint16 bit patterns (exact; see docs/format.md)
 ZARR_DTYPES = {"fp16": "float16", "bf16": "uint16", "fp32": "float32"}
 INDEX_COLUMNS = ("key", "bucket", "row", "src_w", "src_h", "distortion", "file_size", "mtime_ns")
@@ -88,7 +104,9 @@ class Store:
                 f"{self.path} has cache format version {version}; this build reads versions "
                 + ", ".join(map(str, READABLE_VERSIONS))
             )
+        _refuse_damaged(self.path, meta)
         self._arrays: dict[tuple[str, str], Any] = {}
+        self._layouts: dict[tuple[str, str], ShardLayout] = {}
         self._meta = meta
         self._generation = int(meta.get("generation", 0))
         self.format_version = int(version)
@@ -107,22 +125,24 @@ class Store:
         """Arrays at their final size, the index, then state 'planned' last (a crash before that is detectable)."""
         files = open_files(path)
         root = _open_group(files, "w")
-        root.attrs[META_KEY] = {
-            **meta,
-            "format_version": FORMAT_VERSION if _default_arrays(meta) else FEATURE_SETS_VERSION,
-            "cache_id": uuid.uuid4().hex,  # readers tell a rebuilt cache from the one they opened
-            "generation": 0,
-            "state": "planning",
-            "index_group": "index",
-            "index_checksums": _write_index(root, "index", plan),
-            "buckets": [bucket_record(b) for b in plan.buckets],
-            "source_archives": list(plan.archives),
-        }
+        root.attrs[META_KEY] = metadata.stamp(
+            {
+                **meta,
+                "format_version": FORMAT_VERSION if _default_arrays(meta) else FEATURE_SETS_VERSION,
+                "cache_id": uuid.uuid4().hex,  # readers tell a rebuilt cache from the one they opened
+                "generation": 0,
+                "state": "planning",
+                "index_group": "index",
+                "index_checksums": _write_index(root, "index", plan),
+                "buckets": [bucket_record(b) for b in plan.buckets],
+                "source_archives": list(plan.archives),
+            }
+        )
         names = ArraySet.from_meta(meta).names()
         _create_bucket_arrays(root, plan.buckets, hidden, registers, store_dtype, names)
         _write_probe_failures(files, plan)
         store = cls(files, mode="r+")
-        store.update_meta(state="planned")
+        store.update_meta(state="planned", array_checksums=_array_checksums(files, plan.buckets, names))
         return store
 
     def extend(self, plan: Plan, hidden: int, registers: int, store_dtype: str) -> None:
@@ -146,9 +166,12 @@ class Store:
         for stale in (group, *leftovers):
             self.files.delete_tree(stale)
         sums = _write_index(self.root, group, plan)
-        _create_bucket_arrays(self.root, new, hidden, registers, store_dtype, self.arrays.names())
+        names = self.arrays.names()
+        _create_bucket_arrays(self.root, new, hidden, registers, store_dtype, names)
         _write_probe_failures(self.files, plan)  # keys not in the current index are ignored until the switch
+        array_sums = meta.get("array_checksums")  # a cache made before 0.6 gets them for its new arrays only
         self.update_meta(
+            array_checksums={**(array_sums or {}), **_array_checksums(self.files, new, names)},
             state="planned",
             index_group=group,
             index_checksums=sums,
@@ -159,6 +182,7 @@ class Store:
             parts=[*meta.get("parts", [{"part": 0}]), {"part": max(b.part for b in plan.buckets), "time": time.time()}],
         )
         self._arrays.clear()
+        self._layouts.clear()
         self._drop_stale_index_groups()
 
     # ---- metadata -------------------------------------------------------------------------------------------
@@ -188,7 +212,8 @@ class Store:
         raw, version = self.files.read_versioned("zarr.json")
         doc = json.loads(raw)
         disk = self.check_generation(dict(doc["attributes"][META_KEY]))
-        new = {**disk, **changes, "generation": self._generation + 1}
+        _refuse_damaged(self.path, disk)  # never launder damaged metadata under fresh checksums
+        new = metadata.stamp({**disk, **changes, "generation": self._generation + 1})
         doc["attributes"][META_KEY] = new
         if self.files.replace("zarr.json", json.dumps(doc, indent=2).encode(), version) is None:
             self.check_generation()  # names the other run's generation
@@ -228,6 +253,7 @@ class Store:
                 self._meta = self._disk_meta()
                 self._generation = int(self._meta.get("generation", 0))
                 self._arrays.clear()
+                self._layouts.clear()
                 continue
             except Exception as e:  # a damaged chunk or array metadata: zarr's crc32c codec, JSON, UTF-8 errors
                 raise CacheFormatError(
@@ -275,8 +301,9 @@ class Store:
     def probe_failures(self) -> dict[str, str]:
         return self._read_json("_dinofeat/probe_failures.json", {})
 
-    def read_plan(self) -> Plan:
-        ix = self.index()
+    def read_plan(self, ix: dict[str, np.ndarray] | None = None) -> Plan:
+        """The plan as the index records it (`ix`: the index, when the caller has just read it)."""
+        ix = self.index() if ix is None else ix
         keys = [str(k) for k in ix["key"]]
         pos = {k: i for i, k in enumerate(keys)}
         return Plan(
@@ -296,21 +323,40 @@ class Store:
         )
 
     # ---- features -------------------------------------------------------------------------------------------
+    def array_checksum(self, bucket: str, name: str) -> int | None:
+        """The recorded checksum of a feature array's zarr.json (None for caches made before 0.6)."""
+        return metadata.array_checksum(self.meta, bucket, name)
+
     def array(self, bucket: str, name: str) -> Any:
+        """A feature array through zarr-python, once its zarr.json has passed its checksum."""
         key = (bucket, name)
         if key not in self._arrays:
-            self._arrays[key] = self.root[f"buckets/{bucket}/{name}"]
+            rel = f"buckets/{bucket}/{name}"
+            check_array_doc(rel, json.loads(self.files.read(f"{rel}/zarr.json")), self.array_checksum(bucket, name))
+            self._arrays[key] = self.root[rel]
         return self._arrays[key]
 
     def has_array(self, bucket: str, name: str) -> bool:
         return self.files.exists(f"buckets/{bucket}/{name}/zarr.json")
 
+    def layout(self, bucket: str, name: str) -> ShardLayout:
+        """The shard layout of a feature array, from its zarr.json (read once)."""
+        key = (bucket, name)
+        if key not in self._layouts:
+            self._layouts[key] = read_layout(f"buckets/{bucket}/{name}", self.files, self.array_checksum(bucket, name))
+        return self._layouts[key]
+
     def write_shard(self, bucket: str, start: int, arrays: dict[str, np.ndarray]) -> int:
-        """One call per array covering exactly the shard's rows. Returns bytes written."""
+        """One whole shard object per array covering exactly the shard's rows, every row stored with its crc32c
+        (`encode_shard`; zarr's writer would drop all-zero rows and all-failed shards). One atomic write each: a
+        temp file, fsync and rename locally, one PUT on object storage. Returns bytes written."""
         written = 0
         for name, values in arrays.items():
-            a = self.array(bucket, name)
-            a[start : start + len(values)] = values
+            lay = self.layout(bucket, name)
+            rows = lay.shard_shape[0]
+            if start % rows or start + len(values) > lay.shape[0]:
+                raise ValueError(f"{bucket}/{name}: rows {start}..{start + len(values)} are not one shard")
+            self.files.write(shard_file_name(lay, start // rows), encode_shard(lay, values))
             written += values.nbytes
         return written
 
@@ -346,18 +392,25 @@ class Store:
     def stats_path(self, bucket: str, shard: int) -> str:
         return f"_dinofeat/stats/{bucket}/{shard}.npz"
 
-    def write_stats(self, bucket: str, shard: int, stats: dict[str, ChannelStats]) -> None:
-        """One shard's statistics, written (atomically, durably) before its done marker."""
+    def write_stats(self, bucket: str, shard: int, stats: dict[str, ChannelStats]) -> int:
+        """One shard's statistics, written (atomically, durably) before its done marker, which records the crc32c
+        returned here."""
         arrays = {}
         for name, st in stats.items():
             arrays |= {f"{name}.count": np.int64(st.count), f"{name}.mean": st.mean, f"{name}.m2": st.m2}
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         self.files.write(self.stats_path(bucket, shard), buf.getvalue())
+        return crc32c(buf.getvalue())
 
-    def read_stats(self, bucket: str, shard: int) -> dict[str, ChannelStats] | None:
+    def read_stats(self, bucket: str, shard: int, expected: int | None = None) -> dict[str, ChannelStats] | None:
+        """One shard's statistics; None if the file is missing, unreadable, or fails the crc32c its marker
+        recorded (`expected`)."""
         try:
-            with np.load(io.BytesIO(self.files.read(self.stats_path(bucket, shard)))) as z:
+            data = self.files.read(self.stats_path(bucket, shard))
+            if expected is not None and crc32c(data) != expected:
+                return None
+            with np.load(io.BytesIO(data)) as z:
                 names = {k.split(".")[0] for k in z.files}
                 return {n: ChannelStats(int(z[f"{n}.count"]), z[f"{n}.mean"], z[f"{n}.m2"]) for n in names}
         except (OSError, ValueError, KeyError):
@@ -386,6 +439,7 @@ class Store:
         stop: int,
         failed: dict[int, str],
         checksums: dict[str, list[int]] | None = None,
+        stats_crc: int | None = None,
     ) -> None:
         body = {
             "bucket": bucket,
@@ -397,6 +451,8 @@ class Store:
         }
         if checksums:
             body["crc32c"] = checksums
+        if stats_crc is not None:
+            body["stats_crc32c"] = stats_crc
         self.files.write(self.marker_path(bucket, shard), json.dumps(body).encode())
 
     def markers(self) -> dict[tuple[str, int], dict[str, Any]]:
@@ -572,6 +628,75 @@ class Store:
         for b in self.bucket_plans():
             for u in range(b.num_shards):
                 yield b, u
+
+
+def marker_status(plan: Plan, markers: dict[tuple[str, int], dict[str, Any]]) -> tuple[np.ndarray, dict[str, str]]:
+    """Every planned image's status as the done markers say (pending / done / failed) and the failures' reasons:
+    what sealing writes, and what `info` and `validate` count on a cache that is not sealed yet."""
+    status = np.full(len(plan), STATUS_PENDING, np.int8)
+    failures: dict[str, str] = {}
+    for i, why in plan.probe_errors.items():
+        status[i] = STATUS_FAILED
+        failures[plan.keys[i]] = why
+    by_bucket = plan.rows_to_keys()
+    for b in plan.buckets:
+        positions = by_bucket[b.name]
+        for u in range(b.num_shards):
+            m = markers.get((b.name, u))
+            if m is None:
+                continue
+            start, stop = b.shard_range(u)
+            status[positions[start:stop]] = STATUS_DONE
+            for r, why in m["failed"].items():
+                status[positions[int(r)]] = STATUS_FAILED
+                failures[plan.keys[positions[int(r)]]] = why
+    return status, failures
+
+
+def merged_channel_stats(
+    st: Store, plan: Plan, markers: dict[tuple[str, int], dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """Per-channel mean and std over every stored image: the merge of each shard's statistics, in plan order (so
+    any split of the work gives the same numbers). Each shard's file is checked against the crc32c its marker
+    recorded. None if a shard has none (written by dinofeat < 0.3) or its file is missing or damaged."""
+    markers = st.markers() if markers is None else markers
+    dim = int(st.meta["hidden_size"])
+    merged: dict[str, ChannelStats] = {}
+    for b in plan.buckets:
+        for u in range(b.num_shards):
+            crc = (markers.get((b.name, u)) or {}).get("stats_crc32c")
+            part = st.read_stats(b.name, u, None if crc is None else int(crc))
+            if part is None:
+                return None
+            for name, s in part.items():
+                merged[name] = merged.get(name, ChannelStats.empty(dim)).merge(s)
+    return {name: s.to_dict() for name, s in merged.items()}
+
+
+def _refuse_damaged(path: str, meta: dict[str, Any]) -> None:
+    """CacheFormatError naming every metadata field that fails its checksum or cannot be right."""
+    bad = metadata.damage(meta)
+    if bad:
+        raise CacheFormatError(
+            f"{path}: metadata field(s) {', '.join(bad)} fail their checksum (edited or damaged since written); the "
+            "cache is refused rather than read wrongly. Restore zarr.json from a copy, or rebuild with --overwrite"
+        )
+    wrong = metadata.problems(meta)
+    if wrong:
+        raise CacheFormatError(
+            f"{path}: damaged metadata: " + "; ".join(f"{f}: {why}" for f, why in wrong) + ". Restore zarr.json "
+            "from a copy, or rebuild with --overwrite"
+        )
+
+
+def _array_checksums(files: Files, buckets: Any, names: list[str]) -> dict[str, int]:
+    """{'buckets/<b>/<array>': checksum of its zarr.json's reader-relevant fields} for freshly created arrays."""
+    out = {}
+    for b in buckets:
+        for name in names:
+            rel = f"buckets/{b.name}/{name}"
+            out[rel] = array_meta_checksum(json.loads(files.read(f"{rel}/zarr.json")))
+    return out
 
 
 def _default_arrays(meta: dict[str, Any]) -> bool:

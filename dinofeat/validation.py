@@ -6,6 +6,7 @@ tested with tables of cases; `validate` wires them to a cache.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dinofeat import metadata
 from dinofeat.archive import is_archive_source
 from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
@@ -22,13 +24,17 @@ from dinofeat.objects import open_files
 from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.store import (
+    META_KEY,
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_PENDING,
+    STATUS_PRUNED,
     ZARR_DTYPES,
     Store,
     array_shape,
     bf16_bits_to_float32,
+    marker_status,
+    merged_channel_stats,
 )
 
 FP16_MAX = 65504.0
@@ -49,6 +55,8 @@ class Report:
     warnings: list[Problem] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
 
+    unfinished: dict[str, int] | None = None  # done / failed / pending / total of a cache that is not sealed yet
+
     @property
     def ok(self) -> bool:
         return not self.problems
@@ -66,6 +74,7 @@ class Report:
             "problems": [asdict(p) for p in self.problems],
             "warnings": [asdict(p) for p in self.warnings],
             "checked": self.checked,
+            "unfinished": self.unfinished,
         }
 
 
@@ -122,54 +131,94 @@ def validate(
     seed: int = 0,
     progress: bool = True,
 ) -> Report:
-    """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked)."""
+    """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked).
+
+    Never raises on a damaged cache: every kind of damage is a named problem in the report (a configuration error,
+    such as an image folder that does not exist, still raises)."""
     open_files(cache)  # an unsupported URL is a configuration error, not a damaged cache
     if images is not None and not is_archive_source(os.fspath(images)):
         images = local_path(images, "image folder")  # tar shards may be URLs; folders and lists are local
     report = Report(str(cache))
     try:
+        _run_checks(cache, images, recompute, sample, seed, progress, report)
+    except CacheFormatError as e:
+        report.add("damaged", str(cache), str(e))
+    except DinofeatError:
+        raise
+    except Exception as e:  # the report names damage no check foresaw instead of ending in a traceback
+        report.add("damaged", str(cache), f"validate could not read on: {type(e).__name__}: {e}")
+    return report
+
+
+def _run_checks(cache, images, recompute: int, sample: float, seed: int, progress: bool, report: Report) -> None:
+    try:
         st = Store(cache)
-    except (CacheFormatError, FileNotFoundError, ValueError) as e:
-        report.add("format", str(cache), str(e))
-        return report
+    except CacheFormatError as e:
+        _metadata_problems(open_files(cache), str(e), report)
+        return
     meta = st.meta
-    for k in ("model", "hidden_size", "patch_size", "bucket_spec", "dtypes", "recipe", "buckets", "fingerprint"):
-        if k not in meta:
-            report.add("metadata", "zarr.json", f"missing field {k!r}")
-    if not report.ok:
-        return report
-    if meta.get("state") != "sealed":
-        report.add("complete", "zarr.json", f"cache is not sealed (state {meta.get('state')!r}): precompute unfinished")
     try:
         ix = st.index()  # format 3: every column checked against its crc32c
     except CacheFormatError as e:
         report.add("index", "index", str(e))
-        return report
-    keys = [str(k) for k in ix["key"]]
-    plans = st.bucket_plans()
+        return
+    plan = st.read_plan(ix)
     markers = st.markers()
-    _check_structure(st, meta, ix, keys, plans, markers, report)
-    _check_values(st, ix, keys, plans, markers, sample, seed, progress, report)
+    status = ix["status"]
+    if meta.get("state") != "sealed":
+        status, _ = marker_status(plan, markers)
+        done, failed = int((status == STATUS_DONE).sum()), int((status == STATUS_FAILED).sum())
+        pending = len(status) - done - failed
+        report.unfinished = {"done": done, "failed": failed, "pending": pending, "total": len(status)}
+        report.add(
+            "complete",
+            "cache",
+            f"unfinished: {done + failed} of {len(status)} images done ({failed} of them failed), {pending} pending; "
+            "rerun the same precompute command to finish it",
+        )
+    keys = plan.keys
+    _check_structure(st, meta, ix, status, keys, plan.buckets, markers, report)
+    _check_values(st, ix, status, keys, plan.buckets, markers, sample, seed, progress, report)
+    _check_stats(st, plan, markers, report)
     if images is not None:
-        _check_folder(str(images), ix, keys, report)
+        _check_folder(str(images), st, ix, status, keys, report)
     if recompute:
-        _check_recompute(st, meta, ix, keys, plans, str(images or meta["source_root"]), recompute, seed, report)
-    return report
+        source = str(images or meta["source_root"])
+        _check_recompute(st, meta, ix, status, keys, plan.buckets, source, recompute, seed, report)
 
 
-def _check_structure(st, meta, ix, keys, plans, markers, report: Report) -> None:
+def _metadata_problems(files, refusal: str, report: Report) -> None:
+    """The cache would not open: name each metadata field that is damaged (or, failing that, the refusal)."""
+    try:
+        meta = json.loads(files.read("zarr.json")).get("attributes", {}).get(META_KEY)
+    except (OSError, ValueError, AttributeError):
+        meta = None
+    if not isinstance(meta, dict):
+        report.add("format", "zarr.json", refusal)
+        return
+    named = 0
+    for name in metadata.damage(meta):
+        report.add("metadata", name, "fails its checksum: edited or damaged since it was written")
+        named += 1
+    for name, why in metadata.problems(meta):
+        report.add("metadata", name, why)
+        named += 1
+    if not named:
+        report.add("format", "zarr.json", refusal)
+
+
+def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report) -> None:
     patch, hidden = int(meta["patch_size"]), int(meta["hidden_size"])
     want_dtype = ZARR_DTYPES[meta["dtypes"]["store"]]
     for b in plans:
-        if list(expected_grid(b.width, b.height, patch)) != list(
-            next(x for x in meta["buckets"] if x["name"] == b.name)["grid"]
-        ):
-            report.add("grid", b.name, f"recorded grid differs from {b.height}/{patch} x {b.width}/{patch}")
         for name in st.array_names(b.name):
             try:
                 arr = st.array(b.name, name)
             except (KeyError, FileNotFoundError):
-                report.add("arrays", f"{b.name}/{name}", "array recorded in the metadata is missing")
+                report.add("arrays", f"{b.name}/{name}", "array recorded in the metadata is missing (no zarr.json)")
+                continue
+            except (CacheFormatError, ValueError) as e:  # its zarr.json fails its checksum, or is not zarr
+                report.add("arrays", f"{b.name}/{name}", str(e))
                 continue
             grid = expected_grid(b.width, b.height, patch)
             want = array_shape(name, b.rows, grid, hidden, int(meta.get("registers_stored") or 0))
@@ -186,24 +235,30 @@ def _check_structure(st, meta, ix, keys, plans, markers, report: Report) -> None
     for k in duplicates(keys):
         report.add("duplicate", k, "key appears more than once in the index")
     n_b = len(plans)
-    status = ix["status"]
     for i, k in enumerate(keys):
         b, r = int(ix["bucket"][i]), int(ix["row"][i])
         if b >= n_b or (b >= 0 and not 0 <= r < plans[b].rows):
             report.add("index", k, f"bucket {b} row {r} out of range")
-        if status[i] == STATUS_PENDING:
-            report.add("complete", k, "planned but neither done nor failed")
+    counts = np.bincount(ix["bucket"][ix["bucket"] >= 0], minlength=n_b) if n_b else np.zeros(0, np.int64)
+    for k, b in enumerate(plans):
+        if k < len(counts) and counts[k] != b.rows:
+            report.add("index", b.name, f"the index puts {counts[k]} images in this bucket, its record says {b.rows}")
+    unfinished = report.unfinished is not None  # one summary line says what is pending, not one line per image
+    if not unfinished:
+        for i in np.flatnonzero(status == STATUS_PENDING):
+            report.add("complete", keys[i], "planned but neither done nor failed")
     failures = st.failures() | st.probe_failures()
     for i in np.flatnonzero(status == STATUS_FAILED):
-        if not failures.get(keys[i]):
+        if not failures.get(keys[i]) and not unfinished:
             report.add("failed", keys[i], "failed without a recorded reason")
     used = {(int(b), int(r)) for b, r in zip(ix["bucket"], ix["row"], strict=True) if b >= 0}
     if len(used) != int((ix["bucket"] >= 0).sum()):
         report.add("index", "index", "two images share a (bucket, row)")
-    for b in plans:
-        for u in range(b.num_shards):
-            if (b.name, u) not in markers:
-                report.add("complete", f"{b.name} shard {u}", "no done marker: shard not written")
+    if not unfinished:
+        for b in plans:
+            for u in range(b.num_shards):
+                if (b.name, u) not in markers:
+                    report.add("complete", f"{b.name} shard {u}", "no done marker: shard not written (or marker lost)")
     planned = {(b.name, u) for b in plans for u in range(b.num_shards)}
     for m in markers:
         if m not in planned:
@@ -225,7 +280,7 @@ def _check_structure(st, meta, ix, keys, plans, markers, report: Report) -> None
     report.checked["shards"] = len(planned)
 
 
-def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: Report) -> None:
+def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, report: Report) -> None:
     rng = random.Random(seed)
     by_bucket: dict[int, np.ndarray] = {}
     for k in range(len(plans)):
@@ -242,23 +297,30 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
     norms, norm_keys = [], []
     unchecked = 0
     for k, b, u in tqdm(todo, desc="validate", unit="shard", disable=not progress):
+        if len(by_bucket[k]) != b.rows:
+            continue  # the index and the bucket's record disagree (reported by the structure check)
         s0, s1 = b.shard_range(u)
         positions = by_bucket[k][s0:s1]
-        done = ix["status"][positions] == STATUS_DONE
+        done = status[positions] == STATUS_DONE
         for name in st.array_names(b.name):
             try:
-                layout = read_layout(f"buckets/{b.name}/{name}", st.files)
+                layout = read_layout(f"buckets/{b.name}/{name}", st.files, st.array_checksum(b.name, name))
                 reader = ShardReader(layout, HandlePool(1), expected=expected.get((b.name, name)))
                 reader._handle(u)  # the shard index and its crc32c
-            except CacheFormatError as e:
-                report.add("shard", f"{b.name}/{name} shard {u}", str(e))
+            except (CacheFormatError, FileNotFoundError, ValueError, KeyError) as e:
+                report.add("shard", f"{b.name}/{name} shard {u}", _reason(e))
                 continue
+            vouched = np.zeros(s1 - s0, bool)  # rows whose bytes match the crc32c their marker recorded
             if reader.verify_rows:
                 x, damaged = _read_checked(reader, s0, s1)
                 for r, why in damaged.items():
                     (report.add if done[r] else report.warn)("checksum", keys[positions[r]], f"{name}: {why}")
                 done = done.copy()
                 done[list(damaged)] = False  # already reported; their zeros are not a "zero row" finding
+                if reader.expected is not None:
+                    vouched = np.array([reader.expected[r] >= 0 for r in range(s0, s1)]) & ~np.isin(
+                        np.arange(s1 - s0), list(damaged)
+                    )
             else:
                 unchecked += 1
                 try:
@@ -267,13 +329,14 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
                     report.add("shard", f"{b.name}/{name} shard {u}", f"unreadable: {e}")
                     continue
             x = bf16_bits_to_float32(x) if bf16 else x
-            for check, rows, why in (
-                ("nan", nonfinite_rows(x), "NaN or Inf values"),
-                ("zero", zero_rows(x), "all-zero row among done images (never written?)"),
-            ):
-                for r in rows:
-                    if done[r]:
-                        report.add(check, keys[positions[r]], f"{name}: {why}")
+            for r in nonfinite_rows(x):
+                if done[r]:
+                    report.add("nan", keys[positions[r]], f"{name}: NaN or Inf values")
+            for r in zero_rows(x):  # a stored, checksummed zero row was written as zeros: odd, not damage
+                if done[r] and vouched[r]:
+                    report.warn("zero", keys[positions[r]], f"{name}: all-zero features (stored and checksummed)")
+                elif done[r]:
+                    report.add("zero", keys[positions[r]], f"{name}: all-zero row among done images (never written?)")
             for r in saturated_rows(x):
                 if done[r]:
                     report.warn("saturation", keys[positions[r]], f"{name}: fp16 saturated (|x| = 65504)")
@@ -293,6 +356,30 @@ def _check_values(st, ix, keys, plans, markers, sample, seed, progress, report: 
         )
 
 
+def _reason(e: BaseException) -> str:
+    """A problem's text: the message of our own errors, the type too for anything else (FileNotFoundError: ...)."""
+    return str(e) if isinstance(e, DinofeatError) else f"{type(e).__name__}: {e}"
+
+
+def _check_stats(st, plan, markers, report: Report) -> None:
+    """The recorded channel statistics must be the merge of the shards' own (what normalize=True applies)."""
+    recorded = st.meta.get("channel_stats")
+    if not recorded or st.meta.get("state") != "sealed":
+        return
+    merged = merged_channel_stats(st, plan, markers)
+    if merged is None:
+        report.add("stats", "_dinofeat/stats", "a shard's statistics file is missing or damaged; rerun with --repair")
+        return
+    for name, rec in recorded.items():
+        now = merged.get(name)
+        if now is None or not (
+            now["count"] == rec["count"]
+            and np.allclose(now["mean"], rec["mean"], rtol=1e-5, atol=1e-6)
+            and np.allclose(now["std"], rec["std"], rtol=1e-5, atol=1e-6)
+        ):
+            report.add("stats", f"channel_stats.{name}", "differs from the merge of the shards' statistics")
+
+
 def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, dict[int, str]]:
     """Rows [s0, s1) of one shard, each verified against its crc32c; damaged rows read as zeros and are returned
     with their reason (position within the shard)."""
@@ -306,20 +393,33 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
     return np.stack(rows), damaged
 
 
-def _check_folder(folder: str, ix, keys, report: Report) -> None:
+def _check_folder(folder: str, st, ix, status, keys, report: Report) -> None:
+    """The source against the cache: images missing from either, files changed since extraction, and archive
+    members that moved (a tar shard or parquet file rewritten: the bytes at the recorded place are another image's,
+    even when every size and time matches)."""
     from dinofeat.discover import discover, size_and_mtime
 
     src = discover(folder)
-    found, planned = set(src.keys), set(keys)
-    for k in sorted(found - planned):
-        report.add("missing", k, "image in the folder is not in the cache")
+    found = set(src.keys)
+    pruned = {keys[i] for i in np.flatnonzero(status == STATUS_PRUNED)}
+    planned = set(keys) - pruned
+    for k in sorted(found - set(keys)):
+        report.add("missing", k, "image in the source is not in the cache")
     for k in sorted(planned - found):
-        report.add("extra", k, "cache has an image the folder lacks")
+        report.add("extra", k, "cache has an image the source lacks (drop it: rerun precompute with --prune)")
     pos = {k: i for i, k in enumerate(keys)}
+    archives = list(st.meta.get("source_archives") or [])
     for k in sorted(found & planned):
         i = pos[k]
-        if is_stale(size_and_mtime(src.path(k)), (int(ix["file_size"][i]), int(ix["mtime_ns"][i]))):
+        now = src.path(k)
+        if is_stale(size_and_mtime(now), (int(ix["file_size"][i]), int(ix["mtime_ns"][i]))):
             report.add("stale", k, "file changed since extraction (size or mtime)")
+        elif "archive" in ix and int(ix["archive"][i]) >= 0:
+            was = (archives[int(ix["archive"][i])] if int(ix["archive"][i]) < len(archives) else None, ix["offset"][i])
+            if (getattr(now, "archive", None), getattr(now, "offset", None)) != (was[0], int(was[1])):
+                report.add(
+                    "stale", k, f"moved within its source since extraction (now {now}): the archive was rewritten"
+                )
 
 
 def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
@@ -327,7 +427,7 @@ def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
     return now[1] != recorded[1] or (now[0] >= 0 and now[0] != recorded[0])
 
 
-def _check_recompute(st, meta, ix, keys, plans, source: str, k: int, seed: int, report: Report) -> None:
+def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, seed: int, report: Report) -> None:
     import torch
 
     from dinofeat.config import Recipe
@@ -337,7 +437,7 @@ def _check_recompute(st, meta, ix, keys, plans, source: str, k: int, seed: int, 
     from dinofeat.tokens import split_tokens
 
     locate = locator(source, st.source_names())
-    done = [i for i in np.flatnonzero(ix["status"] == STATUS_DONE)]
+    done = [i for i in np.flatnonzero(status == STATUS_DONE)]
     picks = random.Random(seed).sample(done, min(k, len(done)))
     try:
         info = load_model_info(meta["model"]["id"], meta["model"].get("revision"))

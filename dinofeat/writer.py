@@ -52,9 +52,9 @@ class ShardWriter:
                 arrays = item.build()
                 self.bytes_written += self.store.write_shard(item.bucket, item.start, arrays)
                 self.store.sync_shard(item.bucket, item.shard)  # data on disk before the marker that vouches for it
-                self.store.write_stats(item.bucket, item.shard, self._stats(item, arrays))
+                stats_crc = self.store.write_stats(item.bucket, item.shard, self._stats(item, arrays))
                 sums = self.store.shard_checksums(item.bucket, item.shard)  # each chunk's crc32c, as stored
-                self.store.write_marker(item.bucket, item.shard, item.start, item.stop, item.failed, sums)
+                self.store.write_marker(item.bucket, item.shard, item.start, item.stop, item.failed, sums, stats_crc)
                 self.shards_written += 1
             except BaseException as e:  # re-raised in the main thread
                 self._error = e

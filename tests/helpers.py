@@ -6,6 +6,7 @@ A module of its own, so that no test module imports another (and `tests` resolve
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import struct
@@ -295,3 +296,16 @@ def kill_9_once(proc: subprocess.Popen, progressed: Callable[[], bool], timeout:
         time.sleep(0.05)  # polling another process's progress
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def edit_metadata(cache: Path, change: Callable[[dict], None], *, restamp: bool = False) -> None:
+    """Edit a cache's dinofeat metadata in place. `restamp` recomputes its field checksums, as a dinofeat writer
+    would have (a consistent cache made with other settings); without it the edit is damage, as a hand edit is."""
+    from dinofeat.metadata import stamp
+
+    path = cache / "zarr.json"
+    doc = json.loads(path.read_text())
+    change(doc["attributes"]["dinofeat"])
+    if restamp:
+        doc["attributes"]["dinofeat"] = stamp(doc["attributes"]["dinofeat"])
+    path.write_text(json.dumps(doc, indent=2))

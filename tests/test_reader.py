@@ -15,6 +15,7 @@ from dinofeat.cache import FeatureCache
 from dinofeat.collate import collate_features
 from dinofeat.dataset import FeatureDataset
 from dinofeat.errors import CacheFormatError
+from dinofeat.metadata import stamp
 from dinofeat.precompute import extract
 from dinofeat.sampler import BucketBatchSampler, plan_batches
 from dinofeat.shardfile import ShardReader, read_layout
@@ -87,10 +88,12 @@ def test_refuses_unsealed_unknown_version_and_unmarked(tmp_path, cache_dir):
     meta["attributes"]["dinofeat"]["format_version"] = 1
     meta["attributes"]["dinofeat"]["state"] = "planned"
     del meta["attributes"]["dinofeat"]["last_sealed"]  # never sealed: nothing to serve
+    meta["attributes"]["dinofeat"] = stamp(meta["attributes"]["dinofeat"])  # as a writer would leave it
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CacheFormatError, match="not sealed"):
         FeatureCache(c)
     meta["attributes"]["dinofeat"]["state"] = "sealed"
+    meta["attributes"]["dinofeat"] = stamp(meta["attributes"]["dinofeat"])
     meta_path.write_text(json.dumps(meta))
     next((c / "_dinofeat" / "done").rglob("*.json")).unlink()
     # the reader opens from the marker summary written at seal (its rows still checked against their crcs), and
@@ -268,6 +271,7 @@ def test_version_1_caches_still_read(tmp_path, cache_dir):
     attrs.pop("index_group")
     for b in attrs["buckets"]:
         b.pop("part")
+    meta["attributes"]["dinofeat"] = stamp(attrs)
     meta_path.write_text(json.dumps(meta))
     old, new = FeatureCache(c), FeatureCache(cache_dir)
     assert old.keys() == new.keys() and old.buckets == new.buckets

@@ -16,7 +16,7 @@ from dinofeat.precompute import extract
 from dinofeat.store import Store
 from dinofeat.validation import duplicates, nonfinite_rows, norm_outliers, patch_cosines, saturated_rows, zero_rows
 from dinofeat.validation import validate as run_validate
-from tests.helpers import FAST, make_tiny, write_images
+from tests.helpers import FAST, edit_metadata, make_tiny, write_images
 
 runner = CliRunner()
 
@@ -114,7 +114,8 @@ def test_metadata_with_wrong_grid(copy):
     meta["attributes"]["dinofeat"]["buckets"][0]["grid"] = [3, 5]
     meta_path.write_text(json.dumps(meta))
     r = run_validate(cache, progress=False)
-    assert "grid" in checks(r)
+    assert any(p.check == "metadata" and p.where == "buckets" for p in r.problems)  # fails its checksum
+    assert any(p.check == "metadata" and p.where == "buckets[0]" and "grid" in p.reason for p in r.problems)
 
 
 def test_image_missing_from_cache_and_extra_in_folder(copy):
@@ -141,10 +142,7 @@ def test_model_swapped_for_recompute(copy, tmp_path):
 
     w = load_file(other / "model.safetensors")
     save_file({k: v + 0.5 * torch.randn_like(v) for k, v in w.items()}, other / "model.safetensors")
-    meta_path = cache / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta["attributes"]["dinofeat"]["model"]["id"] = str(other)
-    meta_path.write_text(json.dumps(meta))
+    edit_metadata(cache, lambda m: m["model"].update(id=str(other)), restamp=True)  # as if made with `other`
     r = run_validate(cache, images=imgs, recompute=2, progress=False)
     assert "recompute" in checks(r)
     assert any("min cosine" in p.reason for p in r.problems)
