@@ -147,8 +147,9 @@ def precompute(
         ),
     ] = False,
     draft_gap: Annotated[
-        int, typer.Option(help="With --jpeg-draft: the resize after the DCT reduction still shrinks by >= this.")
-    ] = 2,
+        int | None,
+        typer.Option(help="With --jpeg-draft: the resize after the DCT reduction still shrinks by >= this (2)."),
+    ] = None,
     compile_model: Annotated[
         bool,
         typer.Option("--compile", help="torch.compile the encoder, one graph per bucket shape (slow start)."),
@@ -193,7 +194,7 @@ def precompute(
             layers=layers,
             layer_norm=layer_norm,
             flip=flip,
-            recipe=Recipe(jpeg_draft=draft_gap if jpeg_draft else 0),
+            recipe=Recipe.from_options(jpeg_draft, draft_gap),
             batch_size=batch_size,
             token_budget=token_budget,
             compile=compile_model,

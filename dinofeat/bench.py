@@ -128,6 +128,10 @@ def bench(
 ) -> BenchResult:
     """Measure on `count` images from `images` (a folder), or on synthetic photo-like JPEGs of `megapixels`.
     `compile` torch.compiles the encoder of both measurements (one graph per bucket shape)."""
+    if count is not None and count < 1:
+        raise ConfigError(f"--count is a number of images >= 1, got {count}")
+    if megapixels <= 0:
+        raise ConfigError(f"--megapixels must be > 0, got {megapixels}")
     cfg = ExtractConfig(
         model=model, area=area, device=device, dtype=dtype, num_workers=workers, progress=progress, compile=compile
     )

@@ -351,7 +351,7 @@ def _open_dir(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
-        raise CacheFormatError(f"{path} is not a dinofeat cache (no such directory)") from None
+        raise CacheFormatError(f"no dinofeat cache at {path} (no such folder)") from None
 
 
 class _ZarrRowReader:

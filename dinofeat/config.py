@@ -39,6 +39,19 @@ class Recipe:
         if isinstance(self.jpeg_draft, bool) or not isinstance(self.jpeg_draft, int) or self.jpeg_draft < 0:
             raise ConfigError(f"jpeg_draft must be 0 (exact decoding) or a reduction gap >= 1, got {self.jpeg_draft!r}")
 
+    @classmethod
+    def from_options(cls, jpeg_draft: bool = False, draft_gap: int | None = None) -> Recipe:
+        """The recipe of the CLI's --jpeg-draft / --draft-gap: a gap without --jpeg-draft, or a gap below 1, is
+        refused instead of silently meaning exact decoding."""
+        if draft_gap is not None and not jpeg_draft:
+            raise ConfigError("--draft-gap applies only with --jpeg-draft (JPEGs are decoded exactly without it)")
+        gap = 2 if draft_gap is None else draft_gap
+        if jpeg_draft and gap < 1:
+            raise ConfigError(
+                f"--draft-gap must be >= 1 (the resize after the DCT reduction shrinks by >= it), got {gap}"
+            )
+        return cls(jpeg_draft=gap if jpeg_draft else 0)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
@@ -112,6 +125,18 @@ class ExtractConfig:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if not (0 <= self.rank < self.world_size):
             raise ConfigError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
+        for name, value, low in (
+            ("area", self.area, 1),
+            ("decode workers", self.num_workers, 0),
+            ("probe threads", self.probe_threads, 1),
+            ("number of buckets", self.num_buckets, 1),
+            ("DiT token size (--dit-token)", self.dit_token, 1),
+            ("multiple", self.multiple, 1),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if self.decode_timeout_s <= 0 or self.wait_s < 0:
+            raise ConfigError("decode timeout must be > 0 s and the rank wait >= 0 s")
 
     def with_bucket_spec(self, path: str | Path) -> ExtractConfig:
         """These settings with the buckets of a spec file (`dinofeat buckets --out`, plain or tied to a DiT), so

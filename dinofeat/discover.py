@@ -171,6 +171,18 @@ def discover_parquet(source: str, limit: int | None = None, threads: int = 16) -
     return Source(source_root(source), tuple(keys), {}, {k: members[k] for k in keys})
 
 
+def no_images(source: str | os.PathLike[str]) -> str:
+    """The one line a source without a single image gets (an empty or mistyped folder, an empty list or archive)."""
+    text = os.fspath(source)
+    if is_parquet(text):
+        return f"no image rows found in {text!r} (the parquet files hold no rows)"
+    if is_tar_source(text):
+        return f"no images found in {text!r} (no tar member ends in {', '.join(sorted(IMAGE_EXTENSIONS))})"
+    if Path(text).is_file():
+        return f"no images found in {text!r}: the list names no files"
+    return f"no images found in {text!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files skipped)"
+
+
 def source_root(source: str) -> Path | str:
     """A source's root as Source keeps it: a Path, or a URL (pattern) as given (Path would fold its '//')."""
     return source if is_url(source) else Path(source)

@@ -3,9 +3,10 @@ a lock object beside the cache that only one run can create (`ObjectLock`).
 
 The lock file is `<parent>/.<name>.dinofeat-lock`, beside the cache rather than in it, so that `--overwrite`
 (which moves the old cache aside) never moves or deletes a lock someone holds. The kernel drops the lock when the
-holder dies, so a crashed run never leaves a stale lock. A normal run (one process, or rank 0 of a process group
-whose other ranks start only after it holds the lock) takes it exclusively; the ranks of a manual `--rank` split
-take it shared, which keeps normal runs out while the split works (docs/format.md says what they rely on).
+holder dies, so a crashed run never leaves a stale lock; a run that ends removes the file. A normal run (one
+process, or rank 0 of a process group whose other ranks start only after it holds the lock) takes it exclusively;
+the ranks of a manual `--rank` split take it shared, which keeps normal runs out while the split works
+(docs/format.md says what they rely on).
 """
 
 from __future__ import annotations
@@ -43,19 +44,25 @@ class CacheLock:
 
     def __enter__(self) -> CacheLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise CacheLockedError(
-                f"{self.cache} is in use by another dinofeat run ({holder}); nothing was changed. Wait for it to "
-                f"finish (or stop it), then rerun: finished shards are kept"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        for _ in range(100):  # a holder that just finished may unlink the file between our open and our flock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise CacheLockedError(
+                    f"{self.cache} is in use by another dinofeat run ({holder}); nothing was changed. Wait for it "
+                    "to finish (or stop it), then rerun: finished shards are kept"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # we locked a file its holder had already unlinked: lock the one at the path now
+        else:
+            raise CacheLockedError(f"{self.cache}: its lock file keeps being replaced; is another run starting?")
         self._fd = fd
         if not self.shared:  # shared holders leave the exclusive holder's record alone
             body = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -64,11 +71,25 @@ class CacheLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """An exclusive holder removes the lock file before it lets go, so no run leaves one behind; a run that
+        opened the old file meanwhile notices (`_same_file`) and locks the new one instead."""
         if self._fd is not None:
+            if not self.shared and _same_file(self._fd, self.path):
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             with contextlib.suppress(OSError):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """The open lock file is still the one at `path` (not unlinked or replaced since it was opened)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
 
 
 def _read_holder(fd: int) -> str:

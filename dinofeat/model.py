@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,6 +76,7 @@ class ModelInfo:
     hidden_size: int
     config: dict[str, Any]
     random: bool
+    local_only: bool = False  # the hub is unreachable: weights come from the local hub cache (not stored anywhere)
 
     @property
     def num_layers(self) -> int:
@@ -109,16 +111,51 @@ def _random_config(spec: str) -> Any:
     return DINOv3ViTConfig(**_DINOV3_BASE, **RANDOM_ARCHS[arch])
 
 
-def _load_config(spec: str, revision: str | None) -> Any:
+def _load_config(spec: str, revision: str | None) -> tuple[Any, bool]:
+    """The model's config, and whether its files must come from the local hub cache (the hub is unreachable)."""
     if spec.startswith(RANDOM_PREFIX):
-        return _random_config(spec)
+        return _random_config(spec), False
     from transformers import AutoConfig
 
+    local = os.path.isdir(spec)
+    if not local and (spec.startswith((".", "/", "~")) or os.sep + os.sep in spec):
+        raise ConfigError(f"model {spec!r} is neither a local directory (it does not exist) nor a hub id")
+    offline = not local and hub_unreachable()
     try:
-        return AutoConfig.from_pretrained(spec, revision=revision)
+        cfg = AutoConfig.from_pretrained(spec, revision=revision, local_files_only=local or offline is not None)
+        return cfg, offline is not None
     except Exception as e:  # hub errors, missing dirs, bad json: all configuration problems
-        where = "local directory" if os.path.isdir(spec) else "hub id"
-        raise ConfigError(f"cannot load model config from {where} {spec!r}: {e}") from e
+        if offline is not None:
+            todo = "unset it to download" if "HF_HUB_OFFLINE" in offline else "connect to download it"
+            raise ConfigError(
+                f"cannot reach the Hugging Face hub ({offline}) and {spec!r} is not in the local hub cache: {todo}, "
+                "or pass a local model directory (made with save_pretrained) as --model"
+            ) from None
+        where = "local directory" if local else "hub id"
+        raise ConfigError(f"cannot load model config from {where} {spec!r}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (None if it answers a TCP connect within `timeout_s`, or HF_HUB_OFFLINE is set
+    and the hub is not to be asked at all). Checked once before loading, so a machine without network fails in
+    seconds with one line instead of a minute of the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
 
 
 def _info_from_config(spec: str, revision: str | None, cfg: Any) -> ModelInfo:
@@ -147,7 +184,8 @@ def _info_from_config(spec: str, revision: str | None, cfg: Any) -> ModelInfo:
 
 def load_model_info(spec: str, revision: str | None = None) -> ModelInfo:
     """Config only: fast, and raises ConfigError before any image is touched."""
-    return _info_from_config(spec, revision, _load_config(spec, revision))
+    cfg, local_only = _load_config(spec, revision)
+    return replace(_info_from_config(spec, revision, cfg), local_only=local_only)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -255,7 +293,12 @@ class Encoder:
                 torch.random.set_rng_state(state)
         else:
             try:
-                model = AutoModel.from_pretrained(self.info.id, revision=self.info.revision, attn_implementation="sdpa")
+                model = AutoModel.from_pretrained(
+                    self.info.id,
+                    revision=self.info.revision,
+                    attn_implementation="sdpa",
+                    local_files_only=self.info.local_only,
+                )
             except Exception as e:
                 raise ConfigError(f"cannot load model weights {self.info.id!r}: {e}") from e
         return model.to(device=self.device, dtype=self.dtype)

@@ -27,3 +27,16 @@ def local_path(value: str | os.PathLike[str], what: str) -> Path:
             "gcsfuse) and give the mount path"
         )
     return Path(text)
+
+
+def check_cache_dir(path: Path) -> None:
+    """ConfigError unless a local cache can live at `path`: it is a folder or does not exist yet, and the nearest
+    existing folder above it is a folder (not a file). Checked before the lock and the cache are created, so a
+    typo leaves nothing behind."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cache path {str(path)!r} is a file, not a folder; give a folder (it is created)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cache path {str(path)!r} lies under {str(parent)!r}, which is a file")
+            return

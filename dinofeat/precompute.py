@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from buckets import AnySpec, BucketSpecError, spec_for
+from buckets import AnySpec, BucketSpecError, TiedSpec, make_buckets, spec_for
 from dinofeat import __version__, ranks, store
 from dinofeat.archive import Member, is_archive_source
 from dinofeat.arrays import ArraySet, parse_layers
 from dinofeat.config import ExtractConfig
-from dinofeat.discover import Source, discover, source_root
+from dinofeat.discover import Source, discover, no_images, source_root
 from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError, SourceChangedError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
 from dinofeat.lock import cache_lock
 from dinofeat.model import Encoder, ModelInfo, load_model_info, resolve_device, resolve_dtype
 from dinofeat.objects import cache_location
-from dinofeat.paths import local_path
+from dinofeat.paths import check_cache_dir, local_path
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
 from dinofeat.probe import probe_many
 from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store, marker_status, merged_channel_stats
@@ -113,6 +113,7 @@ def prepare(config: ExtractConfig, group: ranks.Group | None = None) -> Prepared
     """Validate settings against the model's config; raises ConfigError before any work starts."""
     info = load_model_info(config.model, config.revision)
     spec = bucket_spec(config, info.patch_size)
+    check_bucket_pixels(spec, config.recipe.max_pixels)
     device = resolve_device(ranks.device_for(group or ranks.Group(), config.device))
     layers = parse_layers(config.layers, info.num_layers)
     arrays = ArraySet(layers, config.flip, config.keep_registers and info.num_register_tokens > 0, config.layer_norm)
@@ -136,6 +137,23 @@ def bucket_spec(config: ExtractConfig, patch: int) -> AnySpec:
         )
     except BucketSpecError as e:
         raise ConfigError(str(e)) from e
+
+
+def check_bucket_pixels(spec: AnySpec, max_pixels: int) -> None:
+    """ConfigError when the largest bucket is beyond what can be decoded and held (the recipe's pixel limit, PIL's
+    decompression-bomb threshold by default): an --area typo must not create a cache and then fail for lack of
+    memory."""
+    side = spec.dit.area if isinstance(spec, TiedSpec) else spec.area
+    if spec.mode == "fit":  # every image gets its own size of about area^2 pixels (on the DINO side)
+        w, h = spec.dino_size(side, side) if isinstance(spec, TiedSpec) else (side, side)
+        biggest = w * h
+    else:
+        biggest = max(b.width * b.height for b in make_buckets(spec))
+    if biggest > max_pixels:
+        raise ConfigError(
+            f"area {side} gives buckets of {biggest:,} pixels, more than the {max_pixels:,} an image may have "
+            f"(largest area about {int(max_pixels**0.5):,}); check --area"
+        )
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -583,6 +601,8 @@ def extract(
     """
     given = os.fspath(cache)  # what messages name
     cache = cache_location(cache)  # symlinks resolved (one cache, one lock); unsupported URLs refused before any work
+    if isinstance(cache, Path):
+        check_cache_dir(cache)
     if not is_archive_source(os.fspath(source)):
         local_path(source, "image source")  # folders and lists are local; tar shards and parquet files may be URLs
     try:
@@ -593,6 +613,8 @@ def extract(
     prep = prepare(config, group)
     # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan
     src = discover(source, limit=config.limit) if group.is_leader or not group.connected or dry_run else None
+    if src is not None and not src.keys:
+        raise ConfigError(no_images(source))
     summary = Summary(cache=given, dry_run=dry_run, world_size=group.world_size, rank=group.rank)
     if dry_run:
         plan = build_plan(src, prep, config.progress)

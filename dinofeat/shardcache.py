@@ -9,6 +9,10 @@ is never removed, so a cap below one shard still works, one shard at a time.
 
 The folder is scanned at every fetch (one `scandir` per directory), not tracked, so that several processes and
 several caches sharing the folder all count. A fetch is a whole shard (~128 MiB), so the scan is small beside it.
+
+Why `fetch` writes into a path rather than returning bytes: a shard held in memory whole costs its size two or
+three times over at the fetch's peak (s3fs `cat_file`: +384 MB RSS for 128 MiB), in every DataLoader worker and
+fetch thread at once; streamed into the temp file it costs a few network buffers (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 _LOCKS = tuple(threading.Lock() for _ in range(64))  # striped: bounded memory for millions of shards
-STALE_TMP_S = 3600  # a temp file this old was left by a process that died mid-fetch
+STALE_TMP_S = 3600  # a temp file this old was left by a process that died mid-fetch (a live one writes to it)
+
+Fetch = Callable[[Path], None]
+"""Writes one whole shard into the given path (a new temp file, created by the fetch); raises if it cannot."""
 
 
 class ShardCache:
-    """`open(rel, fetch)` -> a read-only fd of `subdir/rel` under `root`, fetched with `fetch()` when absent."""
+    """`open(rel, fetch)` -> a read-only fd of `subdir/rel` under `root`, fetched with `fetch(temp path)` when
+    absent."""
 
     def __init__(self, root: Path, subdir: str, max_bytes: int | None = None) -> None:
         self.root = Path(root)
@@ -35,9 +43,9 @@ class ShardCache:
         self.fetches = 0
         self.evicted = 0
 
-    def open(self, rel: str, fetch: Callable[[], bytes]) -> int:
+    def open(self, rel: str, fetch: Fetch) -> int:
         """One fetch per shard per process (threads wanting the same shard wait for it); processes racing each
-        rename a complete copy of the same bytes."""
+        rename a complete copy of the same bytes. A fetch that raises leaves no temp file behind."""
         path = self.dir / rel
         with _LOCKS[hash(str(path)) % len(_LOCKS)]:
             try:
@@ -48,12 +56,15 @@ class ShardCache:
                 if self.max_bytes is not None:
                     self._touch(path)
                 return fd
-            data = fetch()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
-            self._touch(tmp)
-            os.replace(tmp, path)
+            try:
+                fetch(tmp)
+                self._touch(tmp)
+                os.replace(tmp, path)  # readers see no shard or a whole one
+            except BaseException:
+                _unlink(tmp)  # a partial download, never renamed into place
+                raise
             fd = os.open(path, os.O_RDONLY)  # ours before anything is evicted
             self.fetches += 1
         if self.max_bytes is not None:

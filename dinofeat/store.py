@@ -91,6 +91,8 @@ class Store:
         try:
             meta = json.loads(self.files.read("zarr.json")).get("attributes", {}).get(META_KEY)
         except FileNotFoundError:
+            if not self.files.remote and not Path(self.files.root).is_dir():
+                raise CacheFormatError(f"no dinofeat cache at {self.path} (no such folder)") from None
             raise CacheFormatError(f"{self.path} is not a dinofeat cache (no zarr.json)") from None
         except ValueError:
             raise CacheFormatError(f"{self.path}: zarr.json is not valid JSON (damaged)") from None

@@ -10,6 +10,7 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from dinofeat import metadata
 from dinofeat.archive import is_archive_source
 from dinofeat.arrays import ArraySet
 from dinofeat.checksum import expected_checksums
-from dinofeat.errors import CacheFormatError, DinofeatError
+from dinofeat.errors import CacheFormatError, ConfigError, DinofeatError
 from dinofeat.objects import open_files
 from dinofeat.paths import local_path
 from dinofeat.shardfile import HandlePool, ShardReader, read_layout
@@ -135,9 +136,16 @@ def validate(
 
     Never raises on a damaged cache: every kind of damage is a named problem in the report (a configuration error,
     such as an image folder that does not exist, still raises)."""
-    open_files(cache)  # an unsupported URL is a configuration error, not a damaged cache
+    files = open_files(cache)  # an unsupported URL is a configuration error, not a damaged cache
+    if not 0 < sample <= 1:
+        raise ConfigError(f"--sample is the fraction of shards whose values are checked: 0 < sample <= 1, got {sample}")
+    if recompute < 0:
+        raise ConfigError(f"--recompute is a number of images >= 0, got {recompute}")
     if images is not None and not is_archive_source(os.fspath(images)):
         images = local_path(images, "image folder")  # tar shards may be URLs; folders and lists are local
+        if not images.exists():
+            raise ConfigError(f"image source {str(images)!r} does not exist")
+    _refuse_non_cache(files, cache)
     report = Report(str(cache))
     try:
         _run_checks(cache, images, recompute, sample, seed, progress, report)
@@ -148,6 +156,17 @@ def validate(
     except Exception as e:  # the report names damage no check foresaw instead of ending in a traceback
         report.add("damaged", str(cache), f"validate could not read on: {type(e).__name__}: {e}")
     return report
+
+
+def _refuse_non_cache(files, cache) -> None:
+    """A path that holds no cache at all is a mistyped argument (ConfigError), not a damaged cache: a folder with
+    none of a cache's files, or no folder."""
+    if files.exists("zarr.json"):
+        return
+    if not files.remote and not Path(files.root).is_dir():
+        raise ConfigError(f"no dinofeat cache at {cache} (no such folder)")
+    if not files.children("_dinofeat") and not files.children("buckets"):
+        raise ConfigError(f"{cache} is not a dinofeat cache (no zarr.json, no cache files)")
 
 
 def _run_checks(cache, images, recompute: int, sample: float, seed: int, progress: bool, report: Report) -> None:

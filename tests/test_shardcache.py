@@ -4,24 +4,25 @@ open descriptors surviving removal, several processes (instances) sharing one fo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from dinofeat.shardcache import STALE_TMP_S, ShardCache
+from dinofeat.shardcache import STALE_TMP_S, Fetch, ShardCache
 
 SIZE = 1000
 
 
 class Remote:
-    """What the object store would return: `SIZE` bytes per shard, every fetch counted."""
+    """What the object store would write into the temp file: `SIZE` bytes per shard, every fetch counted."""
 
     def __init__(self) -> None:
         self.fetched: list[str] = []
 
-    def fetcher(self, rel: str):
-        def fetch() -> bytes:
+    def fetcher(self, rel: str) -> Fetch:
+        def fetch(tmp: Path) -> None:
             self.fetched.append(rel)
-            return rel.encode().ljust(SIZE, b".")
+            tmp.write_bytes(rel.encode().ljust(SIZE, b"."))
 
         return fetch
 
@@ -100,3 +101,19 @@ def test_dead_fetches_temp_files_are_cleared_and_never_counted(tmp_path):
     _get(cache, remote, "a")
     assert _held(cache) == ["a"]  # the 100 KB of temp files do not push out a 1 KB shard
     assert fresh.exists() and not stale.exists()  # a fetch in progress is left alone
+
+
+def test_a_fetch_that_fails_midway_leaves_nothing_and_the_next_open_fetches_again(tmp_path):
+    """A download that dies after writing half the shard (connection reset): no shard appears, its temp file is
+    removed at once (not after STALE_TMP_S), and the next open fetches the shard whole."""
+    cache, remote = ShardCache(tmp_path, "id", 10 * SIZE), Remote()
+
+    def broken(tmp: Path) -> None:
+        tmp.write_bytes(b"x" * (SIZE // 2))
+        raise ConnectionResetError("peer went away")
+
+    with pytest.raises(ConnectionResetError):
+        cache.open("a", broken)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert _get(cache, remote, "a") == b"a".ljust(SIZE, b".")
+    assert remote.fetched == ["a"] and cache.fetches == 1
