@@ -81,6 +81,14 @@ def test_accelerate_deals_the_batches_the_sampler_would(world, drop_last):
         assert list(shard) == own and len(shard) == len(own)
 
 
+def test_accelerate_split_batches_cuts_every_batch_into_equal_pieces():
+    """split_batches=True (documented as working): process r gets piece r of every batch, nothing padded."""
+    ids = _ids(BUCKETS)
+    sampler = BucketBatchSampler(ids, BS, seed=5)
+    pieces = [list(BatchSamplerShard(sampler, num_processes=2, process_index=r, split_batches=True)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*pieces, strict=True)] == sampler.plan()
+
+
 @pytest.mark.parametrize("split_batches", [False, True])
 def test_a_sampler_split_twice_is_refused(split_batches):
     sampler = BucketBatchSampler(_ids(BUCKETS), BS, rank=1, world_size=2)
@@ -152,7 +160,10 @@ def _process(rank: int, world: int, port: int, cache: str, out: str) -> None:
         ns["start_epoch"](loader, ds, 6)
         res["after_start_epoch"] = [loader.batch_sampler.batch_sampler.epoch, ds.epoch]
         coins = [(f, flip_coin(0, 6, k)) for b in loader for f, k in zip(b["flipped"].tolist(), b["key"], strict=True)]
-        res["coin"] = [all(f == c for f, c in coins), any(f for f, _ in coins)]  # the epoch-6 coin, and not constant
+        res["coin"] = [
+            all(f == c for f, c in coins),
+            len({f for f, _ in coins}) == 2,
+        ]  # the epoch-6 coin, and not constant
 
         twice = BucketBatchSampler(ds.bucket_ids, BS, rank=acc.process_index, world_size=acc.num_processes)
         loader = acc.prepare(DataLoader(ds, batch_sampler=twice, collate_fn=collate_features))
