@@ -9,7 +9,11 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precompute DINO CLS + patch-grid features into a sharded zarr cache, check it, and inspect it.",
+)
 
 Area = Annotated[int, typer.Option("--area", help="Target area as the side of a square (1024 = 1024x1024 pixels).")]
 MinAR = Annotated[float, typer.Option("--min-ar", help="Smallest aspect ratio (width/height).")]
@@ -31,9 +35,48 @@ DitScale = Annotated[
 DitToken = Annotated[int, typer.Option(help="With --dit-scale: DiT pixels per token (VAE factor x DiT patch).")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from dinofeat import __version__
+
+        typer.echo(f"dinofeat {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Precompute DINO features once, train your DiT on them for weeks."""
+
+
 def _fail(e: Exception) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def _interrupted(cache: str) -> None:
+    """Ctrl-C: say how far the cache got and how to go on, exit 130 (finished shards are marked and kept)."""
+    from dinofeat.info import progress
+
+    try:
+        done, total = progress(cache)
+        where = f"{done} of {total} images done"
+    except Exception:  # nothing planned yet, or the cache cannot be read while interrupted: no count to give
+        where = "nothing finished yet"
+    typer.secho(f"interrupted: {where}; rerun the same command to resume", err=True)
+    raise typer.Exit(130)
+
+
+def _show(v: object) -> str:
+    """A setting as a user would type it."""
+    if isinstance(v, tuple):
+        return ",".join(map(str, v))
+    if hasattr(v, "jpeg_draft"):
+        return "exact JPEG decoding" if not v.jpeg_draft else f"--jpeg-draft --draft-gap {v.jpeg_draft}"
+    return str(v)
 
 
 def _gb(n: int) -> str:
@@ -103,8 +146,23 @@ def _print_tied(spec, doc: dict) -> None:
         )
 
 
+# precompute options -> the ExtractConfig settings they give (a rerun that leaves them out takes the cache's)
+_SETS = {"fit": ("bucket_mode",), "jpeg_draft": ("recipe",), "draft_gap": ("recipe",)}
+_BUCKET_FIELDS = ("area", "multiple", "min_ar", "max_ar", "num_buckets", "bucket_mode", "dit_scale", "dit_token")
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The ExtractConfig settings this command line gives (not left at their defaults)."""
+    out: set[str] = set()
+    for name in ctx.params:  # by name: typer may bring its own copy of click's ParameterSource
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"):
+            out |= set(_BUCKET_FIELDS if name == "bucket_spec" else _SETS.get(name, (name,)))
+    return out
+
+
 @app.command()
 def precompute(
+    ctx: typer.Context,
     source: Annotated[
         str,
         typer.Argument(
@@ -169,6 +227,12 @@ def precompute(
         bool, typer.Option(help="Plan only: bucket histogram and projected size; writes nothing.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing cache and start over.")] = False,
+    repair: Annotated[
+        bool, typer.Option(help="Check every shard as validate does; re-extract only the damaged or missing ones.")
+    ] = False,
+    prune: Annotated[
+        bool, typer.Option(help="Drop the cached images that are gone from the source (no longer served or counted).")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Extract CLS + patch-grid features for every image into a sharded zarr cache (rerun to resume)."""
@@ -208,14 +272,31 @@ def precompute(
         )
         if bucket_spec is not None:
             cfg = cfg.with_bucket_spec(bucket_spec)
-        s = extract_processes(source, cache, cfg, num_processes, overwrite=overwrite, dry_run=dry_run)
+        from dinofeat.config import FINGERPRINTED
+
+        s = extract_processes(
+            source,
+            cache,
+            cfg,
+            num_processes,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            repair=repair,
+            prune=prune,
+            inherit=set(FINGERPRINTED) - _given(ctx),
+        )
     except DinofeatError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        _interrupted(cache)
     if s.rank != 0:  # under accelerate launch / torchrun every rank gets here; rank 0 speaks for the run
         return
     if as_json:
-        typer.echo(json.dumps(s.to_dict(), indent=2))
+        typer.echo(json.dumps(s.to_dict(), indent=2, default=str))
         return
+    if s.inherited:
+        taken = ", ".join(f"{k} {_show(v)}" for k, v in sorted(s.inherited.items()))
+        typer.echo(f"settings from the cache (not given on this command line): {taken}")
     if dry_run:
         typer.echo(f"plan: {s.total} images, {s.failed} unreadable, {len(s.histogram)} buckets")
         for name, n in s.histogram:
@@ -236,8 +317,19 @@ def precompute(
         typer.echo(f"  {s.new_files} images in the folder are not in the plan (outside --limit)")
     if s.removed_files:
         typer.echo(
-            f"  {s.removed_files} cached images are gone from the folder (kept in the cache), e.g. "
-            + ", ".join(s.removed_examples)
+            f"  {s.removed_files} cached images are gone from the source (still served; rerun with --prune to drop "
+            "them), e.g. " + ", ".join(s.removed_examples)
+        )
+    if s.pruned_now:
+        typer.echo(f"  pruned {s.pruned_now} images gone from the source: no longer served; statistics recomputed")
+    if s.repaired:
+        typer.echo(f"  repaired {len(s.repaired)} damaged shards (re-extracted): " + "; ".join(s.repaired[:5]))
+    elif "repair" in sys.argv[1:] or "--repair" in sys.argv[1:]:
+        typer.echo("  repair: every shard checked, none damaged")
+    if s.damaged:
+        typer.echo(
+            f"  {len(s.damaged)} marked shards are damaged or lost (e.g. {s.damaged[0]}): rerun the same command with "
+            "--repair to re-extract only those"
         )
     if s.cleaned_files:
         typer.echo(f"  cleaned {s.cleaned_files} partial files left by an interrupted run")
@@ -265,14 +357,17 @@ def validate(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        for p in report.problems:
+        first = [p for p in report.problems if p.check == "complete" and p.where == "cache"]  # unfinished: first
+        for p in first + [p for p in report.problems if p not in first]:
             typer.secho(f"FAIL {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.RED)
         for p in report.warnings:
             typer.secho(f"warn {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.YELLOW)
+        for line in report.advice():
+            typer.echo(f"fix: {line}")
         checked = ", ".join(f"{k} {v}" for k, v in report.checked.items())
         typer.echo(
-            f"{'OK' if report.ok else 'FAILED'}: {cache} ({checked}; {len(report.problems)} problems, "
-            f"{len(report.warnings)} warnings)"
+            f"{'OK' if report.ok else 'FAILED'}: {cache} ({checked + '; ' if checked else ''}"
+            f"{len(report.problems)} problems, {len(report.warnings)} warnings)"
         )
     raise typer.Exit(0 if report.ok else 1)
 
@@ -291,11 +386,16 @@ def info(cache: Annotated[str, typer.Argument(help=CACHE_HELP)], as_json: AsJson
         typer.echo(json.dumps(d, indent=2))
         return
     m = d["model"]
-    typer.echo(
-        f"{d['cache']} ({d['state']}): {d['done']} done, {d['failed']} failed of {d['images']}; "
-        f"{_gb(d['disk_bytes'])} on disk; format {d['format_version']}"
-        f"{', checksummed' if d['checksums'] else ' (no checksums)'}"
+    counts = f"{d['done']} done, {d['failed']} failed" + "".join(
+        f", {d[k]} {k}" for k in ("pending", "pruned") if d.get(k)
     )
+    typer.echo(
+        f"{d['cache']} ({d['state']}): {counts} of {d['images']}; {_gb(d['disk_bytes'])} on disk; format "
+        f"{d['format_version']}{', checksummed' if d['checksums'] else ' (no checksums)'}; made by dinofeat "
+        f"{d['dinofeat_version']}"
+    )
+    if d["state"] != "sealed":
+        typer.echo("unfinished: rerun the same precompute command to finish it (finished shards are kept)")
     typer.echo(
         f"model {m['id']}{' (RANDOM WEIGHTS)' if m['random_weights'] else ''}, {m['model_type']}, patch "
         f"{m['patch_size']}, {m['num_register_tokens']} registers, D={m['hidden_size']}; "

@@ -158,3 +158,52 @@ class ExtractConfig:
             dit_scale=spec.scale if tied else None,
             dit_token=spec.dit_token if tied else self.dit_token,
         )
+
+
+# the settings that change the stored numbers: a rerun that does not give one takes the cache's (issue 23)
+FINGERPRINTED = (
+    "model", "revision", "dtype", "store_dtype", "area", "multiple", "min_ar", "max_ar", "num_buckets",
+    "bucket_mode", "dit_scale", "dit_token", "keep_registers", "layers", "layer_norm", "flip", "recipe", "limit",
+)  # fmt: skip
+
+
+def recorded_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The ExtractConfig settings a cache was made with, read back from its fingerprint: what a rerun that leaves an
+    option out resumes with. Only settings the fingerprint records are returned."""
+    fp = meta.get("fingerprint") or {}
+    out: dict[str, Any] = {}
+    if "model_id" in fp:
+        out["model"] = fp["model_id"]
+        out["revision"] = fp.get("model_revision")
+    if fp.get("compute_dtype"):
+        out["dtype"] = fp["compute_dtype"]
+    if fp.get("store_dtype"):
+        out["store_dtype"] = fp["store_dtype"]
+    spec = fp.get("bucket_spec")
+    if isinstance(spec, dict):
+        tied = spec.get("tied")
+        side = spec["dit"] if tied else spec
+        out |= {k: side[k] for k in ("area", "multiple", "min_ar", "max_ar", "num_buckets") if k in side}
+        out["bucket_mode"] = side.get("mode", "list")
+        out["dit_scale"] = str(tied["scale"]) if tied else None
+        if tied:
+            out["dit_token"] = int(tied["dit_token"])
+    if isinstance(fp.get("recipe"), dict):
+        out["recipe"] = Recipe.from_dict(fp["recipe"])
+    for k in ("keep_registers", "limit"):
+        if k in fp:
+            out[k] = fp[k]
+    features = fp.get("features") or {}
+    if "model_id" in fp:  # absent features = the default feature set
+        out["layers"] = tuple(features.get("layers") or (-1,))
+        out["layer_norm"] = bool(features.get("layer_norm", True))
+        out["flip"] = bool(features.get("flip", False))
+    return out
+
+
+def inherit(config: ExtractConfig, meta: dict[str, Any], names: Any) -> tuple[ExtractConfig, dict[str, Any]]:
+    """`config` with the settings in `names` (those the user did not give) taken from a cache's record. Returns the
+    new config and what was taken (only settings that differ from what `config` had)."""
+    recorded = recorded_options(meta)
+    taken = {k: recorded[k] for k in names if k in recorded and recorded[k] != getattr(config, k)}
+    return (replace(config, **taken) if taken else config), taken

@@ -8,13 +8,22 @@ from typing import Any
 
 import numpy as np
 
-from dinofeat.store import STATUS_DONE, STATUS_FAILED, Store, bf16_bits_to_float32
+from dinofeat import __version__
+from dinofeat.store import (
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_PENDING,
+    STATUS_PRUNED,
+    Store,
+    bf16_bits_to_float32,
+    marker_status,
+)
 
 
-def channel_stats(st: Store, max_images: int = 256, seed: int = 0) -> dict[str, Any]:
+def channel_stats(st: Store, max_images: int = 256, status: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
     """Per-channel mean/std of patch tokens over a random sample of done images (streamed, bounded memory)."""
     ix = st.index()
-    done = np.flatnonzero(ix["status"] == STATUS_DONE)
+    done = np.flatnonzero((ix["status"] if status is None else status) == STATUS_DONE)
     rng = np.random.default_rng(seed)
     picks = rng.choice(done, size=min(max_images, len(done)), replace=False) if len(done) else done
     plans = st.bucket_plans()
@@ -37,10 +46,17 @@ def channel_stats(st: Store, max_images: int = 256, seed: int = 0) -> dict[str, 
 
 
 def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, Any]:
+    """Everything `dinofeat info` prints. A cache that is not sealed yet is counted from its done markers (what a
+    rerun would seal), not from the status column, which is written at seal."""
     st = Store(cache)
     meta = st.meta
     ix = st.index()
-    failures = st.failures() | st.probe_failures()
+    status = ix["status"]
+    if meta.get("state") != "sealed":
+        status, marker_failures = marker_status(st.read_plan(ix), st.markers(), st.pruned())
+        failures = marker_failures
+    else:
+        failures = st.failures() | st.probe_failures()
     per_bucket = []
     for k, b in enumerate(st.bucket_plans()):
         sel = ix["bucket"] == k
@@ -49,14 +65,16 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
                 "bucket": b.name,
                 "grid": list(b.grid),
                 "tokens": b.grid[0] * b.grid[1],
-                "done": int((ix["status"][sel] == STATUS_DONE).sum()),
-                "failed": int((ix["status"][sel] == STATUS_FAILED).sum()),
+                "done": int((status[sel] == STATUS_DONE).sum()),
+                "failed": int((status[sel] == STATUS_FAILED).sum()),
                 "shards": b.num_shards,
             }
             | ({"dit_size": list(b.dit)} if b.dit else {})
         )
+    done = int((status == STATUS_DONE).sum())
     return {
         "cache": str(cache),
+        "dinofeat": __version__,  # this build; the cache records the one that created it in dinofeat_version
         "state": meta.get("state"),
         "format_version": st.format_version,
         "checksums": st.format_version >= 3,  # chunk and index crc32c (docs/format.md, "Integrity")
@@ -76,15 +94,16 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
         "bucket_spec": meta["bucket_spec"],
         "features": st.arrays.to_dict(),  # stored blocks, mirrored-image arrays, final norm
         "images": len(ix["key"]),
-        "done": int((ix["status"] == STATUS_DONE).sum()),
-        "failed": int((ix["status"] == STATUS_FAILED).sum()),
+        "done": done,
+        "failed": int((status == STATUS_FAILED).sum()),
+        "pending": int((status == STATUS_PENDING).sum()),
+        "pruned": int((status == STATUS_PRUNED).sum()),
         "buckets": per_bucket,
         "failures_by_reason": dict(Counter(r.split(":", 1)[0] for r in failures.values())),
         "disk_bytes": st.disk_bytes(),
         "created": meta.get("created"),
         "dinofeat_version": meta.get("dinofeat_version"),
-        "channel_stats": recorded_stats(meta, int((ix["status"] == STATUS_DONE).sum()))
-        or channel_stats(st, stats_images),
+        "channel_stats": recorded_stats(meta, done) or channel_stats(st, stats_images, status),
     }
 
 
@@ -103,3 +122,10 @@ def recorded_stats(meta: dict[str, Any], done: int) -> dict[str, Any] | None:
         "exact": True,
         "cls": rec.get("cls"),
     }
+
+
+def progress(cache: str | os.PathLike[str]) -> tuple[int, int]:
+    """(images done or failed, images planned), from the done markers: what an interrupted run got through."""
+    st = Store(cache)
+    status, _ = marker_status(st.read_plan(), st.markers(), st.pruned())
+    return int((status != STATUS_PENDING).sum()), len(status)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
 from dinofeat import ranks
 from dinofeat.config import ExtractConfig
 from dinofeat.errors import ConfigError, DinofeatError
-from dinofeat.precompute import Summary, extract
+from dinofeat.objects import cache_location
+from dinofeat.precompute import Summary, extract, settings_for
 
 
 def extract_processes(
@@ -26,14 +28,19 @@ def extract_processes(
     *,
     overwrite: bool = False,
     dry_run: bool = False,
+    repair: bool = False,
+    prune: bool = False,
+    inherit: Collection[str] = (),
 ) -> Summary:
     """`extract` in `num_processes` local processes (1: in this process). Returns the run's summary (images and
     bytes summed over the ranks). A configuration error raised in any process is raised here. The processes are
     spawned, so a script calling this needs the usual `if __name__ == "__main__":` guard."""
     if num_processes < 1:
         raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
+    actions = {"overwrite": overwrite, "repair": repair, "prune": prune}
     if num_processes == 1 or dry_run:
-        return extract(source, cache, config, overwrite=overwrite, dry_run=dry_run)
+        return extract(source, cache, config, dry_run=dry_run, inherit=inherit, **actions)
+    config, taken = settings_for(cache_location(cache), config, inherit, overwrite)  # once, for every process
     if ranks.launched():
         raise ConfigError("--num-processes starts processes itself; under accelerate launch or torchrun leave it at 1")
     if config.world_size != 1:
@@ -42,7 +49,7 @@ def extract_processes(
 
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    args = (num_processes, _free_port(), os.fspath(source), os.fspath(cache), config, overwrite, results)
+    args = (num_processes, _free_port(), os.fspath(source), os.fspath(cache), config, actions, results)
     crash: mp.ProcessExitedException | None = None
     try:  # a process that stopped with a configuration error reported it below; one that crashed reported nothing
         mp.start_processes(_child, args=args, nprocs=num_processes, start_method="spawn")
@@ -55,13 +62,11 @@ def extract_processes(
         if isinstance(outcome, BaseException):
             raise outcome
         if rank == 0:
-            return outcome
+            return replace(outcome, inherited=taken)
     raise DinofeatError(f"a precompute process failed ({crash}); finished shards are kept, rerun to resume")
 
 
-def _child(
-    index: int, world: int, port: int, source: str, cache: str, config: ExtractConfig, overwrite: bool, out: Any
-):
+def _child(index: int, world: int, port: int, source: str, cache: str, config: ExtractConfig, actions: dict, out: Any):
     os.environ.update(
         RANK=str(index),
         LOCAL_RANK=str(index),
@@ -71,7 +76,7 @@ def _child(
         MASTER_PORT=str(port),
     )
     try:
-        summary = extract(source, cache, replace(config, progress=config.progress and index == 0), overwrite=overwrite)
+        summary = extract(source, cache, replace(config, progress=config.progress and index == 0), **actions)
     except DinofeatError as e:
         out.put((index, e))
         raise SystemExit(1) from e

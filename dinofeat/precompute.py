@@ -11,7 +11,7 @@ import errno
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from buckets import AnySpec, BucketSpecError, TiedSpec, make_buckets, spec_for
-from dinofeat import __version__, ranks, store
+from dinofeat import __version__, maintenance, ranks, store
 from dinofeat.archive import Member, is_archive_source
 from dinofeat.arrays import ArraySet, parse_layers
-from dinofeat.config import ExtractConfig
+from dinofeat.config import FINGERPRINTED, ExtractConfig
+from dinofeat.config import inherit as inherit_settings
 from dinofeat.discover import Source, discover, no_images, source_root
 from dinofeat.errors import CacheFormatError, CacheMismatchError, ConfigError, DinofeatError, SourceChangedError
 from dinofeat.loader import BatchJob, DecodedBatch, make_loader
@@ -34,7 +35,15 @@ from dinofeat.objects import cache_location
 from dinofeat.paths import check_cache_dir, local_path
 from dinofeat.plan import BucketPlan, Plan, batch_size_for, extend_plan, make_plan, pending_batches, projected_bytes
 from dinofeat.probe import probe_many
-from dinofeat.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, Store, marker_status, merged_channel_stats
+from dinofeat.store import (
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_PENDING,
+    STATUS_PRUNED,
+    Store,
+    marker_status,
+    merged_channel_stats,
+)
 from dinofeat.tokens import split_tokens
 from dinofeat.writer import ShardResult, ShardWriter
 
@@ -65,6 +74,12 @@ class Summary:
     dry_run: bool = False
     histogram: list[tuple[str, int]] = field(default_factory=list)
     projected_bytes: int = 0
+    pruned: int = 0  # images dropped with --prune, by this run or an earlier one (not served, not counted as done)
+    pruned_now: int = 0  # dropped by this run
+    repaired: list[str] = field(default_factory=list)  # shards --repair found damaged and re-extracted
+    damaged: list[str] = field(default_factory=list)  # marked shards whose files are gone (rerun with --repair)
+    inherited: dict[str, Any] = field(default_factory=dict)  # settings taken from the cache (not given this run)
+    version: str = __version__
 
     @property
     def images_per_s(self) -> float:
@@ -361,13 +376,14 @@ def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]
     return out
 
 
-def _refuse_missing(plan: Plan, src: Source, pending: set[tuple[str, int]]) -> None:
-    """Rank 0 checks every unfinished shard (before the others start), each rank its own shards again."""
-    missing = missing_in_pending(plan, set(src.keys), pending)
+def _refuse_missing(plan: Plan, src: Source, pending: set[tuple[str, int]], pruned: set[str]) -> None:
+    """Rank 0 checks every unfinished shard (before the others start), each rank its own shards again. Pruned
+    images are not missing: they are recorded as gone."""
+    missing = [k for k in missing_in_pending(plan, set(src.keys), pending) if k not in pruned]
     if missing:
         raise ConfigError(
             f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "
-            "restore them or rerun with --overwrite"
+            "restore them, or rerun with --prune to drop them from the cache"
         )
 
 
@@ -396,10 +412,10 @@ def finalize(st: Store, plan: Plan, seal: bool = True) -> tuple[np.ndarray, dict
     """Status of every image from the plan and the done markers; seal the cache (when `seal`) once nothing is
     pending."""
     markers = st.markers()
-    status, failures = marker_status(plan, markers)
+    status, failures = marker_status(plan, markers, st.pruned())
     complete = bool((status != STATUS_PENDING).all())
     if seal and complete and st.disk_state() != "sealed":
-        st.seal(status, failures, merged_channel_stats(st, plan, markers), markers)
+        st.seal(status, failures, merged_channel_stats(st, plan, markers), markers, plan)
     return status, failures, complete
 
 
@@ -502,78 +518,110 @@ def run_shards(
     pending: set[tuple[str, int]],
     summary: Summary,
     progress: bool = True,
+    pruned: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    """Extract every pending shard; returns when all are written (or raises on a fatal error)."""
+    """Extract every pending shard; returns when all are written (or raises on a fatal error). Rows of `pruned`
+    images are stored as failed (zeros, left out of the statistics): they are gone from the source."""
     cfg = prep.config
-    budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
-    positions = plan.rows_to_keys()
     buckets = {b.name: b for b in plan.buckets}
     mine = {name: {u for (n, u) in pending if n == name} for name in buckets}
-    jobs: list[BatchJob] = []
-    arrays = prep.arrays
-    for b in plan.buckets:
-        if not mine[b.name]:
-            continue
-        tokens = (b.grid[0] * b.grid[1] + 1 + prep.model.num_register_tokens) * len(arrays.variants)
-        bs = batch_size_for(tokens, budget, cfg.batch_size)
-        for a, z in pending_batches(b, mine[b.name], bs):
-            paths = tuple(src.path(plan.keys[i]) for i in positions[b.name][a:z])
-            jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths))
+    jobs = _batch_jobs(plan, src, prep, mine)
     if not jobs:
         return
+    arrays = prep.arrays
     encoder = Encoder(
-        prep.model,
-        prep.device,
-        prep.dtype,
-        cfg.compile,
-        shapes=len({j.size for j in jobs}),
-        layers=arrays.layers,
-        layer_norm=arrays.layer_norm,
+        prep.model, prep.device, prep.dtype, cfg.compile, len({j.size for j in jobs}), arrays.layers, arrays.layer_norm
     )
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(prep.device)
     loader = make_loader(jobs, cfg.recipe, workers, prep.device.type == "cuda", cfg.decode_timeout_s)
     writer = ShardWriter(st)
     assemblers = {name: _ShardAssembler(buckets[name], mine[name], writer, cfg.store_dtype) for name in buckets}
+    gone = _pruned_rows(plan, pruned)
     n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
-    n_registers = prep.model.num_register_tokens
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar:
             batch: DecodedBatch
             for batch in loader:
-                job = batch.job
-                b = buckets[job.bucket]
-                states = encoder.encode_variants(batch.pixels, cfg.recipe.mean, cfg.recipe.std, arrays.flip)
-                outputs = {}
-                for (layer, flipped), hidden in states.items():
-                    tokens = dict(
-                        zip(("cls", "registers", "patches"), split_tokens(hidden, n_registers, b.grid), strict=True)
-                    )
-                    for base in arrays.bases:
-                        outputs[arrays.name(base, layer, flipped)] = _to_host(tokens[base], cfg.store_dtype)
+                job, b = batch.job, buckets[batch.job.bucket]
+                outputs = _encode(encoder, batch, b, prep)
                 event = None
                 if prep.device.type == "cuda":
                     event = torch.cuda.Event()
                     event.record()
-                assemblers[job.bucket].add(job.start, outputs, batch.failed, event)
+                failed = batch.failed | {r: PRUNED for r in gone.get(b.name, ()) if job.start <= r < job.stop}
+                assemblers[job.bucket].add(job.start, outputs, failed, event)
                 bar.update(_rows_in(b, mine[b.name], job.start, job.stop))
     except BaseException as e:
         with contextlib.suppress(BaseException):
             writer.close()  # shards already handed over (all checked) still get written and marked: less to redo
-        if isinstance(e, SourceChangedError):  # from a decode worker: its message carries the worker's traceback
-            raise SourceChangedError(_worker_message(e)) from None
-        if isinstance(e, RuntimeError) and "timed out" in str(e):
-            raise DinofeatError(
-                f"no decoded batch for {cfg.decode_timeout_s:.0f}s (a read hung on a network mount?); finished "
-                "shards are kept, rerun to resume"
-            ) from e
-        raise
+        err = _run_error(e, cfg)
+        if err is e:
+            raise
+        raise err from (None if isinstance(e, SourceChangedError) else e)
     else:
         writer.close()
     finally:
         summary.seconds += time.perf_counter() - t0
         summary.bytes_written += writer.bytes_written
     summary.processed += n_pending
+
+
+PRUNED = "pruned: gone from the source"
+
+
+def _batch_jobs(plan: Plan, src: Source, prep: Prepared, mine: dict[str, set[int]]) -> list[BatchJob]:
+    """The batches that cover this rank's pending shards: a fixed partition of each bucket's rows, sized by the
+    token budget, so a resumed run feeds the model exactly the batches a fresh one would."""
+    cfg = prep.config
+    budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
+    positions = plan.rows_to_keys()
+    jobs: list[BatchJob] = []
+    for b in plan.buckets:
+        if not mine[b.name]:
+            continue
+        tokens = (b.grid[0] * b.grid[1] + 1 + prep.model.num_register_tokens) * len(prep.arrays.variants)
+        bs = batch_size_for(tokens, budget, cfg.batch_size)
+        for a, z in pending_batches(b, mine[b.name], bs):
+            paths = tuple(src.path(plan.keys[i]) for i in positions[b.name][a:z])
+            jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths))
+    return jobs
+
+
+def _encode(encoder: Encoder, batch: DecodedBatch, b: BucketPlan, prep: Prepared) -> dict[str, torch.Tensor]:
+    """One decoded batch through the encoder: every stored array (block x variant x token kind), cast to the
+    stored dtype and on its way to pinned host memory."""
+    cfg, arrays = prep.config, prep.arrays
+    states = encoder.encode_variants(batch.pixels, cfg.recipe.mean, cfg.recipe.std, arrays.flip)
+    outputs = {}
+    for (layer, flipped), hidden in states.items():
+        parts = split_tokens(hidden, prep.model.num_register_tokens, b.grid)
+        tokens = dict(zip(("cls", "registers", "patches"), parts, strict=True))
+        for base in arrays.bases:
+            outputs[arrays.name(base, layer, flipped)] = _to_host(tokens[base], cfg.store_dtype)
+    return outputs
+
+
+def _pruned_rows(plan: Plan, pruned: set[str] | frozenset[str]) -> dict[str, set[int]]:
+    """bucket name -> rows of pruned images."""
+    out: dict[str, set[int]] = {}
+    if pruned:
+        for i, k in enumerate(plan.keys):
+            if k in pruned and plan.bucket[i] >= 0:
+                out.setdefault(plan.buckets[int(plan.bucket[i])].name, set()).add(int(plan.row[i]))
+    return out
+
+
+def _run_error(e: BaseException, cfg: ExtractConfig) -> BaseException:
+    """What the run raises for an error in its loop: one clear line where we know what happened."""
+    if isinstance(e, SourceChangedError):  # from a decode worker: its message carries the worker's traceback
+        return SourceChangedError(_worker_message(e))
+    if isinstance(e, RuntimeError) and "timed out" in str(e):
+        return DinofeatError(
+            f"no decoded batch for {cfg.decode_timeout_s:.0f}s (a read hung on a network mount?); finished shards are "
+            "kept, rerun to resume"
+        )
+    return e
 
 
 def _worker_message(e: BaseException) -> str:
@@ -585,6 +633,17 @@ def _worker_message(e: BaseException) -> str:
     return last.split(": ", 1)[1] if last.startswith(type(e).__module__) and ": " in last else last
 
 
+@dataclass(frozen=True)
+class Actions:
+    """What a run does besides extracting what is pending: start over, re-extract damaged shards, drop images
+    that are gone from the source, or only plan."""
+
+    overwrite: bool = False
+    repair: bool = False
+    prune: bool = False
+    dry_run: bool = False
+
+
 def extract(
     source: str | os.PathLike[str],
     cache: str | os.PathLike[str],
@@ -592,81 +651,127 @@ def extract(
     *,
     overwrite: bool = False,
     dry_run: bool = False,
+    repair: bool = False,
+    prune: bool = False,
+    inherit: Collection[str] | None = None,
     **overrides: Any,
 ) -> Summary:
     """Precompute features for every image under `source` into `cache`; rerun the same call to resume.
 
     `overrides` are ExtractConfig fields, e.g. `extract("imgs", "feats", model="facebook/dinov3-vitl16-...",
     area=512)`. Raises ConfigError / CacheMismatchError before any work; bad images are recorded, not raised.
+    `repair` re-extracts the shards that fail a full check (and only those); `prune` drops the cached images that
+    are gone from the source (docs/format.md, "Repair and prune"). On an existing cache, the settings named in
+    `inherit` come from the cache's record (default: with no `config`, every stored-number setting not in
+    `overrides`, so a rerun needs no options); the summary's `inherited` says which.
     """
+    actions = Actions(overwrite, repair, prune, dry_run)
     given = os.fspath(cache)  # what messages name
-    cache = cache_location(cache)  # symlinks resolved (one cache, one lock); unsupported URLs refused before any work
-    if isinstance(cache, Path):
-        check_cache_dir(cache)
-    if not is_archive_source(os.fspath(source)):
-        local_path(source, "image source")  # folders and lists are local; tar shards and parquet files may be URLs
-    try:
-        config = replace(config or ExtractConfig(), **overrides)
-    except TypeError as e:
-        raise ConfigError(str(e)) from e
+    names = (set(FINGERPRINTED) - set(overrides) if config is None else set()) if inherit is None else set(inherit)
+    cache, config = _checked_inputs(source, cache, config, overrides)
+    config, taken = settings_for(cache, config, names, overwrite)
     group = ranks.join(config.rank, config.world_size, config.device)
     prep = prepare(config, group)
     # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan
     src = discover(source, limit=config.limit) if group.is_leader or not group.connected or dry_run else None
     if src is not None and not src.keys:
         raise ConfigError(no_images(source))
-    summary = Summary(cache=given, dry_run=dry_run, world_size=group.world_size, rank=group.rank)
+    summary = Summary(cache=given, dry_run=dry_run, world_size=group.world_size, rank=group.rank, inherited=taken)
     if dry_run:
-        plan = build_plan(src, prep, config.progress)
-        summary.total = len(plan)
-        summary.failed = len(plan.probe_errors)
-        summary.pending = summary.total - summary.failed
-        summary.histogram = plan.histogram()
-        summary.projected_bytes = projected_bytes(
-            plan, prep.model.hidden_size, config.store_dtype, prep.registers_stored, prep.arrays.copies
-        )
-        summary.failures_by_reason = dict(Counter(_reason_class(r) for r in plan.probe_errors.values()))
-        return summary
-    if overwrite and group.world_size > 1 and not group.connected:
+        assert src is not None
+        return _dry_run(src, prep, summary)
+    if (overwrite or prune or repair) and group.world_size > 1 and not group.connected:
         raise ConfigError(
-            "--overwrite with a manual --rank/--world-size split could delete a cache other ranks already write to; "
-            "delete the cache once before starting the ranks instead"
+            "--overwrite, --repair and --prune change the whole cache, which a manual --rank/--world-size split "
+            "shares: run them once as one process (or a process group) before starting the ranks"
         )
     progress = config.progress and group.is_leader
     with contextlib.ExitStack() as held, _disk_errors(cache):
-        st, plan, moved = _open_on_every_rank(cache, src, prep, group, overwrite, progress, summary, held)
-        if src is None:
-            src = source_from_plan(plan, str(st.meta["source_root"]), st.source_names(), moved)
-        found, planned = set(src.keys), set(plan.keys)
-        removed = sorted(planned - found)
-        summary.new_files, summary.removed_files = len(found - planned), len(removed)
-        summary.removed_examples = removed[:5]
-        done = set(st.markers())
-        pending = {
-            (s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)
-        }
-        if not group.is_leader and not group.connected:  # rank 0 checked every shard; a manual split's rank its own
-            _refuse_missing(plan, src, pending)
-        summary.cleaned_files += st.cleanup(pending, orphans=False)
-        run_shards(st, plan, src, prep, pending, summary, progress)
+        st, plan, src = _open_on_every_rank(cache, src, prep, group, actions, summary, held)
+        pending = _pending_shards(st, plan, src, group, summary)
+        run_shards(st, plan, src, prep, pending, summary, progress, st.pruned())
         group.barrier()  # every rank's shards are marked before anyone seals
-        if group.connected:
-            parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
-            summary.processed = sum(p[0] for p in parts)
-            summary.seconds = max(p[1] for p in parts)
-            summary.bytes_written = sum(p[2] for p in parts)
-        status, failures, complete = finalize(st, plan, seal=group.is_leader or not group.connected)
-        group.barrier()  # the seal is on disk before any rank returns
-        summary.total = len(plan)
-        summary.done = int((status == STATUS_DONE).sum())
-        summary.failed = int((status == STATUS_FAILED).sum())
-        summary.pending = int((status == STATUS_PENDING).sum())
-        summary.failures_by_reason = dict(Counter(_reason_class(r) for r in failures.values()))
-        summary.sealed = complete
-        summary.histogram = plan.histogram()
-        if complete and group.is_leader:
+        _finish(st, plan, group, summary, repaired=repair)
+        if summary.sealed and group.is_leader:
             store.purge_retired(cache)  # an --overwrite's old generation, kept for its readers until now
     return summary
+
+
+def _checked_inputs(
+    source: str | os.PathLike[str], cache: str | os.PathLike[str], config: ExtractConfig | None, overrides: Any
+) -> tuple[Path | str, ExtractConfig]:
+    """The cache's real location and the settings, with every path and option refused before anything exists."""
+    cache = cache_location(cache)  # symlinks resolved (one cache, one lock); unsupported URLs refused before any work
+    if isinstance(cache, Path):
+        check_cache_dir(cache)
+    if not is_archive_source(os.fspath(source)):
+        local_path(source, "image source")  # folders and lists are local; tar shards and parquet files may be URLs
+    try:
+        return cache, replace(config or ExtractConfig(), **overrides)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+
+
+def settings_for(
+    cache: Path | str, config: ExtractConfig, names: Collection[str], overwrite: bool = False
+) -> tuple[ExtractConfig, dict[str, Any]]:
+    """`config` with the settings in `names` taken from an existing cache's record (none when starting over or
+    when there is no cache yet), and what was taken."""
+    if not names or overwrite:
+        return config, {}
+    try:
+        meta = Store(cache).meta
+    except CacheFormatError:
+        return config, {}  # no cache yet (or a damaged one, which opening it for the run reports)
+    return inherit_settings(config, meta, names)
+
+
+def _dry_run(src: Source, prep: Prepared, summary: Summary) -> Summary:
+    plan = build_plan(src, prep, prep.config.progress)
+    summary.total = len(plan)
+    summary.failed = len(plan.probe_errors)
+    summary.pending = summary.total - summary.failed
+    summary.histogram = plan.histogram()
+    summary.projected_bytes = projected_bytes(
+        plan, prep.model.hidden_size, prep.config.store_dtype, prep.registers_stored, prep.arrays.copies
+    )
+    summary.failures_by_reason = dict(Counter(_reason_class(r) for r in plan.probe_errors.values()))
+    return summary
+
+
+def _pending_shards(st: Store, plan: Plan, src: Source, group: ranks.Group, summary: Summary) -> set[tuple[str, int]]:
+    """This rank's unmarked shards, cleaned of what a crash left in them; the source compared with the plan."""
+    found, planned = set(src.keys), set(plan.keys) - st.pruned()
+    removed = sorted(planned - found)
+    summary.new_files, summary.removed_files = len(found - planned), len(removed)
+    summary.removed_examples = removed[:5]
+    done = set(st.markers())
+    pending = {(s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)}
+    if not group.is_leader and not group.connected:  # rank 0 checked every shard; a manual split's rank its own
+        _refuse_missing(plan, src, pending, st.pruned())
+    summary.cleaned_files += st.cleanup(pending, orphans=False)
+    return pending
+
+
+def _finish(st: Store, plan: Plan, group: ranks.Group, summary: Summary, repaired: bool) -> None:
+    """Every rank's counts summed, the cache sealed once nothing is pending, and the run's outcome counted."""
+    if group.connected:
+        parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
+        summary.processed = sum(p[0] for p in parts)
+        summary.seconds = max(p[1] for p in parts)
+        summary.bytes_written = sum(p[2] for p in parts)
+    status, failures, complete = finalize(st, plan, seal=group.is_leader or not group.connected)
+    group.barrier()  # the seal is on disk before any rank returns
+    summary.total = len(plan)
+    summary.done = int((status == STATUS_DONE).sum())
+    summary.failed = int((status == STATUS_FAILED).sum())
+    summary.pending = int((status == STATUS_PENDING).sum())
+    summary.pruned = int((status == STATUS_PRUNED).sum())
+    summary.failures_by_reason = dict(Counter(_reason_class(r) for r in failures.values()))
+    summary.sealed = complete
+    summary.histogram = plan.histogram()
+    if group.is_leader and not repaired:  # the cheap check: one listing (bit flips need validate or --repair)
+        summary.damaged = [str(d) for d in maintenance.missing_shard_files(st, plan, st.markers())]
 
 
 def _open_on_every_rank(
@@ -674,14 +779,15 @@ def _open_on_every_rank(
     src: Source | None,
     prep: Prepared,
     group: ranks.Group,
-    overwrite: bool,
-    progress: bool,
+    actions: Actions,
     summary: Summary,
     held: contextlib.ExitStack,
-) -> tuple[Store, Plan, dict[str, Member]]:
-    """Rank 0 takes the cache's lock, then plans (creates, resumes or extends the cache) while the others wait;
-    an error while locking or planning is raised on every rank, so no rank waits forever for a plan that will
-    never come. The lock stays in `held` for the whole run. Ranks of a manual split each hold it shared."""
+) -> tuple[Store, Plan, Source]:
+    """Rank 0 takes the cache's lock, then plans (creates, resumes or extends the cache; repairs and prunes it when
+    asked) while the others wait; an error while locking or planning is raised on every rank, so no rank waits
+    forever for a plan that will never come. The lock stays in `held` for the whole run. Ranks of a manual split
+    each hold it shared. Returns the source every rank reads: rank 0's listing, or the plan's locations corrected
+    by what rank 0 found moved."""
     manual = group.world_size > 1 and not group.connected
     if not group.is_leader:
         outcome = group.broadcast(None)
@@ -690,16 +796,27 @@ def _open_on_every_rank(
         if manual:
             held.enter_context(cache_lock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
         st, plan = join_cache(cache, src, prep, group, prep.config.wait_s)
-        return st, plan, outcome or {}
+        if src is None:
+            src = source_from_plan(plan, str(st.meta["source_root"]), st.source_names(), outcome or {})
+        return st, plan, src
     assert src is not None  # rank 0 always lists the source
     try:
         held.enter_context(cache_lock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
-        st, plan, summary.appended = open_or_create(cache, src, prep, overwrite, progress)
+        st, plan, summary.appended = open_or_create(cache, src, prep, actions.overwrite, prep.config.progress)
         summary.cleaned_files += st.cleanup(set(), orphans=True)
-        _refuse_missing(plan, src, {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers()))
+        _maintain(st, plan, src, actions, summary, prep.config.progress)
+        _refuse_missing(plan, src, {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers()), st.pruned())
         moved = moved_members(plan, src) if group.connected else {}
     except Exception as e:
         group.broadcast(e)
         raise
     group.broadcast(moved)  # where rank 0 found images that are no longer where the plan says
-    return st, plan, moved
+    return st, plan, src
+
+
+def _maintain(st: Store, plan: Plan, src: Source, actions: Actions, summary: Summary, progress: bool) -> None:
+    """--prune, then --repair (a shard re-extracted by the repair already leaves the pruned images out)."""
+    if actions.prune:
+        summary.pruned_now = len(maintenance.prune(st, plan, set(src.keys)))
+    if actions.repair:
+        summary.repaired = [str(d) for d in maintenance.repair(st, plan, progress)]

@@ -85,6 +85,10 @@ def join(rank: int, world_size: int, device: str | None) -> Group:
         raise ConfigError("--rank/--world-size are for manual splits; under a launcher the launcher sets them")
     from accelerate import PartialState
 
+    # accelerate warns (once per process) and sets 1 thread when OMP_NUM_THREADS is unset; each process's share of
+    # the cores is what we want anyway (_from_torch sets torch's threads to it)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // max(1, local_world))))
     PartialState(cpu=_on_cpu(device), timeout=PLAN_TIMEOUT)
     return _from_torch(device)
 
@@ -102,9 +106,12 @@ def _from_torch(device: str | None) -> Group:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
     if _on_cpu(device):  # N processes on one machine share its cores instead of each starting one thread per core
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // local_world))
+        torch.set_num_threads(max(1, _cores() // local_world))
     return Group(rank, world, local_rank, local_world, connected=True)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def device_for(group: Group, device: str | None) -> str | None:

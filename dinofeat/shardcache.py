@@ -11,7 +11,7 @@ The folder is scanned at every fetch (one `scandir` per directory), not tracked,
 several caches sharing the folder all count. A fetch is a whole shard (~128 MiB), so the scan is small beside it.
 
 Why `fetch` writes into a path rather than returning bytes: a shard held in memory whole costs its size two or
-three times over at the fetch's peak (s3fs `cat_file`: +384 MB RSS for 128 MiB), in every DataLoader worker and
+three times over at the fetch's peak (s3fs `cat_file`: +384 MiB RSS for 128 MiB), in every DataLoader worker and
 fetch thread at once; streamed into the temp file it costs a few network buffers (docs/benchmarks.md).
 """
 

@@ -73,3 +73,14 @@ def shard_stats(arrays: dict[str, np.ndarray], done: np.ndarray, names: tuple[st
     values; bf16 bit patterns must be converted first)."""
     every = bool(done.all())  # the usual case: no copy of the shard
     return {n: ChannelStats.of(arrays[n] if every else arrays[n][done]) for n in names if n in arrays}
+
+
+def pooled_shard_stats(
+    arrays: dict[str, np.ndarray], done: np.ndarray, stat_names: list[str], flip_suffix: str
+) -> dict[str, ChannelStats]:
+    """One shard's statistics as stored: of the done rows of every named array (float values), a layer's
+    mirrored-image features (`<name><flip_suffix>`) pooled with the original's. What the writer records for a new
+    shard, and what --prune records again for a shard some of whose rows it dropped."""
+    wanted = (*stat_names, *(n + flip_suffix for n in stat_names))
+    stats = shard_stats(arrays, done, tuple(n for n in wanted if n in arrays))
+    return {n: stats[n].merge(stats[n + flip_suffix]) if n + flip_suffix in stats else stats[n] for n in stat_names}

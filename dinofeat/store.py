@@ -554,23 +554,36 @@ class Store:
         failures: dict[str, str],
         channel_stats: dict[str, Any] | None = None,
         markers: dict[tuple[str, int], dict[str, Any]] | None = None,
+        plan: Plan | None = None,
     ) -> None:
         """Write `status` and the failures, the marker summary (from `markers` when the caller has just read them),
-        then the metadata that says sealed."""
+        then the metadata that says sealed.
+
+        Sealing a plan that was sealed before (after --repair or --prune) never rewrites the index readers hold:
+        the status goes into a copy of the index (`plan`'s columns) that the same metadata write switches to."""
         disk = self._disk_meta()
         if disk.get("state") == "sealed" and disk.get("index_group") == self._index_group:
             return  # another rank of a manual split sealed this very plan first
         self.check_generation()  # another run's index switch is never overwritten with this run's status
-        group = self._index_group
+        group, changes = self._index_group, {}
+        before = (disk.get("last_sealed") or {}).get("index_group")
+        sums = dict(disk.get("index_checksums") or {})
+        if before == group:  # readers may be reading this group: seal a copy
+            if plan is None:
+                raise ValueError("resealing a sealed index needs the plan")
+            group = f"index_r{self._generation + 1}"
+            self.files.delete_tree(group)
+            sums = _write_index(self.root, group, plan)
+            changes = {"index_group": group, "previous_index_group": self._index_group}
         self.root[group]["status"][:] = status
         self.files.write("_dinofeat/failures.json", json.dumps(failures, sort_keys=True).encode())
         now = time.time()
-        sums = {**(disk.get("index_checksums") or {}), **column_checksums({"status": status})}
+        sums |= column_checksums({"status": status})
         summary = self.write_marker_summary(group, markers)
         last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
         last["marker_summary"] = summary
-        before = (disk.get("last_sealed") or {}).get("index_group")
         self.update_meta(
+            **changes,
             state="sealed",
             sealed_at=now,
             index_checksums=sums,
@@ -620,6 +633,26 @@ class Store:
                     expected[(bucket, name)] = RowCrcs.from_int64(z[k])
         return marked, expected
 
+    def pruned(self) -> set[str]:
+        """Keys dropped with --prune (gone from the source): checked against the crc32c the metadata records."""
+        record = self.meta.get("pruned")
+        if not record:
+            return set()
+        try:
+            data = self.files.read(str(record["path"]))
+        except FileNotFoundError:
+            raise CacheFormatError(f"{self.path}: {record['path']} is missing (damaged)") from None
+        if crc32c(data) != int(record.get("crc32c", -1)):
+            raise CacheFormatError(f"{self.path}: {record['path']} fails its checksum (damaged)")
+        return set(json.loads(data))
+
+    def write_pruned(self, keys: set[str]) -> None:
+        """Record every pruned key (one file, its crc32c and count in the metadata)."""
+        data = json.dumps(sorted(keys)).encode()
+        rel = "_dinofeat/pruned.json"
+        self.files.write(rel, data)
+        self.update_meta(pruned={"path": rel, "crc32c": crc32c(data), "count": len(keys)})
+
     def failures(self) -> dict[str, str]:
         return self._read_json("_dinofeat/failures.json", {})
 
@@ -632,9 +665,12 @@ class Store:
                 yield b, u
 
 
-def marker_status(plan: Plan, markers: dict[tuple[str, int], dict[str, Any]]) -> tuple[np.ndarray, dict[str, str]]:
-    """Every planned image's status as the done markers say (pending / done / failed) and the failures' reasons:
-    what sealing writes, and what `info` and `validate` count on a cache that is not sealed yet."""
+def marker_status(
+    plan: Plan, markers: dict[tuple[str, int], dict[str, Any]], pruned: set[str] | frozenset[str] = frozenset()
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Every planned image's status as the done markers say (pending / done / failed; `pruned` keys are pruned) and
+    the failures' reasons: what sealing writes, and what `info` and `validate` count on a cache that is not sealed
+    yet."""
     status = np.full(len(plan), STATUS_PENDING, np.int8)
     failures: dict[str, str] = {}
     for i, why in plan.probe_errors.items():
@@ -652,6 +688,10 @@ def marker_status(plan: Plan, markers: dict[tuple[str, int], dict[str, Any]]) ->
             for r, why in m["failed"].items():
                 status[positions[int(r)]] = STATUS_FAILED
                 failures[plan.keys[positions[int(r)]]] = why
+    if pruned:
+        gone = np.array([k in pruned for k in plan.keys], bool)
+        status[gone] = STATUS_PRUNED
+        failures = {k: why for k, why in failures.items() if k not in pruned}
     return status, failures
 
 

@@ -62,6 +62,24 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
+    def advice(self) -> list[str]:
+        """What to do about the problems found, one line each."""
+        checks = {p.check for p in self.problems}
+        out = []
+        if checks & {"checksum", "shard", "stats"} or any(
+            p.check == "complete" and "marker" in p.reason for p in self.problems
+        ):
+            out.append("rerun the same precompute command with --repair: it re-extracts only the damaged shards")
+        if "extra" in checks:
+            out.append("rerun the same precompute command with --prune to drop the images gone from the source")
+        if "missing" in checks:
+            out.append("rerun the same precompute command to add the images the cache lacks")
+        if "stale" in checks:
+            out.append("images changed since extraction keep their old features: rebuild with --overwrite")
+        if checks & {"metadata", "format", "index", "arrays", "shape", "dtype", "chunks", "damaged"}:
+            out.append("the cache's own description is damaged: restore it from a copy, or rebuild with --overwrite")
+        return out
+
     def add(self, check: str, where: str, reason: str) -> None:
         self.problems.append(Problem(check, where, reason))
 
@@ -76,6 +94,7 @@ class Report:
             "warnings": [asdict(p) for p in self.warnings],
             "checked": self.checked,
             "unfinished": self.unfinished,
+            "advice": self.advice(),
         }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinofeat.arrays import FLIP_SUFFIX
-from dinofeat.stats import ChannelStats, shard_stats
+from dinofeat.stats import ChannelStats, pooled_shard_stats
 from dinofeat.store import Store, bf16_bits_to_float32
 
 
@@ -60,17 +60,12 @@ class ShardWriter:
                 self._error = e
 
     def _stats(self, item: ShardResult, arrays: dict[str, np.ndarray]) -> dict[str, ChannelStats]:
-        """Per-channel statistics of the shard's done rows (failed rows are zeros and are left out); a layer's
-        mirrored-image features are pooled with the original's."""
+        """Per-channel statistics of the shard's done rows (failed rows are zeros and are left out)."""
         done = np.ones(item.stop - item.start, bool)
         done[[r - item.start for r in item.failed]] = False
         wanted = {*self._stat_names, *(n + FLIP_SUFFIX for n in self._stat_names)}
         as_float = {n: bf16_bits_to_float32(a) if self._bf16 else a for n, a in arrays.items() if n in wanted}
-        stats = shard_stats(as_float, done, tuple(as_float))
-        return {
-            n: stats[n].merge(stats[n + FLIP_SUFFIX]) if n + FLIP_SUFFIX in stats else stats[n]
-            for n in self._stat_names
-        }
+        return pooled_shard_stats(as_float, done, self._stat_names, FLIP_SUFFIX)
 
     def _check(self) -> None:
         if self._error is not None:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cli import app
 from dinofeat.archive import Member, header_mismatch
 from dinofeat.cache import FeatureCache
-from dinofeat.errors import CacheFormatError, CacheLockedError, SourceChangedError
+from dinofeat.errors import CacheFormatError, CacheLockedError, ConfigError, SourceChangedError
 from dinofeat.lock import CacheLock, lock_path
 from dinofeat.precompute import extract
 from dinofeat.validation import validate
@@ -424,3 +424,106 @@ def _plan_of(where: dict[str, tuple[str, int, int]]):
         offset=np.array([o for _, o, _ in where.values()], np.int64),
         archives=archives,
     )
+
+
+# ---- 8. repair and prune ------------------------------------------------------------------------------------------
+@pytest.fixture
+def many_shards(tmp_path, dinov3_path) -> tuple[Path, Path]:
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 8 + [(48, 64)] * 6)
+    cache = tmp_path / "c"
+    assert extract(imgs, cache, **kw(dinov3_path, shard_mb=0.001)).sealed  # 2 images a shard
+    return imgs, cache
+
+
+def shard_file(cache: Path, bucket: str, u: int, name: str = "patches") -> Path:
+    return next((cache / "buckets" / bucket / name / "c" / str(u)).rglob("*"), None) or Path("/nonexistent")
+
+
+def all_shard_files(cache: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(cache)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in (cache / "buckets").rglob("*")
+        if p.is_file() and "/c/" in str(p)
+    }
+
+
+def test_repair_re_extracts_only_the_damaged_shards(many_shards, dinov3_path, tmp_path):
+    imgs, cache = many_shards
+    fresh = tmp_path / "fresh"
+    extract(imgs, fresh, **kw(dinov3_path, shard_mb=0.001))
+    reader = FeatureCache(cache)  # open during the repair: it keeps serving, and its rows still check
+    flipped = sorted((cache / "buckets" / "80x64" / "patches" / "c" / "1").rglob("*"))[-1]
+    data = bytearray(flipped.read_bytes())
+    data[100] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    sorted((cache / "buckets" / "80x64" / "cls" / "c" / "2").rglob("*"))[-1].unlink()  # a lost shard file
+    (cache / "_dinofeat" / "done" / "64x80" / "0.json").unlink()  # a lost marker
+    (cache / "_dinofeat" / "stats" / "64x80" / "1.npz").write_bytes(b"not statistics")
+    from dinofeat.maintenance import find_damage
+    from dinofeat.store import Store
+
+    st = Store(cache)
+    found = find_damage(st, st.read_plan(), st.markers(), sealed=True, progress=False)
+    assert [f"{d.bucket}/{d.shard}" for d in found] == ["64x80/0", "64x80/1", "80x64/1", "80x64/2"]
+    assert "marker is gone" in found[0].reason and "statistics" in found[1].reason
+    assert "damaged" in found[2].reason and "missing" in found[3].reason
+    before = all_shard_files(cache)
+    plain = extract(imgs, cache, **kw(dinov3_path, shard_mb=0.001))  # redoes the unmarked shard, reports the rest
+    assert len(plain.damaged) == 1 and "--repair" in runner.invoke(app, ["validate", str(cache)]).output
+    s = extract(imgs, cache, repair=True, **kw(dinov3_path, shard_mb=0.001))
+    assert s.sealed and sorted(d.split(":")[0] for d in s.repaired) == [
+        "64x80 shard 1", "80x64 shard 1", "80x64 shard 2"
+    ]  # fmt: skip
+    after = all_shard_files(cache)
+    untouched = {f for f in before if not any(f"/{b}/" in f and f"/c/{u}/" in f for b, u in DAMAGED)}
+    assert untouched and all(after[f] == before[f] for f in untouched)  # no other shard file was rewritten
+    assert validate(cache, images=imgs, progress=False).ok
+    a, b = FeatureCache(cache), FeatureCache(fresh)
+    assert a.keys() == b.keys() and a.meta["channel_stats"] == b.meta["channel_stats"]
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.read(i, "patches"), b.read(i, "patches"))
+        np.testing.assert_array_equal(reader.read(i, "cls"), b.read(i, "cls"))
+    again = extract(imgs, cache, repair=True, **kw(dinov3_path, shard_mb=0.001))
+    assert again.repaired == [] and again.processed == 0
+
+
+DAMAGED = [("80x64", 1), ("80x64", 2), ("64x80", 0), ("64x80", 1)]
+
+
+def test_prune_drops_images_gone_from_the_source_and_recomputes_the_statistics(many_shards, dinov3_path, tmp_path):
+    imgs, cache = many_shards
+    reader = FeatureCache(cache)
+    gone = ["im_003.png", "im_010.png"]
+    for k in gone:
+        (imgs / k).unlink()
+    plain = extract(imgs, cache, **kw(dinov3_path, shard_mb=0.001))
+    assert plain.removed_files == 2 and not validate(cache, images=imgs, progress=False).ok
+    s = extract(imgs, cache, prune=True, **kw(dinov3_path, shard_mb=0.001))
+    assert s.sealed and s.pruned_now == 2 and s.pruned == 2 and s.done == 12
+    fc = FeatureCache(cache)
+    assert len(fc) == 12 and not any(k in fc for k in gone)
+    r = validate(cache, images=imgs, progress=False)
+    assert r.ok, r.problems
+    fresh = tmp_path / "fresh"
+    extract(imgs, fresh, **kw(dinov3_path, shard_mb=0.001))  # the same images, never pruned
+    for name, st in FeatureCache(fresh).meta["channel_stats"].items():
+        got = fc.meta["channel_stats"][name]
+        assert got["count"] == st["count"]
+        np.testing.assert_allclose(got["mean"], st["mean"], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(got["std"], st["std"], rtol=1e-9, atol=1e-9)
+    assert len(reader) == 14 and reader.read(reader.index_of(gone[0]), "cls").any()  # an open reader keeps its own
+    assert extract(imgs, cache, prune=True, **kw(dinov3_path, shard_mb=0.001)).pruned_now == 0
+    info = runner.invoke(app, ["info", str(cache), "--json"])
+    assert json.loads(info.output)["pruned"] == 2
+
+
+def test_prune_lets_an_unfinished_run_finish_without_the_images_that_are_gone(many_shards, dinov3_path):
+    imgs, cache = many_shards
+    unfinish(cache, keep=1)
+    (imgs / "im_012.png").unlink()
+    with pytest.raises(ConfigError, match="--prune"):
+        extract(imgs, cache, **kw(dinov3_path, shard_mb=0.001))
+    s = extract(imgs, cache, prune=True, **kw(dinov3_path, shard_mb=0.001))
+    assert s.sealed and s.pruned == 1 and "im_012.png" not in FeatureCache(cache)
+    assert validate(cache, images=imgs, progress=False).ok

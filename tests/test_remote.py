@@ -359,16 +359,16 @@ def test_threads_missing_the_same_shard_fetch_it_once(remote_and_local, tmp_path
     fc = FeatureCache(url, local_cache=tmp_path / "shards")
     fetched: list[str] = []
     together = threading.Barrier(8, timeout=2)
-    real = RemoteFiles.read
+    real = RemoteFiles.download
 
-    def read(self, rel):
+    def download(self, rel, dest):
         if "/c/" in rel:
             fetched.append(rel)
             with contextlib.suppress(threading.BrokenBarrierError):
                 together.wait()  # no thread writes before all eight missed the shard (or two seconds passed)
-        return real(self, rel)
+        return real(self, rel, dest)
 
-    monkeypatch.setattr(RemoteFiles, "read", read)
+    monkeypatch.setattr(RemoteFiles, "download", download)
     with ThreadPoolExecutor(8) as ex:
         rows = list(ex.map(lambda _: fc.read(0, "patches"), range(8)))
     assert len(fetched) == 1, fetched

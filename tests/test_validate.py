@@ -166,6 +166,12 @@ def test_orphan_partial_file(copy):
 
 
 def test_not_a_cache(tmp_path):
+    """A folder with none of a cache's files is a mistyped argument; a cache that lost its zarr.json is damaged."""
+    from dinofeat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a dinofeat cache"):
+        run_validate(tmp_path, progress=False)
+    (tmp_path / "_dinofeat" / "done").mkdir(parents=True)
     r = run_validate(tmp_path, progress=False)
     assert checks(r) == {"format"}
 
