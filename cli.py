@@ -102,6 +102,7 @@ def buckets(
 ) -> None:
     """Print the bucket table: W x H, patch grid h x w, tokens, aspect ratio; tied, both sides and k."""
     from buckets import BucketSpecError, TiedSpec, spec_for, table_document
+    from dinofeat.errors import DinofeatError
 
     # untied, the grid column's patch defaults to the multiple (a table for any model); tied, to DINOv3's 16
     patch = patch or (multiple or 16 if dit_scale is None else 16)
@@ -111,18 +112,45 @@ def buckets(
     except (BucketSpecError, ValueError) as e:
         _fail(e)
     if out is not None:
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+        try:
+            out.write_text(json.dumps(doc, indent=2) + "\n")
+        except OSError as e:
+            _fail(DinofeatError(f"cannot write {out}: {e.strerror or e}"))
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
-        return
-    if isinstance(spec, TiedSpec):
+    elif isinstance(spec, TiedSpec):
         _print_tied(spec, doc)
-        return
+    else:
+        _print_table(spec, doc)
+    if out is not None:
+        typer.echo(
+            f"wrote {out}: {len(doc['buckets'])} buckets, spec hash {spec.hash} (buckets.load_spec({str(out)!r}) "
+            "rebuilds the spec)",
+            err=as_json,
+        )
+
+
+def _rounding_lines(notes: dict, multiple: int) -> list[str]:
+    """Why the table holds fewer buckets than asked, and which were kept inside the aspect range."""
+    out = []
+    if notes.get("merged"):
+        out.append(
+            f"# {notes['aspects']} aspect ratios give {notes['buckets']} sizes: {notes['merged']} neighbouring ratios "
+            f"round to a size already in the table (sides are multiples of {multiple})"
+        )
+    if notes.get("kept_in_range"):
+        out.append("# rounded the other way to stay within --min-ar..--max-ar: " + ", ".join(notes["kept_in_range"]))
+    return out
+
+
+def _print_table(spec, doc: dict) -> None:
     rows = doc["buckets"]
     typer.echo(
-        f"# {len(rows)} buckets, area {area}^2, multiple {spec.multiple}, aspect {min_ar:g}..{max_ar:g}, "
-        f"spec hash {spec.hash}"
+        f"# {len(rows)} buckets, area {spec.area}^2, multiple {spec.multiple}, aspect {spec.min_ar:g}..{spec.max_ar:g}"
+        f", spec hash {spec.hash}"
     )
+    for line in _rounding_lines(doc["rounding"], spec.multiple):
+        typer.echo(line)
     typer.echo(f"{'W x H':>11}  {'grid h x w':>10}  {'tokens':>6}  {'aspect':>6}  {'area/A':>6}")
     for r in rows:
         typer.echo(
@@ -137,6 +165,8 @@ def _print_tied(spec, doc: dict) -> None:
         f"# {len(doc['buckets'])} buckets tied: DiT area {d.area}^2, multiple {d.multiple}, token {spec.dit_token} px; "
         f"DINO = DiT x {spec.scale}; k = {doc['grid_factor']} DiT tokens per DINO patch side; spec hash {spec.hash}"
     )
+    for line in _rounding_lines(doc["rounding"], d.multiple):
+        typer.echo(line)
     typer.echo(f"{'DiT W x H':>11}  {'tokens h x w':>12}   {'DINO W x H':>11}  {'patches h x w':>13}  {'aspect':>6}")
     for r in doc["buckets"]:
         t, p = r["dit"], r["dino"]
@@ -148,7 +178,9 @@ def _print_tied(spec, doc: dict) -> None:
 
 # precompute options -> the ExtractConfig settings they give (a rerun that leaves them out takes the cache's)
 _SETS = {"fit": ("bucket_mode",), "jpeg_draft": ("recipe",), "draft_gap": ("recipe",)}
-_BUCKET_FIELDS = ("area", "multiple", "min_ar", "max_ar", "num_buckets", "bucket_mode", "dit_scale", "dit_token")
+_BUCKET_FIELDS = (
+    "area", "multiple", "min_ar", "max_ar", "num_buckets", "bucket_mode", "dit_scale", "dit_token", "bucket_version"
+)  # fmt: skip
 
 
 def _given(ctx: typer.Context) -> set[str]:
@@ -450,14 +482,17 @@ def show(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option(help="Hub id, local directory, or random:vits16|vitb16|vitl16|...")] = (
-        "random:vitl16"
-    ),
-    area: Area = 1024,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub id, local directory, or random:vits16|vitb16|vitl16|... (GPU: random:vitl16, CPU: random:vits16)."
+        ),
+    ] = None,
+    area: Annotated[int | None, typer.Option(help="Target area side (GPU: 1024, CPU: 512).")] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")] = "auto",
     images: Annotated[Path | None, typer.Option(help="Your own image folder (default: synthetic photos).")] = None,
-    count: Annotated[int | None, typer.Option(help="Images to time (default 256 on GPU, 32 on CPU).")] = None,
+    count: Annotated[int | None, typer.Option(help="Images to time (default 256 on GPU, 16 on CPU).")] = None,
     megapixels: Annotated[float, typer.Option(help="Size of the synthetic photos.")] = 2.0,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes.")] = None,
     eta_images: Annotated[int, typer.Option(help="Print the time this many images would take.")] = 1_000_000,
@@ -468,7 +503,8 @@ def bench(
     from dinofeat.errors import DinofeatError
 
     try:
-        r = run_bench(model, area, device, dtype, images, count, megapixels, workers, progress=not as_json)
+        say = None if as_json else (lambda line: typer.echo(line, err=True))
+        r = run_bench(model, area, device, dtype, images, count, megapixels, workers, progress=not as_json, say=say)
     except DinofeatError as e:
         _fail(e)
     if as_json:

@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Literal
 
 Mode = Literal["list", "fit"]
-SPEC_VERSION = 1
+# 1: each side rounded to the multiple on its own (a bucket's aspect could fall outside min_ar..max_ar)
+# 2: the same, except that a size rounded outside the aspect range is rounded the other way (table.size_for_aspect)
+SPEC_VERSION = 2
+SPEC_VERSIONS = (1, 2)
 
 
 class BucketSpecError(ValueError):
@@ -25,6 +30,7 @@ class BucketSpec:
     `multiple` is the step every side is rounded to: the patch size, or any multiple of it that also suits the
     VAE factor x DiT patch. `mode="list"` uses `num_buckets` sizes spaced evenly in log aspect ratio between
     `min_ar` and `max_ar` (width / height); `mode="fit"` sizes each image on its own (aspect kept, area fitted).
+    `version` fixes the rounding rule, so a spec recorded by an older release rebuilds exactly its buckets.
     """
 
     area: int = 1024
@@ -33,6 +39,7 @@ class BucketSpec:
     max_ar: float = 4.0
     num_buckets: int = 33
     mode: Mode = "list"
+    version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
         # 4 and 4.0 must serialise (and hash) alike
@@ -50,24 +57,23 @@ class BucketSpec:
             raise BucketSpecError(f"num_buckets must be >= 1, got {self.num_buckets}")
         if self.mode not in ("list", "fit"):
             raise BucketSpecError(f"mode must be 'list' or 'fit', got {self.mode!r}")
+        if self.version not in SPEC_VERSIONS:
+            raise BucketSpecError(f"unsupported bucket spec version {self.version} (this build reads {SPEC_VERSIONS})")
 
     @property
     def target_pixels(self) -> int:
         return self.area * self.area
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": SPEC_VERSION, **asdict(self)}
+        return asdict(self)  # a version 1 spec gives the very dict (and hash) dinofeat <= 0.5 recorded
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BucketSpec:
-        version = data.get("version", SPEC_VERSION)
-        if version != SPEC_VERSION:
-            raise BucketSpecError(f"unsupported bucket spec version {version} (this build reads {SPEC_VERSION})")
         known = {f.name for f in fields(cls)}
-        unknown = set(data) - known - {"version"}
+        unknown = set(data) - known
         if unknown:
             raise BucketSpecError(f"unknown bucket spec fields: {sorted(unknown)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{"version": 1, **data})  # a spec without a version is from before versions existed
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -134,7 +140,7 @@ class TiedSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": SPEC_VERSION,
+            "version": self.dit.version,
             "tied": {"scale": self.scale, "dit_token": self.dit_token},
             "dit": self.dit.to_dict(),
         }
@@ -171,6 +177,7 @@ def spec_for(
     patch: int,
     dit_scale: str | None = None,
     dit_token: int = 16,
+    version: int | None = None,
 ) -> AnySpec:
     """The DINO-side spec from user settings, checked against the patch size. Untied: `multiple` defaults to the
     patch and must be a multiple of it. Tied (`dit_scale`): area/multiple/aspects describe the DiT's buckets,
@@ -179,9 +186,10 @@ def spec_for(
         m = patch if multiple is None else multiple
         if m % patch:
             raise BucketSpecError(f"bucket multiple {m} is not a multiple of the model's patch size {patch}")
-        return BucketSpec(area, m, min_ar, max_ar, num_buckets, mode)
+        return BucketSpec(area, m, min_ar, max_ar, num_buckets, mode, version or SPEC_VERSION)
     m = min_tied_multiple(patch, parse_scale(dit_scale), dit_token) if multiple is None else multiple
-    spec = TiedSpec(BucketSpec(area, m, min_ar, max_ar, num_buckets, mode), dit_scale, dit_token)
+    dit = BucketSpec(area, m, min_ar, max_ar, num_buckets, mode, version or SPEC_VERSION)
+    spec = TiedSpec(dit, dit_scale, dit_token)
     spec.grid_factor(patch)
     return spec
 
@@ -192,8 +200,16 @@ def min_tied_multiple(patch: int, ratio: Fraction, dit_token: int) -> int:
     return math.lcm(base, dit_token)
 
 
-def load_spec(data: dict[str, Any]) -> AnySpec:
-    """A spec from its `to_dict()` (a cache's metadata, or the JSON `dinofeat buckets --out` writes)."""
+def load_spec(data: dict[str, Any] | str | os.PathLike[str]) -> AnySpec:
+    """A spec from its `to_dict()` (a cache's metadata), or from the JSON file `dinofeat buckets --out` writes
+    (its path, or its parsed content)."""
+    if isinstance(data, (str, os.PathLike)):
+        try:
+            data = json.loads(Path(data).read_text())
+        except (OSError, ValueError) as e:
+            raise BucketSpecError(f"cannot read a bucket spec from {os.fspath(data)}: {e}") from e
+    if not isinstance(data, dict):
+        raise BucketSpecError(f"a bucket spec is a JSON object, got {type(data).__name__}")
     data = dict(data.get("spec", data))  # the whole --out file, or just its spec
     if "tied" in data:
         tied = data["tied"]

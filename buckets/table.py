@@ -41,17 +41,37 @@ def round_to_multiple(x: float, m: int) -> int:
 
 
 def size_for_aspect(aspect: float, spec: BucketSpec) -> Bucket:
-    """The size of area ~ spec.area^2 and aspect ~ `aspect`, each side rounded to the multiple on its own."""
+    """The size of area ~ spec.area^2 and aspect ~ `aspect`, each side rounded to the multiple on its own.
+
+    Version 2 specs keep every size inside min_ar..max_ar: when that rounding leaves the range, each side is
+    rounded down or up instead, and of the sizes inside the range the one nearest in log area plus log aspect is
+    taken. If the multiple leaves none inside (a tiny area), the plain rounding stays."""
     w = math.sqrt(spec.target_pixels * aspect)
     h = math.sqrt(spec.target_pixels / aspect)
-    return Bucket(round_to_multiple(w, spec.multiple), round_to_multiple(h, spec.multiple))
+    m = spec.multiple
+    plain = Bucket(round_to_multiple(w, m), round_to_multiple(h, m))
+    if spec.version < 2 or in_range(plain, spec):
+        return plain
+    sides_w = {max(m, math.floor(w / m) * m), max(m, math.ceil(w / m) * m)}
+    sides_h = {max(m, math.floor(h / m) * m), max(m, math.ceil(h / m) * m)}
+    inside = [Bucket(a, b) for a in sides_w for b in sides_h if in_range(Bucket(a, b), spec)]
+    if not inside:
+        return plain
+    log_a, log_t = math.log(aspect), math.log(spec.target_pixels)
+    return min(inside, key=lambda b: abs(math.log(b.width * b.height) - log_t) + abs(math.log(b.aspect) - log_a))
+
+
+def in_range(b: Bucket, spec: BucketSpec) -> bool:
+    """The bucket's aspect lies within the spec's min_ar..max_ar (to float precision)."""
+    return spec.min_ar * (1 - 1e-12) <= b.aspect <= spec.max_ar * (1 + 1e-12)
 
 
 def area_bound(aspect: float, spec: BucketSpec) -> float:
-    """Largest |W*H - A| that rounding each ideal side by at most m/2 can give (the stated, tested bound)."""
+    """Largest |W*H - A| that rounding each ideal side by at most m/2 can give (the stated, tested bound). In a
+    version 2 spec a side may be rounded the other way to keep the aspect in range: by less than m then."""
     w = math.sqrt(spec.target_pixels * aspect)
     h = math.sqrt(spec.target_pixels / aspect)
-    half = spec.multiple / 2
+    half = spec.multiple / 2 if spec.version < 2 else spec.multiple
     # a side below m/2 rounds up to m, which can add up to m - side
     dw = max(half, spec.multiple - w)
     dh = max(half, spec.multiple - h)
@@ -118,10 +138,30 @@ def tied_table_rows(spec: TiedSpec, patch: int) -> list[dict[str, object]]:
 
 def table_document(spec: AnySpec, patch: int | None = None) -> dict[str, object]:
     """What `dinofeat buckets --out` writes and a DiT dataloader loads: the spec (`load_spec` rebuilds it), its
-    hash, and the table (both sides for a TiedSpec)."""
+    hash, the table (both sides for a TiedSpec), and how the requested aspects became buckets (`rounding`)."""
     if isinstance(spec, TiedSpec):
         if patch is None:
             raise ValueError("a tied table needs the DINO patch size")
         rows = tied_table_rows(spec, patch)
-        return {"spec": spec.to_dict(), "hash": spec.hash, "grid_factor": spec.grid_factor(patch), "buckets": rows}
-    return {"spec": spec.to_dict(), "hash": spec.hash, "buckets": table_rows(spec, patch)}
+        doc = {"spec": spec.to_dict(), "hash": spec.hash, "grid_factor": spec.grid_factor(patch), "buckets": rows}
+        return doc | {"rounding": rounding_notes(spec.dit)}
+    return {"spec": spec.to_dict(), "hash": spec.hash, "buckets": table_rows(spec, patch)} | {
+        "rounding": rounding_notes(spec)
+    }
+
+
+def rounding_notes(spec: BucketSpec) -> dict[str, object]:
+    """Why a table has fewer buckets than `num_buckets` (neighbouring aspects that round to the same size are one
+    bucket), and which sizes were rounded the other way to stay inside the aspect range (version 2)."""
+    if spec.mode == "fit":
+        return {"aspects": None, "buckets": None, "merged": 0, "kept_in_range": []}
+    ratios = aspects(spec)
+    kept = []
+    for a in ratios:
+        w, h = math.sqrt(spec.target_pixels * a), math.sqrt(spec.target_pixels / a)
+        plain = Bucket(round_to_multiple(w, spec.multiple), round_to_multiple(h, spec.multiple))
+        b = size_for_aspect(a, spec)
+        if b != plain and b.name not in kept:
+            kept.append(b.name)
+    n = len(make_buckets(spec))
+    return {"aspects": len(ratios), "buckets": n, "merged": len(ratios) - n, "kept_in_range": kept}

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dinofeat.config import ExtractConfig
 from dinofeat.discover import discover
@@ -114,9 +116,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# What `dinofeat bench` measures when not told: the production setting on a GPU; on a CPU a small model and area,
+# so that the defaults finish in about a minute there (ViT-L/16 at 1024 takes ~40 s per image on 2 cores in fp32)
+DEFAULTS = {"cuda": ("random:vitl16", 1024, 256), "cpu": ("random:vits16", 512, 16)}
+PASSES = 3  # the model-only warm-up and timed passes, and the end-to-end run
+MODEL_EFFICIENCY = 0.5  # the share of the matmul peak a ViT forward pass reaches, for the up-front estimate only
+
+
 def bench(
-    model: str = "random:vitl16",
-    area: int = 1024,
+    model: str | None = None,
+    area: int | None = None,
     device: str | None = None,
     dtype: str = "auto",
     images: str | os.PathLike[str] | None = None,
@@ -125,33 +134,44 @@ def bench(
     workers: int | None = None,
     progress: bool = True,
     compile: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Measure on `count` images from `images` (a folder), or on synthetic photo-like JPEGs of `megapixels`.
-    `compile` torch.compiles the encoder of both measurements (one graph per bucket shape)."""
+    `compile` torch.compiles the encoder of both measurements (one graph per bucket shape). Model, area and count
+    default by device (DEFAULTS). `say` gets one line per phase, the first with the time the run will take here."""
     if count is not None and count < 1:
         raise ConfigError(f"--count is a number of images >= 1, got {count}")
     if megapixels <= 0:
         raise ConfigError(f"--megapixels must be > 0, got {megapixels}")
+    say = say or (lambda _: None)
+    kind = "cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
+    model, area, count = model or DEFAULTS[kind][0], area or DEFAULTS[kind][1], count or DEFAULTS[kind][2]
     cfg = ExtractConfig(
         model=model, area=area, device=device, dtype=dtype, num_workers=workers, progress=progress, compile=compile
     )
     prep = prepare(cfg)
-    count = count or (256 if prep.device.type == "cuda" else 32)
+    peak = matmul_peak_tflops(prep.device, prep.dtype)
+    square = (area // prep.model.patch_size,) * 2
+    per_image = vit_flops(prep.model.config, square, prep.model.num_register_tokens) / (peak * 1e12 * MODEL_EFFICIENCY)
+    say(
+        f"bench: {model} at area {area} on {prep.device} ({prep.dtype}, measured matmul peak {peak:.2f} TFLOP/s), "
+        f"{count} {'images' if images else f'synthetic {megapixels:g} MP photos'}: about "
+        f"{_duration(count * PASSES * per_image)} here"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="dinofeat-bench-"))
     try:
+        src_dir = Path(images) if images is not None else tmp / "images"
         if images is None:
-            src_dir = tmp / "images"
-            make_images(src_dir, count, megapixels)
-        else:
-            src_dir = Path(images)
+            make_images(src_dir, count, megapixels, progress=progress)
         src = discover(src_dir, limit=count)
         if not src.keys:
             raise ConfigError(f"no images under {src_dir}")
         plan = build_plan(src, prep, progress=False)
+        say(f"bench: model only ({len(plan.buckets)} bucket shapes, decoded up front, a warm-up pass, a timed pass)")
         encoder = Encoder(prep.model, prep.device, prep.dtype, compile, shapes=len(plan.buckets))
-        model_only, flops, warmup = _model_only(encoder, prep, src, plan)
-        peak = matmul_peak_tflops(prep.device, prep.dtype)
+        model_only, flops, warmup = _model_only(encoder, prep, src, plan, progress)
         del encoder
+        say("bench: end to end (decode, model, writes into a temporary cache)")
         t0 = time.perf_counter()
         summary = extract(src_dir, tmp / "cache", replace(cfg, limit=len(src.keys)))
         wall = len(src.keys) / (time.perf_counter() - t0)
@@ -176,7 +196,17 @@ def bench(
     )
 
 
-def _model_only(encoder: Encoder, prep: Any, src: Any, plan: Any) -> tuple[float, float, float]:
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
+
+
+def _model_only(encoder: Encoder, prep: Any, src: Any, plan: Any, progress: bool = False) -> tuple[float, float, float]:
     """Images/s through the encoder on pre-decoded uint8 batches (the pipeline's batching, every shape warmed up
     first: CPU kernels specialise per shape, GPU kernels autotune, compiled encoders compile), the mean FLOPs per
     image, and the seconds the warm-up pass took beyond a warm one. Decoding for it uses every core (threads: PIL
@@ -185,25 +215,31 @@ def _model_only(encoder: Encoder, prep: Any, src: Any, plan: Any) -> tuple[float
     budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
     positions = plan.rows_to_keys()
     batches, flops = [], 0.0
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    n = sum(b.rows for b in plan.buckets)
+    with (
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+        tqdm(total=n, desc="decode", unit="img", disable=not progress) as bar,
+    ):
         for b in plan.buckets:
             bs = batch_size_for(b.grid[0] * b.grid[1] + 1 + regs, budget, cfg.batch_size)
             paths = [src.path(plan.keys[i]) for i in positions[b.name]]
-            u8 = np.stack(list(pool.map(functools.partial(load_resized, size=b.size, recipe=cfg.recipe), paths)))
+            load = functools.partial(load_resized, size=b.size, recipe=cfg.recipe)
+            decoded = []
+            for x in pool.map(load, paths):
+                decoded.append(x)
+                bar.update(1)
+            u8 = np.stack(decoded)
             batches += [(b, torch.from_numpy(u8[s : s + bs])) for s in range(0, len(u8), bs)]
             flops += b.rows * vit_flops(prep.model.config, b.grid, regs)
-    n = sum(b.rows for b in plan.buckets)
 
-    def one_pass() -> None:
-        for b, x in batches:
+    def one_pass(desc: str) -> float:
+        t0 = time.perf_counter()
+        for b, x in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             hidden = encoder.encode_uint8(x, cfg.recipe.mean, cfg.recipe.std)
             split_tokens(hidden, regs, b.grid)[2].to(TORCH_DTYPES[cfg.store_dtype]).cpu()
         _sync(prep.device)
+        return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    one_pass()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    one_pass()
-    warm = time.perf_counter() - t0
+    first = one_pass("model warm-up")
+    warm = one_pass("model timed")
     return n / warm, flops / max(1, n), max(0.0, first - warm)

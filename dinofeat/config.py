@@ -3,7 +3,6 @@ compared on every rerun (the fingerprint); runtime knobs (workers, batch size, d
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +82,7 @@ class ExtractConfig:
     # tied to a DiT: area/multiple/aspects above describe the DiT's buckets, DINO's are those x dit_scale (exact)
     dit_scale: str | None = None
     dit_token: int = 16  # DiT pixels per token: VAE factor x DiT patch
+    bucket_version: int | None = None  # the bucket table's rounding rule (None: this release's; a cache keeps its own)
     keep_registers: bool = False
     layers: tuple[int, ...] = (-1,)  # blocks to store; -1 = last. The deepest is the primary (`cls`, `patches`)
     layer_norm: bool = True  # the final LayerNorm on every stored layer (it is always on the last one in HF)
@@ -142,7 +142,7 @@ class ExtractConfig:
         """These settings with the buckets of a spec file (`dinofeat buckets --out`, plain or tied to a DiT), so
         the DiT side and the cache share one source of truth."""
         try:
-            spec = load_spec(json.loads(Path(path).read_text()))
+            spec = load_spec(Path(path))
         except (OSError, ValueError, KeyError, TypeError, BucketSpecError) as e:
             raise ConfigError(f"cannot read a bucket spec from {path}: {e}") from e
         tied = isinstance(spec, TiedSpec)
@@ -157,13 +157,15 @@ class ExtractConfig:
             bucket_mode=side.mode,
             dit_scale=spec.scale if tied else None,
             dit_token=spec.dit_token if tied else self.dit_token,
+            bucket_version=side.version,
         )
 
 
 # the settings that change the stored numbers: a rerun that does not give one takes the cache's (issue 23)
 FINGERPRINTED = (
     "model", "revision", "dtype", "store_dtype", "area", "multiple", "min_ar", "max_ar", "num_buckets",
-    "bucket_mode", "dit_scale", "dit_token", "keep_registers", "layers", "layer_norm", "flip", "recipe", "limit",
+    "bucket_mode", "dit_scale", "dit_token", "bucket_version", "keep_registers", "layers", "layer_norm", "flip",
+    "recipe", "limit",
 )  # fmt: skip
 
 
@@ -185,6 +187,7 @@ def recorded_options(meta: dict[str, Any]) -> dict[str, Any]:
         side = spec["dit"] if tied else spec
         out |= {k: side[k] for k in ("area", "multiple", "min_ar", "max_ar", "num_buckets") if k in side}
         out["bucket_mode"] = side.get("mode", "list")
+        out["bucket_version"] = int(side.get("version", 1))
         out["dit_scale"] = str(tied["scale"]) if tied else None
         if tied:
             out["dit_token"] = int(tied["dit_token"])

@@ -149,6 +149,7 @@ def bucket_spec(config: ExtractConfig, patch: int) -> AnySpec:
             patch,
             config.dit_scale,
             config.dit_token,
+            config.bucket_version,
         )
     except BucketSpecError as e:
         raise ConfigError(str(e)) from e

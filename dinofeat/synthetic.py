@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 ASPECTS = [(4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3), (21, 9), (1, 3)]
 
@@ -28,11 +29,11 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     return im
 
 
-def make_images(out: Path, count: int, megapixels: float, seed: int = 0) -> list[Path]:
+def make_images(out: Path, count: int, megapixels: float, seed: int = 0, progress: bool = False) -> list[Path]:
     """`count` JPEGs of about `megapixels`, cycling through common aspect ratios."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(count):
+    for i in tqdm(range(count), desc="synthetic photos", unit="img", disable=not progress):
         aw, ah = ASPECTS[i % len(ASPECTS)]
         scale = (megapixels * 1e6 / (aw * ah)) ** 0.5
         w, h = max(16, int(aw * scale)), max(16, int(ah * scale))

@@ -19,10 +19,13 @@ from buckets import (
     aspects,
     assign,
     fit_size,
+    in_range,
+    load_spec,
     make_buckets,
     nearest_bucket,
     round_to_multiple,
     size_for_aspect,
+    table_document,
     table_rows,
 )
 
@@ -158,8 +161,10 @@ def test_spec_json_round_trip_and_stable_hash():
     assert BucketSpec(max_ar=4).hash == BucketSpec(max_ar=4.0).hash
     assert BucketSpec().hash != BucketSpec(area=512).hash
     # the hash is sha256 of this canonical JSON: a dataloader in another codebase can recompute it
-    canonical = b'{"area":1024,"max_ar":4.0,"min_ar":0.25,"mode":"list","multiple":16,"num_buckets":33,"version":1}'
+    canonical = b'{"area":1024,"max_ar":4.0,"min_ar":0.25,"mode":"list","multiple":16,"num_buckets":33,"version":2}'
     assert BucketSpec().hash == hashlib.sha256(canonical).hexdigest()[:16]
+    # a version 1 spec (dinofeat <= 0.5) keeps the very hash those caches recorded
+    assert BucketSpec(version=1).hash == "53541e25482d10ed" == hashlib.sha256(canonical[:-2] + b"1}").hexdigest()[:16]
 
 
 def test_spec_from_dict_rejects_unknown_fields_and_versions():
@@ -231,3 +236,62 @@ def test_fit_mode_sides_and_area(spec, w, h):
 def test_json_round_trip_property(spec):
     assert BucketSpec.from_dict(json.loads(spec.to_json())) == spec
     assert make_buckets(BucketSpec.from_dict(spec.to_dict())) == make_buckets(spec)
+
+
+# ---- version 2: sizes inside the aspect range; how a table came to be (issue 23) ---------------------------------
+@settings(max_examples=300, deadline=None)
+@given(
+    area=st.integers(32, 2048),
+    multiple=st.sampled_from([8, 14, 16, 32, 64]),
+    lo=st.floats(0.2, 1.0),
+    hi=st.floats(1.0, 5.0),
+    n=st.integers(1, 40),
+)
+def test_version_2_buckets_stay_in_the_aspect_range_when_the_multiple_allows(area, multiple, lo, hi, n):
+    if area < multiple:
+        return
+    spec = BucketSpec(area, multiple, lo, hi, n)
+    old = make_buckets(BucketSpec(area, multiple, lo, hi, n, version=1))
+    for a in aspects(spec):
+        b, plain = size_for_aspect(a, spec), size_for_aspect(a, BucketSpec(area, multiple, lo, hi, n, version=1))
+        if in_range(plain, spec):
+            assert b == plain  # version 2 changes only what version 1 put outside the range
+        elif b != plain:
+            assert in_range(b, spec)
+            assert abs(b.width - plain.width) <= multiple and abs(b.height - plain.height) <= multiple
+    assert len(make_buckets(spec)) <= len(aspects(spec)) and len(old) <= len(aspects(spec))
+
+
+@pytest.mark.parametrize(
+    ("area", "lo", "hi", "kept"),
+    [(1024, 0.5, 2.0, ["720x1440", "1440x720"]), (1024, 0.25, 4.0, []), (256, 0.25, 4.0, [])],
+)
+def test_rounding_notes_name_merged_and_kept_buckets(area, lo, hi, kept):
+    spec = BucketSpec(area, 16, lo, hi, 33)
+    notes = table_document(spec)["rounding"]
+    assert notes["kept_in_range"] == kept
+    assert notes["merged"] == 33 - len(make_buckets(spec)) == notes["aspects"] - notes["buckets"]
+
+
+def test_a_version_1_spec_rebuilds_the_buckets_it_recorded():
+    """Caches of dinofeat <= 0.5 recorded version 1 specs: they keep their tables (and hashes) exactly."""
+    recorded = {"version": 1, "area": 1024, "multiple": 16, "min_ar": 0.5, "max_ar": 2.0, "num_buckets": 33,
+                "mode": "list"}  # fmt: skip
+    spec = load_spec(recorded)
+    assert spec.version == 1 and spec.to_dict() == recorded
+    assert make_buckets(spec)[0].name == "720x1456"  # outside 0.5..2, as 0.5 planned it
+    assert load_spec({k: v for k, v in recorded.items() if k != "version"}).version == 1
+
+
+def test_load_spec_reads_the_file_buckets_out_writes(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "buckets.json"
+    r = CliRunner().invoke(app, ["buckets", "--area", "512", "--min-ar", "0.5", "--max-ar", "2", "--out", str(out)])
+    assert r.exit_code == 0 and f"wrote {out}: " in r.output
+    spec = load_spec(out)  # a path, as docs/dit-integration.md writes it
+    assert spec == load_spec(str(out)) == load_spec(json.loads(out.read_text())) == BucketSpec(512, 16, 0.5, 2.0)
+    with pytest.raises(BucketSpecError, match="cannot read a bucket spec"):
+        load_spec(tmp_path / "nosuch.json")
