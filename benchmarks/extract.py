@@ -70,9 +70,7 @@ def main() -> None:
         imgs = Path(tempfile.mkdtemp(prefix="dinofeat-bench-")) / "images"
         make_images(imgs, a.count, a.megapixels)
     count = len(discover(imgs).keys) if a.images is not None else a.count
-    r = bench(
-        a.model, a.area, a.device, images=imgs, count=count, workers=a.workers, progress=False, compile=a.compile
-    )
+    r = bench(a.model, a.area, a.device, images=imgs, count=count, workers=a.workers, progress=False, compile=a.compile)
     res = {**r.to_dict(), "megapixels": a.megapixels if a.images is None else None, "compile": a.compile}
     res["torch_threads"] = torch.get_num_threads()
     if a.naive_count != 0:

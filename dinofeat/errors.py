@@ -41,3 +41,8 @@ class ChecksumError(CacheFormatError):
 class SourceChangedError(DinofeatError):
     """An archive no longer holds, at the place the plan recorded, the image the plan names (a tar shard rewritten
     since it was planned): the run stops before it stores another image's features; a rerun re-lists the source."""
+
+
+class StoreError(DinofeatError):
+    """The object store holding a cache failed after its client's retries (unreachable, no credentials, no such
+    bucket, access refused): one line instead of a client's traceback chain. Finished shards are kept."""

@@ -18,6 +18,7 @@ from dinofeat.store import (
     bf16_bits_to_float32,
     marker_status,
 )
+from dinofeat.storeerrors import on_store_errors
 
 
 def channel_stats(st: Store, max_images: int = 256, status: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
@@ -45,6 +46,7 @@ def channel_stats(st: Store, max_images: int = 256, status: np.ndarray | None = 
     return {"images": len(picks), "tokens": n, "mean": mean.tolist(), "std": std.tolist()}
 
 
+@on_store_errors  # a store that does not answer: one line, not a client's traceback chain
 def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, Any]:
     """Everything `dinofeat info` prints. A cache that is not sealed yet is counted from its done markers (what a
     rerun would seal), not from the status column, which is written at seal."""

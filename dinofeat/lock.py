@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dinofeat.errors import CacheLockedError, ConfigError
+from dinofeat.errors import CacheLockedError, ConfigError, DinofeatError, StoreError
 from dinofeat.objects import Files, LocalFiles, open_files
+from dinofeat.storeerrors import describe, is_store_failure
 
 
 def lock_path(cache: Path) -> Path:
@@ -109,19 +110,29 @@ class ObjectLock:
     renewed for `ttl_s` seconds is taken over (also If-Match, so two runs cannot both take over a stale lock).
     The expiry is the holder's clock: hosts whose clocks differ by more than ttl_s - beat_s must not share a cache.
     A holder that loses the lock (it stalled past the ttl) stops renewing; its metadata writes are still refused
-    by the metadata's own compare-and-swap if the new holder changed it."""
+    by the metadata's own compare-and-swap if the new holder changed it. A renewal the store does not answer is
+    tried again at the next beat; the release on the way out is retried for `release_s` seconds, so a store outage
+    shorter than that never locks the next run out for the ttl."""
 
-    def __init__(self, files: Files, what: str = "precompute", ttl_s: float = 300.0, beat_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        files: Files,
+        what: str = "precompute",
+        ttl_s: float = 300.0,
+        beat_s: float = 60.0,
+        release_s: float = 60.0,
+    ) -> None:
         self.files, self.name = files.sibling(".dinofeat-lock")
         self.cache = files.location
-        self.what, self.ttl_s, self.beat_s = what, ttl_s, beat_s
+        self.url = f"{self.files.location.rstrip('/')}/{self.name}"
+        self.what, self.ttl_s, self.beat_s, self.release_s = what, ttl_s, beat_s, release_s
         self._version: Any = None
+        self._renewed = 0.0  # when the object we hold was last written (what its expiry counts from)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
 
-    def _body(self) -> bytes:
-        now = time.time()
+    def _body(self, now: float) -> bytes:
         return json.dumps(
             {
                 "what": self.what,
@@ -133,7 +144,8 @@ class ObjectLock:
         ).encode()
 
     def __enter__(self) -> ObjectLock:
-        self._version = self.files.create(self.name, self._body())
+        now = time.time()
+        self._version = self.files.create(self.name, self._body(now))
         if self._version is None:
             try:
                 raw, version = self.files.read_versioned(self.name)
@@ -149,37 +161,74 @@ class ObjectLock:
                     f"{time.time() - float(holder.get('renewed', 0)):.0f}s ago); nothing was changed. Wait for it to "
                     f"finish (or stop it; its lock expires {self.ttl_s:.0f}s after its last renewal), then rerun"
                 )
+            now = time.time()
             self._version = (
-                self.files.replace(self.name, self._body(), version)
+                self.files.replace(self.name, self._body(now), version)
                 if version is not None
-                else self.files.create(self.name, self._body())
+                else self.files.create(self.name, self._body(now))
             )
             if self._version is None:
                 raise CacheLockedError(f"{self.cache}: another run took over its stale lock first; nothing was changed")
+        self._renewed = now
         self._thread = threading.Thread(target=self._renew, name="dinofeat-lock", daemon=True)
         self._thread.start()
         return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.beat_s):
+            now = time.time()
             try:
-                version = self.files.replace(self.name, self._body(), self._version)
-            except OSError:
-                continue  # a network blip: the next beat tries again, well before the ttl
+                version = self.files.replace(self.name, self._body(now), self._version)
+            except Exception as e:
+                if is_store_failure(e) or isinstance(e, OSError):  # s3fs raises botocore's and aiohttp's errors too
+                    continue  # a blip or an outage: the next beat tries again, well before the ttl
+                raise
             if version is None:
                 self.lost = True
                 return
-            self._version = version
+            self._version, self._renewed = version, now
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if not self.lost:
-            with contextlib.suppress(OSError, ValueError):
+    def _release(self) -> BaseException | None:
+        """Delete the lock object if it is still ours, trying again with backoff for `release_s` seconds while the
+        store does not answer. Returns the last failure, or None once released (or no longer ours)."""
+        deadline, delay = time.monotonic() + self.release_s, 0.5
+        while True:
+            try:
                 _, version = self.files.read_versioned(self.name)
                 if version == self._version:  # still ours
                     self.files.delete(self.name)
+                return None
+            except FileNotFoundError:  # gone already (a DELETE whose answer was lost, or taken over and released)
+                return None
+            except Exception as e:
+                if not (is_store_failure(e) or isinstance(e, OSError)) or time.monotonic() + delay > deadline:
+                    return e
+            time.sleep(delay)  # backing off while the store is unreachable
+            delay = min(2 * delay, 8.0)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Release the lock, or say in the run's one error line that it could not be, when it expires, and how to
+        take over sooner. Our own errors keep their type (the line is added to their message)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost:
+            return
+        failure = self._release()
+        if failure is None:
+            return
+        expires = self._renewed + self.ttl_s
+        note = (
+            f"the lock object {self.url} could not be released ({describe(failure)}): it expires at "
+            f"{time.strftime('%H:%M:%S', time.localtime(expires))} ({self.ttl_s:.0f} s after its last renewal, in "
+            f"{max(0.0, expires - time.time()):.0f} s); to rerun sooner, delete that object once the store answers"
+        )
+        if exc is None:
+            raise StoreError(f"{self.cache}: the run finished, but {note}") from failure
+        if isinstance(exc, DinofeatError):
+            exc.args = (f"{exc}\n{note}", *exc.args[1:])
+        else:  # a bug or an interrupt keeps its own traceback; the note says what it left behind
+            exc.add_note(note)
 
 
 def cache_lock(cache: str | os.PathLike[str], shared: bool = False, what: str = "precompute") -> Any:

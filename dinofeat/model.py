@@ -206,7 +206,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
         return dtype
     if device.type == "cuda":
         return "fp16"
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if device.type == "cpu" and any(check() for check in native):  # both probes are private: absent means no
         return "bf16"
     return "fp32"
 
@@ -224,6 +225,19 @@ def _blocks_and_norm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     if hasattr(model, "norm") and hasattr(model, "model"):  # DINOv3ViTModel: model.model.layer, model.norm
         return model.model, model.norm
     return model.encoder, model.layernorm  # Dinov2Model, Dinov2WithRegistersModel
+
+
+def _raise_recompile_limits(shapes: int) -> None:
+    """Room for one compiled graph per bucket shape. torch 2.6 renamed dynamo's limits (`cache_size_limit` ->
+    `recompile_limit`); older releases have the old names only."""
+    import torch._dynamo.config as dynamo_config
+
+    for new, old, want in (
+        ("recompile_limit", "cache_size_limit", shapes),
+        ("accumulated_recompile_limit", "accumulated_cache_size_limit", 2 * shapes),
+    ):
+        name = new if hasattr(dynamo_config, new) else old
+        setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), want))
 
 
 class Encoder:
@@ -258,10 +272,7 @@ class Encoder:
             self._install_hooks()
         if compile:
             # one graph per bucket shape; past dynamo's recompile limit (8) it would silently fall back to eager
-            import torch._dynamo.config as dynamo_config
-
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, shapes)
-            dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * shapes)
+            _raise_recompile_limits(shapes)
             self.model = torch.compile(self.model, dynamic=False)
 
     def _install_hooks(self) -> None:

@@ -28,9 +28,10 @@ from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dinofeat.errors import ConfigError
+from dinofeat.errors import ConfigError, StoreError
 from dinofeat.paths import is_url
 from dinofeat.shardcache import ShardCache
+from dinofeat.storeerrors import store_errors
 
 
 class Blob:
@@ -284,17 +285,49 @@ class RemoteBlob(Blob):
 
 _FILESYSTEMS: dict[tuple[str, int], Any] = {}
 
+STORE_ATTEMPTS = 6  # botocore attempts per request (DINOFEAT_STORE_ATTEMPTS): at most 31 s of backoff, 15 s on average
+_RETRIES_SET: list[Any] = []  # the botocore retry settings this module put into fsspec's config (a user's own win)
+
+
+def s3_retries() -> dict[str, Any]:
+    """botocore's retry settings for every S3 filesystem of this process: "standard" mode (AWS_RETRY_MODE to
+    change) retries connection errors, timeouts, 5xx and throttling with full-jitter exponential backoff
+    (rand * min(2^n, 20) s) and a retry quota that stops retry storms; DINOFEAT_STORE_ATTEMPTS (else
+    AWS_MAX_ATTEMPTS, else 6) attempts bound a request that keeps failing to ~30 s of backoff."""
+    attempts = os.environ.get("DINOFEAT_STORE_ATTEMPTS") or os.environ.get("AWS_MAX_ATTEMPTS") or STORE_ATTEMPTS
+    try:
+        max_attempts = max(1, int(attempts))
+    except ValueError:
+        raise ConfigError(f"DINOFEAT_STORE_ATTEMPTS must be a whole number of attempts, got {attempts!r}") from None
+    return {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
+
+
+def _set_retry_defaults(scheme: str) -> None:
+    """Put the retry settings into fsspec's config, where they reach zarr's own filesystem (zarr's FsspecStore makes
+    one from the URL) as well as ours. A `config_kwargs.retries` the user configured (fsspec config file,
+    FSSPEC_S3_* variables) is left alone."""
+    if scheme not in ("s3", "s3a"):
+        return  # gcsfs retries on its own: 6 tries, 1 + 2 + 4 + 8 + 16 s (plus jitter) apart, ~35 s in all
+    import fsspec.config
+
+    config = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})
+    if "retries" not in config or any(config["retries"] is ours for ours in _RETRIES_SET):
+        config["retries"] = s3_retries()
+        _RETRIES_SET.append(config["retries"])
+
 
 def filesystem(scheme_or_url: str) -> Any:
     """This process's fsspec filesystem for a scheme ('s3') or a URL's scheme: made on first use in each process,
     so a forked DataLoader worker never uses its parent's connections. No listing cache: done markers, metadata and
-    shards change under us, and a stale listing would hide that."""
+    shards change under us, and a stale listing would hide that. Transient errors are retried by the client itself
+    (`s3_retries`), within a bounded time."""
     scheme = scheme_or_url.split("://", 1)[0].lower()
     key = (scheme, os.getpid())
     fs = _FILESYSTEMS.get(key)
     if fs is None:
         import fsspec
 
+        _set_retry_defaults(scheme)
         try:
             cls = fsspec.get_filesystem_class(scheme)
         except ValueError:
@@ -346,6 +379,19 @@ class RemoteFiles(Files):
     @property
     def fs(self) -> Any:
         return filesystem(self.scheme)
+
+    def check_access(self) -> None:
+        """One cheap request before a run creates anything (one LIST of at most one key on S3): missing credentials,
+        a missing bucket or a store that does not answer fail here, before the model loads. Raises the client's
+        error; `dinofeat.storeerrors` words it."""
+        if self.scheme in ("s3", "s3a"):
+            self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=f"{self.prefix}/", MaxKeys=1)
+            return
+        try:
+            self.fs.ls(self._key(""), detail=False, refresh=True)
+        except FileNotFoundError:  # nothing under the prefix yet: fine, if the bucket itself is there
+            if not self.fs.exists(self.bucket):
+                raise StoreError(f"bucket {self.bucket!r} does not exist ({self.location})") from None
 
     def _key(self, rel: str) -> str:
         rel = rel.strip("/")
@@ -484,6 +530,12 @@ def open_files(location: str | os.PathLike[str]) -> Files:
 
 def cache_location(value: str | os.PathLike[str]) -> Path | str:
     """A cache's one true name: a local path with every symlink resolved (`link`, `dir/../c`, `c/` and `c` are one
-    cache, so they meet one lock), or a checked, normalised object-store URL ('s3://bucket/feats')."""
+    cache, so they meet one lock), or a checked, normalised object-store URL ('s3://bucket/feats') whose store
+    answered (`RemoteFiles.check_access`: no credentials, no bucket, no store end here in one line)."""
     files = open_files(value)
-    return Path(os.path.realpath(files.root)) if isinstance(files, LocalFiles) else files.location
+    if isinstance(files, LocalFiles):
+        return Path(os.path.realpath(files.root))
+    assert isinstance(files, RemoteFiles)
+    with store_errors(files.location):
+        files.check_access()  # credentials, bucket, a store that answers: before anything is created
+    return files.location

@@ -44,6 +44,7 @@ from dinofeat.store import (
     marker_status,
     merged_channel_stats,
 )
+from dinofeat.storeerrors import store_errors
 from dinofeat.tokens import split_tokens
 from dinofeat.writer import ShardResult, ShardWriter
 
@@ -687,7 +688,7 @@ def extract(
             "shares: run them once as one process (or a process group) before starting the ranks"
         )
     progress = config.progress and group.is_leader
-    with contextlib.ExitStack() as held, _disk_errors(cache):
+    with contextlib.ExitStack() as held, _disk_errors(cache), store_errors(cache):
         st, plan, src = _open_on_every_rank(cache, src, prep, group, actions, summary, held)
         pending = _pending_shards(st, plan, src, group, summary)
         run_shards(st, plan, src, prep, pending, summary, progress, st.pruned())

@@ -37,6 +37,7 @@ from dinofeat.store import (
     marker_status,
     merged_channel_stats,
 )
+from dinofeat.storeerrors import on_store_errors
 
 FP16_MAX = 65504.0
 COSINE_THRESHOLD = 0.99  # per patch, stored vs recomputed; fp16 storage + bf16/fp16 compute stays above 0.999
@@ -143,6 +144,7 @@ def patch_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ---- the command -----------------------------------------------------------------------------------------------
+@on_store_errors  # a store that does not answer: one line, not a client's traceback chain
 def validate(
     cache: str | os.PathLike[str],
     images: str | os.PathLike[str] | None = None,
