@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Issue 10 in one script: everything a lent GPU machine has to run, results and logs under $OUT.
+# Issue 25 (was 10): everything a lent GPU machine has to run, in two device calls that fit a 15-minute lease.
 #
-#   bash benchmarks/gpu.sh tests    # env + SDPA kernel, the gpu-marked tests, HF processor comparison
-#   bash benchmarks/gpu.sh bench    # the 1,000-JPEG folder (2-12 MP): ViT-L/16 at 1024 and 512, model-only / end to
-#                                   # end / naive, write GB/s
-#   bash benchmarks/gpu.sh small    # the same for ViT-B/16 and ViT-S/16 at 512 (decode- or write-bound?)
-#   bash benchmarks/gpu.sh compile  # --compile: gain and compile seconds (ViT-L/16 1024, ViT-S/16 512)
-# Each part is one device call (under 10 minutes; the folder is made again by each, ~1 minute on 16 cores).
-#   QUICK=1 DEVICE=cpu bash benchmarks/gpu.sh all   # the dry run on the CPU VM: tiny sizes, same code paths
+#   bash benchmarks/gpu.sh main    # ONE call, at most 7 minutes: env (device, peak, SDPA kernel), the gpu-marked tests
+#                                  # (all but --compile), ViT-L/16 at 1024 on 300 JPEGs of 2-12 MP: model-only, end to
+#                                  # end, naive, write GB/s
+#   bash benchmarks/gpu.sh extra   # the optional second call, at most 4 minutes: ViT-S/16 and ViT-B/16 at 512 (decode-
+#                                  # or write-bound?), --compile (its gpu test, and gain and compile seconds on one
+#                                  # bucket shape), HF's processor vs ours
+#   QUICK=1 DEVICE=cpu bash benchmarks/gpu.sh main   # the dry run on the CPU VM: tiny sizes, the same code paths
+#
+# Every step has its own time box (`timeout`) and writes its own file under $OUT as soon as it ends, so a call that
+# runs out of time still brings back what finished. At most 8 files come back from a call: main writes gpu.log,
+# results-gpu-env.json, pytest-gpu.log, results-gpu-vitl16-1024.json; extra writes gpu-extra.log,
+# results-gpu-small.json (both models), results-gpu-compile.json, results-gpu-hf-compare.json.
 #
 # The device machine has torch (CUDA), transformers, accelerate, torchvision, pytest; it lacks zarr and its
-# dependencies, which travel as cp312 wheels in the ignored folder .whl/ (see docs/benchmarks.md, "GPU run"):
-# they are installed with --no-deps into /tmp/site, and torch is never installed there.
+# dependencies, which travel as cp312 wheels in the ignored folder .whl/ (benchmarks/gpu_wheels.sh; docs/benchmarks.md,
+# "GPU run"): they are installed with --no-deps into /tmp/site, and torch is never installed there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:-all}
+PART=${1:-main}
 OUT=${OUT:-/tmp/dinofeat-gpu-out}
 QUICK=${QUICK:-0}
 DEVICE=${DEVICE:-cuda}
@@ -27,71 +32,80 @@ if [ -d .whl ] && ! python3 -c "import zarr" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/gpu.log"; }
-run() { log "+ $*"; "$@" 2>&1 | tee -a "$OUT/gpu.log"; }
+LOG="$OUT/gpu.log"
+[ "$PART" = extra ] && LOG="$OUT/gpu-extra.log"
+START=$(date +%s)
+log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+step() {  # seconds, command...: one time-boxed step; its failure or timeout is logged, the call goes on
+  local limit=$1; shift
+  log "+ (<= ${limit}s) $*"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || log "step ended with $rc$([ "$rc" = 124 ] && echo ' (timed out)')"
+}
 
 if [ "$QUICK" = 1 ]; then
-  COUNT=24; MP="0.3 0.6"; NAIVE=8; AREA_L=256; AREA_S=128; MODELS_S="vits16"; PHOTO_AREA=128
+  COUNT=24; MP="0.3 0.6"; NAIVE=8; AREA_L=256; AREA_S=128; PHOTO_AREA=128; COMPILED=vits16; MAIN=vits16
 else
-  COUNT=1000; MP="2 4 8 12"; NAIVE=200; AREA_L=1024; AREA_S=512; MODELS_S="vitl16 vitb16 vits16"; PHOTO_AREA=512
+  COUNT=300; MP="2 4 8 12"; NAIVE=60; AREA_L=1024; AREA_S=512; PHOTO_AREA=512; COMPILED=vitl16; MAIN=vitl16
 fi
 
-images() {
-  if [ ! -d "$IMAGES" ]; then
-    # shellcheck disable=SC2086  # MP is a list
-    run python3 benchmarks/make_images.py "$IMAGES" --count "$COUNT" --megapixels $MP --jobs "$(nproc)"
-  fi
+images() {  # the folder of both calls (made again by each: a machine starts bare), ~20 s on 16 cores
+  [ -d "$IMAGES" ] && return
+  # shellcheck disable=SC2086  # MP is a list
+  step 60 python3 benchmarks/make_images.py "$IMAGES" --count "$COUNT" --megapixels $MP --jobs "$(nproc)"
 }
 
-part_tests() {
-  run nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv || true
-  run python3 benchmarks/gpu_env.py --device "$DEVICE" --json "$OUT/env.json"
-  log "+ pytest -m gpu"
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -rs 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5
-  tail -1 "$OUT/pytest-gpu.log" | tee -a "$OUT/gpu.log"
+extract_one() {  # limit model area out [more extract.py options]
+  local limit=$1 model=$2 area=$3 out=$4; shift 4
+  step "$limit" python3 benchmarks/extract.py --images "$IMAGES" --model "random:$model" --area "$area" \
+    --device "$DEVICE" --json "$OUT/$out" "$@"
+}
+
+part_main() {  # time boxes: 20 + 45 + 140 + 60 + 150 s = 6.9 minutes at most
+  step 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
+  step 45 python3 benchmarks/gpu_env.py --device "$DEVICE" --json "$OUT/results-gpu-env.json"
+  log "+ (<= 140s) pytest -m gpu -k 'not compile'"
+  timeout --kill-after=10 140 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not compile" tests/test_gpu.py -rs \
+    > "$OUT/pytest-gpu.log" 2>&1
+  log "pytest: $(tail -1 "$OUT/pytest-gpu.log")"
+  images
+  extract_one 150 "$MAIN" "$AREA_L" results-gpu-vitl16-1024.json --naive-count "$NAIVE"
+}
+
+part_extra() {  # time boxes: 35 + 35 + 60 + 20 + 60 + 30 s = 4 minutes at most
+  images
+  local small="$OUT/results-gpu-small"
+  extract_one 35 vits16 "$AREA_S" "results-gpu-small-vits16.json" --naive-count 0
+  extract_one 35 vitb16 "$AREA_S" "results-gpu-small-vitb16.json" --naive-count 0
+  python3 - "$small" <<'PY' 2>&1 | tee -a "$LOG"   # one file for both (at most 8 files come back)
+import json, pathlib, sys
+base = pathlib.Path(sys.argv[1])
+parts = {m: json.loads((base.parent / f"{base.name}-{m}.json").read_text())
+         for m in ("vits16", "vitb16") if (base.parent / f"{base.name}-{m}.json").exists()}
+(base.parent / f"{base.name}.json").write_text(json.dumps(parts, indent=2))
+for m in parts:
+    (base.parent / f"{base.name}-{m}.json").unlink()
+print(f"results-gpu-small.json: {sorted(parts)}")
+PY
+  log "+ (<= 60s) pytest -m gpu -k compile"
+  timeout --kill-after=10 60 python3 -m pytest -q -p no:cacheprovider -m gpu -k compile tests/test_gpu.py -rs 2>&1 \
+    | tail -3 | tee -a "$LOG"
+  local one=/tmp/dinofeat-gpu-one-shape
+  [ -d "$one" ] || step 20 python3 benchmarks/make_images.py "$one" --count 64 --megapixels 2 --aspect 4:3 \
+    --jobs "$(nproc)"
+  IMAGES=$one extract_one 60 "$COMPILED" "$AREA_L" results-gpu-compile.json --naive-count 0 --compile
   # real photographs: scikit-image's (installed there), as the tests use them; else the repo's examples
-  photos=/tmp/dinofeat-photos
+  local photos=/tmp/dinofeat-photos
   python3 -c "from pathlib import Path; from tests.helpers import real_photos; real_photos(Path('$photos'))" \
-    2>>"$OUT/gpu.log" || photos=docs/examples/images
-  run python3 benchmarks/hf_compare.py --images "$photos" --model random:vitl16 --area "$PHOTO_AREA" \
-    --device "$DEVICE" --json "$OUT/hf-compare.json"
-}
-
-extract_one() {  # model area
-  run python3 benchmarks/extract.py --images "$IMAGES" --model "random:$1" --area "$2" --device "$DEVICE" \
-    --naive-count "$NAIVE" --json "$OUT/extract-$1-$2.json"
-}
-
-part_bench() {  # ViT-L/16, where the model is the bottleneck
-  images
-  extract_one vitl16 "$AREA_L"
-  [ "$QUICK" = 1 ] || extract_one vitl16 "$AREA_S"
-}
-
-part_small() {  # smaller models at 512, where decoding (or writing) may be the bottleneck
-  images
-  for m in $MODELS_S; do
-    [ "$m" = vitl16 ] || extract_one "$m" "$AREA_S"
-  done
-}
-
-part_compile() {
-  images
-  specs=("vitl16 $AREA_L" "vits16 $AREA_S")
-  [ "$QUICK" = 1 ] && specs=("vits16 $AREA_S")
-  for spec in "${specs[@]}"; do
-    set -- $spec
-    run python3 benchmarks/extract.py --images "$IMAGES" --model "random:$1" --area "$2" --device "$DEVICE" \
-      --naive-count 0 --compile --json "$OUT/compile-$1-$2.json"
-  done
+    2>>"$LOG" || photos=docs/examples/images
+  step 30 python3 benchmarks/hf_compare.py --images "$photos" --model random:vitl16 --area "$PHOTO_AREA" \
+    --device "$DEVICE" --json "$OUT/results-gpu-hf-compare.json"
 }
 
 case "$PART" in
-  tests) part_tests ;;
-  bench) part_bench ;;
-  small) part_small ;;
-  compile) part_compile ;;
-  all) part_tests; part_bench; part_small; part_compile ;;
-  *) echo "usage: $0 tests|bench|small|compile|all" >&2; exit 2 ;;
+  main) part_main ;;
+  extra) part_extra ;;
+  *) echo "usage: $0 main|extra" >&2; exit 2 ;;
 esac
-log "done: $PART"
+log "done: $PART in $(( $(date +%s) - START ))s"

@@ -1,7 +1,8 @@
 """Synthetic photo-like test images (see dinofeat.synthetic), optionally of several sizes and in parallel.
 
 python benchmarks/make_images.py OUT_DIR --count 64 --megapixels 2
-python benchmarks/make_images.py OUT_DIR --count 1000 --megapixels 2 4 8 12 --jobs 16   # issue 10's folder
+python benchmarks/make_images.py OUT_DIR --count 300 --megapixels 2 4 8 12 --jobs 16   # the GPU run's folder
+python benchmarks/make_images.py OUT_DIR --count 64 --megapixels 2 --aspect 4:3          # one bucket shape
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 from dinofeat.synthetic import make_images
 
 
-def _part(args: tuple[Path, int, float, int]) -> int:
-    out, count, megapixels, seed = args
-    return len(make_images(out, count, megapixels, seed))
+def _part(args: tuple[Path, int, float, int, list[tuple[int, int]] | None]) -> int:
+    out, count, megapixels, seed, aspects = args
+    return len(make_images(out, count, megapixels, seed, aspects=aspects))
 
 
 if __name__ == "__main__":
@@ -25,7 +26,9 @@ if __name__ == "__main__":
     ap.add_argument("--megapixels", type=float, nargs="+", default=[2.0], help="several: split evenly between them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--aspect", default=None, help="W:H for every image (one bucket shape); default: nine aspects")
     a = ap.parse_args()
+    aspects = [tuple(int(x) for x in a.aspect.split(":"))] if a.aspect else None
     # one sub-folder per (size, job); seeds follow the image number, so the images are the same for any --jobs
     parts = []
     per_size = -(-a.count // len(a.megapixels))
@@ -34,7 +37,7 @@ if __name__ == "__main__":
         step = -(-n // a.jobs)
         for j in range(0, n, step):
             seed = a.seed + s * per_size + j
-            parts.append((a.out / f"{mp:g}mp_{j:06d}", min(step, n - j), mp, seed))
+            parts.append((a.out / f"{mp:g}mp_{j:06d}", min(step, n - j), mp, seed, aspects))
     with ProcessPoolExecutor(max(1, a.jobs)) as pool:
         total = sum(pool.map(_part, parts))
     print(f"wrote {total} images to {a.out}")

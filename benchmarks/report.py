@@ -18,9 +18,31 @@ def rounded(value: Any, digits: int = 3) -> Any:
     return value
 
 
+def machine() -> dict[str, Any]:
+    """Where a figure was measured: the CPU model and core count, and the GPU's name when there is one."""
+    import os
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out: dict[str, Any] = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return out
+
+
 def emit(result: dict[str, Any], path: Path | None) -> dict[str, Any]:
-    """Print the rounded result; write it to `path` (the script's --json) when given."""
-    result = rounded(result)
+    """Print the rounded result, with the machine it was measured on; write it to `path` (--json) when given."""
+    result = rounded({**result, "machine": result.get("machine") or machine()})
     text = json.dumps(result, indent=2)
     print(text)
     if path:

@@ -29,12 +29,21 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     return im
 
 
-def make_images(out: Path, count: int, megapixels: float, seed: int = 0, progress: bool = False) -> list[Path]:
-    """`count` JPEGs of about `megapixels`, cycling through common aspect ratios."""
+def make_images(
+    out: Path,
+    count: int,
+    megapixels: float,
+    seed: int = 0,
+    progress: bool = False,
+    aspects: list[tuple[int, int]] | None = None,
+) -> list[Path]:
+    """`count` JPEGs of about `megapixels`, cycling through `aspects` (default: common photo aspect ratios; one
+    aspect gives one bucket shape, e.g. to time torch.compile without compiling nine shapes)."""
     out.mkdir(parents=True, exist_ok=True)
+    cycle = aspects or ASPECTS
     paths = []
     for i in tqdm(range(count), desc="synthetic photos", unit="img", disable=not progress):
-        aw, ah = ASPECTS[i % len(ASPECTS)]
+        aw, ah = cycle[i % len(cycle)]
         scale = (megapixels * 1e6 / (aw * ah)) ** 0.5
         w, h = max(16, int(aw * scale)), max(16, int(ah * scale))
         p = out / f"img_{i:05d}.jpg"

@@ -1,0 +1,356 @@
+"""Object-storage outages, with real parts only: moto's S3 server (its own process, 127.0.0.1) and, between
+dinofeat and it, a TCP proxy of our own that a test cuts and restores. Cut, the proxy resets every connection
+(the client sees what it sees when a server stops: `Connection reset by peer`, then `Could not connect to the
+endpoint URL`) while moto keeps its data in memory. The tests watch the run through moto's own endpoint, never
+through the proxy, and restore the proxy on events (a request it refused), never after a sleep."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dinofeat import FeatureCache, extract, objects
+from dinofeat.errors import DinofeatError
+from dinofeat.lock import ObjectLock
+from dinofeat.objects import RemoteFiles
+from tests.helpers import FAST, assert_same_caches, run_cli, write_images
+from tests.s3server import S3Server, serve
+
+LOCK = "feats.dinofeat-lock"
+MARKERS = "feats/_dinofeat/done/"
+
+
+class CutProxy:
+    """A TCP proxy on 127.0.0.1 to moto's port. `cut()` resets every open connection, and, until `restore()`,
+    every new one once its request line is read: `refused` lists those lines (what the client kept trying), and
+    `restore_when(refused)`, checked after each, restores the proxy from inside it (no sleeping test)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.refused: list[str] = []
+        self.restore_when: Callable[[list[str]], bool] | None = None
+        self.restored = threading.Event()
+        self._cut = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="cut-proxy", daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        self.restored.clear()
+        self._cut.set()
+        with self._lock:
+            for s in self._open:
+                _reset(s)
+            self._open.clear()
+
+    def restore(self) -> None:
+        self._cut.clear()
+        self.restored.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        if self._cut.is_set():
+            self._refuse(client)
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            _reset(client)
+            return
+        with self._lock:
+            self._open |= {client, upstream}
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        client.settimeout(5)
+        head = b""
+        with contextlib.suppress(OSError):
+            while b"\r\n" not in head and len(head) < 65536:
+                data = client.recv(65536)
+                if not data:
+                    break
+                head += data
+        _reset(client)
+        with self._lock:
+            self.refused.append(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+            if self.restore_when is not None and self.restore_when(self.refused):
+                self.restore()
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with a TCP reset, as a stopped server's host answers."""
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        s.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    for s in (src, dst):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    import fsspec.config
+    import s3fs
+
+    conf = copy.deepcopy(fsspec.config.conf)
+    objects._FILESYSTEMS.clear()  # an s3fs made while another module's server ran would still reach that one
+    s3fs.S3FileSystem.clear_instance_cache()  # zarr's own, too
+    yield from serve(S3Server())
+    objects._FILESYSTEMS.clear()
+    s3fs.S3FileSystem.clear_instance_cache()
+    fsspec.config.conf.clear()
+    fsspec.config.conf.update(conf)  # the retry settings these tests chose do not outlive them
+
+
+_BUCKETS = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:
+    return s3.bucket(f"dinofeat-outage-{os.getpid()}-{next(_BUCKETS)}")
+
+
+@pytest.fixture
+def proxy(s3: S3Server) -> Iterator[CutProxy]:
+    p = CutProxy(s3.port)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("outage-images")
+    write_images(d, [(64, 64)] * 8 + [(96, 48)] * 4)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(images, dinov3_path, tmp_path_factory) -> Path:
+    """The same images precomputed into a local cache: what every remote run must equal, bit for bit."""
+    ref = tmp_path_factory.mktemp("outage-ref") / "ref"
+    assert extract(images, ref, **FAST, model=str(dinov3_path), area=64, shard_mb=0.002, batch_size=1).sealed
+    return ref
+
+
+def _precompute(images: Path, url: str, model: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`python -m cli precompute` (small shards, one image per batch: a run of a few seconds, many marked shards)."""
+    args = ["precompute", str(images), url, "--model", str(model), "--area", "64", "--dtype", "fp32",
+            "--workers", "0", "--shard-mb", "0.002", "--batch-size", "1", "--device", "cpu", "--json"]  # fmt: skip
+    return run_cli(args, {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONFAULTHANDLER": "1"})  # transformers' "Loading weights" bar
+
+
+def _keys(s3: S3Server, bucket: str, prefix: str = "") -> list[str]:
+    got = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return [o["Key"] for o in got]
+
+
+def _cut_at_the_first_marker(s3: S3Server, bucket: str, proxy: CutProxy, proc: subprocess.Popen[bytes]) -> None:
+    """Cut the proxy as soon as moto (asked directly) holds the run's first done marker."""
+    deadline = time.monotonic() + 120
+    while not _keys(s3, bucket, MARKERS):
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        assert time.monotonic() < deadline, "the run marked no shard"
+        time.sleep(0.05)  # polling the server for the run's progress
+    proxy.cut()
+
+
+def _through(proxy: CutProxy, s3: S3Server, **extra: str) -> dict[str, str]:
+    return {**s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, **extra}
+
+
+@pytest.mark.slow
+def test_an_outage_past_the_retries_ends_in_one_line_releases_the_lock_and_the_rerun_resumes(
+    s3, bucket, proxy, images, reference, dinov3_path
+):
+    """Cut mid-run, for longer than the client retries (one attempt per request here): exit 1 with one line that
+    names the store's error and says to rerun. The cut lasts until the run, on its way out, asks for its lock
+    object; then the store answers again, the release (retried) deletes it, and the same command resumes and
+    seals a cache bit-identical to a local run."""
+    url = f"s3://{bucket}/feats"
+    proxy.restore_when = lambda refused: LOCK in refused[-1]  # the run gave up and is releasing its lock
+    proc = _precompute(images, url, dinov3_path, _through(proxy, s3, DINOFEAT_STORE_ATTEMPTS="1"))
+    _cut_at_the_first_marker(s3, bucket, proxy, proc)
+    try:
+        text = proc.communicate(timeout=100)[0].decode()
+    except subprocess.TimeoutExpired:
+        import signal
+        proc.send_signal(signal.SIGABRT)
+        text = proc.communicate(timeout=20)[0].decode()
+        print("HUNG", proxy.refused, proxy.restored.is_set())
+        print(text)
+        raise
+    lines = text.strip().splitlines()
+    assert proc.returncode == 1, text
+    assert len(lines) == 1, text
+    assert lines[0].startswith(f"error: object store {url} failed: ") and "Could not connect to the endpoint" in text
+    assert "rerun the same command to resume" in lines[0]
+    assert proxy.restored.is_set() and any(LOCK in r for r in proxy.refused)
+    assert LOCK not in _keys(s3, bucket), "the lock object was not released once the store answered again"
+    marked = len(_keys(s3, bucket, MARKERS))
+    assert 0 < marked < 12, "the run was cut mid-run"
+    rerun = _precompute(images, url, dinov3_path, _through(proxy, s3))
+    text = rerun.communicate(timeout=120)[0].decode()
+    assert rerun.returncode == 0, text
+    summary = json.loads(text)
+    assert summary["sealed"] and 0 < summary["processed"] < 12, "the rerun did not resume"
+    assert_same_caches(FeatureCache(reference), FeatureCache(url))
+    assert LOCK not in _keys(s3, bucket)
+
+
+@pytest.mark.slow
+def test_an_outage_shorter_than_the_retries_is_waited_out(s3, bucket, proxy, images, reference, dinov3_path):
+    """Cut mid-run until one request has been refused 11 times: past botocore's default (5 attempts, and aiohttp
+    tries each attempt's connection twice: 10), within the attempts the run is given (8 here; 6 by default). The
+    run waits it out and seals a cache bit-identical to a local run."""
+    url = f"s3://{bucket}/feats"
+    proxy.restore_when = lambda refused: max(Counter(refused).values()) >= 11
+    proc = _precompute(images, url, dinov3_path, _through(proxy, s3, DINOFEAT_STORE_ATTEMPTS="8"))
+    _cut_at_the_first_marker(s3, bucket, proxy, proc)
+    text = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 0, text
+    assert proxy.restored.is_set(), "the run ended before the outage did"
+    assert_same_caches(FeatureCache(reference), FeatureCache(url))
+    assert LOCK not in _keys(s3, bucket)
+
+
+def _one_line_refusal(proc: subprocess.Popen[bytes]) -> str:
+    text = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 1, text
+    assert len(text.strip().splitlines()) == 1, text
+    return text.strip()
+
+
+def test_missing_credentials_end_in_one_line_and_create_nothing(s3, bucket, images, dinov3_path, tmp_path):
+    env = {k: v for k, v in s3.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    nowhere = str(tmp_path / "no-aws-files")
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": nowhere, "AWS_CONFIG_FILE": nowhere, "AWS_EC2_METADATA_DISABLED": "true"}
+    with _without("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        proc = run_cli(["precompute", str(images), f"s3://{bucket}/feats", "--model", str(dinov3_path), "--json"], env)
+    line = _one_line_refusal(proc)
+    assert line == (
+        f"error: no credentials for s3://{bucket}/feats (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+        "or an instance role)"
+    )
+    assert _keys(s3, bucket) == []
+
+
+def test_a_missing_bucket_ends_in_one_line_and_creates_nothing(s3, images, dinov3_path):
+    url = f"s3://no-such-bucket-{os.getpid()}/feats"
+    proc = run_cli(["precompute", str(images), url, "--model", str(dinov3_path), "--json"], s3.env)
+    assert _one_line_refusal(proc) == f"error: bucket 'no-such-bucket-{os.getpid()}' does not exist ({url})"
+    assert f"no-such-bucket-{os.getpid()}" not in [b["Name"] for b in s3.client().list_buckets()["Buckets"]]
+
+
+@contextlib.contextmanager
+def _without(*names: str) -> Iterator[None]:
+    """run_cli passes this process's environment on: take these out of it meanwhile."""
+    old = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(old)
+
+
+@pytest.fixture
+def via_proxy(proxy, monkeypatch) -> Iterator[CutProxy]:
+    """This process's clients go through the proxy, one attempt per request (an outage fails at once)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("DINOFEAT_STORE_ATTEMPTS", "1")
+    monkeypatch.setattr(objects, "_FILESYSTEMS", {})
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield proxy
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_lock_renewal_survives_an_outage(s3, bucket, via_proxy):
+    """Renewals the store does not answer are tried again at the next beat: once it answers, renewals go on
+    (before, the first one that failed ended the renewing thread, and the lock expired under a live run)."""
+    proxy = via_proxy
+    with ObjectLock(RemoteFiles("s3", bucket, "feats"), "long", ttl_s=30, beat_s=0.1) as held:
+        proxy.restore_when = lambda refused: sum(LOCK in r for r in refused) >= 6  # three renewals failed
+        proxy.cut()
+        assert proxy.restored.wait(30), "no renewal was tried during the outage"
+        restored_at = time.time()
+        deadline = time.monotonic() + 10
+        while float(_lock_body(s3, bucket).get("renewed", 0)) <= restored_at:
+            assert time.monotonic() < deadline, "renewals stopped after the outage"
+            time.sleep(0.05)  # polling the server for the next renewal
+        assert not held.lost
+    assert LOCK not in _keys(s3, bucket)
+
+
+def _lock_body(s3: S3Server, bucket: str) -> dict:
+    return json.loads(s3.client().get_object(Bucket=bucket, Key=LOCK)["Body"].read())
+
+
+def test_a_lock_the_store_cannot_release_says_when_it_expires(s3, bucket, via_proxy):
+    """The store stays down past the release's retries: the error's second line names the lock object, when it
+    expires and how to take over sooner; the object is still there once the store answers."""
+    from dinofeat.storeerrors import store_errors
+
+    files = RemoteFiles("s3", bucket, "feats")
+    with pytest.raises(DinofeatError) as err, ObjectLock(files, "run", release_s=1.0), store_errors(files.location):
+        via_proxy.cut()
+        files.read("zarr.json")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"object store s3://{bucket}/feats failed: Could not connect to the endpoint URL")
+    assert f"the lock object s3://{bucket}/{LOCK} could not be released" in lines[1]
+    assert re.search(r"it expires at \d\d:\d\d:\d\d \(300 s after its last renewal, in (300|29\d) s\)", lines[1])
+    assert "delete that object" in lines[1]
+    via_proxy.restore()
+    assert LOCK in _keys(s3, bucket)
+
+
+def test_info_and_validate_end_in_one_line_when_the_store_is_down(s3, bucket, images, dinov3_path, via_proxy):
+    from dinofeat.info import info
+    from dinofeat.validation import validate
+
+    url = f"s3://{bucket}/feats"
+    assert extract(images, url, **FAST, model=str(dinov3_path), area=64, shard_mb=0.002).sealed
+    via_proxy.cut()
+    for command in (lambda: info(url), lambda: validate(url, progress=False)):
+        with pytest.raises(DinofeatError) as err:
+            command()
+        assert str(err.value).startswith(f"object store {url} failed: Could not connect to the endpoint URL")
+        assert "\n" not in str(err.value) and str(err.value).endswith("rerun once the store answers again")
