@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from buckets import BucketSpecError, TiedSpec, load_spec
+from buckets import BucketSpecError, TiedSpec, load_spec, min_tied_multiple, parse_scale
 from dinofeat.decode import BACKGROUND, DEFAULT_MAX_PIXELS
 from dinofeat.errors import ConfigError
 from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
@@ -186,6 +186,8 @@ def recorded_options(meta: dict[str, Any]) -> dict[str, Any]:
         tied = spec.get("tied")
         side = spec["dit"] if tied else spec
         out |= {k: side[k] for k in ("area", "multiple", "min_ar", "max_ar", "num_buckets") if k in side}
+        if "multiple" in out and out["multiple"] == _default_multiple(meta, tied):
+            out["multiple"] = None  # the default (the model's patch, or the smallest tied one): a new model's own
         out["bucket_mode"] = side.get("mode", "list")
         out["bucket_version"] = int(side.get("version", 1))
         out["dit_scale"] = str(tied["scale"]) if tied else None
@@ -202,6 +204,19 @@ def recorded_options(meta: dict[str, Any]) -> dict[str, Any]:
         out["layer_norm"] = bool(features.get("layer_norm", True))
         out["flip"] = bool(features.get("flip", False))
     return out
+
+
+def _default_multiple(meta: dict[str, Any], tied: dict[str, Any] | None) -> int | None:
+    """The multiple a cache got when none was given: its model's patch, or (tied) the smallest that aligns."""
+    patch = meta.get("patch_size")
+    if not isinstance(patch, int):
+        return None
+    if not tied:
+        return patch
+    try:
+        return min_tied_multiple(patch, parse_scale(str(tied["scale"])), int(tied["dit_token"]))
+    except (BucketSpecError, KeyError, ValueError):
+        return None
 
 
 def inherit(config: ExtractConfig, meta: dict[str, Any], names: Any) -> tuple[ExtractConfig, dict[str, Any]]:

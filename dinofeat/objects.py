@@ -286,7 +286,7 @@ class RemoteBlob(Blob):
 _FILESYSTEMS: dict[tuple[str, int], Any] = {}
 
 STORE_ATTEMPTS = 6  # botocore attempts per request (DINOFEAT_STORE_ATTEMPTS): at most 31 s of backoff, 15 s on average
-_RETRIES_SET: list[Any] = []  # the botocore retry settings this module put into fsspec's config (a user's own win)
+_RETRIES_SET: list[Any] = []  # the retry settings this module last put into fsspec's config (a user's own win)
 
 
 def s3_retries() -> dict[str, Any]:
@@ -298,7 +298,9 @@ def s3_retries() -> dict[str, Any]:
     try:
         max_attempts = max(1, int(attempts))
     except ValueError:
-        raise ConfigError(f"DINOFEAT_STORE_ATTEMPTS must be a whole number of attempts, got {attempts!r}") from None
+        raise ConfigError(
+            f"DINOFEAT_STORE_ATTEMPTS (or AWS_MAX_ATTEMPTS) must be a number of attempts: {attempts!r}"
+        ) from None
     return {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
 
 
@@ -311,9 +313,9 @@ def _set_retry_defaults(scheme: str) -> None:
     import fsspec.config
 
     config = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})
-    if "retries" not in config or any(config["retries"] is ours for ours in _RETRIES_SET):
+    if "retries" not in config or (_RETRIES_SET and config["retries"] is _RETRIES_SET[0]):
         config["retries"] = s3_retries()
-        _RETRIES_SET.append(config["retries"])
+        _RETRIES_SET[:] = [config["retries"]]
 
 
 def filesystem(scheme_or_url: str) -> Any:

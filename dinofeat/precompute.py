@@ -318,12 +318,10 @@ def moved_members(plan: Plan, src: Source) -> dict[str, Member]:
     out = {}
     for key, now in src.members.items():
         was = planned.get(key)
-        if was is not None and (was.archive, was.offset, was.size, was.mtime_ns) != (
-            now.archive,
-            now.offset,
-            now.size if was.size >= 0 else was.size,  # a parquet row's size is known once probed
-            now.mtime_ns,
-        ):
+        if was is None:
+            continue
+        resized = was.size >= 0 and now.size >= 0 and was.size != now.size  # a parquet row's size: -1 until read
+        if resized or (was.archive, was.offset, was.mtime_ns) != (now.archive, now.offset, now.mtime_ns):
             out[key] = now
     return out
 
@@ -667,7 +665,19 @@ def extract(
     `inherit` come from the cache's record (default: with no `config`, every stored-number setting not in
     `overrides`, so a rerun needs no options); the summary's `inherited` says which.
     """
-    actions = Actions(overwrite, repair, prune, dry_run)
+    with store_errors(os.fspath(cache)):  # a source or cache on object storage that fails: one line
+        return _extract(source, cache, config, Actions(overwrite, repair, prune, dry_run), inherit, overrides)
+
+
+def _extract(
+    source: str | os.PathLike[str],
+    cache: str | os.PathLike[str],
+    config: ExtractConfig | None,
+    actions: Actions,
+    inherit: Collection[str] | None,
+    overrides: dict[str, Any],
+) -> Summary:
+    dry_run, overwrite, repair, prune = actions.dry_run, actions.overwrite, actions.repair, actions.prune
     given = os.fspath(cache)  # what messages name
     names = (set(FINGERPRINTED) - set(overrides) if config is None else set()) if inherit is None else set(inherit)
     cache, config = _checked_inputs(source, cache, config, overrides)
@@ -688,7 +698,7 @@ def extract(
             "shares: run them once as one process (or a process group) before starting the ranks"
         )
     progress = config.progress and group.is_leader
-    with contextlib.ExitStack() as held, _disk_errors(cache), store_errors(cache):
+    with contextlib.ExitStack() as held, _disk_errors(cache):
         st, plan, src = _open_on_every_rank(cache, src, prep, group, actions, summary, held)
         pending = _pending_shards(st, plan, src, group, summary)
         run_shards(st, plan, src, prep, pending, summary, progress, st.pruned())

@@ -102,7 +102,7 @@ def store_message(e: BaseException, location: str, after: str = RESUME) -> str:
     where = f" {location}" if remote else ""
     if type(x).__name__ in _NO_CREDENTIALS:
         hint = _CREDENTIALS_HINT.get({"s3a": "s3", "gcs": "gs"}.get(scheme, scheme))
-        return f"no credentials for {location or 'the object store'} ({hint or describe(e)})"
+        return f"no credentials for {location if remote else 'the object store'} ({hint or describe(e)})"
     code = _code(x)
     if code == "NoSuchBucket" and remote:
         bucket = location.split("://", 1)[1].split("/", 1)[0]
@@ -131,7 +131,9 @@ R = TypeVar("R")
 
 def on_store_errors(func: Callable[P, R]) -> Callable[P, R]:
     """For a command whose first argument is a cache: check the store answers (credentials, bucket) before it
-    starts, and end a store failure in one line."""
+    starts, and end a store failure in one line. A report that failed (`ok` false) is checked once more: validate
+    records what it could not read as damage, and an outage that began mid-run must not read as a damaged cache
+    (whose advice is to rebuild it)."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -142,6 +144,9 @@ def on_store_errors(func: Callable[P, R]) -> Callable[P, R]:
             files = open_files(cache)  # type: ignore[arg-type]
             if files.remote:
                 files.check_access()  # type: ignore[attr-defined]
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if files.remote and getattr(result, "ok", True) is False:
+                files.check_access()  # type: ignore[attr-defined]
+            return result
 
     return wrapper

@@ -37,7 +37,7 @@ from dinofeat.store import (
     marker_status,
     merged_channel_stats,
 )
-from dinofeat.storeerrors import on_store_errors
+from dinofeat.storeerrors import is_store_failure, on_store_errors
 
 FP16_MAX = 65504.0
 COSINE_THRESHOLD = 0.99  # per patch, stored vs recomputed; fp16 storage + bf16/fp16 compute stays above 0.999
@@ -175,6 +175,8 @@ def validate(
     except DinofeatError:
         raise
     except Exception as e:  # the report names damage no check foresaw instead of ending in a traceback
+        if is_store_failure(e):
+            raise  # an outage, not damage: one line from on_store_errors
         report.add("damaged", str(cache), f"validate could not read on: {type(e).__name__}: {e}")
     return report
 
@@ -348,6 +350,8 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
                 reader = ShardReader(layout, HandlePool(1), expected=expected.get((b.name, name)))
                 reader._handle(u)  # the shard index and its crc32c
             except (CacheFormatError, FileNotFoundError, ValueError, KeyError) as e:
+                if is_store_failure(e):
+                    raise
                 report.add("shard", f"{b.name}/{name} shard {u}", _reason(e))
                 continue
             vouched = np.zeros(s1 - s0, bool)  # rows whose bytes match the crc32c their marker recorded
@@ -366,6 +370,8 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
                 try:
                     x = st.read_rows(b.name, name, s0, s1)
                 except Exception as e:
+                    if is_store_failure(e):
+                        raise
                     report.add("shard", f"{b.name}/{name} shard {u}", f"unreadable: {e}")
                     continue
             x = bf16_bits_to_float32(x) if bf16 else x

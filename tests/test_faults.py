@@ -22,7 +22,15 @@ from dinofeat.errors import CacheFormatError, CacheLockedError, ConfigError, Sou
 from dinofeat.lock import CacheLock, lock_path
 from dinofeat.precompute import extract
 from dinofeat.validation import validate
-from tests.helpers import FAST, assert_same_pairs, edit_metadata, make_shards, make_tiny, write_images
+from tests.helpers import (
+    FAST,
+    assert_same_pairs,
+    edit_metadata,
+    make_parquet,
+    make_shards,
+    make_tiny,
+    write_images,
+)
 
 runner = CliRunner()
 
@@ -285,22 +293,37 @@ def unfinish(cache: Path, keep: int) -> None:
                 st.files.delete(f)
 
 
+def rewrite_parquet_reversed(path: Path) -> None:
+    """The same rows (keys, bytes) in reverse order: every key's row number changes."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table.take(list(range(table.num_rows - 1, -1, -1))), path, row_group_size=3)
+
+
 @pytest.mark.slow
-def test_tar_shards_rewritten_between_runs_never_give_another_images_features(tmp_path, dinov3_path):
-    """Resumed with two processes after the shards were rewritten: rank 1 reads locations from the plan, which
-    rank 0 corrects from its fresh listing; every image ends with its own features."""
+@pytest.mark.parametrize("kind", ["tar", "parquet"])
+def test_sources_rewritten_between_runs_never_give_another_images_features(tmp_path, dinov3_path, kind):
+    """Resumed with two processes after the tar shards (or parquet files) were rewritten in another order: rank 1
+    reads locations from the plan, which rank 0 corrects from its fresh listing; every image ends with its own
+    features."""
     from dinofeat.config import ExtractConfig
     from dinofeat.launch import extract_processes
 
-    pairs = make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
-    pattern = str(tmp_path / "shards" / "shard-{000000..000002}.tar")
+    if kind == "tar":
+        pairs = make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
+        pattern = str(tmp_path / "shards" / "shard-{000000..000002}.tar")
+    else:
+        pytest.importorskip("pyarrow", reason="parquet sources need pyarrow (the test extra installs it)")
+        pairs = make_parquet(tmp_path / "shards", tmp_path / "folder", "img2dataset", files=3)
+        pattern = str(tmp_path / "shards" / "part-{00000..00002}.parquet")
     opts = {"model": str(dinov3_path), "area": 64, "store_dtype": "fp32", "shard_mb": 0.001, **FAST}
     extract(tmp_path / "folder", tmp_path / "reference", **opts)
     cache = tmp_path / "c"
     extract(pattern, cache, **opts)
     unfinish(cache, keep=2)
-    for shard in (tmp_path / "shards").glob("*.tar"):
-        rewrite_reversed(shard)
+    for f in (tmp_path / "shards").glob("*.tar" if kind == "tar" else "*.parquet"):
+        rewrite_reversed(f) if kind == "tar" else rewrite_parquet_reversed(f)
     s = extract_processes(pattern, cache, ExtractConfig(**opts), 2)
     assert s.sealed and s.processed > 0
     assert_same_pairs(FeatureCache(cache), FeatureCache(tmp_path / "reference"), pairs)
@@ -401,6 +424,8 @@ def test_moved_members_lists_only_what_moved():
     }
     moved = moved_members(plan, Source("x", tuple(now), {}, now))
     assert set(moved) == {"s/b", "t/c"} and moved["s/b"].offset == 2048
+    rows = {"p/a": Member("p.parquet", "a", 512, -1, 0)}  # a listed parquet row: its size is unknown until read
+    assert moved_members(_plan_of({"p/a": ("p.parquet", 512, 5)}), Source("x", tuple(rows), {}, rows)) == {}
 
 
 def _plan_of(where: dict[str, tuple[str, int, int]]):

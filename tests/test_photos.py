@@ -62,7 +62,9 @@ def test_cache_of_the_old_draft_default_is_refused_by_name(tmp_path, dinov3_path
         fp = st.meta["fingerprint"]
         st.update_meta(fingerprint={**fp, "recipe": {**fp["recipe"], "jpeg_draft": draft}})
     with pytest.raises(CacheMismatchError, match=r"recipe\.jpeg_draft: cache has True, this run wants 0") as e:
-        extract(imgs, old, limit=1, **kw)
+        extract(imgs, old, recipe=Recipe(), limit=1, **kw)  # today's exact decoding, asked for
     assert "--overwrite" in str(e.value) and "--draft-gap 1" in str(e.value)
     assert extract(imgs, old, recipe=Recipe(jpeg_draft=1), limit=1, **kw).done == 1  # the old recipe resumes
+    rerun = extract(imgs, old, limit=1, **kw)  # a rerun that names no recipe finishes the cache with its own
+    assert rerun.processed == 0 and rerun.inherited["recipe"].jpeg_draft == 1
     assert extract(imgs, exact, limit=1, **kw).processed == 0  # 0.1's --no-jpeg-draft is today's default
