@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from buckets import BucketSpec, assign
-from dinofeat.config import Recipe
-from dinofeat.decode import decode_rgb
-from dinofeat.preprocess import load_resized
-from dinofeat.synthetic import make_images
+from dinofeat.buckets import BucketSpec, assign
+from dinofeat.extraction.config import Recipe
+from dinofeat.images.decode import decode_rgb
+from dinofeat.images.preprocess import load_resized
+from dinofeat.images.synthetic import make_images
 
 RECIPES = {"exact (default)": 0, "draft gap 1 (0.1 default)": 1, "draft gap 2": 2, "draft gap 4": 4}
 

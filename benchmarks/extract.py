@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from dinofeat.bench import bench
-from dinofeat.config import ExtractConfig
-from dinofeat.discover import discover
-from dinofeat.model import Encoder
-from dinofeat.precompute import build_plan, prepare
-from dinofeat.resize import normalize_np
-from dinofeat.synthetic import make_images
+from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.model import Encoder
+from dinofeat.extraction.run import build_plan, prepare
+from dinofeat.images.resize import normalize_np
+from dinofeat.images.synthetic import make_images
+from dinofeat.inspection.bench import bench
+from dinofeat.sources.discover import discover
 
 
 def naive(images: Path, cfg: ExtractConfig, count: int | None = None) -> float:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from dinofeat.bench import matmul_peak_tflops
-from dinofeat.model import resolve_device
+from dinofeat.extraction.model import resolve_device
+from dinofeat.inspection.bench import matmul_peak_tflops
 
 KERNEL_WORDS = ("flash", "efficient", "cudnn", "fmha", "attention", "softmax", "bmm", "gemm")
 

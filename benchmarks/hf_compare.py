@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from dinofeat.config import ExtractConfig
-from dinofeat.decode import decode_rgb
-from dinofeat.discover import discover
-from dinofeat.model import TORCH_DTYPES, Encoder
-from dinofeat.precompute import build_plan, prepare
-from dinofeat.preprocess import load_resized
-from dinofeat.resize import normalize_np
-from dinofeat.tokens import split_tokens
+from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.model import TORCH_DTYPES, Encoder
+from dinofeat.extraction.run import build_plan, prepare
+from dinofeat.extraction.tokens import split_tokens
+from dinofeat.images.decode import decode_rgb
+from dinofeat.images.preprocess import load_resized
+from dinofeat.images.resize import normalize_np
+from dinofeat.sources.discover import discover
 
 
 def hf_processor(height: int, width: int):  # transformers is imported lazily (needs torchvision)

@@ -1,4 +1,4 @@
-"""Synthetic photo-like test images (see dinofeat.synthetic), optionally of several sizes and in parallel.
+"""Synthetic photo-like test images (see dinofeat.images.synthetic), optionally of several sizes and in parallel.
 
 python benchmarks/make_images.py OUT_DIR --count 64 --megapixels 2
 python benchmarks/make_images.py OUT_DIR --count 300 --megapixels 2 4 8 12 --jobs 16   # the GPU run's folder
@@ -11,7 +11,7 @@ import argparse
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from dinofeat.synthetic import make_images
+from dinofeat.images.synthetic import make_images
 
 
 def _part(args: tuple[Path, int, float, int, list[tuple[int, int]] | None]) -> int:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from dinofeat.cache import FeatureCache
-from dinofeat.precompute import extract
-from dinofeat.store import Store
-from dinofeat.synthetic import make_images
+from dinofeat.cache.store import Store
+from dinofeat.extraction.run import extract
+from dinofeat.images.synthetic import make_images
+from dinofeat.read.reader import FeatureCache
 
 
 def run(images: Path, work: Path, name: str, repeats: int, **options: Any) -> dict[str, Any]:

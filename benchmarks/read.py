@@ -35,15 +35,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinofeat.cache import FeatureCache
-from dinofeat.collate import collate_features
-from dinofeat.config import ExtractConfig
-from dinofeat.dataset import FeatureDataset
-from dinofeat.discover import Source
-from dinofeat.plan import make_plan
-from dinofeat.precompute import _metadata, finalize, prepare
-from dinofeat.probe import Probe
-from dinofeat.store import Store
+from dinofeat.cache.store import Store
+from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.plan import make_plan
+from dinofeat.extraction.run import _metadata, finalize, prepare
+from dinofeat.images.probe import Probe
+from dinofeat.read.collate import collate_features
+from dinofeat.read.dataset import FeatureDataset
+from dinofeat.read.reader import FeatureCache
+from dinofeat.sources.discover import Source
 
 
 def fake_rows(rng: np.random.Generator, n: int, tokens: int, hidden: int) -> np.ndarray:

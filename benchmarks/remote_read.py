@@ -81,8 +81,8 @@ def read_passes(a: argparse.Namespace) -> dict[str, Any]:
     """Training-style DataLoader passes over each mode (the module docstring's first list)."""
     from read import build_layouts, timed_pass
 
-    from dinofeat.cache import FeatureCache
-    from dinofeat.dataset import FeatureDataset
+    from dinofeat.read.dataset import FeatureDataset
+    from dinofeat.read.reader import FeatureCache
 
     root = Path(tempfile.mkdtemp(prefix="dinofeat-remote-read-"))
     try:
@@ -175,8 +175,8 @@ def fetch_bench(a: argparse.Namespace) -> dict[str, Any]:
 
 def fetch_once(variant: str, url: str, folder: str) -> dict[str, Any]:
     """One fetch of SHARD into a fresh shard cache under `folder`, in this (fresh) process."""
-    from dinofeat.objects import RemoteFiles
-    from dinofeat.shardcache import ShardCache
+    from dinofeat.cache.objects import RemoteFiles
+    from dinofeat.cache.shardcache import ShardCache
 
     files = RemoteFiles.from_url(url)
     cache = files.shard_cache = ShardCache(Path(folder), "bench")

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from dinofeat import parquet
-from dinofeat.discover import discover
-from dinofeat.precompute import extract
-from dinofeat.preprocess import load_resized
-from dinofeat.probe import probe
-from dinofeat.synthetic import make_images
+from dinofeat.extraction.run import extract
+from dinofeat.images.preprocess import load_resized
+from dinofeat.images.probe import probe
+from dinofeat.images.synthetic import make_images
+from dinofeat.sources import parquet
+from dinofeat.sources.discover import discover
 
 
 def per_image_ms(fn: Callable[[], None], n: int, repeats: int) -> float:
@@ -122,7 +122,7 @@ def extraction_order(cache: Path, src, dir_src, image_bytes: int, repeats: int) 
     """Decode the parquet rows bucket by bucket, as the extraction's jobs ask for them, with a minimal row-group
     cache, and the same images from the folder in the same order to the same sizes; reports ms per image and the
     read amplification."""
-    from dinofeat.store import Store
+    from dinofeat.cache.store import Store
 
     plan = Store(cache).read_plan()
     order = [plan.keys[i] for b, pos in plan.rows_to_keys().items() for i in pos]

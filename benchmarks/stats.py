@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from report import emit  # benchmarks/report.py (run as `python benchmarks/<script>.py`)
 
-from dinofeat.stats import ChannelStats
+from dinofeat.cache.stats import ChannelStats
 
 
 def main() -> None:

@@ -1,53 +1,6 @@
-"""Aspect-ratio buckets shared by feature extraction and DiT training. Pure Python: no torch, no zarr."""
+"""`import buckets`: the aspect-ratio bucket tables a DiT dataloader shares with a dinofeat cache (pure Python: no
+torch, no zarr). The code lives in `dinofeat.buckets`, so that a `buckets.py` of yours in the working directory can
+never break `import dinofeat`; this name is the same objects, for code that imports `buckets` directly."""
 
-from buckets.assign import Assignment, assign, fit_size, log_distortion, nearest_bucket
-from buckets.spec import (
-    AnySpec,
-    BucketSpec,
-    BucketSpecError,
-    TiedSpec,
-    load_spec,
-    min_tied_multiple,
-    parse_scale,
-    spec_for,
-)
-from buckets.table import (
-    Bucket,
-    area_bound,
-    aspects,
-    in_range,
-    make_buckets,
-    round_to_multiple,
-    rounding_notes,
-    size_for_aspect,
-    table_document,
-    table_rows,
-    tied_table_rows,
-)
-
-__all__ = [
-    "AnySpec",
-    "Assignment",
-    "Bucket",
-    "BucketSpec",
-    "BucketSpecError",
-    "TiedSpec",
-    "area_bound",
-    "aspects",
-    "assign",
-    "fit_size",
-    "in_range",
-    "load_spec",
-    "log_distortion",
-    "make_buckets",
-    "min_tied_multiple",
-    "nearest_bucket",
-    "parse_scale",
-    "round_to_multiple",
-    "rounding_notes",
-    "size_for_aspect",
-    "spec_for",
-    "table_document",
-    "table_rows",
-    "tied_table_rows",
-]
+from dinofeat.buckets import *  # noqa: F403
+from dinofeat.buckets import __all__  # noqa: F401

@@ -1,7 +1,7 @@
 """`python -m dinofeat ...` is the `dinofeat` command, so launchers that run a module work too:
 `accelerate launch --num_processes 8 -m dinofeat precompute SRC CACHE ...`."""
 
-from cli import main
+from dinofeat.cli import main
 
 if __name__ == "__main__":
     main()

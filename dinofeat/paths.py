@@ -1,6 +1,6 @@
 """Local paths where dinofeat needs them: an image folder or list file. A URL there is refused before any work,
 because `Path("s3://bucket/x")` silently becomes the local folder `s3:/bucket/x`. (Caches and tar shard sources
-may be URLs: dinofeat.objects and dinofeat.archive handle those.)"""
+may be URLs: dinofeat.cache.objects and dinofeat.sources.archive handle those.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Object-store failures in one line.
 
-When a store stays unreachable past its client's retries (dinofeat.objects sets them), s3fs, botocore, aiohttp and
+When a store stays unreachable past its client's retries (dinofeat.cache.objects sets them), s3fs, botocore, aiohttp and
 gcsfs end in long chains of chained tracebacks (an S3 outage mid-run printed ~1,150 lines). `store_errors` turns
 the exceptions those clients raise, and the OSError forms s3fs wraps them in, into one `StoreError` line that names
 the store, the client's own message and what to do. Our own errors (DinofeatError) pass unchanged, and so does any
@@ -137,7 +137,7 @@ def on_store_errors(func: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from dinofeat.objects import open_files  # objects imports this module
+        from dinofeat.cache.objects import open_files  # objects imports this module
 
         cache = args[0] if args else kwargs.get("cache")
         with store_errors(cache, NO_CHANGE):

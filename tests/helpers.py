@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from dinofeat.cache import FeatureCache
+    from dinofeat.read.reader import FeatureCache
 
 FAST = {"num_workers": 0, "progress": False, "dtype": "fp32", "device": "cpu"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,9 +279,9 @@ def kill_test_args(model: Path) -> list[str]:
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`python -m cli ARGS` from the repository root, unbuffered, output captured."""
+    """`python -m dinofeat ARGS` from the repository root, unbuffered, output captured."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "dinofeat", *args],
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -301,7 +301,7 @@ def kill_9_once(proc: subprocess.Popen, progressed: Callable[[], bool], timeout:
 def edit_metadata(cache: Path, change: Callable[[dict], None], *, restamp: bool = False) -> None:
     """Edit a cache's dinofeat metadata in place. `restamp` recomputes its field checksums, as a dinofeat writer
     would have (a consistent cache made with other settings); without it the edit is damage, as a hand edit is."""
-    from dinofeat.metadata import stamp
+    from dinofeat.cache.metadata import stamp
 
     path = cache / "zarr.json"
     doc = json.loads(path.read_text())

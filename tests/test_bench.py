@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from cli import app
-from dinofeat.bench import bench, vit_flops
+from dinofeat.cli import app
+from dinofeat.inspection.bench import bench, vit_flops
 
 
 def _configs():

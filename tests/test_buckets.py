@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buckets import (
+from dinofeat.buckets import (
     Bucket,
     BucketSpec,
     BucketSpecError,
@@ -286,7 +286,7 @@ def test_a_version_1_spec_rebuilds_the_buckets_it_recorded():
 def test_load_spec_reads_the_file_buckets_out_writes(tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from dinofeat.cli import app
 
     out = tmp_path / "buckets.json"
     r = CliRunner().invoke(app, ["buckets", "--area", "512", "--min-ar", "0.5", "--max-ar", "2", "--out", str(out)])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinofeat.precompute import extract
+from dinofeat.extraction.run import extract
 from tests.helpers import FAST, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_documented_commands_parse(where, code):
     """What cannot run here (hub weights, GPUs, clusters) must at least be a command this build accepts."""
     import typer.main
 
-    from cli import app
+    from dinofeat.cli import app
 
     group = typer.main.get_command(app)
     commands = dinofeat_commands(code)
@@ -132,7 +132,7 @@ def test_dit_token_ij_gets_dino_patch_i_div_k(tmp_path, monkeypatch):
 
 def test_remote_reading_example_runs_against_a_real_s3_server(tmp_path, dinov3_path, monkeypatch):
     """docs/scale-out.md's reader block, as written, against s3://bucket/feats on a local S3 server."""
-    from dinofeat import objects
+    from dinofeat.cache import objects
     from tests.s3server import S3Server, apply_env, restore_env
 
     with S3Server() as server:

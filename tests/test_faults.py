@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from dinofeat.archive import Member, header_mismatch
-from dinofeat.cache import FeatureCache
+from dinofeat.cache.lock import CacheLock, lock_path
+from dinofeat.cli import app
 from dinofeat.errors import CacheFormatError, CacheLockedError, ConfigError, SourceChangedError
-from dinofeat.lock import CacheLock, lock_path
-from dinofeat.precompute import extract
-from dinofeat.validation import validate
+from dinofeat.extraction.run import extract
+from dinofeat.inspection.validate import validate
+from dinofeat.read.reader import FeatureCache
+from dinofeat.sources.archive import Member, header_mismatch
 from tests.helpers import (
     FAST,
     assert_same_pairs,
@@ -282,7 +282,7 @@ def rewrite_reversed(shard: Path) -> None:
 
 def unfinish(cache: Path, keep: int) -> None:
     """An interrupted run: every done marker but the first `keep` is gone (with its shard files)."""
-    from dinofeat.store import Store
+    from dinofeat.cache.store import Store
 
     st = Store(cache, mode="r+")
     st.update_meta(state="planned")
@@ -307,8 +307,8 @@ def test_sources_rewritten_between_runs_never_give_another_images_features(tmp_p
     """Resumed with two processes after the tar shards (or parquet files) were rewritten in another order: rank 1
     reads locations from the plan, which rank 0 corrects from its fresh listing; every image ends with its own
     features."""
-    from dinofeat.config import ExtractConfig
-    from dinofeat.launch import extract_processes
+    from dinofeat.extraction.config import ExtractConfig
+    from dinofeat.extraction.launch import extract_processes
 
     if kind == "tar":
         pairs = make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
@@ -330,8 +330,8 @@ def test_sources_rewritten_between_runs_never_give_another_images_features(tmp_p
 
 
 def test_a_read_at_a_stale_offset_stops_the_run_instead_of_reading_another_image(tmp_path, dinov3_path):
-    from dinofeat import precompute
-    from dinofeat.store import Store
+    from dinofeat.cache.store import Store
+    from dinofeat.extraction import run as precompute
 
     pairs = make_shards(tmp_path / "shards", tmp_path / "folder", shards=2)
     pattern = str(tmp_path / "shards" / "shard-{000000..000001}.tar")
@@ -412,8 +412,8 @@ def test_header_check_catches_size_time_and_garbage(size, mtime, garbage, why):
 
 
 def test_moved_members_lists_only_what_moved():
-    from dinofeat.discover import Source
-    from dinofeat.precompute import moved_members
+    from dinofeat.extraction.run import moved_members
+    from dinofeat.sources.discover import Source
 
     plan = _plan_of({"s/a": ("s.tar", 512, 5), "s/b": ("s.tar", 1536, 7), "t/c": ("t.tar", 512, 9)})
     now = {
@@ -429,7 +429,7 @@ def test_moved_members_lists_only_what_moved():
 
 
 def _plan_of(where: dict[str, tuple[str, int, int]]):
-    from dinofeat.plan import Plan
+    from dinofeat.extraction.plan import Plan
 
     keys = list(where)
     archives = tuple(dict.fromkeys(a for a, _, _ in where.values()))
@@ -485,8 +485,8 @@ def test_repair_re_extracts_only_the_damaged_shards(many_shards, dinov3_path, tm
     sorted((cache / "buckets" / "80x64" / "cls" / "c" / "2").rglob("*"))[-1].unlink()  # a lost shard file
     (cache / "_dinofeat" / "done" / "64x80" / "0.json").unlink()  # a lost marker
     (cache / "_dinofeat" / "stats" / "64x80" / "1.npz").write_bytes(b"not statistics")
-    from dinofeat.maintenance import find_damage
-    from dinofeat.store import Store
+    from dinofeat.cache.maintenance import find_damage
+    from dinofeat.cache.store import Store
 
     st = Store(cache)
     found = find_damage(st, st.read_plan(), st.markers(), sealed=True, progress=False)

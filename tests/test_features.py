@@ -11,18 +11,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dinofeat.arrays import ArraySet, parse_layers
-from dinofeat.cache import FeatureCache
-from dinofeat.collate import collate_features
-from dinofeat.dataset import FeatureDataset
+from dinofeat.cache.arrays import ArraySet, parse_layers
 from dinofeat.errors import CacheMismatchError, ConfigError
-from dinofeat.flip import flip_coin
-from dinofeat.model import normalize_on_device
-from dinofeat.precompute import extract
-from dinofeat.preprocess import load_resized
-from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
-from dinofeat.sampler import BucketBatchSampler
-from dinofeat.validation import validate
+from dinofeat.extraction.model import normalize_on_device
+from dinofeat.extraction.run import extract
+from dinofeat.images.preprocess import load_resized
+from dinofeat.images.resize import IMAGENET_MEAN, IMAGENET_STD
+from dinofeat.inspection.validate import validate
+from dinofeat.read.collate import collate_features
+from dinofeat.read.dataset import FeatureDataset
+from dinofeat.read.flip import flip_coin
+from dinofeat.read.reader import FeatureCache
+from dinofeat.read.sampler import BucketBatchSampler
 from tests.helpers import FAST, make_tiny, write_images
 
 
@@ -136,7 +136,7 @@ def test_layers_equal_hf_hidden_states(tmp_path, deep_model, layer_norm):
 
 
 def _recipe():
-    from dinofeat.config import Recipe
+    from dinofeat.extraction.config import Recipe
 
     return Recipe()
 
@@ -293,7 +293,7 @@ def test_non_default_feature_sets_are_format_4_which_older_readers_refuse(
 ):
     """A cache whose `patches` is not the last block of the image must not be served by a reader that does not know
     `metadata.arrays` (dinofeat <= 0.3 read versions 1-3); default caches stay version 3."""
-    from dinofeat import store
+    from dinofeat.cache import store
     from dinofeat.errors import CacheFormatError
 
     imgs = tmp_path / "imgs"

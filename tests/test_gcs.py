@@ -14,9 +14,9 @@ pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (the test extra installs 
 pytest.importorskip("gcp_storage_emulator", reason="the GCS test server comes from the test extra")
 
 from dinofeat import FeatureCache, extract
-from dinofeat.dataset import FeatureDataset
-from dinofeat.info import info
-from dinofeat.validation import validate
+from dinofeat.inspection.info import info
+from dinofeat.inspection.validate import validate
+from dinofeat.read.dataset import FeatureDataset
 from tests.helpers import FAST, assert_same_caches, make_parquet
 from tests.s3server import GCSServer, serve
 

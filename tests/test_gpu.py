@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dinofeat import FeatureCache, extract
-from dinofeat.store import Store
-from dinofeat.synthetic import make_images
+from dinofeat.cache.store import Store
+from dinofeat.images.synthetic import make_images
 from tests.helpers import ROOT, kill_9_once, run_cli
 
 pytestmark = [

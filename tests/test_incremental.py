@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from buckets import BucketSpec
-from dinofeat.cache import FeatureCache
-from dinofeat.plan import extend_plan, make_plan
-from dinofeat.precompute import extract
-from dinofeat.probe import Probe
-from dinofeat.store import Store
-from dinofeat.validation import validate
+from dinofeat.buckets import BucketSpec
+from dinofeat.cache.store import Store
+from dinofeat.extraction.plan import extend_plan, make_plan
+from dinofeat.extraction.run import extract
+from dinofeat.images.probe import Probe
+from dinofeat.inspection.validate import validate
+from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, write_images
 
 SPEC = BucketSpec(64, 16, 0.25, 4.0, 9)
@@ -156,10 +156,10 @@ def test_manual_split_rank_waits_for_rank_0s_extension(tmp_path, dinov3_path):
     rank 0 has extended the plan, instead of treating the old plan as final."""
     import threading
 
-    from dinofeat.config import ExtractConfig
-    from dinofeat.discover import discover
-    from dinofeat.precompute import join_cache, open_or_create, prepare
-    from dinofeat.ranks import Group
+    from dinofeat.extraction.config import ExtractConfig
+    from dinofeat.extraction.ranks import Group
+    from dinofeat.extraction.run import join_cache, open_or_create, prepare
+    from dinofeat.sources.discover import discover
 
     imgs = tmp_path / "imgs"
     write_images(imgs, OLD)

@@ -14,14 +14,14 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from cli import app
-from dinofeat.cache import FeatureCache
+from dinofeat.cache.shardfile import read_layout
+from dinofeat.cache.store import Store
+from dinofeat.cli import app
 from dinofeat.errors import CacheFormatError, CacheMismatchError, ChecksumError
-from dinofeat.precompute import extract
-from dinofeat.shardfile import read_layout
-from dinofeat.store import Store
-from dinofeat.validation import validate
-from dinofeat.writer import ShardWriter
+from dinofeat.extraction.run import extract
+from dinofeat.extraction.writer import ShardWriter
+from dinofeat.inspection.validate import validate
+from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, write_images
 
 V2_CACHE = Path(__file__).parent / "data" / "cache-v2"  # written by dinofeat 0.2.0 (format 2), 8 images + 1 bad

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dinofeat.config import ExtractConfig
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheMismatchError, ConfigError
-from dinofeat.launch import extract_processes
-from dinofeat.precompute import extract
-from dinofeat.store import Store
+from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.launch import extract_processes
+from dinofeat.extraction.run import extract
 from tests.helpers import FAST, write_images
 
 pytestmark = pytest.mark.slow
@@ -182,7 +182,7 @@ def test_manual_split_incremental_run_waits_for_the_extension(setup, tmp_path):
     assert st.meta["state"] == "sealed" and len(st.read_plan()) == 29 + 7
     fresh = tmp_path / "fresh"
     extract(grown, fresh, cfg)
-    from dinofeat.cache import FeatureCache
+    from dinofeat.read.reader import FeatureCache
 
     a, b = FeatureCache(cache), FeatureCache(fresh)
     assert sorted(a.keys()) == sorted(b.keys())

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from dinofeat import FeatureCache, extract, objects
+from dinofeat import FeatureCache, extract
+from dinofeat.cache import objects
+from dinofeat.cache.lock import ObjectLock
+from dinofeat.cache.objects import RemoteFiles
 from dinofeat.errors import DinofeatError
-from dinofeat.lock import ObjectLock
-from dinofeat.objects import RemoteFiles
 from tests.helpers import FAST, assert_same_caches, run_cli, write_images
 from tests.s3server import S3Server, serve
 
@@ -186,7 +187,7 @@ def reference(images, dinov3_path, tmp_path_factory) -> Path:
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`python -m cli ARGS`, without transformers' "Loading weights" bar, and dumping its threads on SIGABRT."""
+    """`python -m dinofeat ARGS`, without transformers' "Loading weights" bar, and dumping its threads on SIGABRT."""
     return run_cli(args, {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONFAULTHANDLER": "1"})
 
 
@@ -368,8 +369,8 @@ def test_a_lock_the_store_cannot_release_says_when_it_expires(s3, bucket, via_pr
 def test_info_and_validate_end_in_one_line_when_the_store_is_down(s3, bucket, images, dinov3_path, via_proxy):
     """Down before they start, or (validate) from its first read of an array on: one line each, never a report
     of damage (whose advice is to rebuild the cache)."""
-    from dinofeat.info import info
-    from dinofeat.validation import validate
+    from dinofeat.inspection.info import info
+    from dinofeat.inspection.validate import validate
 
     def one_line(command: Callable[[], object]) -> None:
         with pytest.raises(DinofeatError) as err:

@@ -10,15 +10,15 @@ import pytest
 pa = pytest.importorskip("pyarrow", reason="parquet sources need pyarrow (the test extra installs it)")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from dinofeat import parquet  # noqa: E402
-from dinofeat.archive import Member, read_member  # noqa: E402
-from dinofeat.cache import FeatureCache  # noqa: E402
-from dinofeat.discover import discover  # noqa: E402
 from dinofeat.errors import ConfigError, ImageError  # noqa: E402
-from dinofeat.parquet import ImageColumn, image_column, row_keys, split_column  # noqa: E402
-from dinofeat.precompute import extract  # noqa: E402
-from dinofeat.probe import probe  # noqa: E402
-from dinofeat.validation import validate  # noqa: E402
+from dinofeat.extraction.run import extract  # noqa: E402
+from dinofeat.images.probe import probe  # noqa: E402
+from dinofeat.inspection.validate import validate  # noqa: E402
+from dinofeat.read.reader import FeatureCache  # noqa: E402
+from dinofeat.sources import parquet  # noqa: E402
+from dinofeat.sources.archive import Member, read_member  # noqa: E402
+from dinofeat.sources.discover import discover  # noqa: E402
+from dinofeat.sources.parquet import ImageColumn, image_column, row_keys, split_column  # noqa: E402
 from tests.helpers import FAST, PARQUET_LAYOUTS, assert_same_pairs, make_parquet, png_bytes  # noqa: E402
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -149,7 +149,7 @@ def test_probing_reads_each_row_group_once(tmp_path):
     again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dinofeat.probe import probe_many
+    from dinofeat.images.probe import probe_many
 
     make_parquet(tmp_path / "pq", tmp_path / "folder", "img2dataset", files=3, group_rows=4)
     src = discover(str(tmp_path / "pq" / "*.parquet"))

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dinofeat.cache import FeatureCache
-from dinofeat.config import Recipe
-from dinofeat.decode import decode_rgb
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheMismatchError
-from dinofeat.precompute import extract
-from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
-from dinofeat.store import Store
+from dinofeat.extraction.config import Recipe
+from dinofeat.extraction.run import extract
+from dinofeat.images.decode import decode_rgb
+from dinofeat.images.resize import IMAGENET_MEAN, IMAGENET_STD
+from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, real_photos
 
 NAMES = ("text.png", "rocket.jpg", "brick.png", "camera.png", "motorcycle_left.png", "retina.jpg")

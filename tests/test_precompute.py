@@ -12,13 +12,13 @@ import torch
 import zarr
 from PIL import Image
 
-from dinofeat.config import ExtractConfig
+from dinofeat.cache.store import STATUS_DONE, STATUS_FAILED, Store
 from dinofeat.errors import CacheMismatchError, ConfigError, TokenCountError
-from dinofeat.model import normalize_on_device
-from dinofeat.precompute import extract
-from dinofeat.preprocess import load_resized
-from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD
-from dinofeat.store import STATUS_DONE, STATUS_FAILED, Store
+from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.model import normalize_on_device
+from dinofeat.extraction.run import extract
+from dinofeat.images.preprocess import load_resized
+from dinofeat.images.resize import IMAGENET_MEAN, IMAGENET_STD
 from tests.helpers import FAST, bad_files, kill_9_once, kill_test_args, make_tiny, run_cli, write_images
 
 
@@ -170,7 +170,7 @@ def test_token_count_mismatch_stops_the_run(tmp_path, image_dir, dinov3_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["num_register_tokens"] = 4
     (bad / "config.json").write_text(json.dumps(cfg))
-    from dinofeat import model as model_mod
+    from dinofeat.extraction import model as model_mod
 
     real = model_mod.load_model_info
 
@@ -178,7 +178,7 @@ def test_token_count_mismatch_stops_the_run(tmp_path, image_dir, dinov3_path):
         info = real(spec, revision)
         return model_mod.ModelInfo(**{**info.__dict__, "num_register_tokens": 3})
 
-    import dinofeat.precompute as pre
+    import dinofeat.extraction.run as pre
 
     orig = pre.load_model_info
     pre.load_model_info = lying
@@ -267,13 +267,15 @@ def test_a_hung_decode_worker_stops_the_run_resumably(tmp_path, dinov3_path, mon
     """A read that never returns (a hung network mount) must end the run with a clear error, not stall it."""
     import threading
 
-    import dinofeat.loader
+    import dinofeat.extraction.loader
     from dinofeat.errors import DinofeatError
 
     imgs = tmp_path / "imgs"
     write_images(imgs, [(64, 64)] * 3)
     kw = {**FAST, "model": str(dinov3_path), "area": 64, "num_workers": 1, "decode_timeout_s": 1.0}
-    monkeypatch.setattr(dinofeat.loader, "load_resized", lambda *a, **k: threading.Event().wait())  # forked workers
+    monkeypatch.setattr(
+        dinofeat.extraction.loader, "load_resized", lambda *a, **k: threading.Event().wait()
+    )  # forked workers
     with pytest.raises(DinofeatError, match="no decoded batch for 1s"):
         extract(imgs, tmp_path / "c", **kw)
     monkeypatch.undo()

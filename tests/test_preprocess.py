@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from buckets import BucketSpec, assign
-from dinofeat.config import Recipe
-from dinofeat.decode import BACKGROUND, decode_rgb
+from dinofeat.buckets import BucketSpec, assign
 from dinofeat.errors import ConfigError, ImageError
-from dinofeat.preprocess import load_resized
-from dinofeat.probe import probe, probe_many
-from dinofeat.resize import IMAGENET_MEAN, IMAGENET_STD, normalize_np, resize_uint8
+from dinofeat.extraction.config import Recipe
+from dinofeat.images.decode import BACKGROUND, decode_rgb
+from dinofeat.images.preprocess import load_resized
+from dinofeat.images.probe import probe, probe_many
+from dinofeat.images.resize import IMAGENET_MEAN, IMAGENET_STD, normalize_np, resize_uint8
 from tests.helpers import bad_files, corner_image, real_photos
 
 # stored pixels for each EXIF orientation, given the displayed image D (EXIF 2.3, "0th row / 0th column" table)
@@ -175,7 +175,7 @@ def test_recipe_matches_float_reference(src, dst):
 
 
 def test_normalize_twins_are_bit_identical():
-    from dinofeat.model import normalize_on_device
+    from dinofeat.extraction.model import normalize_on_device
 
     u8 = np.random.default_rng(1).integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)
     dev = normalize_on_device(torch.from_numpy(u8), IMAGENET_MEAN, IMAGENET_STD, torch.float32).numpy()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dinofeat import ranks
-from dinofeat.config import ExtractConfig
 from dinofeat.errors import ConfigError
-from dinofeat.launch import extract_processes
+from dinofeat.extraction import ranks
+from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.launch import extract_processes
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,15 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from dinofeat.cache import FeatureCache
-from dinofeat.collate import collate_features
-from dinofeat.dataset import FeatureDataset
+from dinofeat.cache.metadata import stamp
+from dinofeat.cache.shardfile import ShardReader, read_layout
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError
-from dinofeat.metadata import stamp
-from dinofeat.precompute import extract
-from dinofeat.sampler import BucketBatchSampler, plan_batches
-from dinofeat.shardfile import ShardReader, read_layout
-from dinofeat.store import Store
+from dinofeat.extraction.run import extract
+from dinofeat.read.collate import collate_features
+from dinofeat.read.dataset import FeatureDataset
+from dinofeat.read.reader import FeatureCache
+from dinofeat.read.sampler import BucketBatchSampler, plan_batches
 from tests.helpers import FAST, bad_files, write_images
 
 
@@ -98,7 +98,7 @@ def test_refuses_unsealed_unknown_version_and_unmarked(tmp_path, cache_dir):
     next((c / "_dinofeat" / "done").rglob("*.json")).unlink()
     # the reader opens from the marker summary written at seal (its rows still checked against their crcs), and
     # validate reports the lost marker; without the summary the reader itself refuses the unmarked shard
-    from dinofeat.validation import validate
+    from dinofeat.inspection.validate import validate
 
     assert any(p.check == "complete" for p in validate(c, progress=False).problems)
     (c / meta["attributes"]["dinofeat"]["marker_summary"]["path"]).unlink()
@@ -288,7 +288,7 @@ def _copy(src, dst):
 
 
 def test_a_sealed_cache_opens_without_reading_any_marker(cache_dir, monkeypatch):
-    from dinofeat.checksum import expected_checksums
+    from dinofeat.cache.checksum import expected_checksums
 
     st = Store(cache_dir)
     summary = st.marker_summary(st.meta["marker_summary"])
@@ -347,8 +347,8 @@ def test_a_damaged_or_missing_marker_summary_falls_back_to_the_markers(cache_dir
 def test_row_crcs_are_uint32_plus_the_rows_without_one(rows, shard_rows, marked, want):
     """What a reader holds for every row it serves: 4 bytes a row plus the rows with no crc, and it round-trips
     through the marker summary's int64 form (-1 unknown)."""
-    from dinofeat.checksum import RowCrcs, expected_checksums
-    from dinofeat.plan import BucketPlan
+    from dinofeat.cache.checksum import RowCrcs, expected_checksums
+    from dinofeat.extraction.plan import BucketPlan
 
     bp = BucketPlan(32, 32, 16, rows, shard_rows)
     markers = {(bp.name, u): {"crc32c": {"patches": crcs}} for u, crcs in marked.items()}

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from dinofeat.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 M = ["--model", "random:vits16"]
@@ -102,7 +102,16 @@ def test_an_unreachable_hub_fails_in_seconds_with_one_line(workdir):
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(workdir / "hf")}
     t0 = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "cli", "precompute", "imgs", "c", "--model", "facebook/dinov3-vits16-pretrain-lvd1689m"],
+        [
+            sys.executable,
+            "-m",
+            "dinofeat",
+            "precompute",
+            "imgs",
+            "c",
+            "--model",
+            "facebook/dinov3-vits16-pretrain-lvd1689m",
+        ],
         cwd=workdir,
         env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True,

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from dinofeat import FeatureCache, extract
-from dinofeat.dataset import FeatureDataset
+from dinofeat.cache.lock import ObjectLock
+from dinofeat.cache.objects import LocalFiles, RemoteFiles, open_files
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheConflictError, CacheLockedError, ChecksumError, ConfigError
-from dinofeat.info import info
-from dinofeat.lock import ObjectLock
-from dinofeat.objects import LocalFiles, RemoteFiles, open_files
-from dinofeat.store import Store
-from dinofeat.validation import validate
+from dinofeat.inspection.info import info
+from dinofeat.inspection.validate import validate
+from dinofeat.read.dataset import FeatureDataset
 from tests.helpers import (
     FAST,
     assert_same_caches,
@@ -406,8 +406,8 @@ def test_incremental_run_on_a_remote_cache_keeps_finished_shards_and_equals_loca
 def test_two_processes_into_s3_equal_one_local(tmp_path, bucket, dinov3_path):
     """A process group (gloo on CPU) writing one remote cache: rank 0 holds the lock object and plans, every rank
     PUTs its own shards; the result equals one local process."""
-    from dinofeat.config import ExtractConfig
-    from dinofeat.launch import extract_processes
+    from dinofeat.extraction.config import ExtractConfig
+    from dinofeat.extraction.launch import extract_processes
 
     imgs = tmp_path / "imgs"
     write_images(imgs, [(64, 64)] * 10 + [(96, 48)] * 6)

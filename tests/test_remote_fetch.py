@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dinofeat import objects
-from dinofeat.objects import LocalBlob, RemoteFiles
-from dinofeat.shardcache import ShardCache
+from dinofeat.cache import objects
+from dinofeat.cache.objects import LocalBlob, RemoteFiles
+from dinofeat.cache.shardcache import ShardCache
 from tests.s3server import S3Server, serve
 
 MIB = 2**20

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
 from dinofeat import __version__
-from dinofeat.config import ExtractConfig, Recipe, recorded_options
-from dinofeat.precompute import extract
-from dinofeat.store import Store
+from dinofeat.cache.store import Store
+from dinofeat.cli import app
+from dinofeat.extraction.config import ExtractConfig, Recipe, recorded_options
+from dinofeat.extraction.run import extract
 from tests.helpers import FAST, kill_test_args, run_cli, write_images
 
 runner = CliRunner()

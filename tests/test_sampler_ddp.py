@@ -19,7 +19,7 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import DataLoader
 
 from dinofeat.errors import ConfigError
-from dinofeat.sampler import BucketBatchSampler, plan_batches
+from dinofeat.read.sampler import BucketBatchSampler, plan_batches
 from tests.helpers import FAST, write_images
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "dit-integration.md"
@@ -180,7 +180,7 @@ def _process(rank: int, world: int, port: int, cache: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, dinov3_path) -> Path:
-    from dinofeat.precompute import extract
+    from dinofeat.extraction.run import extract
 
     root = tmp_path_factory.mktemp("ddp")
     write_images(root / "imgs", [s for s, n in zip(SIZES, BUCKETS, strict=True) for _ in range(n)])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from dinofeat.cli import app
 from dinofeat.errors import ConfigError
 from dinofeat.paths import is_url, local_path
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dinofeat.shardcache import STALE_TMP_S, Fetch, ShardCache
+from dinofeat.cache.shardcache import STALE_TMP_S, Fetch, ShardCache
 
 SIZE = 1000
 

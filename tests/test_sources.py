@@ -8,14 +8,14 @@ import tarfile
 import numpy as np
 import pytest
 
-from dinofeat import archive
-from dinofeat.archive import Member, expand_braces, sample_key
-from dinofeat.cache import FeatureCache
-from dinofeat.discover import discover
 from dinofeat.errors import ConfigError
-from dinofeat.precompute import extract
-from dinofeat.probe import probe
-from dinofeat.validation import validate
+from dinofeat.extraction.run import extract
+from dinofeat.images.probe import probe
+from dinofeat.inspection.validate import validate
+from dinofeat.read.reader import FeatureCache
+from dinofeat.sources import archive
+from dinofeat.sources.archive import Member, expand_braces, sample_key
+from dinofeat.sources.discover import discover
 from tests.helpers import (
     FAST,
     add_member,
@@ -162,7 +162,7 @@ def test_png_probe_parses_the_header_only(tmp_path, monkeypatch):
     assert (p.width, p.height) == (200, 300) and loads == []
 
 
-class _Rank1Of2(__import__("dinofeat.ranks", fromlist=["Group"]).Group):
+class _Rank1Of2(__import__("dinofeat.extraction.ranks", fromlist=["Group"]).Group):
     """Rank 1 of a connected group of 2 whose rank 0 has already planned: collectives are no-ops here."""
 
     def barrier(self) -> None:
@@ -180,9 +180,10 @@ def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch, kind):
     """Rank 1 of a process group reads every image's location (tar member byte ranges, parquet rows) from the plan
     rank 0 wrote: with discovery made to fail, it still extracts its shards, and the finished cache equals a
     one-process cache bit for bit."""
-    from dinofeat import precompute, ranks
-    from dinofeat.precompute import source_from_plan
-    from dinofeat.store import Store
+    from dinofeat.cache.store import Store
+    from dinofeat.extraction import ranks
+    from dinofeat.extraction import run as precompute
+    from dinofeat.extraction.run import source_from_plan
 
     if kind == "tar":
         make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
@@ -230,9 +231,9 @@ def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch, kind):
     ],
 )
 def test_extended_plans_keep_every_images_location(old, new, want_archives, want_new):
-    from buckets import BucketSpec
-    from dinofeat.plan import extend_plan, make_plan
-    from dinofeat.probe import Probe
+    from dinofeat.buckets import BucketSpec
+    from dinofeat.extraction.plan import extend_plan, make_plan
+    from dinofeat.images.probe import Probe
 
     def plan(archives, prefix, part):
         probes = [

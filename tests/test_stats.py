@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from dinofeat.cache import FeatureCache
-from dinofeat.dataset import FeatureDataset
+from dinofeat.cache.stats import ChannelStats, merge_all
+from dinofeat.cli import app
 from dinofeat.errors import ConfigError
-from dinofeat.precompute import extract
-from dinofeat.stats import ChannelStats, merge_all
+from dinofeat.extraction.run import extract
+from dinofeat.read.dataset import FeatureDataset
+from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, bad_files, write_images
 
 X = np.random.default_rng(0).normal(3.0, 2.0, (600, 5)) * np.arange(1, 6)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from buckets import (
+from dinofeat.buckets import (
     BucketSpec,
     BucketSpecError,
     TiedSpec,
@@ -22,10 +22,10 @@ from buckets import (
     min_tied_multiple,
     table_document,
 )
-from cli import app
-from dinofeat.cache import FeatureCache
+from dinofeat.cli import app
 from dinofeat.errors import ConfigError
-from dinofeat.precompute import extract
+from dinofeat.extraction.run import extract
+from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, make_tiny, write_images
 
 VALID = [
@@ -205,7 +205,7 @@ def test_unalignable_tie_is_refused_before_any_work(tmp_path, dinov3_path):
     ],
 )
 def test_spec_for(multiple, patch, scale, want):
-    from buckets import spec_for
+    from dinofeat.buckets import spec_for
 
     if isinstance(want, str):
         with pytest.raises(BucketSpecError, match=want):

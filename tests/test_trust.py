@@ -17,15 +17,15 @@ import zarr
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-from cli import app
-from dinofeat.cache import FeatureCache
-from dinofeat.collate import collate_features
-from dinofeat.dataset import FeatureDataset
+from dinofeat.cache.lock import CacheLock
+from dinofeat.cache.store import Store
+from dinofeat.cli import app
 from dinofeat.errors import CacheConflictError, CacheFormatError, CacheLockedError, ConfigError
-from dinofeat.lock import CacheLock
-from dinofeat.precompute import extract
-from dinofeat.store import Store
-from dinofeat.validation import validate
+from dinofeat.extraction.run import extract
+from dinofeat.inspection.validate import validate
+from dinofeat.read.collate import collate_features
+from dinofeat.read.dataset import FeatureDataset
+from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_second_run_stops_before_touching_anything_and_names_the_holder(tmp_path
 @pytest.mark.slow
 def test_two_runs_started_together_leave_a_correct_cache(tmp_path, imgs, dinov3_path):
     cache = tmp_path / "c"
-    args = [sys.executable, "-m", "cli", "precompute", str(imgs), str(cache), "--model", str(dinov3_path)]
+    args = [sys.executable, "-m", "dinofeat", "precompute", str(imgs), str(cache), "--model", str(dinov3_path)]
     args += ["--area", "64", "--dtype", "fp32", "--workers", "0", "--shard-mb", "0.01", "--device", "cpu", "--json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]

@@ -11,11 +11,18 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from dinofeat.precompute import extract
-from dinofeat.store import Store
-from dinofeat.validation import duplicates, nonfinite_rows, norm_outliers, patch_cosines, saturated_rows, zero_rows
-from dinofeat.validation import validate as run_validate
+from dinofeat.cache.store import Store
+from dinofeat.cli import app
+from dinofeat.extraction.run import extract
+from dinofeat.inspection.validate import (
+    duplicates,
+    nonfinite_rows,
+    norm_outliers,
+    patch_cosines,
+    saturated_rows,
+    zero_rows,
+)
+from dinofeat.inspection.validate import validate as run_validate
 from tests.helpers import FAST, edit_metadata, make_tiny, write_images
 
 runner = CliRunner()
@@ -205,7 +212,7 @@ def test_info_and_show_cli(copy, tmp_path):
     assert len(d["channel_stats"]["mean"]) == 32 and d["model"]["patch_size"] == 16
     res = runner.invoke(app, ["show", str(cache), "im_000.png", "im_007.png", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
-    from dinofeat.cache import FeatureCache
+    from dinofeat.read.reader import FeatureCache
 
     w, h = FeatureCache(cache)["im_000.png"].bucket
     assert Image.open(tmp_path / "s" / "im_000.png").size == (2 * w + 8, h)

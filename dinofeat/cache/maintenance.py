@@ -1,0 +1,168 @@
+"""Repair and prune: what a rerun with --repair or --prune does to a cache before the run loop starts.
+
+Both only unmark or re-record; the run loop then does what it always does (extract the unmarked shards) and the
+cache is sealed again into a fresh copy of its index, so readers that are open keep the generation they opened:
+
+- repair: every marked shard is checked as `validate` checks it (each row against the crc32c its marker
+  recorded, the shard index, the statistics file); a damaged or missing one is unmarked and its files removed, so
+  the run re-extracts exactly those shards and no other shard file is rewritten. A sealed cache that lost a
+  marker gets that shard re-extracted too.
+- prune: images gone from the source are recorded as pruned (status 3): never served or counted again. Shards that
+  held some of them get their statistics recomputed from their stored rows without them, so the cache's channel
+  statistics describe exactly the images it serves. Their bytes stay in the shards (--overwrite reclaims them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dinofeat.cache.arrays import FLIP_SUFFIX
+from dinofeat.cache.checksum import RowCrcs, expected_checksums
+from dinofeat.cache.shardfile import HandlePool, ShardReader
+from dinofeat.cache.stats import pooled_shard_stats
+from dinofeat.cache.store import STATUS_DONE, Store, bf16_bits_to_float32, marker_status
+from dinofeat.errors import CacheFormatError
+from dinofeat.extraction.plan import BucketPlan, Plan
+
+Markers = dict[tuple[str, int], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One shard that must be extracted again, and why."""
+
+    bucket: str
+    shard: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.bucket} shard {self.shard}: {self.reason}"
+
+
+def shard_damage(
+    st: Store, b: BucketPlan, u: int, expected: dict[tuple[str, str], RowCrcs], marker: dict
+) -> str | None:
+    """Why a marked shard cannot be trusted (None if every row of every array reads back with the crc32c its
+    marker recorded, and its statistics file with its own)."""
+    s0, s1 = b.shard_range(u)
+    for name in st.array_names(b.name):
+        try:
+            reader = ShardReader(st.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name)))
+            for r in range(s0, s1):
+                reader.read_row(r)
+        except (CacheFormatError, OSError, ValueError) as e:
+            return f"{name}: {e}"
+    crc = marker.get("stats_crc32c")
+    if st.read_stats(b.name, u, None if crc is None else int(crc)) is None:
+        return "its statistics file is missing or damaged"
+    return None
+
+
+def find_damage(st: Store, plan: Plan, markers: Markers, sealed: bool, progress: bool = True) -> list[Damage]:
+    """Every shard that must be extracted again: marked shards that fail a check, and (in a sealed cache, where
+    every shard was marked) shards whose marker is gone."""
+    expected = expected_checksums(markers, plan.buckets)
+    out: list[Damage] = []
+    shards = [(b, u) for b in plan.buckets for u in range(b.num_shards)]
+    for b, u in tqdm(shards, desc="repair: check", unit="shard", disable=not progress):
+        m = markers.get((b.name, u))
+        if m is None:
+            if sealed:
+                out.append(Damage(b.name, u, "its done marker is gone"))
+            continue
+        why = shard_damage(st, b, u, expected, m)
+        if why is not None:
+            out.append(Damage(b.name, u, why))
+    return out
+
+
+def missing_shard_files(st: Store, plan: Plan, markers: Markers) -> list[Damage]:
+    """The cheap check every rerun makes (one listing): marked shards whose files are gone, and shards of a sealed
+    cache whose marker is gone. Flipped bits need the full check (`validate`, or --repair)."""
+    present = set(st.files.list("buckets"))
+    out = []
+    for b in plan.buckets:
+        for u in range(b.num_shards):
+            if (b.name, u) not in markers:
+                continue
+            lost = [f for f in st.shard_files(b.name, u) if f not in present]
+            if lost:
+                out.append(Damage(b.name, u, f"{len(lost)} shard file(s) missing, e.g. {lost[0]}"))
+    return out
+
+
+def unmark(st: Store, damaged: Iterable[Damage]) -> int:
+    """Make damaged shards pending again: their marker, statistics and shard files go (a rerun extracts them).
+    Returns how many shards."""
+    n = 0
+    for d in damaged:
+        st.files.delete(st.marker_path(d.bucket, d.shard))
+        st.files.delete(st.stats_path(d.bucket, d.shard))
+        for f in st.shard_files(d.bucket, d.shard):
+            st.files.delete(f)
+        n += 1
+    return n
+
+
+def repair(st: Store, plan: Plan, progress: bool = True) -> list[Damage]:
+    """Check every shard; unmark the damaged ones and reopen a sealed cache so the run re-extracts and re-seals
+    them. Returns what was found."""
+    sealed = st.meta.get("state") == "sealed"
+    damaged = find_damage(st, plan, st.markers(), sealed, progress)
+    if damaged:
+        unmark(st, damaged)
+        if sealed:
+            st.update_meta(state="planned")
+    return damaged
+
+
+def prune(st: Store, plan: Plan, present: set[str]) -> list[str]:
+    """Record the planned images that are gone from the source as pruned, recompute the statistics of the shards
+    that held them, and reopen a sealed cache so the run seals it again. Returns the keys pruned by this run."""
+    before = st.pruned()
+    gone = [k for k in plan.keys if k not in present and k not in before]
+    if not gone:
+        return []
+    markers = st.markers()
+    status, _ = marker_status(plan, markers)
+    _restat_shards(st, plan, markers, status, set(gone))
+    st.write_pruned(before | set(gone))
+    if st.meta.get("state") == "sealed":
+        st.update_meta(state="planned")
+    return gone
+
+
+def _restat_shards(st: Store, plan: Plan, markers: Markers, status: np.ndarray, gone: set[str]) -> None:
+    """Each marked shard holding a pruned, done image gets its statistics recomputed from its stored rows without
+    them (verified as they are read), and its marker records the new file's crc32c."""
+    pos = {k: i for i, k in enumerate(plan.keys)}
+    by_bucket = plan.rows_to_keys()
+    hit: set[tuple[int, int]] = set()
+    for k in gone:
+        i = pos[k]
+        if status[i] == STATUS_DONE and plan.bucket[i] >= 0:
+            b = plan.buckets[int(plan.bucket[i])]
+            hit.add((int(plan.bucket[i]), int(plan.row[i]) // b.shard_rows))
+    expected = expected_checksums(markers, plan.buckets)
+    bf16 = st.meta["dtypes"]["store"] == "bf16"
+    names = st.arrays.stat_names()
+    for k, u in sorted(hit):
+        b = plan.buckets[k]
+        s0, s1 = b.shard_range(u)
+        keys = [plan.keys[p] for p in by_bucket[b.name][s0:s1]]
+        keep = (status[by_bucket[b.name][s0:s1]] == STATUS_DONE) & np.array([key not in gone for key in keys])
+        arrays = {}
+        for name in st.array_names(b.name):
+            if name in names or name.removesuffix(FLIP_SUFFIX) in names:
+                reader = ShardReader(st.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name)))
+                rows = np.stack([reader.read_row(r) for r in range(s0, s1)])
+                arrays[name] = bf16_bits_to_float32(rows) if bf16 else rows
+        stats_crc = st.write_stats(b.name, u, pooled_shard_stats(arrays, keep, names, FLIP_SUFFIX))
+        m = markers[(b.name, u)]
+        failed = {int(r): why for r, why in m["failed"].items()}
+        st.write_marker(b.name, u, m["start"], m["stop"], failed, m.get("crc32c"), stats_crc)

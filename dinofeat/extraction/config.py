@@ -1,0 +1,227 @@
+"""Frozen configuration. Everything that changes the stored numbers is serialised into the cache's metadata and
+compared on every rerun (the fingerprint); runtime knobs (workers, batch size, device) are not."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from dinofeat.buckets import BucketSpecError, TiedSpec, load_spec, min_tied_multiple, parse_scale
+from dinofeat.errors import ConfigError
+from dinofeat.images.decode import BACKGROUND, DEFAULT_MAX_PIXELS
+from dinofeat.images.resize import IMAGENET_MEAN, IMAGENET_STD
+
+DType = Literal["fp16", "bf16", "fp32"]
+DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How pixels become model input: whole image -> bucket size (no crop) -> x/255 -> (x - mean) / std.
+
+    `jpeg_draft` = 0 (the default) decodes every JPEG in full, so the pixels are the reference recipe's (within 1
+    grey level). k >= 1 is a speed option: JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, as far as
+    the remaining resize still downsamples by at least k. That changes pixels near hard edges (measured bounds in
+    docs/format.md); 1 is what dinofeat 0.1 did by default (stored then as `true`, which equals 1).
+    """
+
+    resample: str = "bilinear-antialias"
+    rescale: float = 1 / 255
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    background: tuple[int, int, int] = BACKGROUND
+    jpeg_draft: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.jpeg_draft, bool) or not isinstance(self.jpeg_draft, int) or self.jpeg_draft < 0:
+            raise ConfigError(f"jpeg_draft must be 0 (exact decoding) or a reduction gap >= 1, got {self.jpeg_draft!r}")
+
+    @classmethod
+    def from_options(cls, jpeg_draft: bool = False, draft_gap: int | None = None) -> Recipe:
+        """The recipe of the CLI's --jpeg-draft / --draft-gap: a gap without --jpeg-draft, or a gap below 1, is
+        refused instead of silently meaning exact decoding."""
+        if draft_gap is not None and not jpeg_draft:
+            raise ConfigError("--draft-gap applies only with --jpeg-draft (JPEGs are decoded exactly without it)")
+        gap = 2 if draft_gap is None else draft_gap
+        if jpeg_draft and gap < 1:
+            raise ConfigError(
+                f"--draft-gap must be >= 1 (the resize after the DCT reduction shrinks by >= it), got {gap}"
+            )
+        return cls(jpeg_draft=gap if jpeg_draft else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        d["jpeg_draft"] = int(d.get("jpeg_draft", 0))  # caches of dinofeat 0.1 stored a bool (true = gap 1)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one precompute run.
+
+    `multiple=None` means the model's patch size. `dtype="auto"` means fp16 on CUDA, bf16 on a CPU with native
+    bf16, else fp32. `store_dtype` is what lands on disk. `token_budget=None` picks a device-sized default.
+    """
+
+    model: str = "random:vits16"
+    revision: str | None = None
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    store_dtype: DType = "fp16"
+    area: int = 1024
+    multiple: int | None = None
+    min_ar: float = 0.25
+    max_ar: float = 4.0
+    num_buckets: int = 33
+    bucket_mode: Literal["list", "fit"] = "list"
+    # tied to a DiT: area/multiple/aspects above describe the DiT's buckets, DINO's are those x dit_scale (exact)
+    dit_scale: str | None = None
+    dit_token: int = 16  # DiT pixels per token: VAE factor x DiT patch
+    bucket_version: int | None = None  # the bucket table's rounding rule (None: this release's; a cache keeps its own)
+    keep_registers: bool = False
+    layers: tuple[int, ...] = (-1,)  # blocks to store; -1 = last. The deepest is the primary (`cls`, `patches`)
+    layer_norm: bool = True  # the final LayerNorm on every stored layer (it is always on the last one in HF)
+    flip: bool = False  # also store the features of each horizontally mirrored image (`*_flip` arrays)
+    recipe: Recipe = field(default_factory=Recipe)
+    limit: int | None = None
+    # runtime knobs, not fingerprinted
+    device: str | None = None
+    batch_size: int | None = None
+    token_budget: int | None = None
+    num_workers: int | None = None
+    shard_mb: float = 128.0
+    probe_threads: int = 16
+    rank: int = 0
+    world_size: int = 1
+    decode_timeout_s: float = 1800.0  # a decode worker silent this long (one batch) stops the run, resumably
+    compile: bool = False  # torch.compile per bucket shape: slow start, faster steady state on some GPUs
+    wait_s: float = 24 * 3600.0  # how long ranks of a manual split wait for rank 0's plan
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            try:
+                object.__setattr__(self, "layers", tuple(int(p) for p in self.layers.split(",") if p.strip()))
+            except ValueError:
+                raise ConfigError(
+                    f"layers must be comma-separated block numbers like 8,16,-1; got {self.layers!r}"
+                ) from None
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto, fp16, bf16 or fp32; got {self.dtype!r}")
+        if self.store_dtype not in DTYPES:
+            raise ConfigError(f"store dtype must be fp16, bf16 or fp32; got {self.store_dtype!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ConfigError(f"token budget must be >= 1, got {self.token_budget}")
+        if self.shard_mb <= 0:
+            raise ConfigError(f"shard size must be > 0 MiB, got {self.shard_mb}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if not (0 <= self.rank < self.world_size):
+            raise ConfigError(f"need 0 <= rank < world_size, got rank {self.rank} of {self.world_size}")
+        for name, value, low in (
+            ("area", self.area, 1),
+            ("decode workers", self.num_workers, 0),
+            ("probe threads", self.probe_threads, 1),
+            ("number of buckets", self.num_buckets, 1),
+            ("DiT token size (--dit-token)", self.dit_token, 1),
+            ("multiple", self.multiple, 1),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if self.decode_timeout_s <= 0 or self.wait_s < 0:
+            raise ConfigError("decode timeout must be > 0 s and the rank wait >= 0 s")
+
+    def with_bucket_spec(self, path: str | Path) -> ExtractConfig:
+        """These settings with the buckets of a spec file (`dinofeat buckets --out`, plain or tied to a DiT), so
+        the DiT side and the cache share one source of truth."""
+        try:
+            spec = load_spec(Path(path))
+        except (OSError, ValueError, KeyError, TypeError, BucketSpecError) as e:
+            raise ConfigError(f"cannot read a bucket spec from {path}: {e}") from e
+        tied = isinstance(spec, TiedSpec)
+        side = spec.dit if isinstance(spec, TiedSpec) else spec
+        return replace(
+            self,
+            area=side.area,
+            multiple=side.multiple,
+            min_ar=side.min_ar,
+            max_ar=side.max_ar,
+            num_buckets=side.num_buckets,
+            bucket_mode=side.mode,
+            dit_scale=spec.scale if tied else None,
+            dit_token=spec.dit_token if tied else self.dit_token,
+            bucket_version=side.version,
+        )
+
+
+# the settings that change the stored numbers: a rerun that does not give one takes the cache's (issue 23)
+FINGERPRINTED = (
+    "model", "revision", "dtype", "store_dtype", "area", "multiple", "min_ar", "max_ar", "num_buckets",
+    "bucket_mode", "dit_scale", "dit_token", "bucket_version", "keep_registers", "layers", "layer_norm", "flip",
+    "recipe", "limit",
+)  # fmt: skip
+
+
+def recorded_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The ExtractConfig settings a cache was made with, read back from its fingerprint: what a rerun that leaves an
+    option out resumes with. Only settings the fingerprint records are returned."""
+    fp = meta.get("fingerprint") or {}
+    out: dict[str, Any] = {}
+    if "model_id" in fp:
+        out["model"] = fp["model_id"]
+        out["revision"] = fp.get("model_revision")
+    if fp.get("compute_dtype"):
+        out["dtype"] = fp["compute_dtype"]
+    if fp.get("store_dtype"):
+        out["store_dtype"] = fp["store_dtype"]
+    spec = fp.get("bucket_spec")
+    if isinstance(spec, dict):
+        tied = spec.get("tied")
+        side = spec["dit"] if tied else spec
+        out |= {k: side[k] for k in ("area", "multiple", "min_ar", "max_ar", "num_buckets") if k in side}
+        if "multiple" in out and out["multiple"] == _default_multiple(meta, tied):
+            out["multiple"] = None  # the default (the model's patch, or the smallest tied one): a new model's own
+        out["bucket_mode"] = side.get("mode", "list")
+        out["bucket_version"] = int(side.get("version", 1))
+        out["dit_scale"] = str(tied["scale"]) if tied else None
+        if tied:
+            out["dit_token"] = int(tied["dit_token"])
+    if isinstance(fp.get("recipe"), dict):
+        out["recipe"] = Recipe.from_dict(fp["recipe"])
+    for k in ("keep_registers", "limit"):
+        if k in fp:
+            out[k] = fp[k]
+    features = fp.get("features") or {}
+    if "model_id" in fp:  # absent features = the default feature set
+        out["layers"] = tuple(features.get("layers") or (-1,))
+        out["layer_norm"] = bool(features.get("layer_norm", True))
+        out["flip"] = bool(features.get("flip", False))
+    return out
+
+
+def _default_multiple(meta: dict[str, Any], tied: dict[str, Any] | None) -> int | None:
+    """The multiple a cache got when none was given: its model's patch, or (tied) the smallest that aligns."""
+    patch = meta.get("patch_size")
+    if not isinstance(patch, int):
+        return None
+    if not tied:
+        return patch
+    try:
+        return min_tied_multiple(patch, parse_scale(str(tied["scale"])), int(tied["dit_token"]))
+    except (BucketSpecError, KeyError, ValueError):
+        return None
+
+
+def inherit(config: ExtractConfig, meta: dict[str, Any], names: Any) -> tuple[ExtractConfig, dict[str, Any]]:
+    """`config` with the settings in `names` (those the user did not give) taken from a cache's record. Returns the
+    new config and what was taken (only settings that differ from what `config` had)."""
+    recorded = recorded_options(meta)
+    taken = {k: recorded[k] for k in names if k in recorded and recorded[k] != getattr(config, k)}
+    return (replace(config, **taken) if taken else config), taken

@@ -1,0 +1,89 @@
+"""`dinofeat precompute --num-processes N`: start N local processes joined in a process group, as torchrun would.
+
+Each process runs `precompute.extract` with RANK / WORLD_SIZE / MASTER_ADDR set, so the code path is exactly the
+one `accelerate launch` and `torchrun` use (see `ranks`); on a GPU machine local rank k uses cuda:k. For many
+machines use `accelerate launch` or `torchrun` themselves (docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Collection
+from dataclasses import replace
+from typing import Any
+
+from dinofeat.cache.objects import cache_location
+from dinofeat.errors import ConfigError, DinofeatError
+from dinofeat.extraction import ranks
+from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.run import Summary, extract, settings_for
+
+
+def extract_processes(
+    source: str | os.PathLike[str],
+    cache: str | os.PathLike[str],
+    config: ExtractConfig,
+    num_processes: int = 1,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    repair: bool = False,
+    prune: bool = False,
+    inherit: Collection[str] = (),
+) -> Summary:
+    """`extract` in `num_processes` local processes (1: in this process). Returns the run's summary (images and
+    bytes summed over the ranks). A configuration error raised in any process is raised here. The processes are
+    spawned, so a script calling this needs the usual `if __name__ == "__main__":` guard."""
+    if num_processes < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {num_processes}")
+    actions = {"overwrite": overwrite, "repair": repair, "prune": prune}
+    if num_processes == 1 or dry_run:
+        return extract(source, cache, config, dry_run=dry_run, inherit=inherit, **actions)
+    config, taken = settings_for(cache_location(cache), config, inherit, overwrite)  # once, for every process
+    if ranks.launched():
+        raise ConfigError("--num-processes starts processes itself; under accelerate launch or torchrun leave it at 1")
+    if config.world_size != 1:
+        raise ConfigError("--num-processes and a manual --rank/--world-size split cannot be combined")
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    args = (num_processes, _free_port(), os.fspath(source), os.fspath(cache), config, actions, results)
+    crash: mp.ProcessExitedException | None = None
+    try:  # a process that stopped with a configuration error reported it below; one that crashed reported nothing
+        mp.start_processes(_child, args=args, nprocs=num_processes, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        crash = e
+    reported = []
+    while not results.empty():
+        reported.append(results.get())
+    for rank, outcome in sorted(reported, key=lambda r: r[0]):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if rank == 0:
+            return replace(outcome, inherited=taken)
+    raise DinofeatError(f"a precompute process failed ({crash}); finished shards are kept, rerun to resume")
+
+
+def _child(index: int, world: int, port: int, source: str, cache: str, config: ExtractConfig, actions: dict, out: Any):
+    os.environ.update(
+        RANK=str(index),
+        LOCAL_RANK=str(index),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        summary = extract(source, cache, replace(config, progress=config.progress and index == 0), **actions)
+    except DinofeatError as e:
+        out.put((index, e))
+        raise SystemExit(1) from e
+    out.put((index, summary))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

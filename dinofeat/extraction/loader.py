@@ -1,0 +1,87 @@
+"""Decode + resize in DataLoader worker processes. One item is one whole batch of one bucket, shipped as uint8."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dinofeat.errors import ImageError, SourceChangedError
+from dinofeat.extraction.config import Recipe
+from dinofeat.images.preprocess import load_resized
+from dinofeat.sources.archive import Member
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i."""
+
+    bucket: str
+    start: int
+    stop: int
+    size: tuple[int, int]  # (width, height)
+    paths: tuple[str | Member, ...]
+
+
+@dataclass
+class DecodedBatch:
+    job: BatchJob
+    pixels: torch.Tensor  # [B, H, W, 3] uint8; rows of failed images are zeros
+    failed: dict[int, str]  # row -> reason
+
+    def pin_memory(self) -> DecodedBatch:
+        """Called by DataLoader's pin thread (pin_memory=True) so the host-to-device copy can be asynchronous."""
+        return DecodedBatch(self.job, self.pixels.pin_memory(), self.failed)
+
+
+class BatchDecodeDataset(Dataset):
+    """Map-style over batch jobs; nothing heavy is held, so it pickles cheaply into workers."""
+
+    def __init__(self, jobs: Sequence[BatchJob], recipe: Recipe) -> None:
+        self.jobs = list(jobs)
+        self.recipe = recipe
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> DecodedBatch:
+        job = self.jobs[i]
+        w, h = job.size
+        out = np.zeros((len(job.paths), h, w, 3), np.uint8)
+        failed: dict[int, str] = {}
+        for k, path in enumerate(job.paths):
+            try:
+                out[k] = load_resized(path, job.size, self.recipe)
+            except ImageError as e:
+                failed[job.start + k] = str(e)
+            except SourceChangedError:
+                raise  # not this image's fault: the plan no longer fits the source, so the run stops (resumably)
+            except Exception as e:  # a decoder bug on one file must not end a multi-hour run
+                failed[job.start + k] = f"decode error: {type(e).__name__}: {e}"
+        return DecodedBatch(job, torch.from_numpy(out), failed)
+
+
+def _identity(x: DecodedBatch) -> DecodedBatch:
+    return x
+
+
+def make_loader(
+    jobs: Sequence[BatchJob], recipe: Recipe, num_workers: int, pin_memory: bool, timeout_s: float = 0
+) -> DataLoader:
+    """In-order loader (batches of a shard arrive consecutively), `prefetch_factor` batches ahead per worker.
+    `timeout_s` turns a worker stuck on one file (a hung network mount) into an error instead of a silent stall:
+    the run stops, finished shards are kept, and a rerun resumes."""
+    return DataLoader(
+        BatchDecodeDataset(jobs, recipe),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+        timeout=timeout_s if num_workers > 0 else 0,
+    )

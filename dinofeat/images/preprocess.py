@@ -1,0 +1,23 @@
+"""decode + resize for one image: the work DataLoader workers do. Output stays uint8 (4x less to ship)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dinofeat.extraction.config import Recipe
+from dinofeat.images.decode import decode_rgb
+from dinofeat.images.resize import resize_uint8
+from dinofeat.sources.archive import Member
+
+DEFAULT_RECIPE = Recipe()
+
+
+def load_resized(path: str | Member, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE) -> np.ndarray:
+    """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file."""
+    im = decode_rgb(
+        path,
+        draft_size=(size[0] * recipe.jpeg_draft, size[1] * recipe.jpeg_draft) if recipe.jpeg_draft else None,
+        max_pixels=recipe.max_pixels,
+        background=recipe.background,
+    )
+    return resize_uint8(im, size)

@@ -1,0 +1,367 @@
+"""FeatureCache: read-only access to a sealed cache, by key or by position, through the fast shard reader."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinofeat.buckets import AnySpec, TiedSpec, load_spec
+from dinofeat.cache import metadata
+from dinofeat.cache.arrays import ArraySet
+from dinofeat.cache.checksum import expected_checksums
+from dinofeat.cache.objects import Files, LocalFiles, RemoteFiles, open_files
+from dinofeat.cache.shardcache import ShardCache
+from dinofeat.cache.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
+from dinofeat.cache.store import STATUS_DONE, Store, array_shape, bf16_bits_to_float32
+from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
+
+
+@dataclass(frozen=True)
+class Features:
+    """One image's features. `patches[i, j]` is image region (i, j) of the resized (bucket-sized) image; when
+    `flipped`, of the mirrored image (region (i, w - 1 - j) of the original)."""
+
+    key: str
+    cls: np.ndarray  # [D]
+    patches: np.ndarray  # [h, w, D]
+    bucket: tuple[int, int]  # (width, height) the image was resized to
+    registers: np.ndarray | None = None  # [R, D] when stored
+    flipped: bool = False
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # other stored layers: 'cls_l8', 'patches_l8', ...
+
+
+class FeatureCache:
+    """Read-only view of the images whose status is done. Opening reads metadata and the index once; rows are
+    read on demand (one positioned read each). Picklable: a DataLoader worker reopens its own file handles.
+
+    One generation: the cache directory is held open and every shard is opened relative to it, so a reader
+    keeps serving the cache it opened while `precompute --overwrite` builds a new one at the same path (the old
+    one is moved aside, and deleted when the new one seals; reads of shards not yet open then fail loudly).
+    An unpickled copy checks that the path still holds the cache it was made from (`cache_id`). Opened while an
+    incremental run adds images, it serves the last sealed generation (`serving_last_sealed` is then True).
+
+    Integrity (format 3): the index columns are checked against their crc32c at open, and with `verify` every row
+    read is checked against the crc32c its shard's done marker recorded; a mismatch raises ChecksumError naming
+    the key (cost: docs/benchmarks.md). Format 1-2 caches have no row checksums and are read unchecked.
+
+    Remote caches (`s3://bucket/feats`, gs://, az://): one ranged GET per row, each shard's index fetched once and
+    kept (in `max_open_files` shards' worth of LRU). With `local_cache` (a folder), each shard is fetched whole the
+    first time a row of it is read and served from that folder afterwards (shared by DataLoader workers, ranks and
+    caches). `local_cache_bytes` caps the folder: least recently opened shards are removed to make room (shards
+    readers hold open still take their space until closed). Credentials: the object store's usual environment."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fast: bool = True,
+        verify: bool = True,
+        max_open_files: int = 128,
+        local_cache: str | os.PathLike[str] | None = None,
+        local_cache_bytes: int | None = None,
+    ) -> None:
+        self._files: Files = open_files(path)
+        self.path: Path | str = self._files.root if isinstance(self._files, LocalFiles) else self._files.location
+        self._fast, self._verify = fast, verify
+        self._local_cache = Path(local_cache) if local_cache else None
+        if local_cache_bytes is not None and (local_cache_bytes <= 0 or local_cache is None):
+            raise ConfigError(f"local_cache_bytes ({local_cache_bytes}) needs a local_cache folder and a size > 0")
+        self._pool = HandlePool(max_open_files)  # one fd (or shard index) budget for every bucket and array
+        self._root_fd: int | None = None
+        self._pin()
+        st = Store(self._files)
+        meta = st.meta
+        self._check_same_directory()
+        if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
+            cache_id = str(meta.get("cache_id", "unknown"))
+            self._files.shard_cache = ShardCache(self._local_cache, cache_id, local_cache_bytes)
+        generation = _serving_generation(meta)
+        if generation is None:
+            raise CacheFormatError(
+                f"{self.path} is not sealed (state {meta.get('state')!r}): precompute has not finished; rerun it"
+            )
+        self.serving_last_sealed = meta.get("state") != "sealed"
+        if self.serving_last_sealed:  # the buckets an incremental run added are not part of what we serve
+            meta = {**meta, "buckets": meta["buckets"][: generation["num_buckets"]], **generation}
+        self.meta = meta
+        self.arrays = ArraySet.from_meta(meta)
+        ix = st.index(generation if self.serving_last_sealed else None)
+        done = np.flatnonzero(ix["status"] == STATUS_DONE)
+        self._bucket_plans = st.bucket_plans()[: len(meta["buckets"])]
+        summary = st.marker_summary(meta.get("marker_summary"))  # one read; caches sealed before 0.5 have none
+        if summary is None:
+            markers = st.markers()
+            summary = set(markers), expected_checksums(markers, self._bucket_plans)
+        marked, self._expected = summary
+        self._check_markers(marked, ix["bucket"][done], ix["row"][done])
+        self._keys = ix["key"][done]
+        self._bucket = ix["bucket"][done].astype(np.int32)  # which arrays hold the row (one group per part)
+        # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
+        self._sizes = list(dict.fromkeys(b.size for b in self._bucket_plans))
+        self._size_of_group = np.array([self._sizes.index(b.size) for b in self._bucket_plans], np.int32)
+        self._bucket_ids = self._size_of_group[self._bucket]
+        self._row = ix["row"][done].astype(np.int64)
+        self._lookup: dict[str, int] | None = None
+        self._readers: dict[tuple[int, str], Any] = {}
+        self._failures = st.failures()
+        self._store: Store | None = st
+
+    def _pin(self) -> None:
+        """Local caches: hold the directory open and read every file relative to it (one generation)."""
+        if isinstance(self._files, LocalFiles):
+            self._root_fd = _open_dir(Path(self.path))
+            self._files = LocalFiles(Path(self.path), self._root_fd)
+
+    def _check_same_directory(self) -> None:
+        if self._root_fd is not None and os.fstat(self._root_fd).st_ino != os.stat(self.path).st_ino:
+            os.close(self._root_fd)  # replaced between the two opens
+            self._root_fd = None
+            raise CacheFormatError(f"{self.path} was replaced while opening it (--overwrite running?); open it again")
+
+    def _check_markers(self, marked: set[tuple[str, int]], buckets: np.ndarray, rows: np.ndarray) -> None:
+        """Only rows of marked shards may be served: an unwritten row reads back as zeros."""
+        for k, bp in enumerate(self._bucket_plans):
+            sel = rows[buckets == k]
+            shards = set((sel // bp.shard_rows).tolist())
+            missing = [u for u in shards if (bp.name, u) not in marked]
+            if missing:
+                raise CacheFormatError(
+                    f"{self.path}: bucket {bp.name} shards {sorted(missing)[:5]} have no done marker; "
+                    "run `dinofeat validate` and rerun precompute"
+                )
+
+    # ---- pickling: nothing heavy crosses into workers --------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_readers"] = {}
+        state["_store"] = None
+        state["_lookup"] = None
+        state["_root_fd"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pin()
+        now = Store(self._files).meta.get("cache_id")
+        if now != self.meta.get("cache_id"):
+            if self._root_fd is not None:
+                os.close(self._root_fd)
+            self._root_fd = None
+            raise CacheFormatError(
+                f"{self.path} is no longer the cache this reader opened (it was rebuilt with --overwrite); "
+                "open a new FeatureCache"
+            )
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ---- metadata ---------------------------------------------------------------------------------------------
+    @property
+    def remote(self) -> bool:
+        """The cache is in an object store (reads are ranged GETs)."""
+        return self._files.remote
+
+    @property
+    def model_id(self) -> str:
+        return self.meta["model"]["id"]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.meta["patch_size"])
+
+    @property
+    def num_register_tokens(self) -> int:
+        return int(self.meta["num_register_tokens"])
+
+    @property
+    def bucket_spec(self) -> AnySpec:
+        """The spec the buckets came from: a BucketSpec, or a TiedSpec when the buckets are tied to a DiT's."""
+        return load_spec(self.meta["bucket_spec"])
+
+    @property
+    def grid_factor(self) -> int | None:
+        """Tied caches: k, the DiT tokens per DINO patch along each side (DiT token (i, j) lies in DINO patch
+        (i // k, j // k)); None otherwise."""
+        spec = self.bucket_spec
+        return spec.grid_factor(self.patch_size) if isinstance(spec, TiedSpec) else None
+
+    def dit_size(self, i: int) -> tuple[int, int] | None:
+        """Tied caches: (width, height) of the DiT bucket of the image at position i, as recorded at planning."""
+        return self._bucket_plans[int(self._bucket[i])].dit
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """(width, height) of each bucket id."""
+        return list(self._sizes)
+
+    @property
+    def bucket_ids(self) -> np.ndarray:
+        """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by."""
+        return self._bucket_ids
+
+    @property
+    def channel_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        """{'cls' | 'patches': (mean [D], std [D])} over every stored image, accumulated during precompute; None for
+        caches written before they were recorded."""
+        recorded = self.meta.get("channel_stats")
+        if not recorded:
+            return None
+        return {n: (np.asarray(v["mean"], np.float32), np.asarray(v["std"], np.float32)) for n, v in recorded.items()}
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(width, height) the image at position i was resized to."""
+        return self._sizes[int(self._bucket_ids[i])]
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return dict(self._failures)
+
+    # ---- access -----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> list[str]:
+        return [str(k) for k in self._keys]
+
+    def key(self, i: int) -> str:
+        return str(self._keys[i])
+
+    def index_of(self, key: str) -> int:
+        if self._lookup is None:
+            self._lookup = {str(k): i for i, k in enumerate(self._keys)}
+        try:
+            return self._lookup[key]
+        except KeyError:
+            why = self._failures.get(key)
+            raise KeyError(
+                f"{key!r} failed during precompute: {why}" if why else f"{key!r} is not in the cache"
+            ) from None
+
+    def __contains__(self, key: str) -> bool:
+        try:
+            self.index_of(key)
+        except KeyError:
+            return False
+        return True
+
+    def _reader(self, b: int, name: str) -> Any:
+        rd = self._readers.get((b, name))
+        if rd is None:
+            rel = f"buckets/{self._bucket_plans[b].name}/{name}"
+            if name not in self.arrays.names():
+                raise KeyError(f"array {name!r} is not stored in this cache; it has {', '.join(self.arrays.names())}")
+            bucket = self._bucket_plans[b]
+            try:
+                layout = read_layout(rel, self._files, metadata.array_checksum(self.meta, bucket.name, name))
+                self._check_shape(rel, layout.shape, name, bucket)
+            except FileNotFoundError:
+                raise CacheFormatError(
+                    f"{self.path}: {rel} is missing (the cache was rebuilt with --overwrite since this reader opened "
+                    "it, or it is damaged); open the cache again"
+                ) from None
+            except UnsupportedLayout:
+                layout = None
+            if self._fast and layout is not None:
+                expected = self._expected.get((self._bucket_plans[b].name, name))
+                rd = ShardReader(layout, self._pool, verify=self._verify, expected=expected)
+            else:
+                rd = _ZarrRowReader(self._open_store(), self._bucket_plans[b].name, name)
+            self._readers[(b, name)] = rd
+        return rd
+
+    def _check_shape(self, rel: str, shape: tuple[int, ...], name: str, bucket: Any) -> None:
+        """An array must hold the rows and the grid its bucket's record says (caches made before 0.6 have no
+        zarr.json checksums: this is what catches an edited shape there)."""
+        regs = int(self.meta.get("registers_stored") or 0)
+        want = array_shape(name, bucket.rows, bucket.grid, self.hidden_size, regs)
+        if tuple(shape) != want:
+            raise CacheFormatError(f"{self.path}: {rel} has shape {tuple(shape)}, its bucket says {want} (damaged)")
+
+    def _open_store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self._files)
+        return self._store
+
+    def _as_float(self, a: np.ndarray) -> np.ndarray:
+        return bf16_bits_to_float32(a) if self.meta["dtypes"]["store"] == "bf16" else a
+
+    def read(self, i: int, name: str) -> np.ndarray:
+        """One array for position i: 'cls', 'patches', 'registers', or another stored one ('patches_l8',
+        'patches_flip'; see `arrays`)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        b, r = int(self._bucket[i]), int(self._row[i])
+        try:
+            return self._as_float(self._reader(b, name).read_row(r))
+        except ChecksumError as e:
+            why = f"{self.key(i)!r} ({name}): {e}. Run `dinofeat validate` to list every damaged row"
+            raise ChecksumError(why) from None
+
+    def __getitem__(self, i: int | str) -> Features:
+        return self.get(i)
+
+    def get(
+        self, i: int | str, *, flip: bool = False, layers: tuple[int, ...] | None = None, registers: bool = True
+    ) -> Features:
+        """Features of position (or key) i: of the mirrored image with `flip` (stored with --flip); `layers` picks
+        the other stored layers to read besides the primary one (None: all, (): none)."""
+        if isinstance(i, str):
+            i = self.index_of(i)
+        a = self.arrays
+        if flip and not a.flip:
+            raise KeyError(f"{self.path} stores no mirrored-image features (precompute with --flip)")
+        regs = self.read(i, a.name("registers", flip=flip)) if a.registers and registers else None
+        extra = a.extra_layer_names(flip, layers)
+        return Features(
+            self.key(i),
+            self.read(i, a.name("cls", flip=flip)),
+            self.read(i, a.name("patches", flip=flip)),
+            self.size(i),
+            regs,
+            flip,
+            {s: self.read(i, n) for s, n in extra.items()},
+        )
+
+    def close(self) -> None:
+        if hasattr(self, "_readers"):  # __del__ of a cache whose __init__ raised
+            self._readers.clear()
+            self._pool.clear()
+        fd, self._root_fd = getattr(self, "_root_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+
+def _serving_generation(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What a new reader serves: the current plan once sealed; while a run works on it, the last sealed generation
+    (an incremental run never deletes its index or arrays); None if the cache was never sealed."""
+    if meta.get("state") == "sealed":
+        return {"index_group": meta.get("index_group", "index"), "num_buckets": len(meta["buckets"])}
+    return meta.get("last_sealed")
+
+
+def _open_dir(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise CacheFormatError(f"no dinofeat cache at {path} (no such folder)") from None
+
+
+class _ZarrRowReader:
+    """Fallback through zarr-python for layouts the fast path does not read."""
+
+    def __init__(self, st: Store, bucket: str, name: str) -> None:
+        self.arr = st.array(bucket, name)
+
+    def read_row(self, row: int) -> np.ndarray:
+        return np.asarray(self.arr[row])
+
+    def close(self) -> None:
+        pass
