@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from dinofeat.buckets import BucketSpec, assign
-from dinofeat.extraction.config import Recipe
 from dinofeat.images.decode import decode_rgb
 from dinofeat.images.preprocess import load_resized
+from dinofeat.images.recipe import Recipe
 from dinofeat.images.synthetic import make_images
 
 RECIPES = {"exact (default)": 0, "draft gap 1 (0.1 default)": 1, "draft gap 2": 2, "draft gap 4": 4}

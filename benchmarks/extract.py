@@ -24,7 +24,7 @@ from report import emit  # benchmarks/report.py (run as `python benchmarks/<scri
 
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.model import Encoder
-from dinofeat.extraction.run import build_plan, prepare
+from dinofeat.extraction.prepare import build_plan, prepare
 from dinofeat.images.resize import normalize_np
 from dinofeat.images.synthetic import make_images
 from dinofeat.inspection.bench import bench

@@ -22,7 +22,7 @@ from report import emit  # benchmarks/report.py (run as `python benchmarks/<scri
 
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.model import TORCH_DTYPES, Encoder
-from dinofeat.extraction.run import build_plan, prepare
+from dinofeat.extraction.prepare import build_plan, prepare
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.images.decode import decode_rgb
 from dinofeat.images.preprocess import load_resized

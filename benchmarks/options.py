@@ -39,7 +39,7 @@ def run(images: Path, work: Path, name: str, repeats: int, **options: Any) -> di
         if r < repeats - 1:
             shutil.rmtree(cache)
     c = FeatureCache(cache)
-    disk = Store(cache).disk_bytes()
+    disk = Store(cache).files.total_bytes()
     return {
         "option": name,
         "img_s": sorted(rates)[len(rates) // 2],

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinofeat.cache.store import Store
+from dinofeat.cache import lifecycle
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.plan import make_plan
-from dinofeat.extraction.run import _metadata, finalize, prepare
+from dinofeat.extraction.prepare import cache_metadata, prepare
 from dinofeat.images.probe import Probe
 from dinofeat.read.collate import collate_features
 from dinofeat.read.dataset import FeatureDataset
@@ -65,7 +65,7 @@ def build_layouts(root: Path, n: int, grid: int, hidden: int, model: str, seed: 
     plan = make_plan(keys, probes, prep.spec, patch, hidden, "fp16", int(cfg.shard_mb * 2**20))
     src = Source(root / "images", tuple(keys))
     cache = root / "cache"
-    st = Store.create(cache, _metadata(prep, plan, src), plan, hidden, 0, "fp16")
+    st = lifecycle.create(cache, cache_metadata(prep, plan, src), plan, hidden, 0, "fp16")
     (root / "npy").mkdir()
     rng = np.random.default_rng(seed)
     positions = plan.rows_to_keys()
@@ -75,12 +75,12 @@ def build_layouts(root: Path, n: int, grid: int, hidden: int, model: str, seed: 
                 s0, s1 = b.shard_range(u)
                 rows = fake_rows(rng, s1 - s0, 1 + grid * grid, hidden)
                 arrays = {"cls": rows[:, 0], "patches": rows[:, 1:].reshape(-1, grid, grid, hidden)}
-                st.write_shard(b.name, s0, arrays)
-                st.write_marker(b.name, u, s0, s1, {}, st.shard_checksums(b.name, u))
+                st.shards.write(b.name, s0, arrays)
+                st.markers.write(b.name, u, s0, s1, {}, st.shards.checksums(b.name, u))
                 for r in range(s1 - s0):
                     np.save(root / "npy" / f"{keys[positions[b.name][s0 + r]]}.npy", rows[r])
                     flat.write(rows[r].tobytes())
-    status, _, sealed = finalize(st, plan)
+    status, _, sealed = lifecycle.finalize(st, plan)
     assert sealed and (status == 1).all()
     row_bytes = (1 + grid * grid) * hidden * 2
     return {"cache": cache, "npy": root / "npy", "flat": root / "flat.bin", "keys": keys, "row_bytes": row_bytes}

@@ -124,7 +124,7 @@ def extraction_order(cache: Path, src, dir_src, image_bytes: int, repeats: int) 
     read amplification."""
     from dinofeat.cache.store import Store
 
-    plan = Store(cache).read_plan()
+    plan = Store(cache).index.plan()
     order = [plan.keys[i] for b, pos in plan.rows_to_keys().items() for i in pos]
     sizes = {b.name: b.size for b in plan.buckets}
     bucket_of = {plan.keys[i]: plan.buckets[plan.bucket[i]].name for i in range(len(plan)) if plan.bucket[i] >= 0}

@@ -15,7 +15,7 @@ _LAZY = {
     "extract_processes": "dinofeat.extraction.launch",
     "bench": "dinofeat.inspection.bench",
     "ExtractConfig": "dinofeat.extraction.config",
-    "Recipe": "dinofeat.extraction.config",
+    "Recipe": "dinofeat.images.recipe",
     "FeatureCache": "dinofeat.read.reader",
     "FeatureDataset": "dinofeat.read.dataset",
     "BucketBatchSampler": "dinofeat.read.sampler",

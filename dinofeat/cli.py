@@ -269,8 +269,9 @@ def precompute(
 ) -> None:
     """Extract CLS + patch-grid features for every image into a sharded zarr cache (rerun to resume)."""
     from dinofeat.errors import DinofeatError
-    from dinofeat.extraction.config import ExtractConfig, Recipe
+    from dinofeat.extraction.config import ExtractConfig
     from dinofeat.extraction.launch import extract_processes
+    from dinofeat.images.recipe import Recipe
 
     try:
         cfg = ExtractConfig(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 from dinofeat.errors import DinofeatError, StoreError
 
@@ -123,30 +123,3 @@ def store_errors(location: Any, after: str = RESUME) -> Iterator[None]:
         if not is_store_failure(e):
             raise
         raise StoreError(store_message(e, str(location), after)) from e
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def on_store_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """For a command whose first argument is a cache: check the store answers (credentials, bucket) before it
-    starts, and end a store failure in one line. A report that failed (`ok` false) is checked once more: validate
-    records what it could not read as damage, and an outage that began mid-run must not read as a damaged cache
-    (whose advice is to rebuild it)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from dinofeat.cache.objects import open_files  # objects imports this module
-
-        cache = args[0] if args else kwargs.get("cache")
-        with store_errors(cache, NO_CHANGE):
-            files = open_files(cache)  # type: ignore[arg-type]
-            if files.remote:
-                files.check_access()  # type: ignore[attr-defined]
-            result = func(*args, **kwargs)
-            if files.remote and getattr(result, "ok", True) is False:
-                files.check_access()  # type: ignore[attr-defined]
-            return result
-
-    return wrapper

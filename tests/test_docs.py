@@ -132,12 +132,12 @@ def test_dit_token_ij_gets_dino_patch_i_div_k(tmp_path, monkeypatch):
 
 def test_remote_reading_example_runs_against_a_real_s3_server(tmp_path, dinov3_path, monkeypatch):
     """docs/scale-out.md's reader block, as written, against s3://bucket/feats on a local S3 server."""
-    from dinofeat.cache import objects
+    from dinofeat import filesystems
     from tests.s3server import S3Server, apply_env, restore_env
 
     with S3Server() as server:
         old = apply_env(server.env)
-        monkeypatch.setattr(objects, "_FILESYSTEMS", {})  # no client of another test's server
+        monkeypatch.setattr(filesystems, "_FILESYSTEMS", {})  # no client of another test's server
         try:
             server.bucket("bucket")
             imgs = tmp_path / "imgs"

@@ -285,11 +285,11 @@ def unfinish(cache: Path, keep: int) -> None:
     from dinofeat.cache.store import Store
 
     st = Store(cache, mode="r+")
-    st.update_meta(state="planned")
-    for k, (b, u) in enumerate(sorted(st.markers())):
+    st.metafile.update(state="planned")
+    for k, (b, u) in enumerate(sorted(st.markers.read())):
         if k >= keep:
-            st.files.delete(st.marker_path(b, u))
-            for f in st.shard_files(b, u):
+            st.files.delete(st.markers.path(b, u))
+            for f in st.shards.files(b, u):
                 st.files.delete(f)
 
 
@@ -331,6 +331,7 @@ def test_sources_rewritten_between_runs_never_give_another_images_features(tmp_p
 
 def test_a_read_at_a_stale_offset_stops_the_run_instead_of_reading_another_image(tmp_path, dinov3_path):
     from dinofeat.cache.store import Store
+    from dinofeat.extraction import locate
     from dinofeat.extraction import run as precompute
 
     pairs = make_shards(tmp_path / "shards", tmp_path / "folder", shards=2)
@@ -344,7 +345,7 @@ def test_a_read_at_a_stale_offset_stops_the_run_instead_of_reading_another_image
 
     def stale_listing(*args, **kwargs):  # as if the shards were rewritten after rank 0 listed them
         src = real_discover(*args, **kwargs)
-        return precompute.source_from_plan(Store(cache).read_plan(), src.root, {})
+        return locate.source_from_plan(Store(cache).index.plan(), src.root, {})
 
     precompute.discover = stale_listing
     try:
@@ -412,7 +413,7 @@ def test_header_check_catches_size_time_and_garbage(size, mtime, garbage, why):
 
 
 def test_moved_members_lists_only_what_moved():
-    from dinofeat.extraction.run import moved_members
+    from dinofeat.extraction.locate import moved_members
     from dinofeat.sources.discover import Source
 
     plan = _plan_of({"s/a": ("s.tar", 512, 5), "s/b": ("s.tar", 1536, 7), "t/c": ("t.tar", 512, 9)})
@@ -429,7 +430,7 @@ def test_moved_members_lists_only_what_moved():
 
 
 def _plan_of(where: dict[str, tuple[str, int, int]]):
-    from dinofeat.extraction.plan import Plan
+    from dinofeat.cache.layout import Plan
 
     keys = list(where)
     archives = tuple(dict.fromkeys(a for a, _, _ in where.values()))
@@ -489,7 +490,7 @@ def test_repair_re_extracts_only_the_damaged_shards(many_shards, dinov3_path, tm
     from dinofeat.cache.store import Store
 
     st = Store(cache)
-    found = find_damage(st, st.read_plan(), st.markers(), sealed=True, progress=False)
+    found = find_damage(st, st.index.plan(), st.markers.read(), sealed=True, progress=False)
     assert [f"{d.bucket}/{d.shard}" for d in found] == ["64x80/0", "64x80/1", "80x64/1", "80x64/2"]
     assert "marker is gone" in found[0].reason and "statistics" in found[1].reason
     assert "damaged" in found[2].reason and "missing" in found[3].reason

@@ -136,7 +136,7 @@ def test_layers_equal_hf_hidden_states(tmp_path, deep_model, layer_norm):
 
 
 def _recipe():
-    from dinofeat.extraction.config import Recipe
+    from dinofeat.images.recipe import Recipe
 
     return Recipe()
 
@@ -293,7 +293,7 @@ def test_non_default_feature_sets_are_format_4_which_older_readers_refuse(
 ):
     """A cache whose `patches` is not the last block of the image must not be served by a reader that does not know
     `metadata.arrays` (dinofeat <= 0.3 read versions 1-3); default caches stay version 3."""
-    from dinofeat.cache import store
+    from dinofeat.cache import metafile, store
     from dinofeat.errors import CacheFormatError
 
     imgs = tmp_path / "imgs"
@@ -303,7 +303,7 @@ def test_non_default_feature_sets_are_format_4_which_older_readers_refuse(
     extract(imgs, tmp_path / "early", model=str(dinov3_path), area=64, layers="1", **FAST)
     assert store.Store(tmp_path / "early").format_version == 4
     assert store.Store(flip_cache[1]).format_version == 4
-    monkeypatch.setattr(store, "READABLE_VERSIONS", (1, 2, 3))  # what dinofeat 0.3 shipped
+    monkeypatch.setattr(metafile, "READABLE_VERSIONS", (1, 2, 3))  # what dinofeat 0.3 shipped
     store.Store(tmp_path / "plain")
     for cache in (tmp_path / "early", flip_cache[1]):
         with pytest.raises(CacheFormatError, match="format version 4"):

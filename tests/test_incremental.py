@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from dinofeat.buckets import BucketSpec
+from dinofeat.cache import housekeeping
+from dinofeat.cache.metafile import MetaFile
 from dinofeat.cache.store import Store
 from dinofeat.extraction.plan import extend_plan, make_plan
 from dinofeat.extraction.run import extract
@@ -88,9 +90,9 @@ def test_incremental_run_touches_no_finished_shard_and_equals_fresh_union(tmp_pa
     after = _mtimes(cache)
     assert {k: after[k] for k in before} == before, "a finished shard or marker was rewritten"
     st = Store(cache)
-    assert {b.part for b in st.bucket_plans()} == {0, 1}
+    assert {b.part for b in st.index.bucket_plans()} == {0, 1}
     # the previous index stays one generation, for readers that opened the metadata just before the switch
-    assert not st.orphan_groups() and sorted(p.name for p in cache.glob("index*")) == ["index", "index_1"]
+    assert not housekeeping.orphan_groups(st) and sorted(p.name for p in cache.glob("index*")) == ["index", "index_1"]
 
     shutil.copytree(imgs, union)
     fresh = tmp_path / "fresh"
@@ -136,18 +138,18 @@ def test_crash_before_the_metadata_switch_leaves_the_old_cache_intact(tmp_path, 
     def boom(self, **changes):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Store, "update_meta", boom)
+    monkeypatch.setattr(MetaFile, "update", boom)
     with pytest.raises(OSError, match="disk full"):
         extract(imgs, cache, **kw)
     monkeypatch.undo()
     st = Store(cache)
     assert st.meta["state"] == "sealed" and FeatureCache(cache).keys() == keys  # still the old, complete cache
-    assert st.orphan_groups(), "the crashed extension left groups behind (the test must exercise cleanup)"
+    assert housekeeping.orphan_groups(st), "the crashed extension left groups behind (the test must exercise cleanup)"
     rep = validate(cache, progress=False)
-    assert {p.check for p in rep.problems} == {"orphan"} and len(rep.problems) == len(st.orphan_groups())
+    assert {p.check for p in rep.problems} == {"orphan"} and len(rep.problems) == len(housekeeping.orphan_groups(st))
     s = extract(imgs, cache, **kw)
     assert s.appended == len(NEW) and s.sealed
-    assert not Store(cache).orphan_groups()
+    assert not housekeeping.orphan_groups(Store(cache))
     assert validate(cache, imgs, progress=False).ok
 
 
@@ -156,9 +158,10 @@ def test_manual_split_rank_waits_for_rank_0s_extension(tmp_path, dinov3_path):
     rank 0 has extended the plan, instead of treating the old plan as final."""
     import threading
 
+    from dinofeat.cache.lifecycle import join, open_or_create
     from dinofeat.extraction.config import ExtractConfig
-    from dinofeat.extraction.ranks import Group
-    from dinofeat.extraction.run import join_cache, open_or_create, prepare
+    from dinofeat.extraction.prepare import prepare, request_for
+    from dinofeat.extraction.ranks import wait_until
     from dinofeat.sources.discover import discover
 
     imgs = tmp_path / "imgs"
@@ -168,12 +171,17 @@ def test_manual_split_rank_waits_for_rank_0s_extension(tmp_path, dinov3_path):
     extract(imgs, cache, cfg)
     write_images(imgs / "later", NEW, start_seed=50)
     prep, src = prepare(cfg), discover(imgs)
+    request = request_for(src, prep, progress=False)
     got: dict = {}
-    rank1 = threading.Thread(target=lambda: got.update(plan=join_cache(cache, src, prep, Group(1, 2), 120)[1]))
+
+    def wait(ready, what):
+        wait_until(ready, what, 120)
+
+    rank1 = threading.Thread(target=lambda: got.update(plan=join(cache, request, wait)[1]))
     rank1.start()
     rank1.join(timeout=3)
     assert rank1.is_alive(), "rank 1 took the sealed, not yet extended plan as final"
-    _, plan, appended = open_or_create(cache, src, prep, overwrite=False, progress=False)  # rank 0 extends
+    _, plan, appended = open_or_create(cache, request, overwrite=False)  # rank 0 extends
     rank1.join(timeout=60)
     assert appended == len(NEW) and not rank1.is_alive()
     assert got["plan"].keys == plan.keys and len(plan) == len(OLD) + len(NEW)
@@ -191,6 +199,6 @@ def test_a_store_opened_before_an_extension_reads_the_new_index(tmp_path, dinov3
     write_images(imgs / "later", NEW, start_seed=50)
     extract(imgs, cache, **kw)
     sh.rmtree(cache / "index")  # as a second extension would
-    ix = early.index()
+    ix = early.index.read()
     assert len(ix["key"]) == len(OLD) + len(NEW) and early.meta["index_group"] == "index_1"
-    assert len(early.read_plan()) == len(OLD) + len(NEW)
+    assert len(early.index.plan()) == len(OLD) + len(NEW)

@@ -223,7 +223,7 @@ def test_format_2_caches_still_read_unverified_and_are_not_extended(tmp_path, di
     for k in keys:  # the fast reader agrees with zarr-python on every row
         i = fc.index_of(k)
         b = fc._bucket_plans[int(fc._bucket[i])].name
-        np.testing.assert_array_equal(fc[k].patches, st.read_rows(b, "patches", fc._row[i], fc._row[i] + 1)[0])
+        np.testing.assert_array_equal(fc[k].patches, st.shards.read_rows(b, "patches", fc._row[i], fc._row[i] + 1)[0])
     report = validate(c, progress=False)
     assert report.ok, report.problems
     assert any("no checksums" in w.reason for w in report.warnings)

@@ -37,17 +37,19 @@ def setup(tmp_path_factory, dinov3_path):
 def assert_same_cache(a: Path, b: Path) -> None:
     sa, sb = Store(a), Store(b)
     assert sa.meta["state"] == sb.meta["state"] == "sealed"
-    assert sa.bucket_plans() == sb.bucket_plans()
-    ia, ib = sa.index(), sb.index()
+    assert sa.index.bucket_plans() == sb.index.bucket_plans()
+    ia, ib = sa.index.read(), sb.index.read()
     for col in ia:
         np.testing.assert_array_equal(ia[col], ib[col], err_msg=col)
-    assert sa.failures() == sb.failures()
+    assert sa.index.failures() == sb.index.failures()
     # channel statistics: per shard, merged in plan order at seal, so any split of the work gives the same numbers
     assert sa.meta["channel_stats"] is not None and sa.meta["channel_stats"] == sb.meta["channel_stats"]
-    for bp in sa.bucket_plans():
-        for name in sa.array_names(bp.name):
+    for bp in sa.index.bucket_plans():
+        for name in sa.shards.names(bp.name):
             np.testing.assert_array_equal(
-                sa.read_rows(bp.name, name, 0, bp.rows), sb.read_rows(bp.name, name, 0, bp.rows), err_msg=bp.name
+                sa.shards.read_rows(bp.name, name, 0, bp.rows),
+                sb.shards.read_rows(bp.name, name, 0, bp.rows),
+                err_msg=bp.name,
             )
 
 
@@ -81,7 +83,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     imgs, cfg, ref = setup
     s = extract_processes(imgs, tmp_path / "c", cfg, 2)
     assert s.world_size == 2 and s.sealed and s.processed == s.done and s.failed == 1
-    markers = {m["shard"] for m in Store(tmp_path / "c").markers().values()}
+    markers = {m["shard"] for m in Store(tmp_path / "c").markers.read().values()}
     assert len(markers) > 2
     assert_same_cache(ref, tmp_path / "c")
 
@@ -123,8 +125,8 @@ def test_manual_split_then_resume_with_another_process_count(setup, tmp_path):
     first = extract(imgs, cache, cfg, rank=0, world_size=3)  # rank 0 plans and extracts a third of the shards
     assert not first.sealed and 0 < first.processed < 28
     st = Store(cache)
-    marked = set(st.markers())
-    assert marked and all(s.ordinal % 3 == 0 for s in st.read_plan().shards() if (s.bucket, s.shard) in marked)
+    marked = set(st.markers.read())
+    assert marked and all(s.ordinal % 3 == 0 for s in st.index.plan().shards() if (s.bucket, s.shard) in marked)
     second = extract_processes(imgs, cache, cfg, 2)  # the rest, by 2 processes
     assert second.sealed and first.processed + second.processed == 28
     assert_same_cache(ref, cache)
@@ -179,7 +181,7 @@ def test_manual_split_incremental_run_waits_for_the_extension(setup, tmp_path):
     args = cli_args(grown, cache, cfg)
     run_split_rank_1_first(args)
     st = Store(cache)
-    assert st.meta["state"] == "sealed" and len(st.read_plan()) == 29 + 7
+    assert st.meta["state"] == "sealed" and len(st.index.plan()) == 29 + 7
     fresh = tmp_path / "fresh"
     extract(grown, fresh, cfg)
     from dinofeat.read.reader import FeatureCache

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dinofeat import FeatureCache, extract
-from dinofeat.cache import objects
+from dinofeat import FeatureCache, extract, filesystems
 from dinofeat.cache.lock import ObjectLock
 from dinofeat.cache.objects import RemoteFiles
 from dinofeat.errors import DinofeatError
@@ -144,10 +143,10 @@ def s3() -> Iterator[S3Server]:
     import s3fs
 
     before = fsspec.config.conf.get("s3", {}).get("config_kwargs", {}).get("retries")
-    objects._FILESYSTEMS.clear()  # an s3fs made while another module's server ran would still reach that one
+    filesystems._FILESYSTEMS.clear()  # an s3fs made while another module's server ran would still reach that one
     s3fs.S3FileSystem.clear_instance_cache()  # zarr's own, too
     yield from serve(S3Server())
-    objects._FILESYSTEMS.clear()
+    filesystems._FILESYSTEMS.clear()
     s3fs.S3FileSystem.clear_instance_cache()
     config = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})
     if before is None:  # the retry settings these tests chose (one attempt) do not outlive them
@@ -322,7 +321,7 @@ def via_proxy(proxy, monkeypatch) -> Iterator[CutProxy]:
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     monkeypatch.setenv("DINOFEAT_STORE_ATTEMPTS", "1")
-    monkeypatch.setattr(objects, "_FILESYSTEMS", {})
+    monkeypatch.setattr(filesystems, "_FILESYSTEMS", {})
     s3fs.S3FileSystem.clear_instance_cache()
     yield proxy
     s3fs.S3FileSystem.clear_instance_cache()

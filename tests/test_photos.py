@@ -10,9 +10,9 @@ import torch
 
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheMismatchError
-from dinofeat.extraction.config import Recipe
 from dinofeat.extraction.run import extract
 from dinofeat.images.decode import decode_rgb
+from dinofeat.images.recipe import Recipe
 from dinofeat.images.resize import IMAGENET_MEAN, IMAGENET_STD
 from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, real_photos
@@ -60,7 +60,7 @@ def test_cache_of_the_old_draft_default_is_refused_by_name(tmp_path, dinov3_path
         extract(imgs, cache, recipe=Recipe(jpeg_draft=int(draft)), limit=1, **kw)
         st = Store(cache, mode="r+")
         fp = st.meta["fingerprint"]
-        st.update_meta(fingerprint={**fp, "recipe": {**fp["recipe"], "jpeg_draft": draft}})
+        st.metafile.update(fingerprint={**fp, "recipe": {**fp["recipe"], "jpeg_draft": draft}})
     with pytest.raises(CacheMismatchError, match=r"recipe\.jpeg_draft: cache has True, this run wants 0") as e:
         extract(imgs, old, recipe=Recipe(), limit=1, **kw)  # today's exact decoding, asked for
     assert "--overwrite" in str(e.value) and "--draft-gap 1" in str(e.value)

@@ -12,7 +12,8 @@ import torch
 import zarr
 from PIL import Image
 
-from dinofeat.cache.store import STATUS_DONE, STATUS_FAILED, Store
+from dinofeat.cache.layout import STATUS_DONE, STATUS_FAILED
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheMismatchError, ConfigError, TokenCountError
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.model import normalize_on_device
@@ -24,8 +25,8 @@ from tests.helpers import FAST, bad_files, kill_9_once, kill_test_args, make_tin
 
 def rows_by_key(cache: Path) -> dict[str, tuple[str, int]]:
     st = Store(cache)
-    ix = st.index()
-    names = [b.name for b in st.bucket_plans()]
+    ix = st.index.read()
+    names = [b.name for b in st.index.bucket_plans()]
     return {str(k): (names[b], int(r)) for k, b, r in zip(ix["key"], ix["bucket"], ix["row"], strict=True) if b >= 0}
 
 
@@ -105,11 +106,11 @@ def test_bad_files_are_recorded_and_the_run_finishes(tmp_path, dinov3_path):
     s = extract(imgs, tmp_path / "c", model=str(dinov3_path), area=64, **FAST)
     assert (s.total, s.done, s.failed, s.pending, s.sealed) == (8, 3, 5, 0, True)
     st = Store(tmp_path / "c")
-    failures = st.failures()
+    failures = st.index.failures()
     assert set(failures) == set(reasons)
     for name, prefix in reasons.items():
         assert failures[name].startswith(prefix), (name, failures[name])
-    ix = st.index()
+    ix = st.index.read()
     status = dict(zip((str(k) for k in ix["key"]), ix["status"], strict=True))
     assert all(status[k] == STATUS_FAILED for k in reasons)
     assert sum(v == STATUS_DONE for v in status.values()) == 3
@@ -125,7 +126,7 @@ def test_failed_decode_rows_are_zero_and_marked(tmp_path, dinov3_path):
     assert (s.done, s.failed) == (1, 1)
     assert np.count_nonzero(stored(tmp_path / "c", "im_001.jpg", "patches")) == 0
     assert np.count_nonzero(stored(tmp_path / "c", "im_000.jpg", "patches")) > 0
-    assert Store(tmp_path / "c").failures()["im_001.jpg"].startswith("corrupt or truncated")
+    assert Store(tmp_path / "c").index.failures()["im_001.jpg"].startswith("corrupt or truncated")
 
 
 def test_rerun_resumes_and_mismatch_is_refused(tmp_path, image_dir, dinov3_path, tiny_models):
@@ -178,7 +179,7 @@ def test_token_count_mismatch_stops_the_run(tmp_path, image_dir, dinov3_path):
         info = real(spec, revision)
         return model_mod.ModelInfo(**{**info.__dict__, "num_register_tokens": 3})
 
-    import dinofeat.extraction.run as pre
+    import dinofeat.extraction.prepare as pre
 
     orig = pre.load_model_info
     pre.load_model_info = lying
@@ -211,7 +212,9 @@ def test_limit_and_bf16_storage(tmp_path, image_dir, dinov3_path):
 def _arrays(cache: Path) -> dict[str, np.ndarray]:
     st = Store(cache)
     return {
-        f"{b.name}/{n}": st.read_rows(b.name, n, 0, b.rows) for b in st.bucket_plans() for n in st.array_names(b.name)
+        f"{b.name}/{n}": st.shards.read_rows(b.name, n, 0, b.rows)
+        for b in st.index.bucket_plans()
+        for n in st.shards.names(b.name)
     }
 
 
@@ -227,8 +230,8 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, dinov3_path):
     kill_9_once(proc, lambda: done_dir.is_dir() and sum(len(list(d.iterdir())) for d in done_dir.iterdir()) >= 3)
     st = Store(cut)
     assert st.meta["state"] == "planned"
-    n_marked = len(st.markers())
-    total = sum(b.num_shards for b in st.bucket_plans())
+    n_marked = len(st.markers.read())
+    total = sum(b.num_shards for b in st.index.bucket_plans())
     assert 0 < n_marked < total
     out = run_cli(["precompute", str(imgs), str(cut), *opts])
     text = out.communicate(timeout=300)[0].decode()
@@ -290,8 +293,8 @@ def test_images_gone_from_unfinished_shards_are_refused_before_work(tmp_path, di
     opts = {"model": str(dinov3_path), "area": 64, "num_buckets": 1, "shard_mb": 0.001, **FAST}
     extract(imgs, tmp_path / "c", rank=0, world_size=2, **opts)  # rank 0's shards only; rank 1's stay unfinished
     st = Store(tmp_path / "c")
-    done = {u for (_, u) in st.markers()}
-    plan = st.read_plan()
+    done = {u for (_, u) in st.markers.read()}
+    plan = st.index.plan()
     b = plan.buckets[0]
     gone = next(
         k for i, k in enumerate(plan.keys) if int(plan.row[i]) // b.shard_rows not in done

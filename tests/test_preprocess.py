@@ -21,10 +21,10 @@ from PIL import Image
 
 from dinofeat.buckets import BucketSpec, assign
 from dinofeat.errors import ConfigError, ImageError
-from dinofeat.extraction.config import Recipe
 from dinofeat.images.decode import BACKGROUND, decode_rgb
 from dinofeat.images.preprocess import load_resized
 from dinofeat.images.probe import probe, probe_many
+from dinofeat.images.recipe import Recipe
 from dinofeat.images.resize import IMAGENET_MEAN, IMAGENET_STD, normalize_np, resize_uint8
 from tests.helpers import bad_files, corner_image, real_photos
 

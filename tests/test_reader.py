@@ -11,6 +11,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
+from dinofeat.cache.markers import Markers
 from dinofeat.cache.metadata import stamp
 from dinofeat.cache.shardfile import ShardReader, read_layout
 from dinofeat.cache.store import Store
@@ -37,8 +38,8 @@ def cache_dir(tmp_path_factory, tiny_models):
 
 def test_fast_path_equals_zarr_python(cache_dir):
     st = Store(cache_dir)
-    assert max(b.num_shards for b in st.bucket_plans()) >= 3, "the test needs multi-shard arrays"
-    for b in st.bucket_plans():
+    assert max(b.num_shards for b in st.index.bucket_plans()) >= 3, "the test needs multi-shard arrays"
+    for b in st.index.bucket_plans():
         for name in ("cls", "patches", "registers"):
             arr = zarr.open_array(str(cache_dir / "buckets" / b.name / name), mode="r")
             rd = ShardReader(read_layout(cache_dir / "buckets" / b.name / name))
@@ -55,8 +56,8 @@ def test_feature_cache_access(cache_dir):
     assert fc.bucket_spec.area == 64
     assert all(k.startswith("bad/") for k in fc.failures)
     st = Store(cache_dir)
-    names = [b.name for b in st.bucket_plans()]
-    ix = st.index()
+    names = [b.name for b in st.index.bucket_plans()]
+    ix = st.index.read()
     for i, key in enumerate(fc.keys()):
         f = fc[i]
         g = fc[key]
@@ -64,8 +65,8 @@ def test_feature_cache_access(cache_dir):
         np.testing.assert_array_equal(f.patches, g.patches)
         j = [str(k) for k in ix["key"]].index(key)
         bucket, row = names[ix["bucket"][j]], ix["row"][j]
-        np.testing.assert_array_equal(f.patches, st.read_rows(bucket, "patches", row, row + 1)[0])
-        np.testing.assert_array_equal(f.cls, st.read_rows(bucket, "cls", row, row + 1)[0])
+        np.testing.assert_array_equal(f.patches, st.shards.read_rows(bucket, "patches", row, row + 1)[0])
+        np.testing.assert_array_equal(f.cls, st.shards.read_rows(bucket, "cls", row, row + 1)[0])
         assert f.patches.shape == (f.bucket[1] // 16, f.bucket[0] // 16, 32)
         assert f.registers.shape == (4, 32)
     with pytest.raises(KeyError, match="failed during precompute"):
@@ -117,7 +118,7 @@ def test_missing_or_truncated_shard_raises_not_zeros(tmp_path, cache_dir):
     shard.write_bytes(data[:10])
     bucket = shard.parts[-7]
     victims = [k for k in range(len(fc)) if "{}x{}".format(*fc.buckets[fc.bucket_ids[k]]) == bucket]
-    victims = [k for k in victims if fc._row[k] < Store(c).bucket_plans()[fc.bucket_ids[k]].shard_rows]
+    victims = [k for k in victims if fc._row[k] < Store(c).index.bucket_plans()[fc.bucket_ids[k]].shard_rows]
     with pytest.raises(CacheFormatError, match="truncated"):
         FeatureCache(c).read(victims[0], "patches")
     shard.unlink()
@@ -240,7 +241,7 @@ def test_one_fd_budget_across_buckets_and_arrays(cache_dir, max_open):
     eviction under a tiny budget changes no value."""
     ref = FeatureCache(cache_dir)
     fc = FeatureCache(cache_dir, max_open_files=max_open)
-    assert sum(b.num_shards for b in Store(cache_dir).bucket_plans()) > 3 * max_open
+    assert sum(b.num_shards for b in Store(cache_dir).index.bucket_plans()) > 3 * max_open
     for i in [*range(len(fc)), *reversed(range(len(fc)))]:
         f, g = fc[i], ref[i]
         np.testing.assert_array_equal(f.patches, g.patches)
@@ -291,12 +292,12 @@ def test_a_sealed_cache_opens_without_reading_any_marker(cache_dir, monkeypatch)
     from dinofeat.cache.checksum import expected_checksums
 
     st = Store(cache_dir)
-    summary = st.marker_summary(st.meta["marker_summary"])
+    summary = st.markers.summary(st.meta["marker_summary"])
     assert summary is not None
     marked, expected = summary
-    markers = st.markers()
+    markers = st.markers.read()
     assert marked == set(markers) and len(marked) > 1
-    want = expected_checksums(markers, st.bucket_plans())
+    want = expected_checksums(markers, st.index.bucket_plans())
     assert expected.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(expected[k].values, want[k].values)
@@ -306,7 +307,7 @@ def test_a_sealed_cache_opens_without_reading_any_marker(cache_dir, monkeypatch)
     def no_listing(self):
         raise AssertionError("a sealed cache must open from its marker summary")
 
-    monkeypatch.setattr(Store, "markers", no_listing)
+    monkeypatch.setattr(Markers, "read", no_listing)
     fc = FeatureCache(cache_dir)
     assert all(fc.read(i, "patches").size for i in range(len(fc)))
 
@@ -322,8 +323,8 @@ def test_a_damaged_or_missing_marker_summary_falls_back_to_the_markers(cache_dir
     else:
         (cache / rel).unlink()
     listed = []
-    real = Store.markers
-    monkeypatch.setattr(Store, "markers", lambda self: listed.append(1) or real(self))
+    real = Markers.read
+    monkeypatch.setattr(Markers, "read", lambda self: listed.append(1) or real(self))
     fc = FeatureCache(cache)
     assert listed, "the damaged summary was trusted"
     ref = FeatureCache(cache_dir)
@@ -348,7 +349,7 @@ def test_row_crcs_are_uint32_plus_the_rows_without_one(rows, shard_rows, marked,
     """What a reader holds for every row it serves: 4 bytes a row plus the rows with no crc, and it round-trips
     through the marker summary's int64 form (-1 unknown)."""
     from dinofeat.cache.checksum import RowCrcs, expected_checksums
-    from dinofeat.extraction.plan import BucketPlan
+    from dinofeat.cache.layout import BucketPlan
 
     bp = BucketPlan(32, 32, 16, rows, shard_rows)
     markers = {(bp.name, u): {"crc32c": {"patches": crcs}} for u, crcs in marked.items()}

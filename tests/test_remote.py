@@ -168,7 +168,7 @@ def test_kill_9_then_rerun_into_s3_equals_local(tmp_path, s3, bucket, dinov3_pat
     kill_9_once(proc, lambda: c.list_objects_v2(Bucket=bucket, Prefix="feats/_dinofeat/done/").get("KeyCount", 0) >= 3)
     st = Store(url)
     assert st.meta["state"] == "planned"
-    assert 0 < len(st.markers()) < sum(b.num_shards for b in st.bucket_plans())
+    assert 0 < len(st.markers.read()) < sum(b.num_shards for b in st.index.bucket_plans())
     # the killed run's lock object is still there: a new run is refused until it expires or is removed
     lock_key = "feats.dinofeat-lock"
     assert c.head_object(Bucket=bucket, Key=lock_key)
@@ -218,9 +218,9 @@ def test_files_list_children_delete(files):
 def test_two_metadata_updates_from_the_same_generation_one_wins(remote_and_local):
     _, url = remote_and_local
     a, b = Store(url, mode="r+"), Store(url, mode="r+")
-    a.update_meta(note="a")
+    a.metafile.update(note="a")
     with pytest.raises(CacheConflictError):
-        b.update_meta(note="b")
+        b.metafile.update(note="b")
     assert Store(url).meta["note"] == "a"
 
 
@@ -235,12 +235,12 @@ def test_metadata_write_is_conditional_even_after_the_generation_check(remote_an
         got = real(rel)
         if rel == "zarr.json" and not raced:
             raced[1] = True
-            a.update_meta(note="a")  # lands between b's read and b's write
+            a.metafile.update(note="a")  # lands between b's read and b's write
         return got
 
     monkeypatch.setattr(b.files, "read_versioned", read_then_other_writes)
     with pytest.raises(CacheConflictError):
-        b.update_meta(note="b")
+        b.metafile.update(note="b")
     assert Store(url).meta["note"] == "a"
 
 

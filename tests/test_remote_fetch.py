@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dinofeat.cache import objects
+from dinofeat import filesystems
 from dinofeat.cache.objects import LocalBlob, RemoteFiles
 from dinofeat.cache.shardcache import ShardCache
 from tests.s3server import S3Server, serve
@@ -25,9 +25,9 @@ REL = "buckets/64x64/patches/c/0/0"
 
 @pytest.fixture(scope="module")
 def s3():
-    objects._FILESYSTEMS.clear()  # an s3fs made while another module's server ran would still reach that one
+    filesystems._FILESYSTEMS.clear()  # an s3fs made while another module's server ran would still reach that one
     yield from serve(S3Server())
-    objects._FILESYSTEMS.clear()
+    filesystems._FILESYSTEMS.clear()
 
 
 _BUCKETS = iter(range(10_000))

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from dinofeat import __version__
 from dinofeat.cache.store import Store
 from dinofeat.cli import app
-from dinofeat.extraction.config import ExtractConfig, Recipe, recorded_options
+from dinofeat.extraction.config import ExtractConfig, recorded_options
 from dinofeat.extraction.run import extract
+from dinofeat.images.recipe import Recipe
 from tests.helpers import FAST, kill_test_args, run_cli, write_images
 
 runner = CliRunner()

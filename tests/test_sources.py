@@ -183,7 +183,7 @@ def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch, kind):
     from dinofeat.cache.store import Store
     from dinofeat.extraction import ranks
     from dinofeat.extraction import run as precompute
-    from dinofeat.extraction.run import source_from_plan
+    from dinofeat.extraction.locate import source_from_plan
 
     if kind == "tar":
         make_shards(tmp_path / "shards", tmp_path / "folder", shards=3)
@@ -196,10 +196,10 @@ def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch, kind):
     extract(pattern, tmp_path / "one", **opts)
     extract(pattern, tmp_path / "split", rank=0, world_size=2, **opts)  # rank 0 plans and does its shards
     st = Store(tmp_path / "split")
-    plan = st.read_plan()
+    plan = st.index.plan()
     assert plan.archive is not None and len(plan.archives) == 3
     listed = discover(pattern)
-    rebuilt = source_from_plan(plan, st.meta["source_root"], st.source_names())
+    rebuilt = source_from_plan(plan, st.meta["source_root"], st.index.source_names())
     for key in listed.keys:
         a, b = listed.path(key), rebuilt.path(key)
         assert (a.archive, a.offset, a.mtime_ns) == (b.archive, b.offset, b.mtime_ns)
@@ -211,7 +211,7 @@ def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch, kind):
     monkeypatch.setattr(precompute, "discover", no_listing)
     monkeypatch.setattr(ranks, "join", lambda *a: _Rank1Of2(rank=1, world_size=2, connected=True))
     s = extract(pattern, tmp_path / "split", **opts)
-    assert s.processed > 0 and Store(tmp_path / "split").disk_state() == "planned"  # sealing is rank 0's
+    assert s.processed > 0 and Store(tmp_path / "split").metafile.disk_state() == "planned"  # sealing is rank 0's
     monkeypatch.undo()
     assert extract(pattern, tmp_path / "split", **opts).sealed
     a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "split")

@@ -17,7 +17,10 @@ import zarr
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
+from dinofeat.cache import lifecycle
 from dinofeat.cache.lock import CacheLock
+from dinofeat.cache.markers import Markers
+from dinofeat.cache.shards import Shards
 from dinofeat.cache.store import Store
 from dinofeat.cli import app
 from dinofeat.errors import CacheConflictError, CacheFormatError, CacheLockedError, ConfigError
@@ -73,11 +76,11 @@ def test_stale_metadata_never_overwrites_a_newer_generation(tmp_path, imgs, dino
     cache = tmp_path / "c"
     extract(imgs, cache, **kw(dinov3_path))
     stale, other = Store(cache, mode="r+"), Store(cache, mode="r+")
-    other.update_meta(note="written by another run", state="planned")  # e.g. an incremental run began
+    other.metafile.update(note="written by another run", state="planned")  # e.g. an incremental run began
     with pytest.raises(CacheConflictError, match="changed by another run"):
-        stale.update_meta(state="sealed")
+        stale.metafile.update(state="sealed")
     with pytest.raises(CacheConflictError):
-        stale.seal(np.ones(10, np.int8), {})
+        lifecycle.seal(stale, np.ones(10, np.int8), {}, None, stale.markers.read(), stale.index.plan())
     meta = Store(cache).meta
     assert meta["note"] == "written by another run" and meta["state"] == "planned"
 
@@ -87,7 +90,7 @@ def test_crashed_incremental_attempt_leaves_no_done_markers_behind(tmp_path, img
     extract(imgs, cache, **kw(dinov3_path))
     # what a crashed first attempt at part 1 could leave: a marker for a shard of the part's new bucket
     st = Store(cache)
-    name = st.meta["buckets"][int(st.index()["bucket"][0])]["name"] + "_1"  # where new 64x48 images will go
+    name = st.meta["buckets"][int(st.index.read()["bucket"][0])]["name"] + "_1"  # where new 64x48 images will go
     stale = cache / "_dinofeat" / "done" / name
     stale.mkdir(parents=True)
     (stale / "0.json").write_text(f'{{"bucket": "{name}", "shard": 0, "start": 0, "stop": 1, "failed": {{}}}}')
@@ -124,9 +127,9 @@ def test_overwrite_refuses_what_is_not_a_dinofeat_cache(tmp_path, imgs, dinov3_p
 
 def test_shard_is_fsynced_before_its_marker(tmp_path, imgs, dinov3_path, monkeypatch):
     calls: list[str] = []
-    sync, mark = Store.sync_shard, Store.write_marker
-    monkeypatch.setattr(Store, "sync_shard", lambda self, *a: (calls.append("sync"), sync(self, *a))[1])
-    monkeypatch.setattr(Store, "write_marker", lambda self, *a: (calls.append("marker"), mark(self, *a))[1])
+    sync, mark = Shards.sync, Markers.write
+    monkeypatch.setattr(Shards, "sync", lambda self, *a: (calls.append("sync"), sync(self, *a))[1])
+    monkeypatch.setattr(Markers, "write", lambda self, *a: (calls.append("marker"), mark(self, *a))[1])
     extract(imgs, tmp_path / "c", **kw(dinov3_path))
     assert calls and calls[::2] == ["sync"] * (len(calls) // 2) and calls[1::2] == ["marker"] * (len(calls) // 2)
 
@@ -143,9 +146,9 @@ def test_non_utf8_file_name_is_processed(tmp_path, imgs, dinov3_path):
 @pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "No space left"), (errno.EROFS, "Read-only")])
 def test_disk_errors_end_in_one_line(tmp_path, imgs, dinov3_path, monkeypatch, code, words):
     def full(self, *a, **k):
-        raise OSError(code, os.strerror(code), f"{self.path}/buckets")
+        raise OSError(code, os.strerror(code), f"{self.store.path}/buckets")
 
-    monkeypatch.setattr(Store, "write_shard", full)
+    monkeypatch.setattr(Shards, "write", full)
     args = ["precompute", str(imgs), str(tmp_path / "c"), "--model", str(dinov3_path), "--area", "64"]
     r = CliRunner().invoke(app, [*args, "--dtype", "fp32", "--workers", "0", "--device", "cpu", "--json"])
     assert r.exit_code == 1

@@ -52,8 +52,8 @@ def checks(report) -> set[str]:
 
 def first_row(cache):
     st = Store(cache)
-    ix = st.index()
-    b = st.bucket_plans()[int(ix["bucket"][0])]
+    ix = st.index.read()
+    b = st.index.bucket_plans()[int(ix["bucket"][0])]
     return str(ix["key"][0]), b.name, int(ix["row"][0])
 
 
@@ -86,15 +86,15 @@ def rewrite_row(cache, bucket: str, name: str, row: int, change) -> None:
     chunks' crc32c) written again, so only the value checks can tell."""
     st = Store(cache, mode="r+")
     a = zarr.open_array(str(cache / "buckets" / bucket / name), mode="r+")
-    shard_rows = next(b for b in st.bucket_plans() if b.name == bucket).shard_rows
+    shard_rows = next(b for b in st.index.bucket_plans() if b.name == bucket).shard_rows
     u = row // shard_rows
     start = u * shard_rows
     block = a[start : start + shard_rows]
     change(block[row - start])
     a[start : start + shard_rows] = block
-    m = st.markers()[(bucket, u)]
+    m = st.markers.read()[(bucket, u)]
     failed = {int(r): why for r, why in m["failed"].items()}
-    st.write_marker(bucket, u, m["start"], m["stop"], failed, st.shard_checksums(bucket, u))
+    st.markers.write(bucket, u, m["start"], m["stop"], failed, st.shards.checksums(bucket, u))
 
 
 def test_nan_row(copy):
@@ -158,7 +158,7 @@ def test_model_swapped_for_recompute(copy, tmp_path):
 def test_unfinished_run_is_reported(copy):
     _, cache = copy
     st = Store(cache, mode="r+")
-    st.update_meta(state="planned")
+    st.metafile.update(state="planned")
     next((cache / "_dinofeat" / "done").rglob("*.json")).unlink()
     r = run_validate(cache, progress=False)
     assert "complete" in checks(r)

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from dinofeat.cache.arrays import FLIP_SUFFIX
 from dinofeat.cache.checksum import RowCrcs, expected_checksums
+from dinofeat.cache.layout import STATUS_DONE, BucketPlan, Plan, bf16_bits_to_float32
+from dinofeat.cache.markers import marker_status
 from dinofeat.cache.shardfile import HandlePool, ShardReader
 from dinofeat.cache.stats import pooled_shard_stats
-from dinofeat.cache.store import STATUS_DONE, Store, bf16_bits_to_float32, marker_status
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError
-from dinofeat.extraction.plan import BucketPlan, Plan
 
 Markers = dict[tuple[str, int], dict[str, Any]]
 
@@ -50,15 +51,15 @@ def shard_damage(
     """Why a marked shard cannot be trusted (None if every row of every array reads back with the crc32c its
     marker recorded, and its statistics file with its own)."""
     s0, s1 = b.shard_range(u)
-    for name in st.array_names(b.name):
+    for name in st.shards.names(b.name):
         try:
-            reader = ShardReader(st.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name)))
+            reader = ShardReader(st.shards.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name)))
             for r in range(s0, s1):
                 reader.read_row(r)
         except (CacheFormatError, OSError, ValueError) as e:
             return f"{name}: {e}"
     crc = marker.get("stats_crc32c")
-    if st.read_stats(b.name, u, None if crc is None else int(crc)) is None:
+    if st.stats.read(b.name, u, None if crc is None else int(crc)) is None:
         return "its statistics file is missing or damaged"
     return None
 
@@ -90,7 +91,7 @@ def missing_shard_files(st: Store, plan: Plan, markers: Markers) -> list[Damage]
         for u in range(b.num_shards):
             if (b.name, u) not in markers:
                 continue
-            lost = [f for f in st.shard_files(b.name, u) if f not in present]
+            lost = [f for f in st.shards.files(b.name, u) if f not in present]
             if lost:
                 out.append(Damage(b.name, u, f"{len(lost)} shard file(s) missing, e.g. {lost[0]}"))
     return out
@@ -101,9 +102,9 @@ def unmark(st: Store, damaged: Iterable[Damage]) -> int:
     Returns how many shards."""
     n = 0
     for d in damaged:
-        st.files.delete(st.marker_path(d.bucket, d.shard))
-        st.files.delete(st.stats_path(d.bucket, d.shard))
-        for f in st.shard_files(d.bucket, d.shard):
+        st.files.delete(st.markers.path(d.bucket, d.shard))
+        st.files.delete(st.stats.path(d.bucket, d.shard))
+        for f in st.shards.files(d.bucket, d.shard):
             st.files.delete(f)
         n += 1
     return n
@@ -113,27 +114,27 @@ def repair(st: Store, plan: Plan, progress: bool = True) -> list[Damage]:
     """Check every shard; unmark the damaged ones and reopen a sealed cache so the run re-extracts and re-seals
     them. Returns what was found."""
     sealed = st.meta.get("state") == "sealed"
-    damaged = find_damage(st, plan, st.markers(), sealed, progress)
+    damaged = find_damage(st, plan, st.markers.read(), sealed, progress)
     if damaged:
         unmark(st, damaged)
         if sealed:
-            st.update_meta(state="planned")
+            st.metafile.update(state="planned")
     return damaged
 
 
 def prune(st: Store, plan: Plan, present: set[str]) -> list[str]:
     """Record the planned images that are gone from the source as pruned, recompute the statistics of the shards
     that held them, and reopen a sealed cache so the run seals it again. Returns the keys pruned by this run."""
-    before = st.pruned()
+    before = st.index.pruned()
     gone = [k for k in plan.keys if k not in present and k not in before]
     if not gone:
         return []
-    markers = st.markers()
+    markers = st.markers.read()
     status, _ = marker_status(plan, markers)
     _restat_shards(st, plan, markers, status, set(gone))
-    st.write_pruned(before | set(gone))
+    st.index.write_pruned(before | set(gone))
     if st.meta.get("state") == "sealed":
-        st.update_meta(state="planned")
+        st.metafile.update(state="planned")
     return gone
 
 
@@ -157,12 +158,14 @@ def _restat_shards(st: Store, plan: Plan, markers: Markers, status: np.ndarray, 
         keys = [plan.keys[p] for p in by_bucket[b.name][s0:s1]]
         keep = (status[by_bucket[b.name][s0:s1]] == STATUS_DONE) & np.array([key not in gone for key in keys])
         arrays = {}
-        for name in st.array_names(b.name):
+        for name in st.shards.names(b.name):
             if name in names or name.removesuffix(FLIP_SUFFIX) in names:
-                reader = ShardReader(st.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name)))
+                reader = ShardReader(
+                    st.shards.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name))
+                )
                 rows = np.stack([reader.read_row(r) for r in range(s0, s1)])
                 arrays[name] = bf16_bits_to_float32(rows) if bf16 else rows
-        stats_crc = st.write_stats(b.name, u, pooled_shard_stats(arrays, keep, names, FLIP_SUFFIX))
+        stats_crc = st.stats.write(b.name, u, pooled_shard_stats(arrays, keep, names, FLIP_SUFFIX))
         m = markers[(b.name, u)]
         failed = {int(r): why for r, why in m["failed"].items()}
-        st.write_marker(b.name, u, m["start"], m["stop"], failed, m.get("crc32c"), stats_crc)
+        st.markers.write(b.name, u, m["start"], m["stop"], failed, m.get("crc32c"), stats_crc)

@@ -22,16 +22,19 @@ If-Match) are S3's; on other stores they are a check followed by a write (not at
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from dinofeat.cache.shardcache import ShardCache
 from dinofeat.errors import ConfigError, StoreError
+from dinofeat.filesystems import filesystem
 from dinofeat.paths import is_url
-from dinofeat.storeerrors import store_errors
+from dinofeat.storeerrors import NO_CHANGE, store_errors
 
 
 class Blob:
@@ -283,67 +286,6 @@ class RemoteBlob(Blob):
         return list(self.owner.fs.cat_ranges([self.key] * n, offsets, ends))  # concurrent GETs
 
 
-_FILESYSTEMS: dict[tuple[str, int], Any] = {}
-
-STORE_ATTEMPTS = 6  # botocore attempts per request (DINOFEAT_STORE_ATTEMPTS): at most 31 s of backoff, 15 s on average
-_RETRIES_SET: list[Any] = []  # the retry settings this module last put into fsspec's config (a user's own win)
-
-
-def s3_retries() -> dict[str, Any]:
-    """botocore's retry settings for every S3 filesystem of this process: "standard" mode (AWS_RETRY_MODE to
-    change) retries connection errors, timeouts, 5xx and throttling with full-jitter exponential backoff
-    (rand * min(2^n, 20) s) and a retry quota that stops retry storms; DINOFEAT_STORE_ATTEMPTS (else
-    AWS_MAX_ATTEMPTS, else 6) attempts bound a request that keeps failing to ~30 s of backoff."""
-    attempts = os.environ.get("DINOFEAT_STORE_ATTEMPTS") or os.environ.get("AWS_MAX_ATTEMPTS") or STORE_ATTEMPTS
-    try:
-        max_attempts = max(1, int(attempts))
-    except ValueError:
-        raise ConfigError(
-            f"DINOFEAT_STORE_ATTEMPTS (or AWS_MAX_ATTEMPTS) must be a number of attempts: {attempts!r}"
-        ) from None
-    return {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
-
-
-def _set_retry_defaults(scheme: str) -> None:
-    """Put the retry settings into fsspec's config, where they reach zarr's own filesystem (zarr's FsspecStore makes
-    one from the URL) as well as ours. A `config_kwargs.retries` the user configured (fsspec config file,
-    FSSPEC_S3_* variables) is left alone."""
-    if scheme not in ("s3", "s3a"):
-        return  # gcsfs retries on its own: 6 tries, 1 + 2 + 4 + 8 + 16 s (plus jitter) apart, ~35 s in all
-    import fsspec.config
-
-    config = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})
-    if "retries" not in config or (_RETRIES_SET and config["retries"] is _RETRIES_SET[0]):
-        config["retries"] = s3_retries()
-        _RETRIES_SET[:] = [config["retries"]]
-
-
-def filesystem(scheme_or_url: str) -> Any:
-    """This process's fsspec filesystem for a scheme ('s3') or a URL's scheme: made on first use in each process,
-    so a forked DataLoader worker never uses its parent's connections. No listing cache: done markers, metadata and
-    shards change under us, and a stale listing would hide that. Transient errors are retried by the client itself
-    (`s3_retries`), within a bounded time."""
-    scheme = scheme_or_url.split("://", 1)[0].lower()
-    key = (scheme, os.getpid())
-    fs = _FILESYSTEMS.get(key)
-    if fs is None:
-        import fsspec
-
-        _set_retry_defaults(scheme)
-        try:
-            cls = fsspec.get_filesystem_class(scheme)
-        except ValueError:
-            raise ConfigError(f"fsspec has no filesystem for {scheme}://") from None
-        except ImportError as e:
-            raise ConfigError(f"{scheme}://: {e} (for s3:// install dinofeat[s3])") from None
-        try:
-            fs = cls(skip_instance_cache=True, use_listings_cache=False)
-        except TypeError:
-            fs = cls(skip_instance_cache=True)
-        _FILESYSTEMS[key] = fs
-    return fs
-
-
 def split_url(url: str) -> tuple[str, str, str]:
     """'s3://bucket/a/b/' -> ('s3', 'bucket', 'a/b'). The cache must be a prefix inside a bucket, not the bucket
     itself: its lock object lives beside it."""
@@ -541,3 +483,28 @@ def cache_location(value: str | os.PathLike[str]) -> Path | str:
     with store_errors(files.location):
         files.check_access()  # credentials, bucket, a store that answers: before anything is created
     return files.location
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def on_store_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """For a command whose first argument is a cache: check the store answers (credentials, bucket) before it
+    starts, and end a store failure in one line. A report that failed (`ok` false) is checked once more: validate
+    records what it could not read as damage, and an outage that began mid-run must not read as a damaged cache
+    (whose advice is to rebuild it)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        cache = args[0] if args else kwargs.get("cache")
+        with store_errors(cache, NO_CHANGE):
+            files = open_files(cache)  # type: ignore[arg-type]
+            if files.remote:
+                files.check_access()  # type: ignore[attr-defined]
+            result = func(*args, **kwargs)
+            if files.remote and getattr(result, "ok", True) is False:
+                files.check_access()  # type: ignore[attr-defined]
+            return result
+
+    return wrapper

@@ -1,14 +1,18 @@
 """Per-channel feature statistics, exact over every stored image and mergeable: each shard's are computed when it
 is written, and the cache's are the merge of its shards' (Chan et al.'s parallel update), so one process, many
-processes and incremental runs give the same numbers up to float rounding. Pure numpy; no torch, no zarr."""
+processes and incremental runs give the same numbers up to float rounding. No torch, no zarr: the statistics are
+numpy, and `ShardStats` reads and writes their files through the cache's files."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from dinofeat.cache.checksum import crc32c
 
 BLOCK = 65536  # vectors converted to float64 at a time: bounded memory for 128 MiB shards
 
@@ -84,3 +88,55 @@ def pooled_shard_stats(
     wanted = (*stat_names, *(n + flip_suffix for n in stat_names))
     stats = shard_stats(arrays, done, tuple(n for n in wanted if n in arrays))
     return {n: stats[n].merge(stats[n + flip_suffix]) if n + flip_suffix in stats else stats[n] for n in stat_names}
+
+
+# ---- per-shard statistics files of a cache ---------------------------------------------------------------------
+class ShardStats:
+    """`_dinofeat/stats/<bucket>/<shard>.npz`: one shard's statistics, written before its done marker (which records
+    the file's crc32c), merged at seal."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    @staticmethod
+    def path(bucket: str, shard: int) -> str:
+        return f"_dinofeat/stats/{bucket}/{shard}.npz"
+
+    def write(self, bucket: str, shard: int, stats: dict[str, ChannelStats]) -> int:
+        """Write one shard's statistics (atomically, durably); returns the crc32c its marker records."""
+        arrays = {}
+        for name, st in stats.items():
+            arrays |= {f"{name}.count": np.int64(st.count), f"{name}.mean": st.mean, f"{name}.m2": st.m2}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.store.files.write(self.path(bucket, shard), buf.getvalue())
+        return crc32c(buf.getvalue())
+
+    def read(self, bucket: str, shard: int, expected: int | None = None) -> dict[str, ChannelStats] | None:
+        """One shard's statistics; None if the file is missing, unreadable, or fails the crc32c its marker
+        recorded (`expected`)."""
+        try:
+            data = self.store.files.read(self.path(bucket, shard))
+            if expected is not None and crc32c(data) != expected:
+                return None
+            with np.load(io.BytesIO(data)) as z:
+                names = {k.split(".")[0] for k in z.files}
+                return {n: ChannelStats(int(z[f"{n}.count"]), z[f"{n}.mean"], z[f"{n}.m2"]) for n in names}
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def merged(self, buckets: Any, markers: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any] | None:
+        """Per-channel mean and std over every stored image: the merge of each shard's statistics, in plan order (so
+        any split of the work gives the same numbers). Each shard's file is checked against the crc32c its marker
+        recorded. None if a shard has none (written by dinofeat < 0.3) or its file is missing or damaged."""
+        dim = int(self.store.meta["hidden_size"])
+        merged: dict[str, ChannelStats] = {}
+        for b in buckets:
+            for u in range(b.num_shards):
+                crc = (markers.get((b.name, u)) or {}).get("stats_crc32c")
+                part = self.read(b.name, u, None if crc is None else int(crc))
+                if part is None:
+                    return None
+                for name, s in part.items():
+                    merged[name] = merged.get(name, ChannelStats.empty(dim)).merge(s)
+        return {name: s.to_dict() for name, s in merged.items()}

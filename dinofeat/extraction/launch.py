@@ -17,7 +17,8 @@ from dinofeat.cache.objects import cache_location
 from dinofeat.errors import ConfigError, DinofeatError
 from dinofeat.extraction import ranks
 from dinofeat.extraction.config import ExtractConfig
-from dinofeat.extraction.run import Summary, extract, settings_for
+from dinofeat.extraction.prepare import settings_for
+from dinofeat.extraction.run import Summary, extract
 
 
 def extract_processes(

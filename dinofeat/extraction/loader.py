@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinofeat.errors import ImageError, SourceChangedError
-from dinofeat.extraction.config import Recipe
 from dinofeat.images.preprocess import load_resized
+from dinofeat.images.recipe import Recipe
 from dinofeat.sources.archive import Member
 
 

@@ -8,112 +8,15 @@ mix buckets, and may span shards so that small shards never cap the batch size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from dinofeat.buckets import AnySpec, TiedSpec, assign, make_buckets
+from dinofeat.cache.layout import BucketPlan, Plan, extend_plan  # noqa: F401  (extend_plan: planning's API)
 from dinofeat.images.probe import Probe
 from dinofeat.sources.archive import Member
 
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-
-@dataclass(frozen=True)
-class BucketPlan:
-    """One bucket's arrays: `rows` images, `shard_rows` images per shard (the last shard may be short).
-
-    `part` numbers the run that planned the arrays: 0 for the first, k for the k-th incremental run. Images added
-    later get arrays of their own, so finished shards are never rewritten. Part 0 is named "WxH", part k "WxH_k".
-    """
-
-    width: int
-    height: int
-    patch: int
-    rows: int
-    shard_rows: int
-    part: int = 0
-    dit: tuple[int, int] | None = None  # (width, height) of the DiT bucket this one is tied to (a TiedSpec)
-
-    @property
-    def name(self) -> str:
-        return bucket_name(self.width, self.height, self.part)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.width, self.height
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.height // self.patch, self.width // self.patch
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.rows // self.shard_rows)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        if not 0 <= shard < self.num_shards:
-            raise IndexError(f"shard {shard} out of range for bucket {self.name} ({self.num_shards} shards)")
-        start = shard * self.shard_rows
-        return start, min(start + self.shard_rows, self.rows)
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """A unit of work, numbered globally (`ordinal`) so shards can be dealt to ranks as ordinal % world."""
-
-    bucket: str
-    shard: int
-    start: int
-    stop: int
-    ordinal: int
-
-
-@dataclass
-class Plan:
-    """Where every image goes. Arrays are parallel to `keys` (discovery order); failed probes have bucket -1."""
-
-    keys: list[str]
-    bucket: np.ndarray  # int32 index into `buckets`, -1 when the header probe failed
-    row: np.ndarray  # int64 row inside the bucket, -1 when failed
-    src_w: np.ndarray
-    src_h: np.ndarray
-    distortion: np.ndarray  # float32 |log(bucket AR / image AR)|
-    file_size: np.ndarray
-    mtime_ns: np.ndarray
-    probe_errors: dict[int, str]
-    buckets: tuple[BucketPlan, ...]
-    # tar shard sources: where each image's bytes are (index into `archives`, byte offset), so ranks other than the
-    # one that listed the shards read them from the plan instead of listing them again; None for files
-    archive: np.ndarray | None = None
-    offset: np.ndarray | None = None
-    archives: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def shards(self) -> list[ShardRef]:
-        out: list[ShardRef] = []
-        for b in self.buckets:
-            for u in range(b.num_shards):
-                start, stop = b.shard_range(u)
-                out.append(ShardRef(b.name, u, start, stop, len(out)))
-        return out
-
-    def rows_to_keys(self) -> dict[str, np.ndarray]:
-        """bucket name -> array of positions (into keys) ordered by row."""
-        out: dict[str, np.ndarray] = {}
-        for i, b in enumerate(self.buckets):
-            pos = np.flatnonzero(self.bucket == i)
-            out[b.name] = pos[np.argsort(self.row[pos], kind="stable")]
-        return out
-
-    def histogram(self) -> list[tuple[str, int]]:
-        return [(b.name, b.rows) for b in self.buckets]
-
-
-def bucket_name(width: int, height: int, part: int = 0) -> str:
-    return f"{width}x{height}" if part == 0 else f"{width}x{height}_{part}"
 
 
 def bytes_per_image(grid: tuple[int, int], hidden: int, store_dtype: str, registers: int = 0, copies: int = 1) -> int:
@@ -208,51 +111,6 @@ def member_locations(probes: Sequence[Probe]) -> tuple[np.ndarray | None, np.nda
     if not names:
         return None, None, ()
     return archive, offset, tuple(names)
-
-
-def extend_plan(old: Plan, new: Plan) -> Plan:
-    """`old` followed by `new` (an incremental run's own plan, made with a fresh `part`): new keys come after the
-    old ones in the index, their bucket ids point past the old buckets, rows and shards of `old` are untouched."""
-    if set(old.keys) & set(new.keys):
-        raise ValueError("an extension may only add keys")
-    if {b.part for b in new.buckets} & {b.part for b in old.buckets}:
-        raise ValueError("an extension needs a part number of its own")
-    offset = len(old.buckets)
-    return Plan(
-        keys=[*old.keys, *new.keys],
-        bucket=np.concatenate([old.bucket, np.where(new.bucket >= 0, new.bucket + offset, -1)]).astype(np.int32),
-        row=np.concatenate([old.row, new.row]).astype(np.int64),
-        src_w=np.concatenate([old.src_w, new.src_w]).astype(np.int32),
-        src_h=np.concatenate([old.src_h, new.src_h]).astype(np.int32),
-        distortion=np.concatenate([old.distortion, new.distortion]).astype(np.float32),
-        file_size=np.concatenate([old.file_size, new.file_size]).astype(np.int64),
-        mtime_ns=np.concatenate([old.mtime_ns, new.mtime_ns]).astype(np.int64),
-        probe_errors={**old.probe_errors, **{len(old) + i: why for i, why in new.probe_errors.items()}},
-        buckets=(*old.buckets, *new.buckets),
-        **_merged_locations(old, new),
-    )
-
-
-def _merged_locations(old: Plan, new: Plan) -> dict[str, object]:
-    """The archive columns of `old` followed by `new`'s, `new`'s archive indices remapped into the union list."""
-    if old.archive is None and new.archive is None:
-        return {}
-    archives = list(dict.fromkeys([*old.archives, *new.archives]))
-    # new archive index -> union index; the trailing -1 keeps "not from an archive" (-1) as -1
-    remap = np.array([archives.index(a) for a in new.archives] + [-1], np.int32)
-    (old_a, old_o), (new_a, new_o) = _locations(old), _locations(new)
-    return {
-        "archive": np.concatenate([old_a, remap[new_a]]),
-        "offset": np.concatenate([old_o, new_o]),
-        "archives": tuple(archives),
-    }
-
-
-def _locations(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """The plan's (archive, offset) columns, all -1 when its images are files."""
-    if plan.archive is None or plan.offset is None:
-        return np.full(len(plan), -1, np.int32), np.full(len(plan), -1, np.int64)
-    return plan.archive.astype(np.int32), plan.offset.astype(np.int64)
 
 
 def batch_size_for(tokens_per_image: int, token_budget: int, override: int | None = None) -> int:

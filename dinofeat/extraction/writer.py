@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinofeat.cache.arrays import FLIP_SUFFIX
+from dinofeat.cache.layout import bf16_bits_to_float32
 from dinofeat.cache.stats import ChannelStats, pooled_shard_stats
-from dinofeat.cache.store import Store, bf16_bits_to_float32
+from dinofeat.cache.store import Store
 
 
 @dataclass
@@ -50,11 +51,11 @@ class ShardWriter:
                 continue  # drain after a failure; nothing more is written
             try:
                 arrays = item.build()
-                self.bytes_written += self.store.write_shard(item.bucket, item.start, arrays)
-                self.store.sync_shard(item.bucket, item.shard)  # data on disk before the marker that vouches for it
-                stats_crc = self.store.write_stats(item.bucket, item.shard, self._stats(item, arrays))
-                sums = self.store.shard_checksums(item.bucket, item.shard)  # each chunk's crc32c, as stored
-                self.store.write_marker(item.bucket, item.shard, item.start, item.stop, item.failed, sums, stats_crc)
+                self.bytes_written += self.store.shards.write(item.bucket, item.start, arrays)
+                self.store.shards.sync(item.bucket, item.shard)  # data on disk before the marker that vouches for it
+                stats_crc = self.store.stats.write(item.bucket, item.shard, self._stats(item, arrays))
+                sums = self.store.shards.checksums(item.bucket, item.shard)  # each chunk's crc32c, as stored
+                self.store.markers.write(item.bucket, item.shard, item.start, item.stop, item.failed, sums, stats_crc)
                 self.shards_written += 1
             except BaseException as e:  # re-raised in the main thread
                 self._error = e

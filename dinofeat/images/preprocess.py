@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dinofeat.extraction.config import Recipe
 from dinofeat.images.decode import decode_rgb
+from dinofeat.images.recipe import Recipe
 from dinofeat.images.resize import resize_uint8
 from dinofeat.sources.archive import Member
 

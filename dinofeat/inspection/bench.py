@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from dinofeat.errors import ConfigError
 from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.loop import DEFAULT_TOKEN_BUDGET, default_workers
 from dinofeat.extraction.model import TORCH_DTYPES, Encoder
 from dinofeat.extraction.plan import batch_size_for
-from dinofeat.extraction.run import DEFAULT_TOKEN_BUDGET, build_plan, default_workers, extract, prepare
+from dinofeat.extraction.prepare import build_plan, prepare
+from dinofeat.extraction.run import extract
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.images.preprocess import load_resized
 from dinofeat.images.synthetic import make_images

@@ -9,32 +9,26 @@ from typing import Any
 import numpy as np
 
 from dinofeat import __version__
-from dinofeat.cache.store import (
-    STATUS_DONE,
-    STATUS_FAILED,
-    STATUS_PENDING,
-    STATUS_PRUNED,
-    Store,
-    bf16_bits_to_float32,
-    marker_status,
-)
-from dinofeat.storeerrors import on_store_errors
+from dinofeat.cache.layout import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED, bf16_bits_to_float32
+from dinofeat.cache.markers import marker_status
+from dinofeat.cache.objects import on_store_errors
+from dinofeat.cache.store import Store
 
 
 def channel_stats(st: Store, max_images: int = 256, status: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
     """Per-channel mean/std of patch tokens over a random sample of done images (streamed, bounded memory)."""
-    ix = st.index()
+    ix = st.index.read()
     done = np.flatnonzero((ix["status"] if status is None else status) == STATUS_DONE)
     rng = np.random.default_rng(seed)
     picks = rng.choice(done, size=min(max_images, len(done)), replace=False) if len(done) else done
-    plans = st.bucket_plans()
+    plans = st.index.bucket_plans()
     bf16 = st.meta["dtypes"]["store"] == "bf16"
     d = int(st.meta["hidden_size"])
     s1, s2, n = np.zeros(d), np.zeros(d), 0
     for i in picks:
         b = plans[int(ix["bucket"][i])]
         r = int(ix["row"][i])
-        x = st.read_rows(b.name, "patches", r, r + 1)[0]
+        x = st.shards.read_rows(b.name, "patches", r, r + 1)[0]
         x = (bf16_bits_to_float32(x) if bf16 else x).reshape(-1, d).astype(np.float64)
         s1 += x.sum(0)
         s2 += (x * x).sum(0)
@@ -52,15 +46,15 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
     rerun would seal), not from the status column, which is written at seal."""
     st = Store(cache)
     meta = st.meta
-    ix = st.index()
+    ix = st.index.read()
     status = ix["status"]
     if meta.get("state") != "sealed":
-        status, marker_failures = marker_status(st.read_plan(ix), st.markers(), st.pruned())
+        status, marker_failures = marker_status(st.index.plan(ix), st.markers.read(), st.index.pruned())
         failures = marker_failures
     else:
-        failures = st.failures() | st.probe_failures()
+        failures = st.index.failures() | st.index.probe_failures()
     per_bucket = []
-    for k, b in enumerate(st.bucket_plans()):
+    for k, b in enumerate(st.index.bucket_plans()):
         sel = ix["bucket"] == k
         per_bucket.append(
             {
@@ -102,7 +96,7 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
         "pruned": int((status == STATUS_PRUNED).sum()),
         "buckets": per_bucket,
         "failures_by_reason": dict(Counter(r.split(":", 1)[0] for r in failures.values())),
-        "disk_bytes": st.disk_bytes(),
+        "disk_bytes": st.files.total_bytes(),
         "created": meta.get("created"),
         "dinofeat_version": meta.get("dinofeat_version"),
         "channel_stats": recorded_stats(meta, done) or channel_stats(st, stats_images, status),
@@ -129,5 +123,5 @@ def recorded_stats(meta: dict[str, Any], done: int) -> dict[str, Any] | None:
 def progress(cache: str | os.PathLike[str]) -> tuple[int, int]:
     """(images done or failed, images planned), from the done markers: what an interrupted run got through."""
     st = Store(cache)
-    status, _ = marker_status(st.read_plan(), st.markers(), st.pruned())
+    status, _ = marker_status(st.index.plan(), st.markers.read(), st.index.pruned())
     return int((status != STATUS_PENDING).sum()), len(status)

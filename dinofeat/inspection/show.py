@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dinofeat.extraction.config import Recipe
+from dinofeat.images.recipe import Recipe
 from dinofeat.paths import local_path
 from dinofeat.read.reader import FeatureCache
 

@@ -16,28 +16,27 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dinofeat.cache import metadata
+from dinofeat.cache import housekeeping, metadata
 from dinofeat.cache.arrays import ArraySet
 from dinofeat.cache.checksum import expected_checksums
-from dinofeat.cache.objects import open_files
-from dinofeat.cache.shardfile import HandlePool, ShardReader, read_layout
-from dinofeat.cache.store import (
+from dinofeat.cache.layout import (
     META_KEY,
     STATUS_DONE,
     STATUS_FAILED,
     STATUS_PENDING,
     STATUS_PRUNED,
     ZARR_DTYPES,
-    Store,
     array_shape,
     bf16_bits_to_float32,
-    marker_status,
-    merged_channel_stats,
 )
+from dinofeat.cache.markers import marker_status
+from dinofeat.cache.objects import on_store_errors, open_files
+from dinofeat.cache.shardfile import HandlePool, ShardReader, read_layout
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ConfigError, DinofeatError
 from dinofeat.paths import local_path
 from dinofeat.sources.archive import is_archive_source
-from dinofeat.storeerrors import is_store_failure, on_store_errors
+from dinofeat.storeerrors import is_store_failure
 
 FP16_MAX = 65504.0
 COSINE_THRESHOLD = 0.99  # per patch, stored vs recomputed; fp16 storage + bf16/fp16 compute stays above 0.999
@@ -200,12 +199,12 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
         return
     meta = st.meta
     try:
-        ix = st.index()  # format 3: every column checked against its crc32c
+        ix = st.index.read()  # format 3: every column checked against its crc32c
     except CacheFormatError as e:
         report.add("index", "index", str(e))
         return
-    plan = st.read_plan(ix)
-    markers = st.markers()
+    plan = st.index.plan(ix)
+    markers = st.markers.read()
     status = ix["status"]
     if meta.get("state") != "sealed":
         status, _ = marker_status(plan, markers)
@@ -253,9 +252,9 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
     patch, hidden = int(meta["patch_size"]), int(meta["hidden_size"])
     want_dtype = ZARR_DTYPES[meta["dtypes"]["store"]]
     for b in plans:
-        for name in st.array_names(b.name):
+        for name in st.shards.names(b.name):
             try:
-                arr = st.array(b.name, name)
+                arr = st.shards.array(b.name, name)
             except (KeyError, FileNotFoundError):
                 report.add("arrays", f"{b.name}/{name}", "array recorded in the metadata is missing (no zarr.json)")
                 continue
@@ -272,7 +271,7 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
                 report.add(
                     "chunks", f"{b.name}/{name}", f"chunk/shard layout {arr.chunks}/{arr.shards} not as recorded"
                 )
-        if "patches" not in st.array_names(b.name) or "cls" not in st.array_names(b.name):
+        if "patches" not in st.shards.names(b.name) or "cls" not in st.shards.names(b.name):
             report.add("arrays", b.name, "cls or patches array missing")
     for k in duplicates(keys):
         report.add("duplicate", k, "key appears more than once in the index")
@@ -289,7 +288,7 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
     if not unfinished:
         for i in np.flatnonzero(status == STATUS_PENDING):
             report.add("complete", keys[i], "planned but neither done nor failed")
-    failures = st.failures() | st.probe_failures()
+    failures = st.index.failures() | st.index.probe_failures()
     for i in np.flatnonzero(status == STATUS_FAILED):
         if not failures.get(keys[i]) and not unfinished:
             report.add("failed", keys[i], "failed without a recorded reason")
@@ -305,7 +304,7 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
     for m in markers:
         if m not in planned:
             report.add("orphan", f"{m[0]} shard {m[1]}", "done marker for a shard that is not in the plan")
-    orphans = st.orphan_groups()
+    orphans = housekeeping.orphan_groups(st)
     for d in orphans:
         report.add(
             "orphan", d, "group no metadata points to (an interrupted incremental run); rerun precompute to remove it"
@@ -344,9 +343,9 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
         s0, s1 = b.shard_range(u)
         positions = by_bucket[k][s0:s1]
         done = status[positions] == STATUS_DONE
-        for name in st.array_names(b.name):
+        for name in st.shards.names(b.name):
             try:
-                layout = read_layout(f"buckets/{b.name}/{name}", st.files, st.array_checksum(b.name, name))
+                layout = read_layout(f"buckets/{b.name}/{name}", st.files, st.shards.array_checksum(b.name, name))
                 reader = ShardReader(layout, HandlePool(1), expected=expected.get((b.name, name)))
                 reader._handle(u)  # the shard index and its crc32c
             except (CacheFormatError, FileNotFoundError, ValueError, KeyError) as e:
@@ -368,7 +367,7 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
             else:
                 unchecked += 1
                 try:
-                    x = st.read_rows(b.name, name, s0, s1)
+                    x = st.shards.read_rows(b.name, name, s0, s1)
                 except Exception as e:
                     if is_store_failure(e):
                         raise
@@ -412,7 +411,7 @@ def _check_stats(st, plan, markers, report: Report) -> None:
     recorded = st.meta.get("channel_stats")
     if not recorded or st.meta.get("state") != "sealed":
         return
-    merged = merged_channel_stats(st, plan, markers)
+    merged = st.stats.merged(plan.buckets, markers)
     if merged is None:
         report.add("stats", "_dinofeat/stats", "a shard's statistics file is missing or damaged; rerun with --repair")
         return
@@ -476,13 +475,13 @@ def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
 def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, seed: int, report: Report) -> None:
     import torch
 
-    from dinofeat.extraction.config import Recipe
     from dinofeat.extraction.model import Encoder, load_model_info, resolve_device
     from dinofeat.extraction.tokens import split_tokens
     from dinofeat.images.preprocess import load_resized
+    from dinofeat.images.recipe import Recipe
     from dinofeat.sources.discover import locator
 
-    locate = locator(source, st.source_names())
+    locate = locator(source, st.index.source_names())
     done = [i for i in np.flatnonzero(status == STATUS_DONE)]
     picks = random.Random(seed).sample(done, min(k, len(done)))
     try:
@@ -512,7 +511,7 @@ def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, see
         for (layer, flipped), hidden in states.items():  # every stored layer, and the mirrored image's too
             _, _, patches = split_tokens(hidden.float().cpu().numpy(), info.num_register_tokens, b.grid)
             name = arrays.name("patches", layer, flipped)
-            stored = st.read_rows(b.name, name, int(ix["row"][i]), int(ix["row"][i]) + 1)[0]
+            stored = st.shards.read_rows(b.name, name, int(ix["row"][i]), int(ix["row"][i]) + 1)[0]
             stored = bf16_bits_to_float32(stored) if bf16 else stored
             cos = patch_cosines(stored, patches[0])
             worst = min(worst, float(cos.min()))

@@ -13,10 +13,11 @@ from dinofeat.buckets import AnySpec, TiedSpec, load_spec
 from dinofeat.cache import metadata
 from dinofeat.cache.arrays import ArraySet
 from dinofeat.cache.checksum import expected_checksums
+from dinofeat.cache.layout import STATUS_DONE, array_shape, bf16_bits_to_float32
 from dinofeat.cache.objects import Files, LocalFiles, RemoteFiles, open_files
 from dinofeat.cache.shardcache import ShardCache
 from dinofeat.cache.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
-from dinofeat.cache.store import STATUS_DONE, Store, array_shape, bf16_bits_to_float32
+from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
 
 
@@ -89,12 +90,12 @@ class FeatureCache:
             meta = {**meta, "buckets": meta["buckets"][: generation["num_buckets"]], **generation}
         self.meta = meta
         self.arrays = ArraySet.from_meta(meta)
-        ix = st.index(generation if self.serving_last_sealed else None)
+        ix = st.index.read(generation if self.serving_last_sealed else None)
         done = np.flatnonzero(ix["status"] == STATUS_DONE)
-        self._bucket_plans = st.bucket_plans()[: len(meta["buckets"])]
-        summary = st.marker_summary(meta.get("marker_summary"))  # one read; caches sealed before 0.5 have none
+        self._bucket_plans = st.index.bucket_plans()[: len(meta["buckets"])]
+        summary = st.markers.summary(meta.get("marker_summary"))  # one read; caches sealed before 0.5 have none
         if summary is None:
-            markers = st.markers()
+            markers = st.markers.read()
             summary = set(markers), expected_checksums(markers, self._bucket_plans)
         marked, self._expected = summary
         self._check_markers(marked, ix["bucket"][done], ix["row"][done])
@@ -107,7 +108,7 @@ class FeatureCache:
         self._row = ix["row"][done].astype(np.int64)
         self._lookup: dict[str, int] | None = None
         self._readers: dict[tuple[int, str], Any] = {}
-        self._failures = st.failures()
+        self._failures = st.index.failures()
         self._store: Store | None = st
 
     def _pin(self) -> None:
@@ -358,7 +359,7 @@ class _ZarrRowReader:
     """Fallback through zarr-python for layouts the fast path does not read."""
 
     def __init__(self, st: Store, bucket: str, name: str) -> None:
-        self.arr = st.array(bucket, name)
+        self.arr = st.shards.array(bucket, name)
 
     def read_row(self, row: int) -> np.ndarray:
         return np.asarray(self.arr[row])

@@ -21,8 +21,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from dinofeat.cache.objects import filesystem
 from dinofeat.errors import ConfigError, SourceChangedError
+from dinofeat.filesystems import filesystem
 from dinofeat.paths import is_url
 from dinofeat.sources.parquet import read_row, split_column, with_column
 

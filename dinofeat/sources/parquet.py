@@ -22,6 +22,7 @@ docs/benchmarks.md). Both writers above write 100-row groups, which keeps that s
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dinofeat.cache.objects import filesystem
 from dinofeat.errors import ConfigError, ImageError
+from dinofeat.filesystems import filesystem
 from dinofeat.paths import is_url
 
 BYTES_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
@@ -177,6 +178,7 @@ class _Reader:
         self.loading: dict[tuple[str, int], threading.Event] = {}
         self.reads = 0  # row-group reads, for the amplification benchmark
         self.bytes_read = 0
+        self.file_locks: dict[str, threading.Lock] = {}
 
     def file(self, location: str) -> tuple[Any, list[int], ImageColumn]:
         with self.lock:
@@ -195,6 +197,15 @@ class _Reader:
                 self.files.popitem(last=False)
         return pf, starts, col
 
+    def _file_lock(self, location: str) -> Any:
+        """A remote file is one fsspec file object (seek, then read): two threads reading row groups of it at once
+        race on its position (seen as a crash inside pyarrow over gcsfs), so its reads take turns. A local file is
+        read by pyarrow's own positioned reads, which need no lock."""
+        if not is_url(location):
+            return contextlib.nullcontext()
+        with self.lock:
+            return self.file_locks.setdefault(location, threading.Lock())
+
     def group(self, location: str, g: int) -> Any:
         key = (location, g)
         while True:
@@ -209,7 +220,8 @@ class _Reader:
             event.wait()
         try:
             pf, _, col = self.file(location)
-            values = pf.read_row_group(g, columns=[col.name], use_threads=False).column(0)  # not combined: no copy
+            with self._file_lock(location):
+                values = pf.read_row_group(g, columns=[col.name], use_threads=False).column(0)  # not combined: no copy
             if col.kind == "struct":  # flatten: a null Image row reads as null bytes whatever its child holds
                 values = values.flatten()[values.type.get_field_index("bytes")]
             with self.lock:

@@ -1,0 +1,141 @@
+"""What a cache keeps clean: the files a crash leaves (partial shard objects, temp files, groups no metadata points
+to), the index groups readers may still hold, and whole caches (exists, occupied, remove; --overwrite's retire and
+purge). The state machine that decides when each runs is dinofeat.cache.lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from dinofeat.cache.layout import META_KEY
+from dinofeat.cache.objects import Files, open_files
+from dinofeat.cache.store import Store
+from dinofeat.errors import ConfigError
+
+
+def cleanup(st: Store, shards: set[tuple[str, int]], orphans: bool = True) -> int:
+    """Remove what a crash left in `shards` (pending shards this process owns): temp files, marker temp files and
+    shard objects (they may be half-written). Other processes' shards are never touched. With `orphans`, also
+    groups no metadata points to. Returns the number of files removed."""
+    removed = 0
+    names = {b.name for b in st.index.bucket_plans()}
+    for bucket, u in sorted(shards):
+        if bucket not in names:
+            continue
+        for f in st.shards.files(bucket, u):
+            removed += st.shards.remove_written(f)
+        if not st.files.remote:  # an object store has no temp files: a PUT is whole or absent
+            for p in (Path(st.path) / st.markers.path(bucket, u)).parent.glob(f".{u}.json.*.tmp"):
+                p.unlink(missing_ok=True)
+                removed += 1
+    if orphans:
+        for d in orphan_groups(st):
+            removed += st.files.delete_tree(d)
+        if not st.files.remote:
+            # temp files of metadata writes (zarr.json, index, failures) that a crash cut short
+            for pattern in ("*.partial", f"{st.index.group}/**/*.partial", "_dinofeat/.*.tmp"):
+                for p in Path(st.path).glob(pattern):
+                    p.unlink(missing_ok=True)
+                    removed += 1
+    return removed
+
+
+def kept_index_groups(st: Store) -> set[str]:
+    """Index groups a reader may still load: the current one, the one it replaced (a reader that read the
+    metadata just before a switch), the last sealed one (what new readers get while a run works) and the one
+    that was last sealed before it (a reader that read the metadata just before this seal)."""
+    meta = st.meta
+    keep = {meta.get("index_group", "index"), meta.get("previous_index_group"), meta.get("previous_sealed_group")}
+    keep.add((meta.get("last_sealed") or {}).get("index_group"))
+    return {g for g in keep if g}
+
+
+def drop_stale_index_groups(st: Store) -> None:
+    """Readers load an index once, at open: older groups than those kept are deleted (at most four stay)."""
+    keep = kept_index_groups(st)
+    for d in st.files.children(""):
+        if d.startswith("index") and d not in keep:
+            st.files.delete_tree(d)
+
+
+def orphan_groups(st: Store) -> list[str]:
+    """Bucket and index groups no metadata points to (paths relative to the root): what an incremental run
+    that crashed before its metadata switch leaves behind."""
+    planned = {b.name for b in st.index.bucket_plans()}
+    out = [f"buckets/{d}" for d in st.files.children("buckets") if d not in planned]
+    keep = kept_index_groups(st)
+    out += [d for d in st.files.children("") if d.startswith("index") and d not in keep]
+    return out
+
+
+# ---- whole caches ------------------------------------------------------------------------------------------------
+def exists(path: str | os.PathLike[str]) -> bool:
+    return open_files(path).exists("zarr.json")
+
+
+def is_dinofeat_cache(files: Files) -> bool:
+    try:
+        attrs = json.loads(files.read("zarr.json")).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs.get(META_KEY), dict)
+
+
+def occupied(path: str | os.PathLike[str]) -> bool:
+    """Something (a cache or anything else) is at `path`."""
+    files = open_files(path)
+    if files.remote:
+        return bool(files.children("")) or bool(files.list(""))
+    p = Path(path)
+    return p.exists() and any(p.iterdir())
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a cache (only if it is one, or is empty)."""
+    files = open_files(path)
+    if files.remote:
+        if occupied(path) and not is_dinofeat_cache(files):
+            raise ConfigError(f"refusing to delete {files.location}: it is not empty and not a dinofeat cache")
+        files.delete_tree("")
+        return
+    p = Path(path)
+    if not p.exists():
+        return
+    if not is_dinofeat_cache(files) and any(p.iterdir()):
+        raise ConfigError(f"refusing to delete {p}: it is not empty and not a dinofeat cache")
+    shutil.rmtree(p)
+
+
+def retire(path: str | os.PathLike[str]) -> Path | None:
+    """--overwrite: move a dinofeat cache aside (one rename) so that readers still holding it keep a consistent
+    old generation; `purge_retired` deletes it once the new cache is sealed. Refuses anything that is not a
+    dinofeat cache (a zarr store of someone else's, a folder of files) unless it is empty. An object store has no
+    rename: a remote cache is deleted, and readers still holding it fail loudly (missing objects, or rows that fail
+    the checksums their markers recorded) instead of keeping their generation (docs/format.md)."""
+    files = open_files(path)
+    if files.remote:
+        remove(path)
+        return None
+    p = Path(path)
+    if not p.exists():
+        return None
+    if not is_dinofeat_cache(files):
+        remove(p)  # empty: fine; anything else: refused
+        return None
+    aside = p.with_name(f".{p.name}.retired-{os.getpid()}-{time.time_ns()}")
+    os.rename(p, aside)
+    return aside
+
+
+def purge_retired(path: str | os.PathLike[str]) -> int:
+    """Delete the generations `retire` moved aside. Returns how many."""
+    if open_files(path).remote:
+        return 0
+    p = Path(path)
+    old = list(p.parent.glob(f".{p.name}.retired-*"))
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(old)

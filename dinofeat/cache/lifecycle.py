@@ -1,0 +1,288 @@
+"""A cache's life, as the state machine docs/format.md describes:
+
+    (none) --create--> planning --arrays and index written--> planned --every shard marked: seal--> sealed
+    sealed --new images: extend (a new part, a new index group)--> planned --seal--> sealed
+    sealed --repair / prune (dinofeat.cache.maintenance)--> planned --seal (into a copy of the index)--> sealed
+    any --overwrite: retire (moved aside; purged once the new cache seals)--> (none)
+
+The run loop asks for a cache with `open_or_create` (rank 0) or `join` (the other ranks), extracts what is
+pending, and asks for `finalize`. What this layer needs from the planner it gets as a `Request`, so the cache
+format never imports extraction. Housekeeping (cleanup, orphans, retire) is dinofeat.cache.housekeeping.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinofeat.cache import housekeeping, metadata
+from dinofeat.cache.arrays import ArraySet
+from dinofeat.cache.checksum import column_checksums
+from dinofeat.cache.index import write_index
+from dinofeat.cache.layout import (
+    FEATURE_SETS_VERSION,
+    FORMAT_VERSION,
+    META_KEY,
+    STATUS_PENDING,
+    WRITABLE_VERSIONS,
+    Plan,
+    bucket_record,
+    extend_plan,
+)
+from dinofeat.cache.markers import MarkerMap, marker_status
+from dinofeat.cache.objects import open_files
+from dinofeat.cache.shards import array_checksums, create_arrays
+from dinofeat.cache.store import Store, open_group
+from dinofeat.errors import CacheConflictError, CacheFormatError, CacheMismatchError, ConfigError
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a run asks of the cache, in the cache's terms: its settings' fingerprint, the source's keys and how to
+    plan some of them (`plan(keys, part)`, which probes the images), the metadata of a new cache for a plan
+    (`describe`), and the shape of the stored features."""
+
+    fingerprint: dict[str, Any]
+    keys: tuple[str, ...]
+    renamed: dict[str, str]
+    plan: Callable[[tuple[str, ...], int], Plan]
+    describe: Callable[[Plan], dict[str, Any]]
+    hidden: int
+    registers: int
+    store_dtype: str
+
+
+# ---- refusing a cache made otherwise ---------------------------------------------------------------------------
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """One line per differing leaf, named by its dotted path (`recipe.jpeg_draft`), so a refusal says exactly
+    which setting changed."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: cache has {a!r}, this run wants {b!r}")
+    return out
+
+
+def _diff_hint(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What to do about the one change users hit by upgrading: dinofeat 0.1's default drafted JPEGs."""
+    if old.get("recipe", {}).get("jpeg_draft") is True and new.get("recipe", {}).get("jpeg_draft") != 1:
+        return (
+            "\nThis cache was made by dinofeat 0.1, whose default decoded JPEGs in the DCT domain (draft), which "
+            "distorts hard edges. JPEGs are now decoded in full by default. Rebuild the cache with --overwrite "
+            "(recommended), or finish it with the old recipe: --jpeg-draft --draft-gap 1."
+        )
+    return ""
+
+
+def check_fingerprint(st: Store, fingerprint: dict[str, Any]) -> None:
+    """CacheMismatchError unless this build may add to the cache and it was made with these very settings."""
+    if st.format_version not in WRITABLE_VERSIONS:
+        raise CacheMismatchError(
+            f"{st.path} is a format {st.format_version} cache (dinofeat 0.2 or older); this version reads it but "
+            f"adds only to format {FORMAT_VERSION} caches, whose chunks carry checksums. Rebuild it with "
+            "--overwrite, or finish it with the dinofeat that started it"
+        )
+    old = st.meta.get("fingerprint", {})
+    diff = fingerprint_diff(old, fingerprint)
+    if diff:
+        raise CacheMismatchError(
+            f"{st.path} was made with different settings; refusing to reuse it (pass --overwrite to start over):\n  "
+            + "\n  ".join(diff)
+            + _diff_hint(old, fingerprint)
+        )
+
+
+# ---- rank 0: create, resume or extend --------------------------------------------------------------------------
+def open_or_create(cache: Path | str, request: Request, overwrite: bool) -> tuple[Store, Plan, int]:
+    """Reuse a matching cache (resume), extend it with images new to the source (incremental), refuse a mismatched
+    one, or plan and create a new one. Returns the store, the plan and how many images were appended."""
+    if overwrite:
+        housekeeping.retire(cache)  # moved aside, not deleted: open readers keep theirs until the new one seals
+    if housekeeping.exists(cache):
+        st = Store(cache, mode="r+")
+        check_fingerprint(st, request.fingerprint)
+        if st.meta.get("state") != "planning":
+            return (st, *extend(st, request))
+        if st.markers.read():
+            raise CacheMismatchError(f"{cache} is damaged: its plan is incomplete but some shards are written")
+        housekeeping.remove(cache)  # crashed while planning: nothing was extracted, plan again
+    elif housekeeping.occupied(cache):
+        raise ConfigError(f"{cache} exists, is not empty and is not a dinofeat cache")
+    plan = request.plan(request.keys, 0)
+    st = create(cache, request.describe(plan), plan, request.hidden, request.registers, request.store_dtype)
+    st.index.write_source_names(request.renamed)
+    return st, plan, 0
+
+
+def extend(st: Store, request: Request) -> tuple[Plan, int]:
+    """Images in the source but not in the cache get a plan of their own (a new part: new bucket arrays, rows
+    from 0), appended after the existing plan. Finished shards are never rewritten; removed images are kept."""
+    plan = st.index.plan()
+    planned = set(plan.keys)
+    added = tuple(k for k in request.keys if k not in planned)  # source order: parquet rows stay in group order
+    if not added:
+        return plan, 0
+    part = 1 + max((b.part for b in plan.buckets), default=0)
+    plan = extend_plan(plan, request.plan(added, part))
+    add_part(st, plan, request.hidden, request.registers, request.store_dtype)
+    st.index.write_source_names({**st.index.source_names(), **request.renamed})
+    return plan, len(added)
+
+
+def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidden: int, registers: int,
+           store_dtype: str) -> Store:  # fmt: skip
+    """Arrays at their final size, the index, then state 'planned' last (a crash before that is detectable)."""
+    files = open_files(path)
+    root = open_group(files, "w")
+    root.attrs[META_KEY] = metadata.stamp(
+        {
+            **meta,
+            "format_version": FORMAT_VERSION if _default_arrays(meta) else FEATURE_SETS_VERSION,
+            "cache_id": uuid.uuid4().hex,  # readers tell a rebuilt cache from the one they opened
+            "generation": 0,
+            "state": "planning",
+            "index_group": "index",
+            "index_checksums": write_index(root, "index", plan),
+            "buckets": [bucket_record(b) for b in plan.buckets],
+            "source_archives": list(plan.archives),
+        }
+    )
+    names = ArraySet.from_meta(meta).names()
+    create_arrays(root, plan.buckets, hidden, registers, store_dtype, names)
+    st = Store(files, mode="r+")
+    st.index.write_probe_failures(plan)
+    st.metafile.update(state="planned", array_checksums=array_checksums(files, plan.buckets, names))
+    return st
+
+
+def _default_arrays(meta: dict[str, Any]) -> bool:
+    """The last block of the image, final norm applied (registers or not): what every version 3 reader expects."""
+    a = ArraySet.from_meta(meta)
+    return a.is_default(int(meta.get("model", {}).get("config", {}).get("num_hidden_layers", a.primary)))
+
+
+def add_part(st: Store, plan: Plan, hidden: int, registers: int, store_dtype: str) -> None:
+    """Add an incremental run's images. `plan` is the whole new plan: its new buckets get arrays of their own and a
+    new index group is written beside the old one; then one atomic metadata write switches to them. A crash before
+    that switch leaves the cache exactly as it was (the leftovers are orphans, removed by `cleanup`); finished
+    shards are never opened."""
+    meta = st.meta
+    known = {b["name"] for b in meta["buckets"]}
+    new = [b for b in plan.buckets if b.name not in known]
+    if [b.name for b in plan.buckets[: len(known)]] != [b["name"] for b in meta["buckets"]]:
+        raise ValueError("an extension must keep the existing buckets first and unchanged")
+    group = f"index_{max(b.part for b in plan.buckets)}"
+    if group == (meta.get("last_sealed") or {}).get("index_group"):
+        raise CacheConflictError(f"{st.path}: part {group} is the last sealed generation; it is never rewritten")
+    # a crashed earlier attempt at this part: its index, bucket groups AND their done markers go together
+    leftovers = [f"buckets/{b.name}" for b in new] + [f"_dinofeat/{k}/{b.name}" for b in new for k in ("done", "stats")]
+    for stale in (group, *leftovers):
+        st.files.delete_tree(stale)
+    sums = write_index(st.root, group, plan)
+    names = st.arrays.names()
+    create_arrays(st.root, new, hidden, registers, store_dtype, names)
+    st.index.write_probe_failures(plan)  # keys not in the current index are ignored until the switch
+    st.metafile.update(
+        array_checksums={**(meta.get("array_checksums") or {}), **array_checksums(st.files, new, names)},
+        state="planned",
+        index_group=group,
+        index_checksums=sums,
+        previous_index_group=st.index.group,
+        num_images=len(plan),
+        source_archives=list(plan.archives),
+        buckets=[*meta["buckets"], *(bucket_record(b) for b in new)],
+        parts=[*meta.get("parts", [{"part": 0}]), {"part": max(b.part for b in plan.buckets), "time": time.time()}],
+    )
+    st.shards.forget()
+    housekeeping.drop_stale_index_groups(st)
+
+
+# ---- the other ranks -------------------------------------------------------------------------------------------
+def join(
+    cache: Path | str, request: Request, wait: Callable[[Callable[[], bool], str], None] | None
+) -> tuple[Store, Plan]:
+    """A non-leader rank opens the cache rank 0 planned: after the barrier (`wait` None), or in a manual split by
+    waiting (`wait(ready, what)`) until it is planned and, when its source holds images the plan lacks, until
+    rank 0 has extended it."""
+
+    def meta() -> dict[str, Any]:
+        try:
+            return Store(cache).meta if housekeeping.exists(cache) else {}
+        except CacheFormatError:
+            return {}
+
+    def ready(after: str | None = None) -> bool:
+        m = meta()
+        return m.get("state") in ("planned", "sealed") and (after is None or m.get("index_group") != after)
+
+    if wait is not None:
+        wait(ready, f"rank 0 to plan {cache}")
+    st = Store(cache, mode="r+")
+    check_fingerprint(st, request.fingerprint)
+    plan = st.index.plan()
+    if wait is not None and set(request.keys) - set(plan.keys):  # rank 0 is adding images
+        old = st.index.group
+        wait(lambda: ready(after=old), f"rank 0 to add new images to {cache}")
+        st = Store(cache, mode="r+")
+        plan = st.index.plan()
+    return st, plan
+
+
+# ---- the end of a run ------------------------------------------------------------------------------------------
+def finalize(st: Store, plan: Plan, seal_it: bool = True) -> tuple[np.ndarray, dict[str, str], bool]:
+    """Status of every image from the plan and the done markers; seal the cache (when `seal_it`) once nothing is
+    pending."""
+    markers = st.markers.read()
+    status, failures = marker_status(plan, markers, st.index.pruned())
+    complete = bool((status != STATUS_PENDING).all())
+    if seal_it and complete and st.metafile.disk_state() != "sealed":
+        seal(st, status, failures, st.stats.merged(plan.buckets, markers), markers, plan)
+    return status, failures, complete
+
+
+def seal(st: Store, status: np.ndarray, failures: dict[str, str], channel_stats: dict[str, Any] | None,
+         markers: MarkerMap, plan: Plan) -> None:  # fmt: skip
+    """Write `status` and the failures, the marker summary, then the metadata that says sealed.
+
+    Sealing a plan that was sealed before (after --repair or --prune) never rewrites the index readers hold:
+    the status goes into a copy of the index (`plan`'s columns) that the same metadata write switches to."""
+    disk = st.metafile.disk()
+    if disk.get("state") == "sealed" and disk.get("index_group") == st.index.group:
+        return  # another rank of a manual split sealed this very plan first
+    st.metafile.check_generation()  # another run's index switch is never overwritten with this run's status
+    group, changes = st.index.group, {}
+    before = (disk.get("last_sealed") or {}).get("index_group")
+    sums = dict(disk.get("index_checksums") or {})
+    if before == group:  # readers may be reading this group: seal a copy
+        group = f"index_r{st.metafile.generation + 1}"
+        st.files.delete_tree(group)
+        sums = write_index(st.root, group, plan)
+        changes = {"index_group": group, "previous_index_group": st.index.group}
+    st.root[group]["status"][:] = status
+    st.index.write_failures(failures)
+    now = time.time()
+    sums |= column_checksums({"status": status})
+    summary = st.markers.write_summary(group, markers)
+    last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
+    last["marker_summary"] = summary
+    st.metafile.update(
+        **changes,
+        state="sealed",
+        sealed_at=now,
+        index_checksums=sums,
+        last_sealed=last,
+        previous_sealed_group=before,
+        channel_stats=channel_stats,
+        marker_summary=summary,
+    )
+    housekeeping.drop_stale_index_groups(st)

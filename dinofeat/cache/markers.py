@@ -1,0 +1,146 @@
+"""Done markers: the one proof that a shard is written. A shard's marker is written after its data and statistics
+are durable and records the crc32c of each of its chunks and of its statistics file; sealing folds every marker of
+the plan into one summary object, so a reader opens a sealed cache with one read."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dinofeat.cache.checksum import RowCrcs, crc32c, expected_checksums
+from dinofeat.cache.layout import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED, Plan
+
+if TYPE_CHECKING:
+    from dinofeat.cache.store import Store
+
+MarkerMap = dict[tuple[str, int], dict[str, Any]]
+
+
+def marker_status(
+    plan: Plan, markers: MarkerMap, pruned: set[str] | frozenset[str] = frozenset()
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Every planned image's status as the done markers say (pending / done / failed; `pruned` keys are pruned) and
+    the failures' reasons: what sealing writes, and what `info` and `validate` count on a cache that is not sealed
+    yet."""
+    status = np.full(len(plan), STATUS_PENDING, np.int8)
+    failures: dict[str, str] = {}
+    for i, why in plan.probe_errors.items():
+        status[i] = STATUS_FAILED
+        failures[plan.keys[i]] = why
+    by_bucket = plan.rows_to_keys()
+    for b in plan.buckets:
+        positions = by_bucket[b.name]
+        for u in range(b.num_shards):
+            m = markers.get((b.name, u))
+            if m is None:
+                continue
+            start, stop = b.shard_range(u)
+            status[positions[start:stop]] = STATUS_DONE
+            for r, why in m["failed"].items():
+                status[positions[int(r)]] = STATUS_FAILED
+                failures[plan.keys[positions[int(r)]]] = why
+    if pruned:
+        gone = np.array([k in pruned for k in plan.keys], bool)
+        status[gone] = STATUS_PRUNED
+        failures = {k: why for k, why in failures.items() if k not in pruned}
+    return status, failures
+
+
+class Markers:
+    """The done markers of an open cache, and their summary."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @staticmethod
+    def path(bucket: str, shard: int) -> str:
+        return f"_dinofeat/done/{bucket}/{shard}.json"
+
+    def write(
+        self,
+        bucket: str,
+        shard: int,
+        start: int,
+        stop: int,
+        failed: dict[int, str],
+        checksums: dict[str, list[int]] | None = None,
+        stats_crc: int | None = None,
+    ) -> None:
+        body: dict[str, Any] = {
+            "bucket": bucket,
+            "shard": shard,
+            "start": start,
+            "stop": stop,
+            "failed": {str(r): why for r, why in sorted(failed.items())},
+            "time": time.time(),
+        }
+        if checksums:
+            body["crc32c"] = checksums
+        if stats_crc is not None:
+            body["stats_crc32c"] = stats_crc
+        self.store.files.write(self.path(bucket, shard), json.dumps(body).encode())
+
+    def read(self) -> MarkerMap:
+        """Every readable done marker. Remote markers are fetched 32 at a time (one GET each)."""
+        files = self.store.files
+        wanted = []
+        for rel in files.list("_dinofeat/done"):
+            parts = rel.split("/")  # _dinofeat/done/<bucket>/<shard>.json
+            if len(parts) == 4 and parts[3].endswith(".json") and parts[3][:-5].isdigit():
+                wanted.append((parts[2], int(parts[3][:-5]), rel))
+
+        def load(rel: str) -> dict[str, Any] | None:
+            try:
+                return json.loads(files.read(rel))
+            except (OSError, ValueError):
+                return None  # unreadable marker = shard not done; it will be redone
+
+        rels = [w[2] for w in wanted]
+        if files.remote and len(rels) > 1:
+            with ThreadPoolExecutor(32) as ex:
+                bodies = list(ex.map(load, rels))
+        else:
+            bodies = [load(r) for r in rels]
+        return {(b, u): m for (b, u, _), m in zip(wanted, bodies, strict=True) if m is not None}
+
+    def write_summary(self, group: str, markers: MarkerMap | None = None) -> dict[str, Any]:
+        """At seal: every done marker of the plan folded into one object (which shards are marked, and each row's
+        recorded crc32c), so that a reader opens the cache with one read instead of one per shard (on object
+        storage: one GET instead of a million). Returns its record for the metadata (path and crc32c)."""
+        markers, plans = self.read() if markers is None else markers, self.store.index.bucket_plans()
+        arrays = {f"{b.name}::marked": np.array([(b.name, u) in markers for u in range(b.num_shards)]) for b in plans}
+        arrays |= {f"{b}::{name}": crcs.to_int64() for (b, name), crcs in expected_checksums(markers, plans).items()}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        rel = f"_dinofeat/sealed/{group}.npz"
+        self.store.files.write(rel, buf.getvalue())
+        return {"path": rel, "crc32c": crc32c(buf.getvalue())}
+
+    def summary(
+        self, record: dict[str, Any] | None
+    ) -> tuple[set[tuple[str, int]], dict[tuple[str, str], RowCrcs]] | None:
+        """(marked shards, expected row crcs) from the summary `record` names, checked against its crc32c; None if
+        there is none (caches sealed before 0.5) or it is missing or damaged: the caller then reads every marker."""
+        if not record:
+            return None
+        try:
+            data = self.store.files.read(str(record["path"]))
+        except (FileNotFoundError, KeyError):
+            return None
+        if crc32c(data) != int(record.get("crc32c", -1)):
+            return None
+        marked: set[tuple[str, int]] = set()
+        expected: dict[tuple[str, str], RowCrcs] = {}
+        with np.load(io.BytesIO(data)) as z:
+            for k in z.files:
+                bucket, name = k.split("::", 1)
+                if name == "marked":
+                    marked |= {(bucket, int(u)) for u in np.flatnonzero(z[k])}
+                else:
+                    expected[(bucket, name)] = RowCrcs.from_int64(z[k])
+        return marked, expected

@@ -1,0 +1,72 @@
+"""One fsspec filesystem per scheme and process, with the store client's retries set: what every module that reads
+or writes object storage goes through (cache files and zarr's own store; tar shards and parquet files on s3://).
+
+Made on first use in each process, so a forked DataLoader worker never uses its parent's connections.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dinofeat.errors import ConfigError
+
+_FILESYSTEMS: dict[tuple[str, int], Any] = {}
+
+STORE_ATTEMPTS = 6  # botocore attempts per request (DINOFEAT_STORE_ATTEMPTS): at most 31 s of backoff, 15 s on average
+_RETRIES_SET: list[Any] = []  # the retry settings this module last put into fsspec's config (a user's own win)
+
+
+def s3_retries() -> dict[str, Any]:
+    """botocore's retry settings for every S3 filesystem of this process: "standard" mode (AWS_RETRY_MODE to
+    change) retries connection errors, timeouts, 5xx and throttling with full-jitter exponential backoff
+    (rand * min(2^n, 20) s) and a retry quota that stops retry storms; DINOFEAT_STORE_ATTEMPTS (else
+    AWS_MAX_ATTEMPTS, else 6) attempts bound a request that keeps failing to ~30 s of backoff."""
+    attempts = os.environ.get("DINOFEAT_STORE_ATTEMPTS") or os.environ.get("AWS_MAX_ATTEMPTS") or STORE_ATTEMPTS
+    try:
+        max_attempts = max(1, int(attempts))
+    except ValueError:
+        raise ConfigError(
+            f"DINOFEAT_STORE_ATTEMPTS (or AWS_MAX_ATTEMPTS) must be a number of attempts: {attempts!r}"
+        ) from None
+    return {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
+
+
+def _set_retry_defaults(scheme: str) -> None:
+    """Put the retry settings into fsspec's config, where they reach zarr's own filesystem (zarr's FsspecStore makes
+    one from the URL) as well as ours. A `config_kwargs.retries` the user configured (fsspec config file,
+    FSSPEC_S3_* variables) is left alone."""
+    if scheme not in ("s3", "s3a"):
+        return  # gcsfs retries on its own: 6 tries, 1 + 2 + 4 + 8 + 16 s (plus jitter) apart, ~35 s in all
+    import fsspec.config
+
+    config = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})
+    if "retries" not in config or (_RETRIES_SET and config["retries"] is _RETRIES_SET[0]):
+        config["retries"] = s3_retries()
+        _RETRIES_SET[:] = [config["retries"]]
+
+
+def filesystem(scheme_or_url: str) -> Any:
+    """This process's fsspec filesystem for a scheme ('s3') or a URL's scheme: made on first use in each process,
+    so a forked DataLoader worker never uses its parent's connections. No listing cache: done markers, metadata and
+    shards change under us, and a stale listing would hide that. Transient errors are retried by the client itself
+    (`s3_retries`), within a bounded time."""
+    scheme = scheme_or_url.split("://", 1)[0].lower()
+    key = (scheme, os.getpid())
+    fs = _FILESYSTEMS.get(key)
+    if fs is None:
+        import fsspec
+
+        _set_retry_defaults(scheme)
+        try:
+            cls = fsspec.get_filesystem_class(scheme)
+        except ValueError:
+            raise ConfigError(f"fsspec has no filesystem for {scheme}://") from None
+        except ImportError as e:
+            raise ConfigError(f"{scheme}://: {e} (for s3:// install dinofeat[s3])") from None
+        try:
+            fs = cls(skip_instance_cache=True, use_listings_cache=False)
+        except TypeError:
+            fs = cls(skip_instance_cache=True)
+        _FILESYSTEMS[key] = fs
+    return fs

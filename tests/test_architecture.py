@@ -1,0 +1,116 @@
+"""The dependency rule (docs/architecture.md), checked on every import in the package, at module level or inside a
+function: a layer imports only the layers it sits on, and each heavy library has one home."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "dinofeat"
+
+BASE = {"errors", "paths", "filesystems", "storeerrors", "buckets", "__init__", "__version__"}
+# layer -> the layers it may import (besides itself and the base)
+ALLOWED = {
+    "base": set(),
+    "sources": set(),
+    "images": {"sources"},
+    "cache": set(),
+    "extraction": {"sources", "images", "cache"},
+    "read": {"cache"},
+    "inspection": {"sources", "images", "cache", "extraction", "read"},
+    "cli": {"sources", "images", "cache", "extraction", "read", "inspection"},
+}
+# third-party libraries with one home: (module prefix) -> where they may be imported
+HOMES = {
+    "zarr": ("dinofeat.cache.",),
+    "transformers": ("dinofeat.extraction.model",),
+    "typer": ("dinofeat.cli",),
+    "click": ("dinofeat.cli",),
+    "pyarrow": ("dinofeat.sources.parquet",),
+}
+
+
+def layer_of(module: str) -> str:
+    """'dinofeat.cache.store' -> 'cache'; base modules and the bucket tables -> 'base'."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in BASE:
+        return "base"
+    return "cli" if parts[1] == "__main__" else parts[1]
+
+
+def imports() -> list[tuple[str, str, int]]:
+    """(importing module, imported module, line) for every import of every module of the package."""
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + (
+                    [f"{node.module}.{a.name}" for a in node.names] if node.module in ("dinofeat",) else []
+                )
+                out += [(module, n, node.lineno) for n in names]
+            elif isinstance(node, ast.Import):
+                out += [(module, a.name, node.lineno) for a in node.names]
+    return out
+
+
+def test_layers_import_only_what_they_sit_on():
+    wrong = []
+    for module, imported, line in imports():
+        if not imported.startswith("dinofeat.") or imported == "dinofeat":
+            continue
+        src, dst = layer_of(module), layer_of(imported)
+        if src != dst and dst != "base" and dst not in ALLOWED[src]:
+            wrong.append(f"{module}:{line} imports {imported} ({src} -> {dst})")
+        if src == "base" and dst == "base" and module.startswith("dinofeat.buckets") and "buckets" not in imported:
+            wrong.append(f"{module}:{line} imports {imported} (the bucket tables stand alone)")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("library", list(HOMES))
+def test_each_heavy_library_has_one_home(library):
+    stray = [
+        f"{module}:{line}"
+        for module, imported, line in imports()
+        if (imported == library or imported.startswith(library + "."))
+        and not any(module == h or module.startswith(h) for h in HOMES[library])
+    ]
+    assert not stray, f"{library} imported outside {HOMES[library]}: {stray}"
+
+
+def test_the_bucket_tables_and_the_package_import_light():
+    """`import buckets` (a DiT dataloader's) and `import dinofeat` pull in neither torch nor zarr."""
+    code = (
+        "import sys, buckets, dinofeat, dinofeat.buckets; "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'zarr', 'transformers', 'numpy'}); "
+        "print(','.join(heavy)); assert buckets.BucketSpec is dinofeat.buckets.BucketSpec"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr
+
+
+def test_a_users_buckets_py_or_cli_py_breaks_nothing(tmp_path, dinov3_path):
+    """Their own modules named like ours, in the working directory (first on sys.path), change nothing of ours."""
+    (tmp_path / "buckets.py").write_text("raise ImportError('the user buckets.py')\n")
+    (tmp_path / "cli.py").write_text("raise ImportError('the user cli.py')\n")
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(tmp_path / "imgs" / "a.png")
+    code = "import dinofeat; from dinofeat.cli import main; import sys; sys.argv = sys.argv[1:]; main()"
+    args = ["dinofeat", "precompute", "imgs", "c", "--model", str(dinov3_path), "--area", "64", "--device", "cpu"]
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "sealed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
