@@ -9,16 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from dinofeat.buckets import AnySpec, TiedSpec, load_spec
-from dinofeat.cache import metadata
-from dinofeat.cache.arrays import ArraySet
-from dinofeat.cache.checksum import expected_checksums
-from dinofeat.cache.layout import STATUS_DONE, array_shape, bf16_bits_to_float32
+from dinofeat.cache.layout import bf16_bits_to_float32
 from dinofeat.cache.objects import Files, LocalFiles, RemoteFiles, open_files
 from dinofeat.cache.shardcache import ShardCache
-from dinofeat.cache.shardfile import HandlePool, ShardReader, UnsupportedLayout, read_layout
+from dinofeat.cache.shardfile import HandlePool
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
+from dinofeat.read.facts import CacheFacts
+from dinofeat.read.generation import open_generation
+from dinofeat.read.rows import row_reader
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Features:
     layers: dict[str, np.ndarray] = field(default_factory=dict)  # other stored layers: 'cls_l8', 'patches_l8', ...
 
 
-class FeatureCache:
+class FeatureCache(CacheFacts):
     """Read-only view of the images whose status is done. Opening reads metadata and the index once; rows are
     read on demand (one positioned read each). Picklable: a DataLoader worker reopens its own file handles.
 
@@ -75,41 +74,20 @@ class FeatureCache:
         self._root_fd: int | None = None
         self._pin()
         st = Store(self._files)
-        meta = st.meta
         self._check_same_directory()
         if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
-            cache_id = str(meta.get("cache_id", "unknown"))
+            cache_id = str(st.meta.get("cache_id", "unknown"))
             self._files.shard_cache = ShardCache(self._local_cache, cache_id, local_cache_bytes)
-        generation = _serving_generation(meta)
-        if generation is None:
-            raise CacheFormatError(
-                f"{self.path} is not sealed (state {meta.get('state')!r}): precompute has not finished; rerun it"
-            )
-        self.serving_last_sealed = meta.get("state") != "sealed"
-        if self.serving_last_sealed:  # the buckets an incremental run added are not part of what we serve
-            meta = {**meta, "buckets": meta["buckets"][: generation["num_buckets"]], **generation}
-        self.meta = meta
-        self.arrays = ArraySet.from_meta(meta)
-        ix = st.index.read(generation if self.serving_last_sealed else None)
-        done = np.flatnonzero(ix["status"] == STATUS_DONE)
-        self._bucket_plans = st.index.bucket_plans()[: len(meta["buckets"])]
-        summary = st.markers.summary(meta.get("marker_summary"))  # one read; caches sealed before 0.5 have none
-        if summary is None:
-            markers = st.markers.read()
-            summary = set(markers), expected_checksums(markers, self._bucket_plans)
-        marked, self._expected = summary
-        self._check_markers(marked, ix["bucket"][done], ix["row"][done])
-        self._keys = ix["key"][done]
-        self._bucket = ix["bucket"][done].astype(np.int32)  # which arrays hold the row (one group per part)
+        g = open_generation(st)
+        self.meta, self.arrays, self.serving_last_sealed = g.meta, g.arrays, g.serving_last_sealed
+        self._bucket_plans, self._expected, self._failures = g.bucket_plans, g.expected, g.failures
+        self._keys, self._bucket, self._row = g.keys, g.bucket, g.row
         # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
         self._sizes = list(dict.fromkeys(b.size for b in self._bucket_plans))
         self._size_of_group = np.array([self._sizes.index(b.size) for b in self._bucket_plans], np.int32)
         self._bucket_ids = self._size_of_group[self._bucket]
-        self._row = ix["row"][done].astype(np.int64)
         self._lookup: dict[str, int] | None = None
         self._readers: dict[tuple[int, str], Any] = {}
-        self._failures = st.index.failures()
-        self._store: Store | None = st
 
     def _pin(self) -> None:
         """Local caches: hold the directory open and read every file relative to it (one generation)."""
@@ -123,23 +101,10 @@ class FeatureCache:
             self._root_fd = None
             raise CacheFormatError(f"{self.path} was replaced while opening it (--overwrite running?); open it again")
 
-    def _check_markers(self, marked: set[tuple[str, int]], buckets: np.ndarray, rows: np.ndarray) -> None:
-        """Only rows of marked shards may be served: an unwritten row reads back as zeros."""
-        for k, bp in enumerate(self._bucket_plans):
-            sel = rows[buckets == k]
-            shards = set((sel // bp.shard_rows).tolist())
-            missing = [u for u in shards if (bp.name, u) not in marked]
-            if missing:
-                raise CacheFormatError(
-                    f"{self.path}: bucket {bp.name} shards {sorted(missing)[:5]} have no done marker; "
-                    "run `dinofeat validate` and rerun precompute"
-                )
-
     # ---- pickling: nothing heavy crosses into workers --------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = {}
-        state["_store"] = None
         state["_lookup"] = None
         state["_root_fd"] = None
         return state
@@ -166,34 +131,6 @@ class FeatureCache:
         """The cache is in an object store (reads are ranged GETs)."""
         return self._files.remote
 
-    @property
-    def model_id(self) -> str:
-        return self.meta["model"]["id"]
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.meta["hidden_size"])
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.meta["patch_size"])
-
-    @property
-    def num_register_tokens(self) -> int:
-        return int(self.meta["num_register_tokens"])
-
-    @property
-    def bucket_spec(self) -> AnySpec:
-        """The spec the buckets came from: a BucketSpec, or a TiedSpec when the buckets are tied to a DiT's."""
-        return load_spec(self.meta["bucket_spec"])
-
-    @property
-    def grid_factor(self) -> int | None:
-        """Tied caches: k, the DiT tokens per DINO patch along each side (DiT token (i, j) lies in DINO patch
-        (i // k, j // k)); None otherwise."""
-        spec = self.bucket_spec
-        return spec.grid_factor(self.patch_size) if isinstance(spec, TiedSpec) else None
-
     def dit_size(self, i: int) -> tuple[int, int] | None:
         """Tied caches: (width, height) of the DiT bucket of the image at position i, as recorded at planning."""
         return self._bucket_plans[int(self._bucket[i])].dit
@@ -207,15 +144,6 @@ class FeatureCache:
     def bucket_ids(self) -> np.ndarray:
         """Bucket id (an index into `buckets`) of every position: what BucketBatchSampler groups by."""
         return self._bucket_ids
-
-    @property
-    def channel_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-        """{'cls' | 'patches': (mean [D], std [D])} over every stored image, accumulated during precompute; None for
-        caches written before they were recorded."""
-        recorded = self.meta.get("channel_stats")
-        if not recorded:
-            return None
-        return {n: (np.asarray(v["mean"], np.float32), np.asarray(v["std"], np.float32)) for n, v in recorded.items()}
 
     def size(self, i: int) -> tuple[int, int]:
         """(width, height) the image at position i was resized to."""
@@ -256,40 +184,13 @@ class FeatureCache:
     def _reader(self, b: int, name: str) -> Any:
         rd = self._readers.get((b, name))
         if rd is None:
-            rel = f"buckets/{self._bucket_plans[b].name}/{name}"
             if name not in self.arrays.names():
                 raise KeyError(f"array {name!r} is not stored in this cache; it has {', '.join(self.arrays.names())}")
             bucket = self._bucket_plans[b]
-            try:
-                layout = read_layout(rel, self._files, metadata.array_checksum(self.meta, bucket.name, name))
-                self._check_shape(rel, layout.shape, name, bucket)
-            except FileNotFoundError:
-                raise CacheFormatError(
-                    f"{self.path}: {rel} is missing (the cache was rebuilt with --overwrite since this reader opened "
-                    "it, or it is damaged); open the cache again"
-                ) from None
-            except UnsupportedLayout:
-                layout = None
-            if self._fast and layout is not None:
-                expected = self._expected.get((self._bucket_plans[b].name, name))
-                rd = ShardReader(layout, self._pool, verify=self._verify, expected=expected)
-            else:
-                rd = _ZarrRowReader(self._open_store(), self._bucket_plans[b].name, name)
+            expected = self._expected.get((bucket.name, name))
+            rd = row_reader(self._files, self.meta, bucket, name, self._pool, self._fast, self._verify, expected)
             self._readers[(b, name)] = rd
         return rd
-
-    def _check_shape(self, rel: str, shape: tuple[int, ...], name: str, bucket: Any) -> None:
-        """An array must hold the rows and the grid its bucket's record says (caches made before 0.6 have no
-        zarr.json checksums: this is what catches an edited shape there)."""
-        regs = int(self.meta.get("registers_stored") or 0)
-        want = array_shape(name, bucket.rows, bucket.grid, self.hidden_size, regs)
-        if tuple(shape) != want:
-            raise CacheFormatError(f"{self.path}: {rel} has shape {tuple(shape)}, its bucket says {want} (damaged)")
-
-    def _open_store(self) -> Store:
-        if self._store is None:
-            self._store = Store(self._files)
-        return self._store
 
     def _as_float(self, a: np.ndarray) -> np.ndarray:
         return bf16_bits_to_float32(a) if self.meta["dtypes"]["store"] == "bf16" else a
@@ -340,29 +241,8 @@ class FeatureCache:
             os.close(fd)
 
 
-def _serving_generation(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """What a new reader serves: the current plan once sealed; while a run works on it, the last sealed generation
-    (an incremental run never deletes its index or arrays); None if the cache was never sealed."""
-    if meta.get("state") == "sealed":
-        return {"index_group": meta.get("index_group", "index"), "num_buckets": len(meta["buckets"])}
-    return meta.get("last_sealed")
-
-
 def _open_dir(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         raise CacheFormatError(f"no dinofeat cache at {path} (no such folder)") from None
-
-
-class _ZarrRowReader:
-    """Fallback through zarr-python for layouts the fast path does not read."""
-
-    def __init__(self, st: Store, bucket: str, name: str) -> None:
-        self.arr = st.shards.array(bucket, name)
-
-    def read_row(self, row: int) -> np.ndarray:
-        return np.asarray(self.arr[row])
-
-    def close(self) -> None:
-        pass
