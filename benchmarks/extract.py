@@ -2,7 +2,7 @@
 
 1. model-only: pre-decoded uint8 batches through the encoder (the ceiling for the pipeline) and
 2. end-to-end: `dinofeat.extract` (probe, plan, decode, model, background shard writes), both measured by
-   `dinofeat.bench.bench`, the code behind `dinofeat bench`;
+   `dinofeat.inspection.bench.bench`, the code behind `dinofeat bench`;
 3. naive: per image open -> resize -> normalise -> batch-1 forward -> slice -> np.save (what most users write),
    in the same compute dtype, every shape warmed up first.
 

@@ -4,6 +4,8 @@ function: a layer imports only the layers it sits on, and each heavy library has
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,72 @@ def test_a_users_buckets_py_or_cli_py_breaks_nothing(tmp_path, dinov3_path):
         timeout=300,
     )
     assert r.returncode == 0 and "sealed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+# ---- the move changed no byte ------------------------------------------------------------------------------------
+BEFORE_MOVE = "e835773"  # the last commit before issue 24 moved the modules into their packages
+OLD_RUN = (
+    "import sys; from dinofeat.precompute import extract; "
+    "extract(sys.argv[1], sys.argv[2], model=sys.argv[3], area=64, shard_mb=0.004, flip=True, "
+    "num_workers=0, progress=False, dtype='fp32', device='cpu')"
+)
+VOLATILE = {"cache_id", "created", "sealed_at", "meta_checksums"}  # ids, times, and the checksums that cover them
+
+
+def _old_tree(dest: Path) -> bool:
+    """The package as it was before the move (from git), or False where the history is not at hand."""
+    try:
+        archive = subprocess.run(
+            ["git", "archive", BEFORE_MOVE, "dinofeat", "buckets"], cwd=ROOT, capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if archive.returncode != 0:
+        return False
+    dest.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return True
+
+
+def _comparable(cache: Path) -> dict[str, object]:
+    """Every file of a cache by path: its bytes, except for what holds ids and times (compared without them)."""
+    out: dict[str, object] = {}
+    for p in sorted(cache.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(cache).as_posix()
+        if rel == "zarr.json":
+            doc = json.loads(p.read_text())
+            meta = doc["attributes"]["dinofeat"]
+            meta = {k: v for k, v in meta.items() if k not in VOLATILE}
+            meta["last_sealed"] = {k: v for k, v in meta["last_sealed"].items() if k != "sealed_at"}
+            out[rel] = {**doc, "attributes": {"dinofeat": meta}}
+        elif rel.startswith("_dinofeat/done/"):
+            out[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k != "time"}
+        else:
+            out[rel] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow
+def test_a_cache_written_before_and_after_the_move_is_byte_identical(tmp_path, dinov3_path):
+    old = tmp_path / "old"
+    if not _old_tree(old):
+        pytest.skip(f"commit {BEFORE_MOVE} is not in this checkout's history")
+    from dinofeat.extraction.run import extract
+    from tests.helpers import write_images
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 4 + [(48, 64)] * 3 + [(64, 64)] * 2)
+    env = {**os.environ, "PYTHONPATH": str(old)}
+    r = subprocess.run(
+        [sys.executable, "-c", OLD_RUN, str(imgs), str(tmp_path / "before"), str(dinov3_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    extract(imgs, tmp_path / "after", model=str(dinov3_path), area=64, shard_mb=0.004, flip=True,
+            num_workers=0, progress=False, dtype="fp32", device="cpu")  # fmt: skip
+    before, after = _comparable(tmp_path / "before"), _comparable(tmp_path / "after")
+    assert sorted(before) == sorted(after)
+    different = [rel for rel in before if before[rel] != after[rel]]
+    assert not different, different

@@ -37,7 +37,7 @@ def test_a_rerun_without_options_takes_them_from_the_cache_and_says_so(tmp_path,
     r = runner.invoke(app, ["precompute", str(imgs), cache, "--workers", "0", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     taken = next(ln for ln in r.stdout.splitlines() if ln.startswith("settings from the cache"))
-    for words in ("area 64", f"model {dinov3_path}", "flip True", "dtype fp32"):
+    for words in ("--area 64", f"--model {dinov3_path}", "--flip", "--dtype fp32"):
         assert words in taken, taken
     assert "incremental: 1 images" in r.output or "incremental: 1 image" in r.output
     refused = runner.invoke(app, ["precompute", str(imgs), cache, "--area", "128"])

@@ -21,6 +21,7 @@ from dinofeat.buckets.table import (
     rounding_notes,
     size_for_aspect,
     table_document,
+    table_for,
     table_rows,
     tied_table_rows,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "size_for_aspect",
     "spec_for",
     "table_document",
+    "table_for",
     "table_rows",
     "tied_table_rows",
 ]

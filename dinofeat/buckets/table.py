@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
-from dinofeat.buckets.spec import AnySpec, BucketSpec, TiedSpec
+from dinofeat.buckets.spec import AnySpec, BucketSpec, TiedSpec, spec_for
 
 
 @dataclass(frozen=True, order=True)
@@ -165,3 +168,26 @@ def rounding_notes(spec: BucketSpec) -> dict[str, object]:
             kept.append(b.name)
     n = len(make_buckets(spec))
     return {"aspects": len(ratios), "buckets": n, "merged": len(ratios) - n, "kept_in_range": kept}
+
+
+def table_for(
+    area: int,
+    multiple: int | None,
+    min_ar: float,
+    max_ar: float,
+    num_buckets: int,
+    patch: int,
+    dit_scale: str | None = None,
+    dit_token: int = 16,
+    out: str | os.PathLike[str] | None = None,
+) -> tuple[AnySpec, dict[str, object]]:
+    """`dinofeat buckets`: the spec of these settings and its table document, also written to `out` (JSON) when
+    given. BucketSpecError for settings that give no valid table; OSError when `out` cannot be written."""
+    spec = spec_for(area, multiple, min_ar, max_ar, num_buckets, "list", patch, dit_scale, dit_token)
+    doc = table_document(spec, patch)
+    if out is not None:
+        try:
+            Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+        except OSError as e:
+            raise OSError(f"cannot write {out}: {e.strerror or e}") from None
+    return spec, doc

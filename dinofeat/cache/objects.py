@@ -1,5 +1,5 @@
 """Where a cache's files live: a local directory, or a prefix in an object store (s3://, gs://, az://, any fsspec
-URL). Remote access goes through fsspec here and through zarr's own FsspecStore in dinofeat.store.
+URL). Remote access goes through fsspec here and through zarr's own FsspecStore in dinofeat.cache.store.
 
 Everything the cache does to its files goes through `Files`: whole-object reads and writes (a local write is a
 temp file, fsync and rename; a remote one is one PUT, atomic by nature), conditional writes (a lock that only one

@@ -97,7 +97,9 @@ class ExtractConfig:
         the DiT side and the cache share one source of truth."""
         try:
             spec = load_spec(Path(path))
-        except (OSError, ValueError, KeyError, TypeError, BucketSpecError) as e:
+        except BucketSpecError as e:
+            raise ConfigError(str(e) if str(path) in str(e) else f"bad bucket spec in {path}: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot read a bucket spec from {path}: {e}") from e
         tied = isinstance(spec, TiedSpec)
         side = spec.dit if isinstance(spec, TiedSpec) else spec
@@ -179,3 +181,48 @@ def inherit(config: ExtractConfig, meta: dict[str, Any], names: Any) -> tuple[Ex
     recorded = recorded_options(meta)
     taken = {k: recorded[k] for k in names if k in recorded and recorded[k] != getattr(config, k)}
     return (replace(config, **taken) if taken else config), taken
+
+
+# the bucket table's settings, which a `--bucket-spec` file gives all at once
+BUCKET_SETTINGS = ("area", "multiple", "min_ar", "max_ar", "num_buckets", "bucket_mode", "dit_scale", "dit_token")
+
+
+def config_from_options(options: dict[str, Any], given: set[str], progress: bool = True) -> ExtractConfig:
+    """The settings of `dinofeat precompute`'s options (named as the command names them). `given`: the options the
+    command line gave, so a bucket option given beside --bucket-spec is refused instead of ignored."""
+    o = dict(options)
+    spec_file = o.pop("bucket_spec", None)
+    clash = sorted({"area", "multiple", "min_ar", "max_ar", "num_buckets", "fit", "dit_scale", "dit_token"} & given)
+    if spec_file is not None and clash:
+        shown = ", ".join("--" + c.replace("_", "-") for c in clash)
+        raise ConfigError(f"--bucket-spec sets every bucket option; {shown} cannot be given with it")
+    cfg = ExtractConfig(
+        model=o["model"],
+        revision=o["revision"],
+        dtype=o["dtype"],
+        store_dtype=o["store_dtype"],
+        area=o["area"],
+        multiple=o["multiple"],
+        min_ar=o["min_ar"],
+        max_ar=o["max_ar"],
+        num_buckets=o["num_buckets"],
+        bucket_mode="fit" if o["fit"] else "list",
+        keep_registers=o["keep_registers"],
+        dit_scale=o["dit_scale"],
+        dit_token=o["dit_token"],
+        layers=o["layers"],
+        layer_norm=o["layer_norm"],
+        flip=o["flip"],
+        recipe=Recipe.from_options(o["jpeg_draft"], o["draft_gap"]),
+        batch_size=o["batch_size"],
+        token_budget=o["token_budget"],
+        compile=o["compile_model"],
+        num_workers=o["workers"],
+        device=o["device"],
+        shard_mb=o["shard_mb"],
+        limit=o["limit"],
+        rank=o["rank"],
+        world_size=o["world_size"],
+        progress=progress,
+    )
+    return cfg.with_bucket_spec(spec_file) if spec_file is not None else cfg
