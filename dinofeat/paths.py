@@ -33,6 +33,12 @@ def check_cache_dir(path: Path) -> None:
     """ConfigError unless a local cache can live at `path`: it is a folder or does not exist yet, and the nearest
     existing folder above it is a folder (not a file). Checked before the lock and the cache are created, so a
     typo leaves nothing behind."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not created yet; a path through a file: named below
+    except OSError as e:  # a symlink loop, no permission
+        raise ConfigError(f"cache path {str(path)!r} cannot be used: {e.strerror or e}") from None
     if path.exists() and not path.is_dir():
         raise ConfigError(f"cache path {str(path)!r} is a file, not a folder; give a folder (it is created)")
     for parent in path.parents:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from transformers import Dinov2Config
 from typer.testing import CliRunner
 
 from dinofeat.cli import app
@@ -42,6 +43,14 @@ CASES = {
     "batch 0": (["precompute", "imgs", "c", *M, "--batch-size", "0"], "batch size"),
     "token budget 0": (["precompute", "imgs", "c", *M, "--token-budget", "0"], "token budget"),
     "shard size 0": (["precompute", "imgs", "c", *M, "--shard-mb", "0"], "shard size"),
+    "shard size nan": (["precompute", "imgs", "c", *M, "--shard-mb", "nan"], "shard size"),
+    "shard size inf": (["precompute", "imgs", "c", *M, "--shard-mb", "inf"], "shard size"),
+    "workers too many": (["precompute", "imgs", "c", *M, "--workers", "100000"], "per core"),
+    "buckets too many": (["precompute", "imgs", "c", *M, "--num-buckets", "100000"], "between 1 and"),
+    "cache URL scheme": (["precompute", "imgs", "ftp://host/c", *M], "not ftp://"),
+    "empty source argument": (["precompute", "", "c", *M], "must be named"),
+    "empty cache argument": (["precompute", "imgs", " ", *M], "must be named"),
+    "model dir without weights": (["precompute", "imgs", "c", "--model", "noweights"], "no weights"),
     "compute dtype": (["precompute", "imgs", "c", *M, "--dtype", "fp8"], "dtype must be"),
     "store dtype": (["precompute", "imgs", "c", *M, "--store-dtype", "int8"], "store dtype"),
     "device": (["precompute", "imgs", "c", *M, "--device", "tpu"], "device"),
@@ -52,6 +61,9 @@ CASES = {
     "bucket spec file": (["precompute", "imgs", "c", *M, "--bucket-spec", "nosuch.json"], "cannot read a bucket"),
     "validate: no cache": (["validate", "nosuch"], "no dinofeat cache at"),
     "validate: not a cache": (["validate", "imgs"], "not a dinofeat cache"),
+    "validate: a file": (["validate", "afile"], "a file, not a folder"),
+    "info: a file": (["info", "afile"], "Not a directory"),
+    "show: --out is a file": (["show", "nosuch", "a.png", "--out", "afile"], "is a file"),
     "validate: sample": (["validate", "imgs", "--sample", "0"], "--sample"),
     "validate: recompute": (["validate", "imgs", "--recompute", "-1"], "--recompute"),
     "validate: missing images": (["validate", "imgs", "--images", "nosuch"], "does not exist"),
@@ -72,6 +84,8 @@ def workdir(tmp_path, monkeypatch) -> Path:
     (tmp_path / "empty.txt").write_text("# nothing listed\n")
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "s").mkdir()
+
+    Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "noweights")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -16,6 +16,7 @@ Mode = Literal["list", "fit"]
 # 2: the same, except that a size rounded outside the aspect range is rounded the other way (table.size_for_aspect)
 SPEC_VERSION = 2
 SPEC_VERSIONS = (1, 2)
+MAX_BUCKETS = 1000  # far past any useful table (sides are multiples of 16): more only takes time and memory
 
 
 class BucketSpecError(ValueError):
@@ -53,8 +54,8 @@ class BucketSpec:
             raise BucketSpecError(
                 f"aspect range must satisfy 0 < min_ar <= 1 <= max_ar, got {self.min_ar}..{self.max_ar}"
             )
-        if self.num_buckets < 1:
-            raise BucketSpecError(f"num_buckets must be >= 1, got {self.num_buckets}")
+        if not 1 <= self.num_buckets <= MAX_BUCKETS:
+            raise BucketSpecError(f"num_buckets must be between 1 and {MAX_BUCKETS}, got {self.num_buckets}")
         if self.mode not in ("list", "fit"):
             raise BucketSpecError(f"mode must be 'list' or 'fit', got {self.mode!r}")
         if self.version not in SPEC_VERSIONS:

@@ -45,6 +45,11 @@ def base_of(name: str) -> str:
     return name.split("_", 1)[0]
 
 
+def ndim_of(name: str) -> int:
+    """Dimensions of a feature array by its kind: rows, then (h, w, hidden), (registers, hidden) or (hidden,)."""
+    return {"cls": 2, "patches": 4, "registers": 3}[base_of(name)]
+
+
 def unflipped(name: str) -> str:
     return name[: -len(FLIP_SUFFIX)] if name.endswith(FLIP_SUFFIX) else name
 

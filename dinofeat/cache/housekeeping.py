@@ -77,11 +77,15 @@ def exists(path: str | os.PathLike[str]) -> bool:
 
 
 def is_dinofeat_cache(files: Files) -> bool:
+    """A dinofeat cache, or what is left of one (its own folders, though zarr.json is lost or damaged): what
+    --overwrite may delete."""
     try:
         attrs = json.loads(files.read("zarr.json")).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return isinstance(attrs.get(META_KEY), dict)
+        if isinstance(attrs, dict) and isinstance(attrs.get(META_KEY), dict):
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return bool(files.children("_dinofeat")) and bool(files.children("buckets") or files.list("_dinofeat"))
 
 
 def occupied(path: str | os.PathLike[str]) -> bool:
@@ -93,20 +97,23 @@ def occupied(path: str | os.PathLike[str]) -> bool:
     return p.exists() and any(p.iterdir())
 
 
+def check_removable(path: str | os.PathLike[str]) -> None:
+    """ConfigError unless what is at `path` is a dinofeat cache, or nothing: checked before --overwrite plans."""
+    files = open_files(path)
+    if occupied(path) and not is_dinofeat_cache(files):
+        raise ConfigError(f"refusing to delete {files.location}: it is not empty and not a dinofeat cache")
+
+
 def remove(path: str | os.PathLike[str]) -> None:
     """Delete a cache (only if it is one, or is empty)."""
+    check_removable(path)
     files = open_files(path)
     if files.remote:
-        if occupied(path) and not is_dinofeat_cache(files):
-            raise ConfigError(f"refusing to delete {files.location}: it is not empty and not a dinofeat cache")
         files.delete_tree("")
         return
     p = Path(path)
-    if not p.exists():
-        return
-    if not is_dinofeat_cache(files) and any(p.iterdir()):
-        raise ConfigError(f"refusing to delete {p}: it is not empty and not a dinofeat cache")
-    shutil.rmtree(p)
+    if p.exists():
+        shutil.rmtree(p)
 
 
 def retire(path: str | os.PathLike[str]) -> Path | None:
@@ -126,7 +133,13 @@ def retire(path: str | os.PathLike[str]) -> Path | None:
         remove(p)  # empty: fine; anything else: refused
         return None
     aside = p.with_name(f".{p.name}.retired-{os.getpid()}-{time.time_ns()}")
-    os.rename(p, aside)
+    try:
+        os.rename(p, aside)
+    except OSError as e:  # a mount point (EBUSY), another filesystem: it cannot be moved aside
+        raise ConfigError(
+            f"--overwrite cannot move {p} aside ({e.strerror}: a mount point?); delete what it holds yourself, then "
+            "rerun without --overwrite"
+        ) from None
     return aside
 
 

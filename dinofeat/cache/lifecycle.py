@@ -47,7 +47,8 @@ from dinofeat.errors import CacheConflictError, CacheFormatError, CacheMismatchE
 class Request:
     """What a run asks of the cache, in the cache's terms: its settings' fingerprint, the source's keys and how to
     plan some of them (`plan(keys, part)`, which probes the images), the metadata of a new cache for a plan
-    (`describe`), and the shape of the stored features."""
+    (`describe`), and the shape of the stored features. `keys` is the whole listing (what is present); `limit`
+    caps how many images the plan holds (--limit); `source_root` is where this run reads them."""
 
     fingerprint: dict[str, Any]
     keys: tuple[str, ...]
@@ -57,6 +58,12 @@ class Request:
     hidden: int
     registers: int
     store_dtype: str
+    limit: int | None = None
+    source_root: str = ""
+
+    def capped(self, keys: tuple[str, ...], planned: int) -> tuple[str, ...]:
+        """`keys` cut to what the limit leaves room for beside `planned` images."""
+        return keys if self.limit is None else keys[: max(0, self.limit - planned)]
 
 
 # ---- refusing a cache made otherwise ---------------------------------------------------------------------------
@@ -105,31 +112,62 @@ def check_fingerprint(st: Store, fingerprint: dict[str, Any]) -> None:
 # ---- rank 0: create, resume or extend --------------------------------------------------------------------------
 def open_or_create(cache: Path | str, request: Request, overwrite: bool) -> tuple[Store, Plan, int]:
     """Reuse a matching cache (resume), extend it with images new to the source (incremental), refuse a mismatched
-    one, or plan and create a new one. Returns the store, the plan and how many images were appended."""
+    one, or plan and create a new one. Returns the store, the plan and how many images were appended. With
+    `overwrite` the old cache is retired only once the new plan is made (a refused plan leaves it as it was)."""
     if overwrite:
+        housekeeping.check_removable(cache)
+        plan = request.plan(request.capped(request.keys, 0), 0)
         housekeeping.retire(cache)  # moved aside, not deleted: open readers keep theirs until the new one seals
+        return _created(cache, request, plan), plan, 0
     if housekeeping.exists(cache):
         st = Store(cache, mode="r+")
         check_fingerprint(st, request.fingerprint)
         if st.meta.get("state") != "planning":
-            return (st, *extend(st, request))
+            plan = st.index.plan()
+            check_source(st, plan, request)
+            return (st, *extend(st, plan, request))
         if st.markers.read():
             raise CacheMismatchError(f"{cache} is damaged: its plan is incomplete but some shards are written")
         housekeeping.remove(cache)  # crashed while planning: nothing was extracted, plan again
     elif housekeeping.occupied(cache):
         raise ConfigError(f"{cache} exists, is not empty and is not a dinofeat cache")
-    plan = request.plan(request.keys, 0)
+    plan = request.plan(request.capped(request.keys, 0), 0)
+    return _created(cache, request, plan), plan, 0
+
+
+# a source named otherwise than the cache records is the same source moved when it holds this share of the images
+MOVED_SOURCE_SHARE = 0.9
+
+
+def check_source(st: Store, plan: Plan, request: Request) -> None:
+    """A source named otherwise than the one the cache was made from: the same images moved (most planned keys
+    found there; the cache records the new place) or another source, refused before anything is changed."""
+    old = st.meta.get("source_root")
+    if not request.source_root or old is None or str(old) == request.source_root:
+        return
+    expected = set(plan.keys) - st.index.pruned()
+    found = len(expected.intersection(request.keys))
+    if found < MOVED_SOURCE_SHARE * len(expected):
+        raise CacheMismatchError(
+            f"{st.path} was made from {str(old)!r}, and {request.source_root!r} holds only {found} of its "
+            f"{len(expected)} images: name the cache's own source, or start over with --overwrite"
+        )
+    st.metafile.update(source_root=request.source_root)
+
+
+def _created(cache: Path | str, request: Request, plan: Plan) -> Store:
     st = create(cache, request.describe(plan), plan, request.hidden, request.registers, request.store_dtype)
     st.index.write_source_names(request.renamed)
-    return st, plan, 0
+    return st
 
 
-def extend(st: Store, request: Request) -> tuple[Plan, int]:
-    """Images in the source but not in the cache get a plan of their own (a new part: new bucket arrays, rows
-    from 0), appended after the existing plan. Finished shards are never rewritten; removed images are kept."""
-    plan = st.index.plan()
+def extend(st: Store, plan: Plan, request: Request) -> tuple[Plan, int]:
+    """Images in the source but not in the cache (`plan`) get a plan of their own (a new part: new bucket arrays,
+    rows from 0), appended after the existing plan, as many as the limit leaves room for. Finished shards are never
+    rewritten; removed images are kept."""
     planned = set(plan.keys)
-    added = tuple(k for k in request.keys if k not in planned)  # source order: parquet rows stay in group order
+    # source order: parquet rows stay in group order
+    added = request.capped(tuple(k for k in request.keys if k not in planned), len(planned))
     if not added:
         return plan, 0
     part = 1 + max((b.part for b in plan.buckets), default=0)

@@ -42,6 +42,24 @@ class CacheLock:
         self.shared = shared
         self.what = what
         self._fd: int | None = None
+        self._dir_fd: int | None = None
+
+    def _lock_folder(self) -> int | None:
+        """The cache folder itself is locked too (when it exists): a folder reached through two real paths (a bind
+        mount) has two lock files beside it, but one inode."""
+        try:
+            fd = os.open(self.cache, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None  # not created yet (or not a folder, which opening the cache refuses)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLockedError(
+                f"{self.cache} is in use by another dinofeat run that reached it through another path (a bind mount "
+                "or a second mount of its filesystem); nothing was changed. Wait for it to finish, then rerun"
+            ) from None
+        return fd
 
     def __enter__(self) -> CacheLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +83,11 @@ class CacheLock:
         else:
             raise CacheLockedError(f"{self.cache}: its lock file keeps being replaced; is another run starting?")
         self._fd = fd
+        try:
+            self._dir_fd = self._lock_folder()
+        except BaseException:
+            self.__exit__()
+            raise
         if not self.shared:  # shared holders leave the exclusive holder's record alone
             body = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(fd, 0)
@@ -82,6 +105,9 @@ class CacheLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # closing drops its flock
+            self._dir_fd = None
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -28,7 +28,7 @@ from dinofeat.cache.markers import marker_status
 from dinofeat.cache.shardfile import HandlePool, ShardReader
 from dinofeat.cache.stats import pooled_shard_stats
 from dinofeat.cache.store import Store
-from dinofeat.errors import CacheFormatError
+from dinofeat.errors import CacheFormatError, ConfigError
 
 Markers = dict[tuple[str, int], dict[str, Any]]
 
@@ -110,16 +110,51 @@ def unmark(st: Store, damaged: Iterable[Damage]) -> int:
     return n
 
 
-def repair(st: Store, plan: Plan, progress: bool = True) -> list[Damage]:
+def check_description(st: Store, plan: Plan) -> None:
+    """CacheFormatError, before anything is changed, unless every feature array's zarr.json is as written: a damaged
+    description is not repaired by re-extracting shards (every shard would read as damaged)."""
+    for b in plan.buckets:
+        for name in st.shards.names(b.name):
+            try:
+                st.shards.layout(b.name, name)
+            except (CacheFormatError, OSError, ValueError) as e:
+                raise CacheFormatError(
+                    f"{st.path}: cannot repair: buckets/{b.name}/{name}/zarr.json is damaged or missing ({e}); the "
+                    "cache's description is not repaired by re-extraction: restore the file from a copy, or rebuild "
+                    "with --overwrite"
+                ) from None
+
+
+def repair(st: Store, plan: Plan, present: set[str], prune: bool, progress: bool = True) -> list[Damage]:
     """Check every shard; unmark the damaged ones and reopen a sealed cache so the run re-extracts and re-seals
-    them. Returns what was found."""
+    them. Returns what was found. Refused before any change when the cache's description is damaged, or when a
+    damaged shard holds images gone from the source (`present`) and they are not being pruned."""
+    check_description(st, plan)
     sealed = st.meta.get("state") == "sealed"
     damaged = find_damage(st, plan, st.markers.read(), sealed, progress)
+    gone = [] if prune else _gone_from(plan, damaged, present, st.index.pruned())
+    if gone:
+        raise ConfigError(
+            f"{len(gone)} images of damaged shards are gone from the source (e.g. {gone[0]!r}), so their shards "
+            "cannot be extracted again: restore them, or rerun with --repair --prune to drop them"
+        )
     if damaged:
         unmark(st, damaged)
         if sealed:
             st.metafile.update(state="planned")
     return damaged
+
+
+def _gone_from(plan: Plan, damaged: list[Damage], present: set[str], pruned: set[str]) -> list[str]:
+    """Keys of images in `damaged` shards that are neither in the source nor already pruned."""
+    shards = {(d.bucket, d.shard) for d in damaged}
+    out = []
+    for i in np.flatnonzero(plan.bucket >= 0):
+        b = plan.buckets[int(plan.bucket[i])]
+        key = plan.keys[i]
+        if (b.name, int(plan.row[i]) // b.shard_rows) in shards and key not in present and key not in pruned:
+            out.append(key)
+    return out
 
 
 def prune(st: Store, plan: Plan, present: set[str]) -> list[str]:
@@ -131,16 +166,18 @@ def prune(st: Store, plan: Plan, present: set[str]) -> list[str]:
         return []
     markers = st.markers.read()
     status, _ = marker_status(plan, markers)
-    _restat_shards(st, plan, markers, status, set(gone))
+    unreadable = _restat_shards(st, plan, markers, status, set(gone))
+    unmark(st, unreadable)  # damaged shards that held pruned images: extracted again, without them
     st.index.write_pruned(before | set(gone))
     if st.meta.get("state") == "sealed":
         st.metafile.update(state="planned")
     return gone
 
 
-def _restat_shards(st: Store, plan: Plan, markers: Markers, status: np.ndarray, gone: set[str]) -> None:
+def _restat_shards(st: Store, plan: Plan, markers: Markers, status: np.ndarray, gone: set[str]) -> list[Damage]:
     """Each marked shard holding a pruned, done image gets its statistics recomputed from its stored rows without
-    them (verified as they are read), and its marker records the new file's crc32c."""
+    them (verified as they are read), and its marker records the new file's crc32c. Returns the shards that could
+    not be read (damaged): those are extracted again instead."""
     pos = {k: i for i, k in enumerate(plan.keys)}
     by_bucket = plan.rows_to_keys()
     hit: set[tuple[int, int]] = set()
@@ -152,20 +189,33 @@ def _restat_shards(st: Store, plan: Plan, markers: Markers, status: np.ndarray, 
     expected = expected_checksums(markers, plan.buckets)
     bf16 = st.meta["dtypes"]["store"] == "bf16"
     names = st.arrays.stat_names()
+    damaged: list[Damage] = []
     for k, u in sorted(hit):
         b = plan.buckets[k]
         s0, s1 = b.shard_range(u)
         keys = [plan.keys[p] for p in by_bucket[b.name][s0:s1]]
         keep = (status[by_bucket[b.name][s0:s1]] == STATUS_DONE) & np.array([key not in gone for key in keys])
-        arrays = {}
-        for name in st.shards.names(b.name):
-            if name in names or name.removesuffix(FLIP_SUFFIX) in names:
-                reader = ShardReader(
-                    st.shards.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name))
-                )
-                rows = np.stack([reader.read_row(r) for r in range(s0, s1)])
-                arrays[name] = bf16_bits_to_float32(rows) if bf16 else rows
+        try:
+            arrays = _shard_rows(st, b, u, names, expected, bf16)
+        except (CacheFormatError, OSError) as e:
+            damaged.append(Damage(b.name, u, f"{e}"))
+            continue
         stats_crc = st.stats.write(b.name, u, pooled_shard_stats(arrays, keep, names, FLIP_SUFFIX))
         m = markers[(b.name, u)]
         failed = {int(r): why for r, why in m["failed"].items()}
         st.markers.write(b.name, u, m["start"], m["stop"], failed, m.get("crc32c"), stats_crc)
+    return damaged
+
+
+def _shard_rows(
+    st: Store, b: BucketPlan, u: int, names: list[str], expected: dict, bf16: bool
+) -> dict[str, np.ndarray]:
+    """Every row of a shard's statistics arrays, verified as read, as float."""
+    s0, s1 = b.shard_range(u)
+    arrays = {}
+    for name in st.shards.names(b.name):
+        if name in names or name.removesuffix(FLIP_SUFFIX) in names:
+            reader = ShardReader(st.shards.layout(b.name, name), HandlePool(1), expected=expected.get((b.name, name)))
+            rows = np.stack([reader.read_row(r) for r in range(s0, s1)])
+            arrays[name] = bf16_bits_to_float32(rows) if bf16 else rows
+    return arrays

@@ -33,13 +33,17 @@ def read_meta(files: Files) -> dict[str, Any]:
     """A cache's metadata, refused with one clear reason when it is not a dinofeat cache this build can read."""
     where = files.location
     try:
-        meta = json.loads(files.read("zarr.json")).get("attributes", {}).get(META_KEY)
+        doc = json.loads(files.read("zarr.json"))
     except FileNotFoundError:
         if not files.remote and not Path(files.root).is_dir():  # type: ignore[attr-defined]
             raise CacheFormatError(f"no dinofeat cache at {where} (no such folder)") from None
         raise CacheFormatError(f"{where} is not a dinofeat cache (no zarr.json)") from None
     except ValueError:
         raise CacheFormatError(f"{where}: zarr.json is not valid JSON (damaged)") from None
+    except OSError as e:  # a file where the folder should be, a symlink loop, permissions
+        raise CacheFormatError(f"cannot read a cache at {where}: {e.strerror or e}") from None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    meta = attrs.get(META_KEY) if isinstance(attrs, dict) else None
     if not isinstance(meta, dict):
         raise CacheFormatError(f"{where} is a zarr group without dinofeat metadata")
     version = meta.get("format_version")

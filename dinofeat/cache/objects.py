@@ -232,7 +232,11 @@ class LocalFiles(Files):
         return sorted(e.name for e in os.scandir(d) if e.is_dir()) if d.is_dir() else []
 
     def delete(self, rel: str) -> None:
-        self._p(rel).unlink(missing_ok=True)
+        p = self._p(rel)
+        if p.is_dir() and not p.is_symlink():  # a folder where a file belongs (damage): it goes too
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
     def delete_tree(self, rel: str) -> int:
         d = self._p(rel)
@@ -283,13 +287,22 @@ class RemoteBlob(Blob):
             return []
         n = len(offsets)
         ends = [o + k for o, k in zip(offsets, lengths, strict=True)]
-        return list(self.owner.fs.cat_ranges([self.key] * n, offsets, ends))  # concurrent GETs
+        # concurrent GETs; fsspec returns a failed range's exception in the list unless told to raise it
+        return list(self.owner.fs.cat_ranges([self.key] * n, offsets, ends, on_error="raise"))
+
+
+CACHE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # stores of whole-object writes, tested: s3, gs
 
 
 def split_url(url: str) -> tuple[str, str, str]:
     """'s3://bucket/a/b/' -> ('s3', 'bucket', 'a/b'). The cache must be a prefix inside a bucket, not the bucket
     itself: its lock object lives beside it."""
     scheme, rest = url.split("://", 1)
+    if scheme.lower() not in CACHE_SCHEMES:
+        raise ConfigError(
+            f"{url!r}: a cache URL is an object store's (s3://, gs://, az://; file:// for a local folder), not "
+            f"{scheme}://"
+        )
     bucket, _, prefix = rest.partition("/")
     prefix = "/".join(p for p in prefix.split("/") if p)  # 'a//b/' and 'a/b' name one cache (and one lock)
     if not bucket or not prefix:
@@ -467,9 +480,9 @@ def open_files(location: str | os.PathLike[str]) -> Files:
     text = os.fspath(location)
     if is_url(text):
         if text.startswith("file://"):
-            return LocalFiles(Path(text[len("file://") :]))
+            return LocalFiles(Path(os.path.realpath(text[len("file://") :])))
         return RemoteFiles.from_url(text)
-    return LocalFiles(Path(text))
+    return LocalFiles(Path(os.path.realpath(text)))  # `c`, `./c`, `x/../c` and a link to it are one cache
 
 
 def cache_location(value: str | os.PathLike[str]) -> Path | str:

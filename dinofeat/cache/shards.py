@@ -12,6 +12,7 @@ import numpy as np
 from zarr.codecs import Crc32cCodec
 
 from dinofeat.cache import metadata
+from dinofeat.cache.arrays import ndim_of
 from dinofeat.cache.checksum import array_meta_checksum
 from dinofeat.cache.layout import ARRAY_CONFIG, array_shape, bucket_record, np_dtype
 from dinofeat.cache.objects import Files
@@ -128,10 +129,11 @@ class Shards:
         return self.array(bucket, name)[start:stop]
 
     def files(self, bucket: str, shard: int) -> list[str]:
-        """The shard objects of one work unit, relative to the root (default chunk-key encoding: c/<shard>/0/...)."""
+        """The shard objects of one work unit, relative to the root (default chunk-key encoding: c/<shard>/0/...).
+        The number of dimensions comes from the array's kind, not its zarr.json: cleanup works on a damaged cache."""
         out = []
         for name in self.names(bucket):
-            ndim = len(self.array(bucket, name).shape)
+            ndim = ndim_of(name)
             out.append("/".join(["buckets", bucket, name, "c", str(shard), *(["0"] * (ndim - 1))]))
         return out
 

@@ -3,6 +3,8 @@ compared on every rerun (the fingerprint); runtime knobs (workers, batch size, d
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -73,7 +75,7 @@ class ExtractConfig:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.token_budget is not None and self.token_budget < 1:
             raise ConfigError(f"token budget must be >= 1, got {self.token_budget}")
-        if self.shard_mb <= 0:
+        if not math.isfinite(self.shard_mb) or self.shard_mb <= 0:
             raise ConfigError(f"shard size must be > 0 MiB, got {self.shard_mb}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
@@ -89,6 +91,12 @@ class ExtractConfig:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self.num_workers is not None and self.num_workers > max(8, 4 * cores):
+            raise ConfigError(
+                f"{self.num_workers} decode workers is more than 4 per core (this machine has {cores}): at most "
+                f"{max(8, 4 * cores)}"
+            )
         if self.decode_timeout_s <= 0 or self.wait_s < 0:
             raise ConfigError("decode timeout must be > 0 s and the rank wait >= 0 s")
 

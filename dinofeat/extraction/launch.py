@@ -7,7 +7,10 @@ machines use `accelerate launch` or `torchrun` themselves (docs/scale-out.md).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import socket
 from collections.abc import Collection
 from dataclasses import replace
@@ -52,10 +55,17 @@ def extract_processes(
     results = ctx.SimpleQueue()
     args = (num_processes, _free_port(), os.fspath(source), os.fspath(cache), config, actions, results)
     crash: mp.ProcessExitedException | None = None
-    try:  # a process that stopped with a configuration error reported it below; one that crashed reported nothing
-        mp.start_processes(_child, args=args, nprocs=num_processes, start_method="spawn")
-    except mp.ProcessExitedException as e:
-        crash = e
+    # a process that stopped with a configuration error reported it below; one that crashed reported nothing
+    with _quiet_spawn_log():
+        context = mp.start_processes(_child, args=args, nprocs=num_processes, start_method="spawn", join=False)
+        try:
+            while not context.join(grace_period=STOP_GRACE_S):  # the others get time to stop on their own
+                pass
+        except mp.ProcessExitedException as e:
+            crash = e
+        except BaseException:  # Ctrl-C or SIGTERM here: the processes stop too (their locks released), then raise
+            _stop(context.processes)
+            raise
     reported = []
     while not results.empty():
         reported.append(results.get())
@@ -65,6 +75,36 @@ def extract_processes(
         if rank == 0:
             return replace(outcome, inherited=taken)
     raise DinofeatError(f"a precompute process failed ({crash}); finished shards are kept, rerun to resume")
+
+
+STOP_GRACE_S = 10.0  # how long processes get to stop on their own (one failed, or Ctrl-C) before SIGTERM
+
+
+@contextlib.contextmanager
+def _quiet_spawn_log():
+    """torch logs a warning for each process it terminates after another failed; the failure is reported in one
+    line, so those warnings are noise."""
+    log = logging.getLogger("torch.multiprocessing.spawn")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _stop(processes: list[Any]) -> None:
+    """Interrupt every live process as Ctrl-C would (each releases its lock and keeps its finished shards), then
+    terminate any that has not stopped within the grace period."""
+    for p in processes:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGINT)
+    for p in processes:
+        p.join(STOP_GRACE_S)
+        if p.is_alive():
+            p.terminate()
+            p.join()
 
 
 def _child(index: int, world: int, port: int, source: str, cache: str, config: ExtractConfig, actions: dict, out: Any):

@@ -62,17 +62,6 @@ def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]
     return out
 
 
-def _refuse_missing(plan: Plan, src: Source, pending: set[tuple[str, int]], pruned: set[str]) -> None:
-    """Rank 0 checks every unfinished shard (before the others start), each rank its own shards again. Pruned
-    images are not missing: they are recorded as gone."""
-    missing = [k for k in missing_in_pending(plan, set(src.keys), pending) if k not in pruned]
-    if missing:
-        raise ConfigError(
-            f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "
-            "restore them, or rerun with --prune to drop them from the cache"
-        )
-
-
 def refuse_missing(plan: Plan, src: Source, pending: set[tuple[str, int]], pruned: set[str]) -> None:
     """Rank 0 checks every unfinished shard (before the others start), each rank its own shards again. Pruned
     images are not missing: they are recorded as gone."""

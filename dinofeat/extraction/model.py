@@ -120,7 +120,7 @@ def _load_config(spec: str, revision: str | None) -> tuple[Any, bool]:
     local = os.path.isdir(spec)
     if not local and (spec.startswith((".", "/", "~")) or os.sep + os.sep in spec):
         raise ConfigError(f"model {spec!r} is neither a local directory (it does not exist) nor a hub id")
-    offline = not local and hub_unreachable()
+    offline = None if local else hub_unreachable()
     try:
         cfg = AutoConfig.from_pretrained(spec, revision=revision, local_files_only=local or offline is not None)
         return cfg, offline is not None
@@ -133,6 +133,23 @@ def _load_config(spec: str, revision: str | None) -> tuple[Any, bool]:
             ) from None
         where = "local directory" if local else "hub id"
         raise ConfigError(f"cannot load model config from {where} {spec!r}: {_first_line(e)}") from e
+
+
+# what save_pretrained writes (one file, or an index of several): a directory with none of them has no weights
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _check_weights(spec: str) -> None:
+    """A local model directory must hold weights: checked with the config, before a cache is made for it."""
+    if os.path.isdir(spec) and not any(os.path.isfile(os.path.join(spec, f)) for f in WEIGHT_FILES):
+        raise ConfigError(
+            f"local model directory {spec!r} has a config but no weights (looked for {', '.join(WEIGHT_FILES)})"
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -185,6 +202,7 @@ def _info_from_config(spec: str, revision: str | None, cfg: Any) -> ModelInfo:
 def load_model_info(spec: str, revision: str | None = None) -> ModelInfo:
     """Config only: fast, and raises ConfigError before any image is touched."""
     cfg, local_only = _load_config(spec, revision)
+    _check_weights(spec)
     return replace(_info_from_config(spec, revision, cfg), local_only=local_only)
 
 

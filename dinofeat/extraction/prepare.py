@@ -169,6 +169,8 @@ def request_for(src: Source, prep: Prepared, progress: bool) -> Request:
         hidden=prep.model.hidden_size,
         registers=prep.registers_stored,
         store_dtype=prep.config.store_dtype,
+        limit=prep.config.limit,
+        source_root=str(src.root),
     )
 
 

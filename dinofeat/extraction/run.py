@@ -146,14 +146,17 @@ def _extract(
     config, taken = settings_for(cache, config, names, overwrite)
     group = ranks.join(config.rank, config.world_size, config.device)
     prep = prepare(config, group)
-    # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan
-    src = discover(source, limit=config.limit) if group.is_leader or not group.connected or dry_run else None
+    if group.is_leader and not dry_run and housekeeping.exists(cache):
+        _refuse_if_locked(cache, group)  # in seconds, not after listing 100M files (the real lock is taken below)
+    # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan. The
+    # whole listing, even under --limit: what is present decides what is removed, pruned or moved; the plan is capped
+    src = discover(source) if group.is_leader or not group.connected or dry_run else None
     if src is not None and not src.keys:
         raise ConfigError(no_images(source))
     summary = Summary(cache=given, dry_run=dry_run, world_size=group.world_size, rank=group.rank, inherited=taken)
     if dry_run:
         assert src is not None
-        return _dry_run(src, prep, summary)
+        return _dry_run(cache, src, prep, summary, overwrite)
     if (overwrite or prune or repair) and group.world_size > 1 and not group.connected:
         raise ConfigError(
             "--overwrite, --repair and --prune change the whole cache, which a manual --rank/--world-size split "
@@ -172,10 +175,19 @@ def _extract(
     return summary
 
 
+def _refuse_if_locked(cache: Path | str, group: ranks.Group) -> None:
+    """CacheLockedError now if another run holds the cache: taken and let go at once."""
+    manual = group.world_size > 1 and not group.connected
+    with cache_lock(cache, shared=manual, what="precompute (checking the lock)"):
+        pass
+
+
 def _checked_inputs(
     source: str | os.PathLike[str], cache: str | os.PathLike[str], config: ExtractConfig | None, overrides: Any
 ) -> tuple[Path | str, ExtractConfig]:
     """The cache's real location and the settings, with every path and option refused before anything exists."""
+    if not os.fspath(source).strip() or not os.fspath(cache).strip():
+        raise ConfigError("the image source and the cache must be named (an empty argument was given)")
     cache = cache_location(cache)  # symlinks resolved (one cache, one lock); unsupported URLs refused before any work
     if isinstance(cache, Path):
         check_cache_dir(cache)
@@ -187,8 +199,12 @@ def _checked_inputs(
         raise ConfigError(str(e)) from e
 
 
-def _dry_run(src: Source, prep: Prepared, summary: Summary) -> Summary:
-    plan = build_plan(src, prep, prep.config.progress)
+def _dry_run(cache: Path | str, src: Source, prep: Prepared, summary: Summary, overwrite: bool) -> Summary:
+    """What a run would plan, written nowhere; an existing cache made otherwise is refused, as the run would."""
+    if not overwrite and housekeeping.exists(cache):
+        lifecycle.check_fingerprint(Store(cache), prep.fingerprint())
+    limit = prep.config.limit
+    plan = build_plan(src if limit is None else src.subset(src.keys[:limit]), prep, prep.config.progress)
     summary.total = len(plan)
     summary.failed = len(plan.probe_errors)
     summary.pending = summary.total - summary.failed
@@ -280,11 +296,13 @@ def _open_on_every_rank(
 
 
 def _maintain(st: Store, plan: Plan, src: Source, actions: Actions, summary: Summary, progress: bool) -> None:
-    """--prune, then --repair (a shard re-extracted by the repair already leaves the pruned images out)."""
-    if actions.prune:
-        summary.pruned_now = len(maintenance.prune(st, plan, set(src.keys)))
+    """--repair's check first (it refuses, before any change, damaged shards whose images are gone unless they are
+    pruned), then --prune (a damaged shard that held pruned images is extracted again without them)."""
+    present = set(src.keys)
     if actions.repair:
-        summary.repaired = [str(d) for d in maintenance.repair(st, plan, progress)]
+        summary.repaired = [str(d) for d in maintenance.repair(st, plan, present, actions.prune, progress)]
+    if actions.prune:
+        summary.pruned_now = len(maintenance.prune(st, plan, present))
 
 
 def _waiter(timeout_s: float) -> Any:

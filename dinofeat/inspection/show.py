@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dinofeat.errors import ConfigError
 from dinofeat.images.recipe import Recipe
 from dinofeat.paths import local_path
 from dinofeat.read.reader import FeatureCache
@@ -52,9 +53,17 @@ def show(
     images: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Write one PNG per key (each with its own PCA), or with grid=True one tiled PNG with a shared PCA."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the PNGs (it is created)")
     fc = FeatureCache(cache)
     folder = local_path(images, "image folder") if images else Path(fc.meta["source_root"])
-    out = Path(out)
+    absent = [k for k in keys if k not in fc]
+    if absent:
+        why = fc.failures.get(absent[0])
+        raise ConfigError(
+            f"{absent[0]} failed during precompute: {why}" if why else f"{absent[0]} is not in the cache {cache}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     feats = [fc[k].patches for k in keys]
     written = []

@@ -42,6 +42,10 @@ FP16_MAX = 65504.0
 COSINE_THRESHOLD = 0.99  # per patch, stored vs recomputed; fp16 storage + bf16/fp16 compute stays above 0.999
 
 
+# problems with the cache's own description (metadata, index, arrays' zarr.json), which no re-extraction repairs
+DESCRIPTION_CHECKS = frozenset({"metadata", "format", "index", "arrays", "shape", "dtype", "chunks", "damaged"})
+
+
 @dataclass
 class Problem:
     check: str
@@ -66,8 +70,10 @@ class Report:
         """What to do about the problems found, one line each."""
         checks = {p.check for p in self.problems}
         out = []
-        if checks & {"checksum", "shard", "stats"} or any(
-            p.check == "complete" and "marker" in p.reason for p in self.problems
+        described = not checks & DESCRIPTION_CHECKS  # --repair re-extracts shards; it refuses a damaged description
+        if described and (
+            checks & {"checksum", "shard", "stats"}
+            or any(p.check == "complete" and "marker" in p.reason for p in self.problems)
         ):
             out.append("rerun the same precompute command with --repair: it re-extracts only the damaged shards")
         if "extra" in checks:
@@ -76,7 +82,7 @@ class Report:
             out.append("rerun the same precompute command to add the images the cache lacks")
         if "stale" in checks:
             out.append("images changed since extraction keep their old features: rebuild with --overwrite")
-        if checks & {"metadata", "format", "index", "arrays", "shape", "dtype", "chunks", "damaged"}:
+        if not described:
             out.append("the cache's own description is damaged: restore it from a copy, or rebuild with --overwrite")
         return out
 
@@ -186,7 +192,8 @@ def _refuse_non_cache(files, cache) -> None:
     if files.exists("zarr.json"):
         return
     if not files.remote and not Path(files.root).is_dir():
-        raise ConfigError(f"no dinofeat cache at {cache} (no such folder)")
+        what = "a file, not a folder" if Path(files.root).exists() else "no such folder"
+        raise ConfigError(f"no dinofeat cache at {cache} ({what})")
     if not files.children("_dinofeat") and not files.children("buckets"):
         raise ConfigError(f"{cache} is not a dinofeat cache (no zarr.json, no cache files)")
 
@@ -203,6 +210,10 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
     except CacheFormatError as e:
         report.add("index", "index", str(e))
         return
+    try:
+        st.index.pruned()
+    except CacheFormatError as e:
+        report.add("index", "pruned", str(e))
     plan = st.index.plan(ix)
     markers = st.markers.read()
     status = ix["status"]
@@ -348,7 +359,7 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
                 layout = read_layout(f"buckets/{b.name}/{name}", st.files, st.shards.array_checksum(b.name, name))
                 reader = ShardReader(layout, HandlePool(1), expected=expected.get((b.name, name)))
                 reader._handle(u)  # the shard index and its crc32c
-            except (CacheFormatError, FileNotFoundError, ValueError, KeyError) as e:
+            except (CacheFormatError, OSError, ValueError, KeyError) as e:  # OSError: EIO, a folder in its place
                 if is_store_failure(e):
                     raise
                 report.add("shard", f"{b.name}/{name} shard {u}", _reason(e))
@@ -432,8 +443,10 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
     for r in range(s0, s1):
         try:
             rows.append(reader.read_row(r))
-        except CacheFormatError as e:
-            damaged[r - s0] = str(e)
+        except (CacheFormatError, OSError) as e:
+            if is_store_failure(e):
+                raise
+            damaged[r - s0] = _reason(e)
             rows.append(np.zeros(reader.layout.chunk_shape[1:], reader.layout.dtype))
     return np.stack(rows), damaged
 

@@ -1,0 +1,175 @@
+"""What a hostile tester found at the seams of repair, prune, --limit, a moved source, --overwrite, validate and the
+lock (issue 22, second round). Each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dinofeat.cache.lock import CacheLock
+from dinofeat.cache.store import Store
+from dinofeat.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError
+from dinofeat.extraction.run import extract
+from dinofeat.inspection.validate import validate
+from dinofeat.read.reader import FeatureCache
+from tests.helpers import FAST, write_images
+
+
+def kw(model: Path, **more) -> dict:
+    return {**FAST, "model": str(model), "area": 64, "shard_mb": 0.004, **more}  # 2 images a shard
+
+
+@pytest.fixture
+def sealed(tmp_path, dinov3_path) -> tuple[Path, Path]:
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 6 + [(48, 64)] * 4)
+    cache = tmp_path / "c"
+    assert extract(imgs, cache, **kw(dinov3_path)).sealed
+    return imgs, cache
+
+
+def shard_keys(cache: Path, bucket: str, shard: int) -> list[str]:
+    plan = Store(cache).index.plan()
+    b = next(k for k, x in enumerate(plan.buckets) if x.name == bucket)
+    rows = plan.buckets[b].shard_rows
+    return [k for k, bb, r in zip(plan.keys, plan.bucket, plan.row, strict=True) if bb == b and r // rows == shard]
+
+
+def flip_a_bit(cache: Path, bucket: str, shard: int) -> None:
+    f = sorted((cache / "buckets" / bucket / "patches" / "c" / str(shard)).rglob("*"))[-1]
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def state(cache: Path) -> tuple[str, list[str]]:
+    """The cache's state and its done markers: what a refusal must leave as it was."""
+    return Store(cache).meta["state"], sorted(str(p) for p in (cache / "_dinofeat" / "done").rglob("*.json"))
+
+
+# ---- repair and prune together ---------------------------------------------------------------------------------
+def test_repair_refuses_before_any_change_when_a_damaged_shard_lost_its_images(sealed, dinov3_path):
+    imgs, cache = sealed
+    flip_a_bit(cache, "80x64", 1)
+    gone = shard_keys(cache, "80x64", 1)[0]
+    (imgs / gone).unlink()
+    before = state(cache)
+    with pytest.raises(ConfigError, match="--repair --prune"):
+        extract(imgs, cache, repair=True, **kw(dinov3_path))
+    assert state(cache) == before  # not reopened, no marker removed: the refusal changed nothing
+    s = extract(imgs, cache, repair=True, prune=True, **kw(dinov3_path))
+    assert s.sealed and s.pruned_now == 1 and [d.split(":")[0] for d in s.repaired] == ["80x64 shard 1"]
+    assert gone not in FeatureCache(cache)
+    r = validate(cache, images=imgs, progress=False)
+    assert r.ok, r.problems
+
+
+def test_prune_extracts_again_a_damaged_shard_that_held_pruned_images(sealed, dinov3_path):
+    imgs, cache = sealed
+    flip_a_bit(cache, "80x64", 0)
+    kept, gone = shard_keys(cache, "80x64", 0)[:2]
+    (imgs / gone).unlink()
+    s = extract(imgs, cache, prune=True, **kw(dinov3_path))  # its statistics cannot be recomputed from bad rows
+    assert s.sealed and s.pruned_now == 1 and s.processed == len(shard_keys(cache, "80x64", 0))
+    r = validate(cache, images=imgs, progress=False)
+    assert r.ok, r.problems
+    assert kept in FeatureCache(cache) and gone not in FeatureCache(cache)
+
+
+def test_a_lost_array_description_is_refused_by_repair_and_overwritten_by_overwrite(sealed, dinov3_path):
+    imgs, cache = sealed
+    (cache / "buckets" / "80x64" / "cls" / "zarr.json").unlink()
+    before = state(cache)
+    with pytest.raises(CacheFormatError, match="restore the file from a copy"):
+        extract(imgs, cache, repair=True, **kw(dinov3_path))
+    assert state(cache) == before
+    r = validate(cache, progress=False)
+    assert not r.ok and not any("--repair" in a for a in r.advice()) and any("restore" in a for a in r.advice())
+    (cache / "zarr.json").unlink()  # what is left of a cache is still one: --overwrite may replace it
+    assert extract(imgs, cache, overwrite=True, **kw(dinov3_path)).sealed
+    assert validate(cache, images=imgs, progress=False).ok
+
+
+# ---- --limit ---------------------------------------------------------------------------------------------------
+def test_a_limited_cache_is_measured_against_the_whole_listing(tmp_path, dinov3_path):
+    imgs, cache = tmp_path / "imgs", tmp_path / "c"
+    write_images(imgs, [(64, 48)] * 4)  # im_000 .. im_003
+    assert extract(imgs, cache, limit=3, **kw(dinov3_path)).done == 3
+    for i in range(2):  # new files whose names sort first: the first 3 of the listing are other images now
+        shutil.copy(imgs / "im_003.png", imgs / f"a_{i}.png")
+    s = extract(imgs, cache, **kw(dinov3_path))  # --limit 3 comes from the cache
+    assert (s.removed_files, s.processed, s.appended, s.total) == (0, 0, 0, 3)
+    assert extract(imgs, cache, prune=True, **kw(dinov3_path)).pruned_now == 0
+    assert sorted(FeatureCache(cache).keys()) == ["im_000.png", "im_001.png", "im_002.png"]
+
+
+# ---- a source under another name ---------------------------------------------------------------------------------
+def test_a_moved_source_is_recorded_and_another_source_is_refused(sealed, dinov3_path, tmp_path):
+    imgs, cache = sealed
+    moved = tmp_path / "moved"
+    imgs.rename(moved)
+    s = extract(moved, cache, **kw(dinov3_path))
+    assert s.processed == 0 and s.removed_files == 0 and s.appended == 0
+    assert Store(cache).meta["source_root"] == str(moved.resolve())  # validate --recompute and show look there
+    assert validate(cache, recompute=2, progress=False).ok
+    other = tmp_path / "other"
+    write_images(other, [(64, 48)] * 3, start_seed=50)
+    before = state(cache)
+    with pytest.raises(CacheMismatchError, match="holds only 3 of its 10 images"):
+        extract(other, cache, **kw(dinov3_path))
+    assert state(cache) == before and len(FeatureCache(cache)) == 10
+
+
+# ---- --overwrite and --dry-run -----------------------------------------------------------------------------------
+def test_an_overwrite_interrupted_while_planning_keeps_the_old_cache(sealed, dinov3_path, monkeypatch):
+    imgs, cache = sealed
+    cache_id = FeatureCache(cache).meta["cache_id"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C while 100M headers are being probed
+
+    monkeypatch.setattr("dinofeat.extraction.prepare.build_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(imgs, cache, overwrite=True, **kw(dinov3_path))
+    assert FeatureCache(cache).meta["cache_id"] == cache_id
+    assert not [p for p in cache.parent.iterdir() if "retired" in p.name]
+
+
+def test_a_dry_run_refuses_a_cache_made_otherwise(sealed, dinov3_path):
+    imgs, cache = sealed
+    with pytest.raises(CacheMismatchError, match=r"bucket_spec\.area"):
+        extract(imgs, cache, dry_run=True, **kw(dinov3_path, area=96))
+    assert extract(imgs, cache, dry_run=True, overwrite=True, **kw(dinov3_path, area=96)).total == 10
+
+
+# ---- validate names what it cannot read ----------------------------------------------------------------------------
+def test_validate_names_a_lost_prune_record_and_a_shard_it_cannot_open(sealed, dinov3_path):
+    imgs, cache = sealed
+    (imgs / "im_000.png").unlink()
+    extract(imgs, cache, prune=True, **kw(dinov3_path))
+    (cache / "_dinofeat" / "pruned.json").unlink()
+    f = sorted((cache / "buckets" / "64x80" / "cls" / "c" / "1").rglob("*"))[-1]
+    f.unlink()
+    f.mkdir()  # an OSError that is not FileNotFoundError
+    r = validate(cache, progress=False)
+    where = {(p.check, p.where) for p in r.problems}
+    assert ("index", "pruned") in where and ("shard", "64x80/cls shard 1") in where, r.problems
+
+
+# ---- one lock per folder -----------------------------------------------------------------------------------------
+def test_a_run_that_reached_the_folder_by_another_path_holds_it(sealed):
+    _, cache = sealed
+    fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)  # as a run through a bind mount holds it: its own lock file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CacheLockedError, match="another path"), CacheLock(cache):
+            pass
+    finally:
+        os.close(fd)
+    with CacheLock(cache):  # released: the lock is free again, and its file is gone after
+        pass
+    assert not list(cache.parent.glob(".c.dinofeat-lock"))
