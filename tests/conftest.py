@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_tiny, write_images
+from tests.helpers import make_tiny, write_image_dir
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +23,4 @@ def dinov3_path(tiny_models) -> Path:
 
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
-    d = tmp_path / "images"
-    write_images(d, [(64, 48), (48, 64), (96, 32), (40, 40), (80, 60), (32, 96), (64, 64), (50, 70)])
-    (d / "nested").mkdir()
-    write_images(d / "nested", [(70, 50), (60, 60)], fmt="jpg", start_seed=100)
-    return d
+    return write_image_dir(tmp_path / "images")

@@ -79,6 +79,14 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], fmt: str = "png", s
     return out
 
 
+def write_image_dir(d: Path) -> Path:
+    """The tests' standard source: 8 PNGs of mixed aspect at the top, 2 JPEGs in a nested folder."""
+    write_images(d, [(64, 48), (48, 64), (96, 32), (40, 40), (80, 60), (32, 96), (64, 64), (50, 70)])
+    (d / "nested").mkdir()
+    write_images(d / "nested", [(70, 50), (60, 60)], fmt="jpg", start_seed=100)
+    return d
+
+
 def corner_image(w: int = 60, h: int = 40) -> np.ndarray:
     """Four flat corner blocks of distinct colours on grey, so orientation and cropping are visible."""
     d = np.full((h, w, 3), 128, np.uint8)

@@ -280,17 +280,22 @@ def rewrite_reversed(shard: Path) -> None:
     assert shard.stat().st_size == size
 
 
-def unfinish(cache: Path, keep: int) -> None:
-    """An interrupted run: every done marker but the first `keep` is gone (with its shard files)."""
+def unfinish(cache: Path, keep: int) -> set[tuple[str, int]]:
+    """An interrupted run: every done marker but the first `keep` is gone (with its shard files). Returns the
+    shards kept."""
     from dinofeat.cache.store import Store
 
     st = Store(cache, mode="r+")
     st.metafile.update(state="planned")
+    kept = set()
     for k, (b, u) in enumerate(sorted(st.markers.read())):
         if k >= keep:
             st.files.delete(st.markers.path(b, u))
             for f in st.shards.files(b, u):
                 st.files.delete(f)
+        else:
+            kept.add((b, u))
+    return kept
 
 
 def rewrite_parquet_reversed(path: Path) -> None:
@@ -321,12 +326,66 @@ def test_sources_rewritten_between_runs_never_give_another_images_features(tmp_p
     extract(tmp_path / "folder", tmp_path / "reference", **opts)
     cache = tmp_path / "c"
     extract(pattern, cache, **opts)
-    unfinish(cache, keep=2)
+    kept = keys_of_shards(cache, unfinish(cache, keep=2))
     for f in (tmp_path / "shards").glob("*.tar" if kind == "tar" else "*.parquet"):
         rewrite_reversed(f) if kind == "tar" else rewrite_parquet_reversed(f)
     s = extract_processes(pattern, cache, ExtractConfig(**opts), 2)
     assert s.sealed and s.processed > 0
     assert_same_pairs(FeatureCache(cache), FeatureCache(tmp_path / "reference"), pairs)
+    # the index records where each image was read from: images re-extracted after the rewrite are not stale,
+    # images of the shards finished before it are (their features came from bytes that have moved)
+    stale = {p.where for p in validate(cache, images=pattern, progress=False).problems if p.check == "stale"}
+    assert stale and stale <= kept
+
+
+def keys_of_shards(cache: Path, shards: set[tuple[str, int]]) -> set[str]:
+    """The keys whose rows lie in `shards` ((bucket, shard) pairs)."""
+    from dinofeat.cache.store import Store
+
+    plan = Store(cache).index.plan()
+    by_bucket = plan.rows_to_keys()
+    out = set()
+    for b in plan.buckets:
+        for u in range(b.num_shards):
+            if (b.name, u) in shards:
+                s0, s1 = b.shard_range(u)
+                out |= {plan.keys[i] for i in by_bucket[b.name][s0:s1]}
+    return out
+
+
+def test_a_tar_source_moved_as_a_whole_is_not_stale(tmp_path, dinov3_path):
+    """Shards moved to another folder (a rerun accepts the source as moved): every member is where it was within its
+    shard, so validate --images passes; a rewritten shard in the moved source is still found."""
+    make_shards(tmp_path / "a", tmp_path / "folder", shards=2)
+    cache = tmp_path / "c"
+    extract(str(tmp_path / "a" / "shard-{000000..000001}.tar"), cache, **kw(dinov3_path))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    pattern = str(tmp_path / "b" / "shard-{000000..000001}.tar")
+    assert extract(pattern, cache, **kw(dinov3_path)).processed == 0
+    assert validate(cache, images=pattern, progress=False).ok
+    rewrite_reversed(tmp_path / "b" / "shard-000001.tar")
+    moved = {p.where for p in validate(cache, images=pattern, progress=False).problems if p.check == "stale"}
+    assert moved and all(k.startswith("shard-000001/") for k in moved)
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_file_changed_before_its_shard_is_extracted_is_not_stale(tmp_path, dinov3_path, finished):
+    """A folder image rewritten between an interrupted run and its rerun: if its shard was still to do, the rerun
+    reads the new bytes and the index says so (validate --images passes); if its shard was finished, its features
+    are of the old bytes and validate says stale."""
+    images = tmp_path / "images"
+    write_images(images, [(64, 48)] * 6)
+    opts = kw(dinov3_path, shard_mb=0.001)
+    cache = tmp_path / "c"
+    extract(images, cache, **opts)
+    kept = keys_of_shards(cache, unfinish(cache, keep=1))
+    key = sorted(kept)[0] if finished else sorted(set(FeatureCache(cache).keys()) - kept)[0]
+    path = images / key
+    write_images(tmp_path / "other", [(64, 48)], start_seed=99)
+    path.write_bytes(next((tmp_path / "other").iterdir()).read_bytes())
+    assert extract(images, cache, **opts).sealed
+    stale = {p.where for p in validate(cache, images=images, progress=False).problems if p.check == "stale"}
+    assert stale == ({key} if finished else set())
 
 
 def test_a_read_at_a_stale_offset_stops_the_run_instead_of_reading_another_image(tmp_path, dinov3_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -31,6 +32,7 @@ from tests.helpers import (
     make_parquet,
     make_shards,
     run_cli,
+    write_image_dir,
     write_images,
 )
 from tests.s3server import S3Server, serve
@@ -50,16 +52,38 @@ def bucket(s3) -> str:
     return s3.bucket(f"dinofeat-test-{os.getpid()}-{next(_BUCKETS)}")
 
 
-@pytest.fixture
-def remote_and_local(tmp_path, bucket, dinov3_path, image_dir):
-    """The same images precomputed into a local cache and into s3://<bucket>/feats."""
+@pytest.fixture(scope="module")
+def _template(s3, tmp_path_factory, dinov3_path):
+    """The same images precomputed once into a local cache and into s3://<template bucket>/feats."""
     kw = {**FAST, "model": str(dinov3_path), "area": 64, "shard_mb": 0.01, "keep_registers": True}
-    local = tmp_path / "local"
+    root = tmp_path_factory.mktemp("template")
+    image_dir = write_image_dir(root / "images")
+    local = root / "local"
     s_local = extract(image_dir, local, **kw)
-    url = f"s3://{bucket}/feats"
-    s_remote = extract(image_dir, url, **kw)
+    bucket = s3.bucket(f"dinofeat-template-{os.getpid()}")
+    s_remote = extract(image_dir, f"s3://{bucket}/feats", **kw)
     assert s_local.sealed and s_remote.sealed and s_remote.done == s_local.done == 10
-    return local, url
+    return local, bucket, image_dir
+
+
+@pytest.fixture
+def template_images(_template):
+    """The source the template caches were made from (a rerun must name the same source)."""
+    return _template[2]
+
+
+@pytest.fixture
+def remote_and_local(_template, s3, tmp_path, bucket):
+    """A private copy of the template caches (local folder, objects in this test's bucket): tests may damage it."""
+    template_local, template_bucket, _ = _template
+    local = tmp_path / "local"
+    shutil.copytree(template_local, local)
+    client = s3.client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=template_bucket):
+        for obj in page.get("Contents", []):
+            src = {"Bucket": template_bucket, "Key": obj["Key"]}
+            client.copy_object(CopySource=src, Bucket=bucket, Key=obj["Key"])
+    return local, f"s3://{bucket}/feats"
 
 
 def test_remote_cache_reads_back_bit_identical_to_local(remote_and_local, tmp_path):
@@ -109,16 +133,16 @@ def test_validate_and_info_on_a_remote_cache(remote_and_local):
     assert d["images"] == 10 and d["disk_bytes"] > 0
 
 
-def test_rerun_on_a_sealed_remote_cache_resumes_with_nothing_to_do(remote_and_local, dinov3_path, image_dir):
+def test_rerun_on_a_sealed_remote_cache_resumes_with_nothing_to_do(remote_and_local, dinov3_path, template_images):
     _, url = remote_and_local
-    s = extract(image_dir, url, **FAST, model=str(dinov3_path), area=64, shard_mb=0.01, keep_registers=True)
+    s = extract(template_images, url, **FAST, model=str(dinov3_path), area=64, shard_mb=0.01, keep_registers=True)
     assert s.sealed and s.processed == 0 and s.done == 10
 
 
-def test_mismatched_remote_cache_is_refused(remote_and_local, dinov3_path, image_dir):
+def test_mismatched_remote_cache_is_refused(remote_and_local, dinov3_path, template_images):
     _, url = remote_and_local
     with pytest.raises(Exception, match="different settings"):
-        extract(image_dir, url, **FAST, model=str(dinov3_path), area=96, shard_mb=0.01, keep_registers=True)
+        extract(template_images, url, **FAST, model=str(dinov3_path), area=96, shard_mb=0.01, keep_registers=True)
 
 
 def test_flipped_byte_in_a_remote_shard_is_caught(remote_and_local, s3):

@@ -36,7 +36,7 @@ from dinofeat.cache.layout import (
     bucket_record,
     extend_plan,
 )
-from dinofeat.cache.markers import MarkerMap, marker_status
+from dinofeat.cache.markers import MarkerMap, as_read, marker_status, sources_differ
 from dinofeat.cache.objects import open_files
 from dinofeat.cache.shards import array_checksums, create_arrays
 from dinofeat.cache.store import Store, open_group
@@ -301,11 +301,14 @@ def seal(st: Store, status: np.ndarray, failures: dict[str, str], channel_stats:
     group, changes = st.index.group, {}
     before = (disk.get("last_sealed") or {}).get("index_group")
     sums = dict(disk.get("index_checksums") or {})
-    if before == group:  # readers may be reading this group: seal a copy
-        group = f"index_r{st.metafile.generation + 1}"
+    read = as_read(plan, markers)
+    if before == group or sources_differ(read, plan):  # readers may be reading this group, or the source changed
+        group = f"index_r{st.metafile.generation + 1}"  # between planning and extraction: seal a corrected copy
         st.files.delete_tree(group)
-        sums = write_index(st.root, group, plan)
+        sums = write_index(st.root, group, read)
         changes = {"index_group": group, "previous_index_group": st.index.group}
+        if read.archives != plan.archives:
+            changes["source_archives"] = list(read.archives)
     st.root[group]["status"][:] = status
     st.index.write_failures(failures)
     now = time.time()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +53,43 @@ def marker_status(
     return status, failures
 
 
+def as_read(plan: Plan, markers: MarkerMap) -> Plan:
+    """`plan` with each image's source facts (size, mtime, archive, offset) as the marker of its shard says they were
+    when it was read, where the source changed between planning and extraction: what the index must record so that
+    staleness checks compare the source with the bytes the features came from. Returns `plan` itself when nothing
+    changed."""
+    changes = [(bucket, m["sources"]) for (bucket, _), m in markers.items() if m.get("sources")]
+    if not changes:
+        return plan
+    by_bucket = plan.rows_to_keys()
+    size, mtime = plan.file_size.copy(), plan.mtime_ns.copy()
+    archives = list(plan.archives)
+    archive = None if plan.archive is None else plan.archive.copy()
+    offset = None if plan.offset is None else plan.offset.copy()
+    for bucket, rows in changes:
+        positions = by_bucket.get(bucket, ())
+        for r, (s, t, a, o) in rows.items():
+            if not 0 <= int(r) < len(positions):
+                continue  # a marker of another plan: validate names it
+            i = positions[int(r)]
+            size[i], mtime[i] = s, t
+            if archive is not None and offset is not None and a is not None:
+                if a not in archives:
+                    archives.append(a)
+                archive[i], offset[i] = archives.index(a), o
+    return replace(plan, file_size=size, mtime_ns=mtime, archive=archive, offset=offset, archives=tuple(archives))
+
+
+def sources_differ(a: Plan, b: Plan) -> bool:
+    """Whether two plans of the same images record different source facts."""
+    if a is b:
+        return False
+    pairs = [(a.file_size, b.file_size), (a.mtime_ns, b.mtime_ns)]
+    if a.archive is not None and b.archive is not None and a.offset is not None and b.offset is not None:
+        pairs += [(a.archive, b.archive), (a.offset, b.offset)]
+    return a.archives != b.archives or not all(np.array_equal(x, y) for x, y in pairs)
+
+
 class Markers:
     """The done markers of an open cache, and their summary."""
 
@@ -70,7 +109,10 @@ class Markers:
         failed: dict[int, str],
         checksums: dict[str, list[int]] | None = None,
         stats_crc: int | None = None,
+        sources: Mapping[int, Sequence[Any]] | None = None,
     ) -> None:
+        """`sources`: row -> (size, mtime_ns, archive or None, offset or -1) of the bytes read, for the rows whose
+        source changed since planning; sealing writes them into the index."""
         body: dict[str, Any] = {
             "bucket": bucket,
             "shard": shard,
@@ -83,6 +125,8 @@ class Markers:
             body["crc32c"] = checksums
         if stats_crc is not None:
             body["stats_crc32c"] = stats_crc
+        if sources:
+            body["sources"] = {str(r): list(f) for r, f in sorted(sources.items())}
         self.store.files.write(self.path(bucket, shard), json.dumps(body).encode())
 
     def read(self) -> MarkerMap:

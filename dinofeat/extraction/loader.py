@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,17 +13,20 @@ from dinofeat.errors import ImageError, SourceChangedError
 from dinofeat.images.preprocess import load_resized
 from dinofeat.images.recipe import Recipe
 from dinofeat.sources.archive import Member
+from dinofeat.sources.discover import Facts, facts_of, same_facts
 
 
 @dataclass(frozen=True)
 class BatchJob:
-    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i."""
+    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i, `planned[i]` its
+    facts as the plan recorded them."""
 
     bucket: str
     start: int
     stop: int
     size: tuple[int, int]  # (width, height)
     paths: tuple[str | Member, ...]
+    planned: tuple[Facts, ...] = ()
 
 
 @dataclass
@@ -31,10 +34,11 @@ class DecodedBatch:
     job: BatchJob
     pixels: torch.Tensor  # [B, H, W, 3] uint8; rows of failed images are zeros
     failed: dict[int, str]  # row -> reason
+    changed: dict[int, Facts] = field(default_factory=dict)  # row -> facts of the bytes read, where not as planned
 
     def pin_memory(self) -> DecodedBatch:
         """Called by DataLoader's pin thread (pin_memory=True) so the host-to-device copy can be asynchronous."""
-        return DecodedBatch(self.job, self.pixels.pin_memory(), self.failed)
+        return DecodedBatch(self.job, self.pixels.pin_memory(), self.failed, self.changed)
 
 
 class BatchDecodeDataset(Dataset):
@@ -52,16 +56,28 @@ class BatchDecodeDataset(Dataset):
         w, h = job.size
         out = np.zeros((len(job.paths), h, w, 3), np.uint8)
         failed: dict[int, str] = {}
+        changed: dict[int, Facts] = {}
         for k, path in enumerate(job.paths):
             try:
+                now = _facts_now(path) if job.planned else None
                 out[k] = load_resized(path, job.size, self.recipe)
+                if now is not None and not same_facts(now, job.planned[k]):
+                    changed[job.start + k] = now  # the source changed since planning: the index will say what we read
             except ImageError as e:
                 failed[job.start + k] = str(e)
             except SourceChangedError:
                 raise  # not this image's fault: the plan no longer fits the source, so the run stops (resumably)
             except Exception as e:  # a decoder bug on one file must not end a multi-hour run
                 failed[job.start + k] = f"decode error: {type(e).__name__}: {e}"
-        return DecodedBatch(job, torch.from_numpy(out), failed)
+        return DecodedBatch(job, torch.from_numpy(out), failed, changed)
+
+
+def _facts_now(path: str | Member) -> Facts | None:
+    """The facts of what is about to be read; None when the file cannot be stat'ed (its decode fails and says why)."""
+    try:
+        return facts_of(path)
+    except OSError:
+        return None
 
 
 def _identity(x: DecodedBatch) -> DecodedBatch:

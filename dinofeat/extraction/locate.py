@@ -8,7 +8,7 @@ import numpy as np
 from dinofeat.cache.layout import Plan
 from dinofeat.errors import ConfigError
 from dinofeat.sources.archive import Member
-from dinofeat.sources.discover import Source, source_root
+from dinofeat.sources.discover import Facts, Source, source_root
 
 
 def planned_members(plan: Plan) -> dict[str, Member]:
@@ -21,6 +21,14 @@ def planned_members(plan: Plan) -> dict[str, Member]:
             sample = key.split("/", 1)[1]  # keys are <file stem>/<sample key or row>
             members[key] = Member(archive, sample, int(plan.offset[i]), int(plan.file_size[i]), int(plan.mtime_ns[i]))
     return members
+
+
+def planned_facts(plan: Plan, i: int) -> Facts:
+    """Image i's facts as the plan recorded them (what a decode worker compares with what it reads)."""
+    size, mtime = int(plan.file_size[i]), int(plan.mtime_ns[i])
+    if plan.archive is None or plan.offset is None or int(plan.archive[i]) < 0:
+        return size, mtime, None, -1
+    return size, mtime, plan.archives[int(plan.archive[i])], int(plan.offset[i])
 
 
 def moved_members(plan: Plan, src: Source) -> dict[str, Member]:

@@ -19,12 +19,13 @@ from dinofeat.cache.store import Store
 from dinofeat.errors import DinofeatError, SourceChangedError
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.loader import BatchJob, DecodedBatch, make_loader
+from dinofeat.extraction.locate import planned_facts
 from dinofeat.extraction.model import Encoder
 from dinofeat.extraction.plan import batch_size_for, pending_batches
 from dinofeat.extraction.prepare import Prepared
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.extraction.writer import ShardResult, ShardWriter
-from dinofeat.sources.discover import Source
+from dinofeat.sources.discover import Facts, Source
 
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
 
@@ -40,9 +41,17 @@ class _ShardAssembler:
         self.parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
         self.filled: Counter[int] = Counter()
         self.failed: dict[int, dict[int, str]] = {}
+        self.changed: dict[int, dict[int, Facts]] = {}
         self.event: Any = None
 
-    def add(self, start: int, outputs: dict[str, torch.Tensor], failed: dict[int, str], event: Any) -> None:
+    def add(
+        self,
+        start: int,
+        outputs: dict[str, torch.Tensor],
+        failed: dict[int, str],
+        changed: dict[int, Facts],
+        event: Any,
+    ) -> None:
         stop = start + next(iter(outputs.values())).shape[0]
         self.event = event
         for u in range(start // self.b.shard_rows, (stop - 1) // self.b.shard_rows + 1):
@@ -52,12 +61,14 @@ class _ShardAssembler:
             a, z = max(s0, start), min(s1, stop)
             self.parts.setdefault(u, []).append((a - s0, {k: v[a - start : z - start] for k, v in outputs.items()}))
             self.failed.setdefault(u, {}).update({r: why for r, why in failed.items() if a <= r < z})
+            self.changed.setdefault(u, {}).update({r: f for r, f in changed.items() if a <= r < z and r not in failed})
             self.filled[u] += z - a
             if self.filled[u] == s1 - s0:
                 self._flush(u, s0, s1)
 
     def _flush(self, u: int, s0: int, s1: int) -> None:
         parts, failed, event, dtype = self.parts.pop(u), self.failed.pop(u, {}), self.event, self.store_dtype
+        changed = self.changed.pop(u, {})
 
         def build() -> dict[str, np.ndarray]:
             if event is not None:
@@ -74,7 +85,7 @@ class _ShardAssembler:
                 out[name] = arr
             return out
 
-        self.writer.submit(ShardResult(self.b.name, u, s0, s1, build, failed))
+        self.writer.submit(ShardResult(self.b.name, u, s0, s1, build, failed, changed))
 
 
 def _host_np_dtype(store_dtype: str) -> np.dtype:
@@ -160,7 +171,7 @@ def run_shards(
                     event = torch.cuda.Event()
                     event.record()
                 failed = batch.failed | {r: PRUNED for r in gone.get(b.name, ()) if job.start <= r < job.stop}
-                assemblers[job.bucket].add(job.start, outputs, failed, event)
+                assemblers[job.bucket].add(job.start, outputs, failed, batch.changed, event)
                 bar.update(_rows_in(b, mine[b.name], job.start, job.stop))
     except BaseException as e:
         with contextlib.suppress(BaseException):
@@ -189,8 +200,9 @@ def _batch_jobs(plan: Plan, src: Source, prep: Prepared, mine: dict[str, set[int
         tokens = (b.grid[0] * b.grid[1] + 1 + prep.model.num_register_tokens) * len(prep.arrays.variants)
         bs = batch_size_for(tokens, budget, cfg.batch_size)
         for a, z in pending_batches(b, mine[b.name], bs):
-            paths = tuple(src.path(plan.keys[i]) for i in positions[b.name][a:z])
-            jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths))
+            rows = positions[b.name][a:z]
+            paths = tuple(src.path(plan.keys[i]) for i in rows)
+            jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths, tuple(planned_facts(plan, i) for i in rows)))
     return jobs
 
 

@@ -13,6 +13,7 @@ from dinofeat.cache.arrays import FLIP_SUFFIX
 from dinofeat.cache.layout import bf16_bits_to_float32
 from dinofeat.cache.stats import ChannelStats, pooled_shard_stats
 from dinofeat.cache.store import Store
+from dinofeat.sources.discover import Facts
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ShardResult:
     stop: int
     build: Callable[[], dict[str, np.ndarray]]
     failed: dict[int, str] = field(default_factory=dict)
+    changed: dict[int, Facts] = field(default_factory=dict)  # row -> facts of the bytes read, where not as planned
 
 
 class ShardWriter:
@@ -55,7 +57,9 @@ class ShardWriter:
                 self.store.shards.sync(item.bucket, item.shard)  # data on disk before the marker that vouches for it
                 stats_crc = self.store.stats.write(item.bucket, item.shard, self._stats(item, arrays))
                 sums = self.store.shards.checksums(item.bucket, item.shard)  # each chunk's crc32c, as stored
-                self.store.markers.write(item.bucket, item.shard, item.start, item.stop, item.failed, sums, stats_crc)
+                self.store.markers.write(
+                    item.bucket, item.shard, item.start, item.stop, item.failed, sums, stats_crc, item.changed
+                )
                 self.shards_written += 1
             except BaseException as e:  # re-raised in the main thread
                 self._error = e

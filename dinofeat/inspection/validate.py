@@ -26,10 +26,11 @@ from dinofeat.cache.layout import (
     STATUS_PENDING,
     STATUS_PRUNED,
     ZARR_DTYPES,
+    Plan,
     array_shape,
     bf16_bits_to_float32,
 )
-from dinofeat.cache.markers import marker_status
+from dinofeat.cache.markers import as_read, marker_status
 from dinofeat.cache.objects import on_store_errors, open_files
 from dinofeat.cache.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.cache.store import Store
@@ -233,7 +234,7 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
     _check_values(st, ix, status, keys, plan.buckets, markers, sample, seed, progress, report)
     _check_stats(st, plan, markers, report)
     if images is not None:
-        _check_folder(str(images), st, ix, status, keys, report)
+        _check_folder(str(images), as_read(plan, markers), status, report)
     if recompute:
         source = str(images or meta["source_root"])
         _check_recompute(st, meta, ix, status, keys, plan.buckets, source, recompute, seed, report)
@@ -451,13 +452,15 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
     return np.stack(rows), damaged
 
 
-def _check_folder(folder: str, st, ix, status, keys, report: Report) -> None:
-    """The source against the cache: images missing from either, files changed since extraction, and archive
-    members that moved (a tar shard or parquet file rewritten: the bytes at the recorded place are another image's,
-    even when every size and time matches)."""
+def _check_folder(folder: str, plan: Plan, status: np.ndarray, report: Report) -> None:
+    """The source against the cache: images missing from either, files changed since their features were made, and
+    archive members that moved (a tar shard or parquet file rewritten: the bytes at the recorded place are another
+    image's, even when every size and time matches). `plan` records the facts of the bytes each image was read
+    from (the index, corrected by the done markers of an unfinished cache)."""
     from dinofeat.sources.discover import discover, size_and_mtime
 
     src = discover(folder)
+    keys = plan.keys
     found = set(src.keys)
     pruned = {keys[i] for i in np.flatnonzero(status == STATUS_PRUNED)}
     planned = set(keys) - pruned
@@ -466,18 +469,25 @@ def _check_folder(folder: str, st, ix, status, keys, report: Report) -> None:
     for k in sorted(planned - found):
         report.add("extra", k, "cache has an image the source lacks (drop it: rerun precompute with --prune)")
     pos = {k: i for i, k in enumerate(keys)}
-    archives = list(st.meta.get("source_archives") or [])
     for k in sorted(found & planned):
         i = pos[k]
+        if status[i] != STATUS_DONE:
+            continue  # no features to be stale: a failed image, or one still to do (read when its shard runs)
         now = src.path(k)
-        if is_stale(size_and_mtime(now), (int(ix["file_size"][i]), int(ix["mtime_ns"][i]))):
+        if is_stale(size_and_mtime(now), (int(plan.file_size[i]), int(plan.mtime_ns[i]))):
             report.add("stale", k, "file changed since extraction (size or mtime)")
-        elif "archive" in ix and int(ix["archive"][i]) >= 0:
-            was = (archives[int(ix["archive"][i])] if int(ix["archive"][i]) < len(archives) else None, ix["offset"][i])
-            if (getattr(now, "archive", None), getattr(now, "offset", None)) != (was[0], int(was[1])):
+        elif plan.archive is not None and plan.offset is not None and int(plan.archive[i]) >= 0:
+            a = int(plan.archive[i])
+            was = (_file_name(plan.archives[a]) if a < len(plan.archives) else None, int(plan.offset[i]))
+            if (_file_name(getattr(now, "archive", "")), getattr(now, "offset", None)) != was:
                 report.add(
                     "stale", k, f"moved within its source since extraction (now {now}): the archive was rewritten"
                 )
+
+
+def _file_name(archive: str) -> str:
+    """An archive by its file name: a source moved as a whole (accepted by precompute) keeps every member in place."""
+    return archive.rstrip("/").rsplit("/", 1)[-1]
 
 
 def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:

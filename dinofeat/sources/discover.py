@@ -198,6 +198,25 @@ def locator(source: str, renamed: dict[str, str] | None = None) -> Callable[[str
     return Source(local_path(source, "image source"), (), dict(renamed or {})).path
 
 
+# what an image was read from: (size, mtime_ns, archive or None, byte offset or -1)
+Facts = tuple[int, int, str | None, int]
+
+
+def facts_of(loc: str | Member) -> Facts:
+    """Where an image's bytes are now, as the index records them (a file: size and mtime; an archive member: also
+    its archive and offset)."""
+    if isinstance(loc, Member):
+        return loc.size, loc.mtime_ns, loc.archive, loc.offset
+    st = os.stat(loc)
+    return st.st_size, st.st_mtime_ns, None, -1
+
+
+def same_facts(now: Facts, was: Facts) -> bool:
+    """Equal facts; a size of -1 (a parquet row not read yet) is not compared."""
+    sizes = now[0] < 0 or was[0] < 0 or now[0] == was[0]
+    return sizes and now[1:] == was[1:]
+
+
 def size_and_mtime(loc: str | Member) -> tuple[int, int]:
     """What staleness checks compare: a file's, or an archive member's recorded size and mtime (a parquet row's size
     is -1 until read: its file's mtime is what changes)."""
