@@ -122,4 +122,5 @@ def store_errors(location: Any, after: str = RESUME) -> Iterator[None]:
     except Exception as e:
         if not is_store_failure(e):
             raise
-        raise StoreError(store_message(e, str(location), after)) from e
+        notes = getattr(e, "__notes__", ())  # what was left behind (a lock object that could not be released)
+        raise StoreError("\n".join([store_message(e, str(location), after), *notes])) from e

@@ -125,7 +125,13 @@ OLD_RUN = (
     "extract(sys.argv[1], sys.argv[2], model=sys.argv[3], area=64, shard_mb=0.004, flip=True, "
     "num_workers=0, progress=False, dtype='fp32', device='cpu')"
 )
-VOLATILE = {"cache_id", "created", "sealed_at", "meta_checksums"}  # ids, times, and the checksums that cover them
+VOLATILE = {  # ids, times, the version that wrote it
+    "cache_id",
+    "created",
+    "sealed_at",
+    "meta_checksums",
+    "dinofeat_version",
+}
 
 
 def _old_tree(dest: Path) -> bool:

@@ -174,6 +174,22 @@ def test_damaged_metadata_is_refused_by_name_and_validate_reports_it(damaged, wh
     assert res.exit_code == 1 and "Traceback" not in res.output and field in res.output
 
 
+def test_a_rerun_without_options_on_damaged_metadata_names_the_damage(sealed, damaged):
+    """The settings a rerun does not give come from the cache's record: a damaged record is refused by name, not
+    replaced by the defaults (which would name another model, or load it first)."""
+    edit_metadata(damaged, META_DAMAGE["a channel mean"][0])
+    res = runner.invoke(app, ["precompute", str(sealed[0]), str(damaged)])
+    assert res.exit_code == 1 and "channel_stats" in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("record", ["failures.json", "probe_failures.json"])
+def test_a_damaged_json_record_is_refused_by_name(damaged, record):
+    (damaged / "_dinofeat" / record).write_text("{")
+    for args in (["info", str(damaged)], ["validate", str(damaged)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and record in res.output and "Traceback" not in res.output, (args, res.output)
+
+
 def _edit_array(cache: Path, name: str, change) -> Path:
     path = cache / "buckets" / first_bucket(cache) / name / "zarr.json"
     doc = json.loads(path.read_text())

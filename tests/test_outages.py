@@ -346,13 +346,17 @@ def test_lock_renewal_survives_an_outage(s3, bucket, via_proxy):
     assert LOCK not in _keys(s3, bucket)
 
 
-def test_a_lock_the_store_cannot_release_says_when_it_expires(s3, bucket, via_proxy):
+@pytest.mark.parametrize("lock_outside", [True, False])
+def test_a_lock_the_store_cannot_release_says_when_it_expires(s3, bucket, via_proxy, lock_outside):
     """The store stays down past the release's retries: the error's second line names the lock object, when it
-    expires and how to take over sooner; the object is still there once the store answers."""
+    expires and how to take over sooner; the object is still there once the store answers. Either nesting: the
+    store's error already turned into one line when the lock lets go, or (as in a run) still the client's own."""
     from dinofeat.storeerrors import store_errors
 
     files = RemoteFiles("s3", bucket, "feats")
-    with pytest.raises(DinofeatError) as err, ObjectLock(files, "run", release_s=1.0), store_errors(files.location):
+    lock, lines_of = ObjectLock(files, "run", release_s=1.0), store_errors(files.location)
+    outer, inner = (lock, lines_of) if lock_outside else (lines_of, lock)
+    with pytest.raises(DinofeatError) as err, outer, inner:
         via_proxy.cut()
         files.read("zarr.json")
     lines = str(err.value).splitlines()

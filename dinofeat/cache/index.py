@@ -152,6 +152,8 @@ class Index:
             return json.loads(self.store.files.read(rel))
         except FileNotFoundError:
             return default
+        except ValueError as e:  # a damaged record is refused by name, never read as another one
+            raise CacheFormatError(f"{self.store.path}: {rel} is damaged ({e}); restore it from a copy") from e
 
     def _write_json(self, rel: str, value: Any) -> bytes:
         data = json.dumps(value, sort_keys=True).encode()

@@ -18,8 +18,9 @@ from dinofeat.buckets import AnySpec, BucketSpecError, TiedSpec, make_buckets, s
 from dinofeat.cache.arrays import ArraySet, parse_layers
 from dinofeat.cache.layout import Plan, bucket_record
 from dinofeat.cache.lifecycle import Request
+from dinofeat.cache.objects import open_files
 from dinofeat.cache.store import Store
-from dinofeat.errors import CacheFormatError, ConfigError
+from dinofeat.errors import ConfigError
 from dinofeat.extraction import ranks
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.config import inherit as inherit_settings
@@ -181,8 +182,7 @@ def settings_for(
     when there is no cache yet), and what was taken."""
     if not names or overwrite:
         return config, {}
-    try:
-        meta = Store(cache).meta
-    except CacheFormatError:
-        return config, {}  # no cache yet (or a damaged one, which opening it for the run reports)
+    if not open_files(cache).exists("zarr.json"):
+        return config, {}  # no cache yet
+    meta = Store(cache).meta  # a damaged record is refused here, by name, before a model is loaded for it
     return inherit_settings(config, meta, names)
