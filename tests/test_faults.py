@@ -352,6 +352,9 @@ def test_sources_rewritten_between_runs_never_give_another_images_features(tmp_p
     # images of the shards finished before it are (their features came from bytes that have moved)
     stale = {p.where for p in validate(cache, images=pattern, progress=False).problems if p.check == "stale"}
     assert stale and stale <= kept
+    s = extract(pattern, cache, **opts, repair=True)
+    assert s.sealed and 0 < s.processed <= len(stale) + 4 and validate(cache, images=pattern, progress=False).ok
+    assert_same_pairs(FeatureCache(cache), FeatureCache(tmp_path / "reference"), pairs)
 
 
 def keys_of_shards(cache: Path, shards: set[tuple[str, int]]) -> set[str]:
@@ -402,6 +405,12 @@ def test_a_file_changed_before_its_shard_is_extracted_is_not_stale(tmp_path, din
     assert extract(images, cache, **opts).sealed
     stale = {p.where for p in validate(cache, images=images, progress=False).problems if p.check == "stale"}
     assert stale == ({key} if finished else set())
+    s = extract(images, cache, **opts, repair=True)  # re-extracts the shard of a changed image, nothing else
+    assert s.processed == (1 if finished else 0) and validate(cache, images=images, progress=False).ok
+    fresh = tmp_path / "fresh"
+    extract(images, fresh, **opts)
+    a, b = FeatureCache(cache), FeatureCache(fresh)
+    np.testing.assert_array_equal(a.read(a.index_of(key), "patches"), b.read(b.index_of(key), "patches"))
 
 
 def test_a_read_at_a_stale_offset_stops_the_run_instead_of_reading_another_image(tmp_path, dinov3_path):

@@ -4,13 +4,15 @@ images in a folder."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 pa = pytest.importorskip("pyarrow", reason="parquet sources need pyarrow (the test extra installs it)")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from dinofeat.errors import ConfigError, ImageError  # noqa: E402
+from dinofeat.errors import ConfigError, ImageError, SourceChangedError  # noqa: E402
 from dinofeat.extraction.run import extract  # noqa: E402
 from dinofeat.images.probe import probe  # noqa: E402
 from dinofeat.inspection.validate import validate  # noqa: E402
@@ -209,3 +211,23 @@ def test_a_null_image_struct_is_a_recorded_failure(tmp_path):
     assert "null" in probe(src.path(src.keys[1])).error
     with pytest.raises(ImageError, match="null"):
         read_member(src.path(src.keys[1]))
+
+
+def test_a_file_rewritten_while_this_process_holds_it_is_read_again(tmp_path):
+    """Open files and row groups are kept per process: a file rewritten since (rows reordered between two runs in
+    one process) is read again, never served from what was held; a file that differs from its listing is refused."""
+    import pyarrow.parquet as pq
+
+    make_parquet(tmp_path / "p", tmp_path / "folder", "img2dataset", files=1)
+    path = str(tmp_path / "p" / "part-00000.parquet")
+    before = discover(path)
+    key = before.keys[0]
+    first = read_member(before.path(key))
+    table = pq.read_table(path)
+    pq.write_table(table.take(list(range(table.num_rows - 1, -1, -1))), path)
+    os.utime(path, ns=(1, 1_000_000_000_000))  # a modification time of its own, whatever the clock's resolution
+    after = discover(path)
+    assert after.path(key).offset != before.path(key).offset
+    assert read_member(after.path(key)) == first  # the same image at its new row, not the old file's row
+    with pytest.raises(SourceChangedError, match="changed since it was listed"):
+        read_member(before.path(key))

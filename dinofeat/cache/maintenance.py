@@ -125,13 +125,17 @@ def check_description(st: Store, plan: Plan) -> None:
                 ) from None
 
 
-def repair(st: Store, plan: Plan, present: set[str], prune: bool, progress: bool = True) -> list[Damage]:
-    """Check every shard; unmark the damaged ones and reopen a sealed cache so the run re-extracts and re-seals
-    them. Returns what was found. Refused before any change when the cache's description is damaged, or when a
-    damaged shard holds images gone from the source (`present`) and they are not being pruned."""
+def repair(
+    st: Store, plan: Plan, present: set[str], prune: bool, progress: bool = True, changed: dict[str, str] | None = None
+) -> list[Damage]:
+    """Check every shard; unmark the damaged ones, and those holding images `changed` in the source since their
+    features were made (key -> how), and reopen a sealed cache so the run re-extracts and re-seals them. Returns what
+    was found. Refused before any change when the cache's description is damaged, or when a damaged shard holds
+    images gone from the source (`present`) and they are not being pruned."""
     check_description(st, plan)
     sealed = st.meta.get("state") == "sealed"
     damaged = find_damage(st, plan, st.markers.read(), sealed, progress)
+    damaged += _holding(plan, changed or {}, {(d.bucket, d.shard) for d in damaged})
     gone = [] if prune else _gone_from(plan, damaged, present, st.index.pruned())
     if gone:
         raise ConfigError(
@@ -143,6 +147,23 @@ def repair(st: Store, plan: Plan, present: set[str], prune: bool, progress: bool
         if sealed:
             st.metafile.update(state="planned")
     return damaged
+
+
+def _holding(plan: Plan, changed: dict[str, str], skip: set[tuple[str, int]]) -> list[Damage]:
+    """The shards (other than `skip`) that hold changed images, each with how many and an example."""
+    pos = {k: i for i, k in enumerate(plan.keys)}
+    by_shard: dict[tuple[str, int], list[str]] = {}
+    for key in sorted(changed):
+        i = pos.get(key)
+        if i is None or plan.bucket[i] < 0:
+            continue
+        b = plan.buckets[int(plan.bucket[i])]
+        by_shard.setdefault((b.name, int(plan.row[i]) // b.shard_rows), []).append(key)
+    return [
+        Damage(name, u, f"{len(keys)} image(s) changed in the source since extraction (e.g. {keys[0]!r}: "
+               f"{changed[keys[0]]})")
+        for (name, u), keys in sorted(by_shard.items()) if (name, u) not in skip
+    ]  # fmt: skip
 
 
 def _gone_from(plan: Plan, damaged: list[Damage], present: set[str], pruned: set[str]) -> list[str]:

@@ -20,6 +20,7 @@ from dinofeat import __version__
 from dinofeat.cache import housekeeping, lifecycle, maintenance
 from dinofeat.cache.layout import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED, Plan
 from dinofeat.cache.lock import cache_lock
+from dinofeat.cache.markers import as_read, marker_status
 from dinofeat.cache.objects import cache_location
 from dinofeat.cache.store import Store
 from dinofeat.errors import ConfigError, DinofeatError
@@ -29,6 +30,7 @@ from dinofeat.extraction.locate import moved_members, refuse_missing, source_fro
 from dinofeat.extraction.loop import run_shards
 from dinofeat.extraction.plan import projected_bytes
 from dinofeat.extraction.prepare import Prepared, build_plan, prepare, request_for, settings_for
+from dinofeat.extraction.stale import changed_images
 from dinofeat.paths import check_cache_dir, local_path
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.sources.discover import Source, discover, no_images
@@ -300,7 +302,11 @@ def _maintain(st: Store, plan: Plan, src: Source, actions: Actions, summary: Sum
     pruned), then --prune (a damaged shard that held pruned images is extracted again without them)."""
     present = set(src.keys)
     if actions.repair:
-        summary.repaired = [str(d) for d in maintenance.repair(st, plan, present, actions.prune, progress)]
+        markers = st.markers.read()
+        status, _ = marker_status(plan, markers, st.index.pruned())
+        changed = changed_images(as_read(plan, markers), status, src)
+        damage = maintenance.repair(st, plan, present, actions.prune, progress, changed)
+        summary.repaired = [str(d) for d in damage]
     if actions.prune:
         summary.pruned_now = len(maintenance.prune(st, plan, present))
 

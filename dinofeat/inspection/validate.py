@@ -82,7 +82,10 @@ class Report:
         if "missing" in checks:
             out.append("rerun the same precompute command to add the images the cache lacks")
         if "stale" in checks:
-            out.append("images changed since extraction keep their old features: rebuild with --overwrite")
+            out.append(
+                "images changed since extraction keep their old features: rerun the same precompute command with "
+                "--repair to extract their shards again"
+            )
         if not described:
             out.append("the cache's own description is damaged: restore it from a copy, or rebuild with --overwrite")
         return out
@@ -453,11 +456,12 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
 
 
 def _check_folder(folder: str, plan: Plan, status: np.ndarray, report: Report) -> None:
-    """The source against the cache: images missing from either, files changed since their features were made, and
-    archive members that moved (a tar shard or parquet file rewritten: the bytes at the recorded place are another
-    image's, even when every size and time matches). `plan` records the facts of the bytes each image was read
-    from (the index, corrected by the done markers of an unfinished cache)."""
-    from dinofeat.sources.discover import discover, size_and_mtime
+    """The source against the cache: images missing from either, and done images changed since their features were
+    made (files, and archive members that moved: a tar shard or parquet file rewritten, even when every size and
+    time matches). `plan` records the facts of the bytes each image was read from (the index, corrected by the done
+    markers of an unfinished cache)."""
+    from dinofeat.extraction.stale import changed_images
+    from dinofeat.sources.discover import discover
 
     src = discover(folder)
     keys = plan.keys
@@ -468,31 +472,9 @@ def _check_folder(folder: str, plan: Plan, status: np.ndarray, report: Report) -
         report.add("missing", k, "image in the source is not in the cache")
     for k in sorted(planned - found):
         report.add("extra", k, "cache has an image the source lacks (drop it: rerun precompute with --prune)")
-    pos = {k: i for i, k in enumerate(keys)}
-    for k in sorted(found & planned):
-        i = pos[k]
-        if status[i] != STATUS_DONE:
-            continue  # no features to be stale: a failed image, or one still to do (read when its shard runs)
-        now = src.path(k)
-        if is_stale(size_and_mtime(now), (int(plan.file_size[i]), int(plan.mtime_ns[i]))):
-            report.add("stale", k, "file changed since extraction (size or mtime)")
-        elif plan.archive is not None and plan.offset is not None and int(plan.archive[i]) >= 0:
-            a = int(plan.archive[i])
-            was = (_file_name(plan.archives[a]) if a < len(plan.archives) else None, int(plan.offset[i]))
-            if (_file_name(getattr(now, "archive", "")), getattr(now, "offset", None)) != was:
-                report.add(
-                    "stale", k, f"moved within its source since extraction (now {now}): the archive was rewritten"
-                )
-
-
-def _file_name(archive: str) -> str:
-    """An archive by its file name: a source moved as a whole (accepted by precompute) keeps every member in place."""
-    return archive.rstrip("/").rsplit("/", 1)[-1]
-
-
-def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
-    """(size, mtime) now vs when extracted; a size of -1 (a parquet row not read yet) is not compared."""
-    return now[1] != recorded[1] or (now[0] >= 0 and now[0] != recorded[0])
+    for k, why in sorted(changed_images(plan, status, src).items()):
+        if k in planned:
+            report.add("stale", k, why)
 
 
 def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, seed: int, report: Report) -> None:

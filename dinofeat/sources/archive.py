@@ -169,7 +169,7 @@ def read_member(m: Member) -> bytes:
     """The whole member, in one positioned read or ranged GET (for decoding). A parquet member's offset is its row;
     its size is -1 until a probe has read it."""
     if is_parquet(m.archive):
-        data = read_row(m.archive, m.offset)
+        data = read_row(m.archive, m.offset, m.mtime_ns)
         if m.size >= 0 and len(data) != m.size:
             raise OSError(f"{m}: {len(data)} bytes, {m.size} when planned: the parquet file changed")
         return data

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dinofeat.errors import ConfigError, ImageError
+from dinofeat.errors import ConfigError, ImageError, SourceChangedError
 from dinofeat.filesystems import filesystem
 from dinofeat.paths import is_url
 
@@ -172,7 +172,7 @@ class _Reader:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.files: OrderedDict[str, tuple[Any, list[int], ImageColumn]] = OrderedDict()
+        self.files: OrderedDict[str, tuple[Any, list[int], ImageColumn, int]] = OrderedDict()
         self.groups: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self.group_bytes: dict[tuple[str, int], int] = {}
         self.loading: dict[tuple[str, int], threading.Event] = {}
@@ -180,22 +180,40 @@ class _Reader:
         self.bytes_read = 0
         self.file_locks: dict[str, threading.Lock] = {}
 
-    def file(self, location: str) -> tuple[Any, list[int], ImageColumn]:
+    def file(self, location: str, mtime_ns: int | None = None) -> tuple[Any, list[int], ImageColumn]:
+        """The open file, its row groups' first rows and its image column. `mtime_ns`: the file's modification time
+        when it was listed; what this process holds of a file modified since (rewritten between two runs in one
+        process) is dropped, and a file that differs from its listing raises SourceChangedError."""
         with self.lock:
-            if location in self.files:
+            entry = self.files.get(location)
+            if entry is not None and (mtime_ns is None or entry[3] == mtime_ns):
                 self.files.move_to_end(location)
-                return self.files[location]
+                return entry[:3]
+            if entry is not None:
+                self._forget(location)
         path, wanted = split_column(location)
+        now = _mtime_ns(path)
+        if mtime_ns is not None and now not in (0, mtime_ns):
+            raise SourceChangedError(
+                f"{path} changed since it was listed; rerun the same command (the source is listed again)"
+            )
         pf = _open(path)
         col = image_column([(f.name, f.type) for f in pf.schema_arrow], wanted)
         starts = [0]
         for g in range(pf.metadata.num_row_groups):
             starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
         with self.lock:
-            self.files[location] = (pf, starts, col)
+            self.files[location] = (pf, starts, col, now)
             while len(self.files) > OPEN_FILES:
-                self.files.popitem(last=False)
+                self._forget(next(iter(self.files)))
         return pf, starts, col
+
+    def _forget(self, location: str) -> None:
+        """Drop a file and its cached row groups (the lock is held)."""
+        self.files.pop(location, None)
+        for key in [k for k in self.groups if k[0] == location]:
+            del self.groups[key]
+            del self.group_bytes[key]
 
     def _file_lock(self, location: str) -> Any:
         """A remote file is one fsspec file object (seek, then read): two threads reading row groups of it at once
@@ -250,10 +268,11 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def read_row(location: str, row: int) -> bytes:
-    """The image bytes of one row (`location` is the file, with its `?column=` if any)."""
+def read_row(location: str, row: int, mtime_ns: int | None = None) -> bytes:
+    """The image bytes of one row (`location` is the file, with its `?column=` if any; `mtime_ns` its modification
+    time when listed, so that nothing read from an older version of the file is served)."""
     try:
-        _, starts, col = _reader.file(location)
+        _, starts, col = _reader.file(location, mtime_ns)
         if not 0 <= row < starts[-1]:
             raise OSError(f"row {row} is past the end ({starts[-1]} rows): the file changed since planning")
         g = bisect.bisect_right(starts, row) - 1

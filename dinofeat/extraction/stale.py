@@ -1,0 +1,40 @@
+"""Which done images changed in the source since their features were made: what `validate --images` reports as
+stale and what `precompute --repair` extracts again. Compared with the facts the index records of the bytes each
+image was read from (size and mtime; for an archive member also its archive's file name and its offset)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dinofeat.cache.layout import STATUS_DONE, Plan
+from dinofeat.sources.discover import Source, size_and_mtime
+
+
+def changed_images(plan: Plan, status: np.ndarray, src: Source) -> dict[str, str]:
+    """key -> how it changed, for every done image of `plan` found in `src` whose source is not what it was read
+    from. Failed images have no features to be stale; images still to do are read when their shard runs."""
+    found = set(src.keys)
+    out: dict[str, str] = {}
+    for i in np.flatnonzero(status == STATUS_DONE):
+        key = plan.keys[i]
+        if key not in found:
+            continue
+        now = src.path(key)
+        if is_stale(size_and_mtime(now), (int(plan.file_size[i]), int(plan.mtime_ns[i]))):
+            out[key] = "file changed since extraction (size or mtime)"
+        elif plan.archive is not None and plan.offset is not None and int(plan.archive[i]) >= 0:
+            a = int(plan.archive[i])
+            was = (file_name(plan.archives[a]) if a < len(plan.archives) else None, int(plan.offset[i]))
+            if (file_name(getattr(now, "archive", "")), getattr(now, "offset", None)) != was:
+                out[key] = f"moved within its source since extraction (now {now}): the archive was rewritten"
+    return out
+
+
+def file_name(archive: str) -> str:
+    """An archive by its file name: a source moved as a whole (accepted by precompute) keeps every member in place."""
+    return archive.rstrip("/").rsplit("/", 1)[-1]
+
+
+def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
+    """(size, mtime) now vs when extracted; a size of -1 (a parquet row not read yet) is not compared."""
+    return now[1] != recorded[1] or (now[0] >= 0 and now[0] != recorded[0])
