@@ -46,3 +46,11 @@ def check_cache_dir(path: Path) -> None:
             if not parent.is_dir():
                 raise ConfigError(f"cache path {str(path)!r} lies under {str(parent)!r}, which is a file")
             return
+
+
+def model_ref(spec: str) -> str:
+    """How a cache records a model: a local model folder by its absolute path (so a rerun from another folder, or
+    `./m` for `m`, names the same model), a hub id as given (a folder of that name is what transformers loads)."""
+    if spec and not is_url(spec) and os.path.isdir(spec):
+        return str(Path(spec).resolve())
+    return spec

@@ -44,6 +44,22 @@ def test_a_rerun_without_options_takes_them_from_the_cache_and_says_so(tmp_path,
     assert refused.exit_code == 1 and "bucket_spec.area: cache has 64, this run wants 128" in refused.output
 
 
+def test_a_model_folder_named_relatively_is_the_same_model_from_anywhere(tmp_path, imgs, dinov3_path, monkeypatch):
+    """A local model is recorded by its absolute path: a rerun from another folder without --model finds it, and
+    `./m`, `m` and the absolute path are one model, not a settings mismatch."""
+    monkeypatch.chdir(dinov3_path.parent)
+    cache = str(tmp_path / "c")
+    first = runner.invoke(app, ["precompute", str(imgs), cache, "--model", dinov3_path.name, *FIRST])
+    assert first.exit_code == 0, first.output
+    assert Store(cache).meta["fingerprint"]["model_id"] == str(dinov3_path.resolve())
+    for model in (["--model", f"./{dinov3_path.name}"], ["--model", str(dinov3_path)]):
+        again = runner.invoke(app, ["precompute", str(imgs), cache, *model, *FIRST])
+        assert again.exit_code == 0, again.output
+    monkeypatch.chdir(tmp_path)
+    anywhere = runner.invoke(app, ["precompute", str(imgs), cache, "--workers", "0", "--device", "cpu"])
+    assert anywhere.exit_code == 0 and "sealed" in anywhere.output, anywhere.output
+
+
 def test_the_python_api_inherits_too_unless_given_a_config(tmp_path, imgs, dinov3_path):
     cache = tmp_path / "c"
     extract(imgs, cache, model=str(dinov3_path), area=64, layers="1,-1", **FAST)

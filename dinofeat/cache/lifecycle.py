@@ -41,6 +41,7 @@ from dinofeat.cache.objects import open_files
 from dinofeat.cache.shards import array_checksums, create_arrays
 from dinofeat.cache.store import Store, open_group
 from dinofeat.errors import CacheConflictError, CacheFormatError, CacheMismatchError, ConfigError
+from dinofeat.paths import model_ref
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ def check_fingerprint(st: Store, fingerprint: dict[str, Any]) -> None:
             f"adds only to format {FORMAT_VERSION} caches, whose chunks carry checksums. Rebuild it with "
             "--overwrite, or finish it with the dinofeat that started it"
         )
-    old = st.meta.get("fingerprint", {})
+    old = dict(st.meta.get("fingerprint", {}))
+    if isinstance(old.get("model_id"), str):  # caches before 0.6.1 recorded a model folder as typed
+        old["model_id"] = model_ref(old["model_id"])
     diff = fingerprint_diff(old, fingerprint)
     if diff:
         raise CacheMismatchError(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dinofeat.errors import ConfigError
+from dinofeat.paths import model_ref
 
 SUPPORTED_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers")
 RANDOM_PREFIX = "random:"
@@ -203,7 +204,7 @@ def load_model_info(spec: str, revision: str | None = None) -> ModelInfo:
     """Config only: fast, and raises ConfigError before any image is touched."""
     cfg, local_only = _load_config(spec, revision)
     _check_weights(spec)
-    return replace(_info_from_config(spec, revision, cfg), local_only=local_only)
+    return replace(_info_from_config(model_ref(spec), revision, cfg), local_only=local_only)
 
 
 def resolve_device(device: str | None) -> torch.device:
