@@ -32,6 +32,9 @@ CASES = {
     "negative workers": (["precompute", "imgs", "c", *M, "--workers", "-1"], "decode workers must be"),
     "draft gap 0": (["precompute", "imgs", "c", *M, "--jpeg-draft", "--draft-gap", "0"], "--draft-gap must be >= 1"),
     "gap without draft": (["precompute", "imgs", "c", *M, "--draft-gap", "3"], "only with --jpeg-draft"),
+    "repair and overwrite": (["precompute", "imgs", "c", *M, "--repair", "--overwrite"], "--overwrite starts over"),
+    "prune and overwrite": (["precompute", "imgs", "c", *M, "--prune", "--overwrite"], "--overwrite starts over"),
+    "repair in a dry run": (["precompute", "imgs", "c", *M, "--repair", "--dry-run"], "--dry-run only plans"),
     "aspect range": (["precompute", "imgs", "c", *M, "--min-ar", "2", "--max-ar", "1"], "aspect range"),
     "no buckets": (["precompute", "imgs", "c", *M, "--num-buckets", "0"], "must be"),
     "multiple 0": (["precompute", "imgs", "c", *M, "--multiple", "0"], "multiple must be"),
@@ -73,6 +76,8 @@ CASES = {
     "buckets: aspect": (["buckets", "--min-ar", "0"], "aspect range"),
     "bench: model": (["bench", "--model", "./nosuch-model"], "neither a local directory"),
     "bench: count": (["bench", "--model", "random:vits16", "--count", "0"], "count"),
+    "bench: area 0": (["bench", "--model", "random:vits16", "--area", "0"], "--area is the side"),
+    "bench: eta": (["bench", "--model", "random:vits16", "--eta-images", "-1"], "--eta-images is a number"),
 }
 
 

@@ -39,7 +39,7 @@ def test_a_rerun_without_options_takes_them_from_the_cache_and_says_so(tmp_path,
     taken = next(ln for ln in r.stdout.splitlines() if ln.startswith("settings from the cache"))
     for words in ("--area 64", f"--model {dinov3_path}", "--flip", "--dtype fp32"):
         assert words in taken, taken
-    assert "incremental: 1 images" in r.output or "incremental: 1 image" in r.output
+    assert "incremental: 1 image new to the source added" in r.output
     refused = runner.invoke(app, ["precompute", str(imgs), cache, "--area", "128"])
     assert refused.exit_code == 1 and "bucket_spec.area: cache has 64, this run wants 128" in refused.output
 

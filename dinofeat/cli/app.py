@@ -276,6 +276,8 @@ def bench(
     """Measure model-only and end-to-end images/s on this machine, next to the device's peak, with an ETA."""
     from dinofeat.inspection.bench import bench as run_bench
 
+    if eta_images < 1:
+        _fail(ValueError(f"--eta-images is a number of images >= 1, got {eta_images}"))
     say = None if as_json else (lambda line: typer.echo(line, err=True))
     r = _call(run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=not as_json, say=say)
     if as_json:

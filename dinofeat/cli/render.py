@@ -45,7 +45,7 @@ def interrupted(where: str) -> None:
 
 
 def dry_run(s: Any) -> None:
-    typer.echo(f"plan: {s.total} images, {s.failed} unreadable, {len(s.histogram)} buckets")
+    typer.echo(f"plan: {count(s.total, 'image')}, {s.failed} unreadable, {count(len(s.histogram), 'bucket')}")
     for name, n in s.histogram:
         typer.echo(f"  {name:>11}  {n:>8}  {'#' * max(1, round(40 * n / max(c for _, c in s.histogram)))}")
     typer.echo(f"projected size on disk: {gb(s.projected_bytes)}")
@@ -55,7 +55,7 @@ def summary(s: Any, repair_asked: bool) -> None:
     """A run's outcome: counts, speed, and every note that asks the user to do something."""
     typer.echo(
         f"{s.cache}: {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}; "
-        f"this run {s.processed} images in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s"
+        f"this run {count(s.processed, 'image')} in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s"
         f"{f' by {s.world_size} processes' if s.world_size > 1 else ''}), "
         f"{gb(s.bytes_written)} written{'; sealed' if s.sealed else ''}"
     )
@@ -65,27 +65,34 @@ def summary(s: Any, repair_asked: bool) -> None:
         typer.echo(f"  {line}")
 
 
+def count(n: int, noun: str) -> str:
+    """'1 image', '3 images': messages say what they count in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _notes(s: Any, repair_asked: bool) -> list[str]:
     out = []
     if s.appended:
-        out.append(f"incremental: {s.appended} images new to the source were added (finished shards untouched)")
+        out.append(f"incremental: {count(s.appended, 'image')} new to the source added (finished shards untouched)")
     if s.new_files:
-        out.append(f"{s.new_files} images in the source are not in the plan (outside --limit, or pruned)")
+        out.append(f"{count(s.new_files, 'image')} in the source but not in the plan (outside --limit, or pruned)")
     if s.removed_files:
         out.append(
-            f"{s.removed_files} cached images are gone from the source (still served; rerun with --prune to drop "
+            f"{count(s.removed_files, 'cached image')} gone from the source (still served; rerun with --prune to drop "
             "them), e.g. " + ", ".join(s.removed_examples)
         )
     if s.pruned_now:
-        out.append(f"pruned {s.pruned_now} images gone from the source: no longer served; statistics recomputed")
+        out.append(
+            f"pruned {count(s.pruned_now, 'image')} gone from the source: no longer served; statistics recomputed"
+        )
     if s.repaired:
-        out.append(f"repaired {len(s.repaired)} damaged shards (re-extracted): " + "; ".join(s.repaired[:5]))
+        out.append(f"repaired {count(len(s.repaired), 'shard')} (re-extracted): " + "; ".join(s.repaired[:5]))
     elif repair_asked:
         out.append("repair: every shard checked, none damaged")
     if s.damaged:
         out.append(
-            f"{len(s.damaged)} marked shards are damaged or lost (e.g. {s.damaged[0]}): rerun the same command with "
-            "--repair to re-extract only those"
+            f"{count(len(s.damaged), 'marked shard')} damaged or lost (e.g. {s.damaged[0]}): rerun the same command "
+            "with --repair to re-extract only those"
         )
     if s.cleaned_files:
         out.append(f"removed {s.cleaned_files} files of unfinished shards (an interrupted run's, redone now)")

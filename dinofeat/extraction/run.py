@@ -142,6 +142,7 @@ def _extract(
     overrides: dict[str, Any],
 ) -> Summary:
     dry_run, overwrite, repair, prune = actions.dry_run, actions.overwrite, actions.repair, actions.prune
+    _check_actions(actions)
     given = os.fspath(cache)  # what messages name
     names = (set(FINGERPRINTED) - set(overrides) if config is None else set()) if inherit is None else set(inherit)
     cache, config = _checked_inputs(source, cache, config, overrides)
@@ -295,6 +296,16 @@ def _open_on_every_rank(
         raise
     group.broadcast(moved)  # where rank 0 found images that are no longer where the plan says
     return st, plan, src
+
+
+def _check_actions(actions: Actions) -> None:
+    """Flags that contradict each other are refused before anything is read."""
+    fixes = [flag for flag, on in (("--repair", actions.repair), ("--prune", actions.prune)) if on]
+    if fixes and actions.overwrite:
+        raise ConfigError(f"{' and '.join(fixes)} keep the cache and fix it; --overwrite starts over: give one")
+    if fixes and actions.dry_run:
+        raise ConfigError(f"--dry-run only plans; {' and '.join(fixes)} check the whole cache: run validate to see "
+                          "what they would find")  # fmt: skip
 
 
 def _maintain(st: Store, plan: Plan, src: Source, actions: Actions, summary: Summary, progress: bool) -> None:

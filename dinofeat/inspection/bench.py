@@ -145,6 +145,8 @@ def bench(
         raise ConfigError(f"--count is a number of images >= 1, got {count}")
     if megapixels <= 0:
         raise ConfigError(f"--megapixels must be > 0, got {megapixels}")
+    if area is not None and area < 1:
+        raise ConfigError(f"--area is the side of the target area in pixels, >= 1, got {area}")
     say = say or (lambda _: None)
     kind = "cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
     model, area, count = model or DEFAULTS[kind][0], area or DEFAULTS[kind][1], count or DEFAULTS[kind][2]
