@@ -95,10 +95,11 @@ class CutProxy:
                 _reset(upstream)
                 return
             self._open |= {client, upstream}
-        threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+        pumps = [2]  # the second pump to end closes both sockets: a long run through the proxy keeps no descriptors
+        threading.Thread(target=self._pump, args=(client, upstream, True, pumps), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, False, pumps), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool, pumps: list[int]) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if from_client and self.cut_on is not None and self.cut_on in data:
@@ -109,6 +110,14 @@ class CutProxy:
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            pumps[0] -= 1
+            last = pumps[0] == 0
+            if last:
+                self._open -= {src, dst}
+        if last:
+            src.close()
+            dst.close()
 
     def _refuse(self, client: socket.socket) -> None:
         client.settimeout(5)

@@ -15,6 +15,7 @@ from transformers import Dinov2Config
 from typer.testing import CliRunner
 
 from dinofeat.cli import app
+from tests.helpers import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 M = ["--model", "random:vits16"]
@@ -54,6 +55,7 @@ CASES = {
     "empty source argument": (["precompute", "", "c", *M], "must be named"),
     "empty cache argument": (["precompute", "imgs", " ", *M], "must be named"),
     "model dir without weights": (["precompute", "imgs", "c", "--model", "noweights"], "no weights"),
+    "truncated weights": (["precompute", "imgs", "c", "--model", "truncated"], "are damaged (its header says"),
     "compute dtype": (["precompute", "imgs", "c", *M, "--dtype", "fp8"], "dtype must be"),
     "store dtype": (["precompute", "imgs", "c", *M, "--store-dtype", "int8"], "store dtype"),
     "device": (["precompute", "imgs", "c", *M, "--device", "tpu"], "device"),
@@ -91,6 +93,9 @@ def workdir(tmp_path, monkeypatch) -> Path:
     (tmp_path / "s").mkdir()
 
     Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "noweights")
+    model = make_tiny("dinov2", tmp_path / "truncated")  # a copy or download cut short
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

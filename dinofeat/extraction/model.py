@@ -127,7 +127,11 @@ def _load_config(spec: str, revision: str | None) -> tuple[Any, bool]:
         return cfg, offline is not None
     except Exception as e:  # hub errors, missing dirs, bad json: all configuration problems
         if offline is not None:
-            todo = "unset it to download" if "HF_HUB_OFFLINE" in offline else "connect to download it"
+            todo = (
+                "unset it to download"
+                if "HF_HUB_OFFLINE" in offline
+                else "connect to download it (set HF_HUB_OFFLINE=1 to skip the hub check)"
+            )
             raise ConfigError(
                 f"cannot reach the Hugging Face hub ({offline}) and {spec!r} is not in the local hub cache: {todo}, "
                 "or pass a local model directory (made with save_pretrained) as --model"
@@ -151,6 +155,33 @@ def _check_weights(spec: str) -> None:
         raise ConfigError(
             f"local model directory {spec!r} has a config but no weights (looked for {', '.join(WEIGHT_FILES)})"
         )
+    if os.path.isdir(spec):
+        for name in sorted(os.listdir(spec)):
+            if name.endswith(".safetensors"):
+                why = safetensors_damage(os.path.join(spec, name))
+                if why:
+                    raise ConfigError(f"model weights {os.path.join(spec, name)!r} are damaged ({why}): copy them again")
+
+
+def safetensors_damage(path: str) -> str | None:
+    """Why a .safetensors file cannot be whole (a truncated copy or download), from its header alone: 8 bytes of
+    header length, a JSON header, then the tensors' bytes, the last ending exactly at the end of the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than its header"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"its header says {8 + n} bytes or more, the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "its header is not JSON"
+    ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if 8 + n + max(ends, default=0) != size:
+        return f"its tensors need {8 + n + max(ends, default=0)} bytes, the file has {size}"
+    return None
 
 
 def _first_line(e: BaseException) -> str:
