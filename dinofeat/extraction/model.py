@@ -160,7 +160,9 @@ def _check_weights(spec: str) -> None:
             if name.endswith(".safetensors"):
                 why = safetensors_damage(os.path.join(spec, name))
                 if why:
-                    raise ConfigError(f"model weights {os.path.join(spec, name)!r} are damaged ({why}): copy them again")
+                    raise ConfigError(
+                        f"model weights {os.path.join(spec, name)!r} are damaged ({why}): copy them again"
+                    )
 
 
 def safetensors_damage(path: str) -> str | None:
