@@ -137,3 +137,4 @@ def test_the_version_is_everywhere_a_user_looks(tmp_path, imgs, dinov3_path):
     assert f"made by dinofeat {__version__}" in info.output
     assert json.loads(runner.invoke(app, ["info", cache, "--json"]).stdout)["dinofeat"] == __version__
     assert Store(cache).meta["dinofeat_version"] == __version__
+    assert json.loads(runner.invoke(app, ["validate", cache, "--json"]).stdout)["dinofeat"] == __version__

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from dinofeat import __version__
 from dinofeat.cli import options as o
 from dinofeat.cli import render
 
@@ -23,8 +24,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from dinofeat import __version__
-
         typer.echo(f"dinofeat {__version__}")
         raise typer.Exit(0)
 
@@ -230,7 +229,7 @@ def validate(
 
     report = _call(run_validate, cache, images, recompute, sample, seed, progress=not as_json)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({"dinofeat": __version__, **report.to_dict()}, indent=2))
     else:
         render.report(report, cache)
     raise typer.Exit(0 if report.ok else 1)
@@ -281,7 +280,8 @@ def bench(
     say = None if as_json else (lambda line: typer.echo(line, err=True))
     r = _call(run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=not as_json, say=say)
     if as_json:
-        typer.echo(json.dumps({**r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)}, indent=2))
+        doc = {"dinofeat": __version__, **r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)}
+        typer.echo(json.dumps(doc, indent=2))
     else:
         render.bench(r, eta_images)
 
