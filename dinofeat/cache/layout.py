@@ -121,6 +121,13 @@ class Plan:
                 out.append(ShardRef(b.name, u, start, stop, len(out)))
         return out
 
+    def shard_of(self, i: int) -> tuple[str, int] | None:
+        """(bucket name, shard) holding image i; None for an image whose probe failed."""
+        if self.bucket[i] < 0:
+            return None
+        b = self.buckets[int(self.bucket[i])]
+        return b.name, int(self.row[i]) // b.shard_rows
+
     def rows_to_keys(self) -> dict[str, np.ndarray]:
         """bucket name -> array of positions (into keys) ordered by row."""
         out: dict[str, np.ndarray] = {}

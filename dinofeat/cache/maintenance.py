@@ -154,11 +154,9 @@ def _holding(plan: Plan, changed: dict[str, str], skip: set[tuple[str, int]]) ->
     pos = {k: i for i, k in enumerate(plan.keys)}
     by_shard: dict[tuple[str, int], list[str]] = {}
     for key in sorted(changed):
-        i = pos.get(key)
-        if i is None or plan.bucket[i] < 0:
-            continue
-        b = plan.buckets[int(plan.bucket[i])]
-        by_shard.setdefault((b.name, int(plan.row[i]) // b.shard_rows), []).append(key)
+        shard = None if key not in pos else plan.shard_of(pos[key])
+        if shard is not None:
+            by_shard.setdefault(shard, []).append(key)
     return [
         Damage(name, u, f"{len(keys)} image(s) changed in the source since extraction (e.g. {keys[0]!r}: "
                f"{changed[keys[0]]})")
@@ -171,9 +169,8 @@ def _gone_from(plan: Plan, damaged: list[Damage], present: set[str], pruned: set
     shards = {(d.bucket, d.shard) for d in damaged}
     out = []
     for i in np.flatnonzero(plan.bucket >= 0):
-        b = plan.buckets[int(plan.bucket[i])]
         key = plan.keys[i]
-        if (b.name, int(plan.row[i]) // b.shard_rows) in shards and key not in present and key not in pruned:
+        if plan.shard_of(i) in shards and key not in present and key not in pruned:
             out.append(key)
     return out
 

@@ -63,10 +63,8 @@ def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]
     out = []
     for i in np.flatnonzero(plan.bucket >= 0):
         key = plan.keys[i]
-        if key not in found:
-            b = plan.buckets[plan.bucket[i]]
-            if (b.name, int(plan.row[i]) // b.shard_rows) in pending:
-                out.append(key)
+        if key not in found and plan.shard_of(i) in pending:
+            out.append(key)
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from dinofeat.cache.layout import STATUS_DONE, Plan
-from dinofeat.sources.discover import Source, size_and_mtime
+from dinofeat.sources.discover import Source, is_stale, size_and_mtime
 
 
 def changed_images(plan: Plan, status: np.ndarray, src: Source) -> dict[str, str]:
@@ -33,8 +33,3 @@ def changed_images(plan: Plan, status: np.ndarray, src: Source) -> dict[str, str
 def file_name(archive: str) -> str:
     """An archive by its file name: a source moved as a whole (accepted by precompute) keeps every member in place."""
     return archive.rstrip("/").rsplit("/", 1)[-1]
-
-
-def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
-    """(size, mtime) now vs when extracted; a size of -1 (a parquet row not read yet) is not compared."""
-    return now[1] != recorded[1] or (now[0] >= 0 and now[0] != recorded[0])

@@ -205,16 +205,20 @@ Facts = tuple[int, int, str | None, int]
 def facts_of(loc: str | Member) -> Facts:
     """Where an image's bytes are now, as the index records them (a file: size and mtime; an archive member: also
     its archive and offset)."""
+    size, mtime = size_and_mtime(loc)
     if isinstance(loc, Member):
-        return loc.size, loc.mtime_ns, loc.archive, loc.offset
-    st = os.stat(loc)
-    return st.st_size, st.st_mtime_ns, None, -1
+        return size, mtime, loc.archive, loc.offset
+    return size, mtime, None, -1
 
 
 def same_facts(now: Facts, was: Facts) -> bool:
-    """Equal facts; a size of -1 (a parquet row not read yet) is not compared."""
-    sizes = now[0] < 0 or was[0] < 0 or now[0] == was[0]
-    return sizes and now[1:] == was[1:]
+    """Equal facts: size and mtime by the staleness rule, then the place."""
+    return not is_stale(now[:2], was[:2]) and now[2:] == was[2:]
+
+
+def is_stale(now: tuple[int, int], recorded: tuple[int, int]) -> bool:
+    """(size, mtime) now vs when read; a size of -1 (a parquet row not read yet) is not compared."""
+    return now[1] != recorded[1] or (now[0] >= 0 and recorded[0] >= 0 and now[0] != recorded[0])
 
 
 def size_and_mtime(loc: str | Member) -> tuple[int, int]:
