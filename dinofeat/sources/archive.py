@@ -87,7 +87,12 @@ def sample_key(member_name: str) -> str:
 
 def list_images(archive: str, extensions: frozenset[str]) -> dict[str, Member]:
     """Image members of one tar by sample key, from its headers only (tarfile seeks over the data). A sample with
-    several image members keeps the first by name; unreadable shards raise ConfigError before any work."""
+    several image members keeps the first by name; unreadable shards raise ConfigError before any work.
+
+    A member's size and mtime are taken from its own 512-byte header block (the one just before its data), the
+    block every later read checks: pax and GNU writers keep the exact values in extended headers before it and
+    put a rounded mtime (Python's tarfile, hence webdataset) or a truncated one (GNU tar, bsdtar) in the block, so
+    the listing must read the same field the read-time check does, whatever the writer."""
     out: dict[str, Member] = {}
     try:
         with _open_archive(archive) as f, tarfile.open(fileobj=f, mode="r:") as tf:
@@ -97,7 +102,10 @@ def list_images(archive: str, extensions: frozenset[str]) -> dict[str, Member]:
                 if PurePosixPath(info.name).name.startswith("."):
                     continue
                 key = sample_key(info.name)
-                m = Member(archive, info.name, info.offset_data, info.size, int(info.mtime) * 1_000_000_000)
+                f.seek(info.offset_data - tarfile.BLOCKSIZE)  # just read by tarfile: in the stream's buffer
+                own = _parse_header(f.read(tarfile.BLOCKSIZE))
+                mtime = own.mtime if own is not None else int(info.mtime)
+                m = Member(archive, info.name, info.offset_data, info.size, int(mtime) * 1_000_000_000)
                 if key not in out or info.name < out[key].name:
                     out[key] = m
     except (OSError, tarfile.TarError) as e:
@@ -188,22 +196,55 @@ def read_member(m: Member) -> bytes:
 
 def header_mismatch(header: bytes, m: Member) -> str | None:
     """Why the 512-byte tar header just before a member's data is not the member the plan recorded (None if it is).
-    a read checks its name, size and mtime for free (the same positioned read), so a shard rewritten with other
-    members at those offsets never yields another image's bytes. Long names (GNU or pax) leave the header a
-    truncated name, which must then be a prefix of the recorded one."""
-    try:
-        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-    except tarfile.HeaderError as e:
-        return f"byte {m.offset - tarfile.BLOCKSIZE} is no longer a tar header ({e})"
-    name = info.name  # a member read from the plan is named by its sample key (the member name without suffix)
-    truncated = len(name.encode("utf-8", "surrogateescape")) >= 99 and m.name.startswith(name)
-    if m.name not in (name, sample_key(name)) and not truncated:
-        return f"the member at byte {m.offset} is now {name!r}, not {m.name!r}"
+    A read checks its name, size and mtime for free (the same positioned read), so a shard rewritten with other
+    members at those offsets never yields another image's bytes. Size and mtime are compared exactly: the listing
+    took them from this same block. The name is compared exactly unless the writer had to shorten it (see
+    `names_agree`)."""
+    info = _parse_header(header)
+    if info is None:
+        return f"byte {m.offset - tarfile.BLOCKSIZE} is no longer a tar header"
+    if not names_agree(info.name, m.name):
+        return f"the member at byte {m.offset} is now {info.name!r}, not {m.name!r}"
     if info.size != m.size:
         return f"{m.name!r} is now {info.size} bytes, planned as {m.size}"
     if m.mtime_ns >= 0 and int(info.mtime) * 1_000_000_000 != m.mtime_ns:
         return f"{m.name!r} has another modification time than when planned"
     return None
+
+
+def _parse_header(block: bytes) -> tarfile.TarInfo | None:
+    """A member's own header block, as it stands (no extended headers applied); None if it is not one."""
+    try:
+        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+
+
+VERBATIM_NAME = 80  # planned names (or keys) this short and ASCII are stored in the header as they are, by any writer
+
+
+def names_agree(stored: str, planned: str) -> bool:
+    """Whether a header block's own name field (`stored`) names the planned member (its full name, or its sample
+    key when the plan is read from the index). A name that does not fit the block (over 100 bytes with its suffix,
+    or not ASCII) lives in a pax or GNU extended header, and the block holds the writer's own shortening of it:
+    tarfile truncates it and writes '?' for each non-ASCII character, GNU tar truncates, bsdtar drops directories
+    and cuts the middle. Such a name agrees when the stored one's sample key is a shortening of it: its characters
+    in order, '?' (or a cut UTF-8 byte) standing for one non-ASCII character."""
+    if planned in (stored, sample_key(stored)):
+        return True
+    if planned.isascii() and len(planned) <= VERBATIM_NAME:
+        return False
+    return _shortens(sample_key(stored), planned)
+
+
+def _shortens(short: str, long: str) -> bool:
+    rest = iter(long)
+    return bool(short) and all(any(c == x or (_stands_in(c) and not x.isascii()) for x in rest) for c in short)
+
+
+def _stands_in(c: str) -> bool:
+    """'?' (tarfile's ASCII replacement) or a byte of a UTF-8 character cut at the block's 100 bytes."""
+    return c == "?" or "\udc80" <= c <= "\udcff"
 
 
 def shard_paths(source: str) -> list[str]:
