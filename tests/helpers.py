@@ -317,3 +317,47 @@ def edit_metadata(cache: Path, change: Callable[[dict], None], *, restamp: bool 
     if restamp:
         doc["attributes"]["dinofeat"] = stamp(doc["attributes"]["dinofeat"])
     path.write_text(json.dumps(doc, indent=2))
+
+
+# ---- caches made by an older commit (byte-identity tests) ----------------------------------------------------------
+VOLATILE = {  # ids, times, the version that wrote it
+    "cache_id",
+    "created",
+    "sealed_at",
+    "meta_checksums",
+    "dinofeat_version",
+}
+
+
+def old_tree(dest: Path, commit: str) -> bool:
+    """The package as it was at `commit` (from git), or False where the history is not at hand."""
+    try:
+        archive = subprocess.run(["git", "archive", commit, "dinofeat", "buckets"], cwd=ROOT, capture_output=True,
+                                 timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if archive.returncode != 0:
+        return False
+    dest.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return True
+
+
+def comparable_files(cache: Path) -> dict[str, object]:
+    """Every file of a cache by path: its bytes, except for what holds ids and times (compared without them)."""
+    out: dict[str, object] = {}
+    for p in sorted(cache.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(cache).as_posix()
+        if rel == "zarr.json":
+            doc = json.loads(p.read_text())
+            meta = doc["attributes"]["dinofeat"]
+            meta = {k: v for k, v in meta.items() if k not in VOLATILE}
+            meta["last_sealed"] = {k: v for k, v in meta["last_sealed"].items() if k != "sealed_at"}
+            out[rel] = {**doc, "attributes": {"dinofeat": meta}}
+        elif rel.startswith("_dinofeat/done/"):
+            out[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k != "time"}
+        else:
+            out[rel] = p.read_bytes()
+    return out

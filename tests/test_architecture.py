@@ -4,13 +4,14 @@ function: a layer imports only the layers it sits on, and each heavy library has
 from __future__ import annotations
 
 import ast
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import comparable_files, old_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dinofeat"
@@ -125,54 +126,12 @@ OLD_RUN = (
     "extract(sys.argv[1], sys.argv[2], model=sys.argv[3], area=64, shard_mb=0.004, flip=True, "
     "num_workers=0, progress=False, dtype='fp32', device='cpu')"
 )
-VOLATILE = {  # ids, times, the version that wrote it
-    "cache_id",
-    "created",
-    "sealed_at",
-    "meta_checksums",
-    "dinofeat_version",
-}
-
-
-def _old_tree(dest: Path) -> bool:
-    """The package as it was before the move (from git), or False where the history is not at hand."""
-    try:
-        archive = subprocess.run(
-            ["git", "archive", BEFORE_MOVE, "dinofeat", "buckets"], cwd=ROOT, capture_output=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    if archive.returncode != 0:
-        return False
-    dest.mkdir()
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    return True
-
-
-def _comparable(cache: Path) -> dict[str, object]:
-    """Every file of a cache by path: its bytes, except for what holds ids and times (compared without them)."""
-    out: dict[str, object] = {}
-    for p in sorted(cache.rglob("*")):
-        if not p.is_file():
-            continue
-        rel = p.relative_to(cache).as_posix()
-        if rel == "zarr.json":
-            doc = json.loads(p.read_text())
-            meta = doc["attributes"]["dinofeat"]
-            meta = {k: v for k, v in meta.items() if k not in VOLATILE}
-            meta["last_sealed"] = {k: v for k, v in meta["last_sealed"].items() if k != "sealed_at"}
-            out[rel] = {**doc, "attributes": {"dinofeat": meta}}
-        elif rel.startswith("_dinofeat/done/"):
-            out[rel] = {k: v for k, v in json.loads(p.read_text()).items() if k != "time"}
-        else:
-            out[rel] = p.read_bytes()
-    return out
 
 
 @pytest.mark.slow
 def test_a_cache_written_before_and_after_the_move_is_byte_identical(tmp_path, dinov3_path):
     old = tmp_path / "old"
-    if not _old_tree(old):
+    if not old_tree(old, BEFORE_MOVE):
         pytest.skip(f"commit {BEFORE_MOVE} is not in this checkout's history")
     from dinofeat.extraction.run import extract
     from tests.helpers import write_images
@@ -187,7 +146,7 @@ def test_a_cache_written_before_and_after_the_move_is_byte_identical(tmp_path, d
     assert r.returncode == 0, r.stderr[-3000:]
     extract(imgs, tmp_path / "after", model=str(dinov3_path), area=64, shard_mb=0.004, flip=True,
             num_workers=0, progress=False, dtype="fp32", device="cpu")  # fmt: skip
-    before, after = _comparable(tmp_path / "before"), _comparable(tmp_path / "after")
+    before, after = comparable_files(tmp_path / "before"), comparable_files(tmp_path / "after")
     assert sorted(before) == sorted(after)
     different = [rel for rel in before if before[rel] != after[rel]]
     assert not different, different

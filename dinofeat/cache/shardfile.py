@@ -209,9 +209,10 @@ def _open_shard(files: Files, path: str, index_bytes: int, chunks: int, verify: 
     return _OpenShard(blob, np.frombuffer(raw[: chunks * 16], "<u8").reshape(-1, 2))
 
 
-def encode_shard(layout: ShardLayout, values: np.ndarray) -> bytes:
-    """One whole shard object in zarr v3's `sharding_indexed` format, as zarr reads it: every row's bytes (plus its
-    crc32c trailer when the layout has one), then the index of (offset, nbytes) pairs and its crc32c.
+def shard_parts(layout: ShardLayout, values: np.ndarray) -> list[memoryview | bytes]:
+    """One whole shard object in zarr v3's `sharding_indexed` format, as zarr reads it, in parts that point into
+    `values` (no copy of a row): every row's bytes, each followed by its crc32c trailer when the layout has one, then
+    the index of (offset, nbytes) pairs and its crc32c.
 
     Every row is stored, all-zero ones included: zarr's own writer drops a chunk that equals the fill value, and
     a shard whose rows are all fill values (every image of a rare bucket failed) not at all, which a reader cannot
@@ -221,20 +222,19 @@ def encode_shard(layout: ShardLayout, values: np.ndarray) -> bytes:
     rows = layout.shard_shape[0]
     if n > rows or tuple(values.shape[1:]) != tuple(layout.chunk_shape[1:]):
         raise ValueError(f"{layout.path}: {values.shape} does not fit a shard of {layout.shard_shape}")
-    data = np.ascontiguousarray(values, dtype=layout.dtype).reshape(n, -1).view(np.uint8)
-    chunk = layout.chunk_nbytes
-    body = np.empty((n, layout.stored_nbytes), np.uint8)
-    body[:, :chunk] = data
-    if layout.chunk_crc:
-        crcs = np.array([crc32c(row) for row in data], "<u4")
-        body[:, chunk:] = crcs.view(np.uint8).reshape(n, 4)
+    data = np.ascontiguousarray(values, dtype=layout.dtype).reshape(n, -1).view(np.uint8)  # a view when it can
+    parts: list[memoryview | bytes] = []
+    for row in data:
+        parts.append(memoryview(row))
+        if layout.chunk_crc:
+            parts.append(struct.pack("<I", crc32c(row)))
     index = np.full((rows, 2), _EMPTY, "<u8")
     index[:n, 0] = np.arange(n, dtype=np.uint64) * np.uint64(layout.stored_nbytes)
     index[:n, 1] = layout.stored_nbytes
     tail = index.tobytes()
     if layout.checksum:
         tail += struct.pack("<I", crc32c(tail))
-    return body.tobytes() + tail
+    return [*parts, tail]
 
 
 def shard_file_name(layout: ShardLayout, shard: int) -> str:

@@ -19,9 +19,9 @@ from dinofeat.cache.objects import Files
 from dinofeat.cache.shardfile import (
     ShardLayout,
     check_array_doc,
-    encode_shard,
     read_layout,
     shard_file_name,
+    shard_parts,
     stored_chunk_checksums,
 )
 
@@ -107,15 +107,16 @@ class Shards:
 
     def write(self, bucket: str, start: int, arrays: dict[str, np.ndarray]) -> int:
         """One whole shard object per array covering exactly the shard's rows, every row stored with its crc32c
-        (`encode_shard`; zarr's writer would drop all-zero rows and all-failed shards). One atomic write each: a
-        temp file, fsync and rename locally, one PUT on object storage. Returns bytes written."""
+        (`shard_parts`; zarr's writer would drop all-zero rows and all-failed shards). One atomic write each: a
+        temp file written from the rows in place, fsync and rename locally, one PUT on object storage. Returns bytes
+        written."""
         written = 0
         for name, values in arrays.items():
             lay = self.layout(bucket, name)
             rows = lay.shard_shape[0]
             if start % rows or start + len(values) > lay.shape[0]:
                 raise ValueError(f"{bucket}/{name}: rows {start}..{start + len(values)} are not one shard")
-            self.store.files.write(shard_file_name(lay, start // rows), encode_shard(lay, values))
+            self.store.files.write_parts(shard_file_name(lay, start // rows), shard_parts(lay, values))
             written += values.nbytes
         return written
 

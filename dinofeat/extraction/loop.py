@@ -7,8 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import Counter
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,78 +18,106 @@ from dinofeat.cache.layout import BucketPlan, Plan
 from dinofeat.cache.store import Store
 from dinofeat.errors import DinofeatError, SourceChangedError
 from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.hostbuffers import HostBuffers
 from dinofeat.extraction.loader import BatchJob, DecodedBatch, make_loader
 from dinofeat.extraction.locate import planned_facts
 from dinofeat.extraction.model import Encoder
 from dinofeat.extraction.plan import batch_size_for, pending_batches
 from dinofeat.extraction.prepare import Prepared
 from dinofeat.extraction.tokens import split_tokens
-from dinofeat.extraction.writer import ShardResult, ShardWriter
+from dinofeat.extraction.writer import WRITER_THREADS, ShardResult, ShardWriter, Timings
 from dinofeat.sources.discover import Facts, Source
 
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
 
 
 class _ShardAssembler:
-    """Collects batch outputs into whole shards, then hands each finished shard to the writer."""
+    """Copies each batch's outputs straight into the host arrays of the shards they belong to (reused buffers,
+    pinned on a GPU, so the copies run asynchronously), and hands each shard to the writer once its last row is in."""
 
-    def __init__(self, bucket: BucketPlan, pending: set[int], writer: ShardWriter, store_dtype: str) -> None:
+    def __init__(
+        self, bucket: BucketPlan, pending: set[int], writer: ShardWriter, buffers: HostBuffers, store_dtype: str
+    ) -> None:
         self.b = bucket
         self.pending = pending
         self.writer = writer
+        self.buffers = buffers
         self.store_dtype = store_dtype
-        self.parts: dict[int, list[tuple[int, dict[str, torch.Tensor]]]] = {}
-        self.filled: Counter[int] = Counter()
-        self.failed: dict[int, dict[int, str]] = {}
-        self.changed: dict[int, dict[int, Facts]] = {}
-        self.event: Any = None
+        self.open: dict[int, _OpenShard] = {}
 
     def add(
         self,
         start: int,
         outputs: dict[str, torch.Tensor],
+        moments: dict[str, torch.Tensor],
         failed: dict[int, str],
         changed: dict[int, Facts],
-        event: Any,
     ) -> None:
         stop = start + next(iter(outputs.values())).shape[0]
-        self.event = event
         for u in range(start // self.b.shard_rows, (stop - 1) // self.b.shard_rows + 1):
             if u not in self.pending:
                 continue
             s0, s1 = self.b.shard_range(u)
             a, z = max(s0, start), min(s1, stop)
-            self.parts.setdefault(u, []).append((a - s0, {k: v[a - start : z - start] for k, v in outputs.items()}))
-            self.failed.setdefault(u, {}).update({r: why for r, why in failed.items() if a <= r < z})
-            self.changed.setdefault(u, {}).update({r: f for r, f in changed.items() if a <= r < z and r not in failed})
-            self.filled[u] += z - a
-            if self.filled[u] == s1 - s0:
+            shard = self.open.get(u) or self._open(u, s1 - s0, outputs, moments)
+            for name, t in outputs.items():
+                shard.arrays[name][a - s0 : z - s0].copy_(t[a - start : z - start], non_blocking=True)
+            for name, m in moments.items():
+                shard.moments[name][:, a - s0 : z - s0].copy_(m[:, a - start : z - start], non_blocking=True)
+            shard.failed.update({r: why for r, why in failed.items() if a <= r < z})
+            shard.changed.update({r: f for r, f in changed.items() if a <= r < z and r not in failed})
+            shard.filled += z - a
+            if shard.filled == s1 - s0:
                 self._flush(u, s0, s1)
 
+    def _open(self, u: int, rows: int, outputs: dict[str, torch.Tensor], moments: dict[str, torch.Tensor]):
+        take = self.buffers.take
+        dtype = _STORE_TORCH[self.store_dtype]
+        shard = _OpenShard(
+            {n: take((rows, *t.shape[1:]), dtype) for n, t in outputs.items()},
+            {n: take((2, rows, m.shape[-1]), torch.float64) for n, m in moments.items()},
+        )
+        self.open[u] = shard
+        return shard
+
     def _flush(self, u: int, s0: int, s1: int) -> None:
-        parts, failed, event, dtype = self.parts.pop(u), self.failed.pop(u, {}), self.event, self.store_dtype
-        changed = self.changed.pop(u, {})
+        shard, dtype = self.open.pop(u), self.store_dtype
+        event = None
+        if any(t.is_pinned() for t in shard.arrays.values()):
+            event = torch.cuda.Event()
+            event.record()  # after every copy into this shard was queued
 
         def build() -> dict[str, np.ndarray]:
             if event is not None:
                 event.synchronize()  # device->host copies of this shard have landed
-            out: dict[str, np.ndarray] = {}
-            for name in parts[0][1]:
-                first = parts[0][1][name]
-                arr = np.zeros((s1 - s0, *first.shape[1:]), _host_np_dtype(dtype))
-                for off, tensors in parts:
-                    t = tensors[name]
-                    arr[off : off + t.shape[0]] = _to_numpy(t, dtype)
-                for r in failed:
+            out = {name: _to_numpy(t, dtype) for name, t in shard.arrays.items()}
+            for arr in out.values():
+                for r in shard.failed:
                     arr[r - s0] = 0  # failed rows are zeros; their status says failed
-                out[name] = arr
             return out
 
-        self.writer.submit(ShardResult(self.b.name, u, s0, s1, build, failed, changed))
+        def moments() -> dict[str, np.ndarray]:
+            return {name: m.numpy() for name, m in shard.moments.items()}  # build() waited for them
+
+        def release() -> None:
+            for t in (*shard.arrays.values(), *shard.moments.values()):
+                self.buffers.give(t)
+
+        result = ShardResult(self.b.name, u, s0, s1, build, shard.failed, shard.changed, None, release)
+        if shard.moments:
+            result.moments = moments
+        self.writer.submit(result)
 
 
-def _host_np_dtype(store_dtype: str) -> np.dtype:
-    return np.dtype({"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}[store_dtype])
+@dataclass
+class _OpenShard:
+    """A shard being filled: its host arrays (and per-row moments), failures, changed sources, rows filled."""
+
+    arrays: dict[str, torch.Tensor]
+    moments: dict[str, torch.Tensor]
+    failed: dict[int, str] = field(default_factory=dict)
+    changed: dict[int, Facts] = field(default_factory=dict)
+    filled: int = 0
 
 
 def _to_numpy(t: torch.Tensor, store_dtype: str) -> np.ndarray:
@@ -101,14 +129,17 @@ def _to_numpy(t: torch.Tensor, store_dtype: str) -> np.ndarray:
 _STORE_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _to_host(t: torch.Tensor, store_dtype: str) -> torch.Tensor:
-    """Cast on the device (halves the transfer for fp16), copy into pinned memory without blocking."""
-    t = t.to(_STORE_TORCH[store_dtype])
-    if t.device.type == "cpu":
-        return t.contiguous()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
+def moments_on_device(device: torch.device) -> bool:
+    """Where the statistics' sums are taken: on a GPU before the copy (nearly free there), on a CPU by the writer
+    threads from the host rows (the main thread's cores belong to the model)."""
+    return device.type == "cuda"
+
+
+def row_moments(t: torch.Tensor) -> torch.Tensor:
+    """[B, ..., D] -> [2, B, D] float64: each row's per-channel sum and sum of squares of its vectors, in float32
+    from the values as stored. On the device, before the copy to the host: the writer then only sums rows."""
+    x = t.reshape(t.shape[0], -1, t.shape[-1]).float()
+    return torch.stack([x.sum(1), (x * x).sum(1)]).double()
 
 
 def default_workers(device: torch.device) -> int:
@@ -139,39 +170,40 @@ def run_shards(
     pending: set[tuple[str, int]],
     progress: bool = True,
     pruned: set[str] | frozenset[str] = frozenset(),
-) -> tuple[int, float, int]:
-    """Extract every pending shard; returns when all are written (or raises on a fatal error) with (images
-    extracted, seconds, bytes written). Rows of `pruned` images are stored as failed (zeros, left out of the
-    statistics): they are gone from the source."""
+) -> LoopResult:
+    """Extract every pending shard; returns when all are written (or raises on a fatal error) with what it did.
+    Rows of `pruned` images are stored as failed (zeros, left out of the statistics): they are gone from the
+    source."""
     cfg = prep.config
     buckets = {b.name: b for b in plan.buckets}
     mine = {name: {u for (n, u) in pending if n == name} for name in buckets}
     jobs = _batch_jobs(plan, src, prep, mine)
     if not jobs:
-        return 0, 0.0, 0
+        return LoopResult(0, 0.0, 0, {})
     arrays = prep.arrays
     encoder = Encoder(
         prep.model, prep.device, prep.dtype, cfg.compile, len({j.size for j in jobs}), arrays.layers, arrays.layer_norm
     )
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(prep.device)
-    loader = make_loader(jobs, cfg.recipe, workers, prep.device.type == "cuda", cfg.decode_timeout_s)
-    writer = ShardWriter(st)
-    assemblers = {name: _ShardAssembler(buckets[name], mine[name], writer, cfg.store_dtype) for name in buckets}
+    cuda = prep.device.type == "cuda"
+    loader = make_loader(jobs, cfg.recipe, workers, cuda, cfg.decode_timeout_s)
+    writer = ShardWriter(st, max_pending=WRITER_QUEUE)
+    shard_bytes = int(cfg.shard_mb * 2**20)
+    buffers = HostBuffers(pinned=cuda, keep_bytes=(WRITER_QUEUE + WRITER_THREADS + 2) * shard_bytes)
+    assemblers = {n: _ShardAssembler(buckets[n], mine[n], writer, buffers, cfg.store_dtype) for n in buckets}
     gone = _pruned_rows(plan, pruned)
     n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
+    timings = writer.timings
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar:
-            batch: DecodedBatch
-            for batch in loader:
+            for batch in _timed(loader, timings):
                 job, b = batch.job, buckets[batch.job.bucket]
-                outputs = _encode(encoder, batch, b, prep)
-                event = None
-                if prep.device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record()
+                with timings.stage("encode"):
+                    outputs, moments = _encode(encoder, batch, b, prep, device_moments=moments_on_device(prep.device))
                 failed = batch.failed | {r: PRUNED for r in gone.get(b.name, ()) if job.start <= r < job.stop}
-                assemblers[job.bucket].add(job.start, outputs, failed, batch.changed, event)
+                with timings.stage("host_copy"):  # includes waiting on the writers when a shard is handed over
+                    assemblers[job.bucket].add(job.start, outputs, moments, failed, batch.changed)
                 bar.update(_rows_in(b, mine[b.name], job.start, job.stop))
     except BaseException as e:
         with contextlib.suppress(BaseException):
@@ -181,7 +213,35 @@ def run_shards(
             raise
         raise err from (None if isinstance(e, SourceChangedError) else e)
     writer.close()
-    return n_pending, time.perf_counter() - t0, writer.bytes_written
+    return LoopResult(n_pending, time.perf_counter() - t0, writer.bytes_written, dict(timings.seconds))
+
+
+WRITER_QUEUE = 2  # shards waiting for a writer thread, beyond those being written
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """What `run_shards` did: images extracted, seconds, feature bytes written, and seconds per stage: `loader_wait`
+    (the main thread waiting for decoded batches), `encode` (the model, cast; on a GPU only the launch unless the host
+    waits), `host_copy` (copies into shard buffers, `writer_wait` included), `writer_wait` (blocked handing a shard
+    over), and the writer threads' summed `writer_build`, `writer_stats`, `writer_write` (encode, write, fsync),
+    `writer_marker`."""
+
+    images: int
+    seconds: float
+    bytes_written: int
+    timings: dict[str, float]
+
+
+def _timed(loader: Iterable[DecodedBatch], timings: Timings) -> Iterator[DecodedBatch]:
+    """The loader's batches, the wait for each added to `loader_wait`."""
+    it = iter(loader)
+    while True:
+        with timings.stage("loader_wait"):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
 
 
 PRUNED = "pruned: gone from the source"
@@ -206,18 +266,24 @@ def _batch_jobs(plan: Plan, src: Source, prep: Prepared, mine: dict[str, set[int
     return jobs
 
 
-def _encode(encoder: Encoder, batch: DecodedBatch, b: BucketPlan, prep: Prepared) -> dict[str, torch.Tensor]:
-    """One decoded batch through the encoder: every stored array (block x variant x token kind), cast to the
-    stored dtype and on its way to pinned host memory."""
+def _encode(
+    encoder: Encoder, batch: DecodedBatch, b: BucketPlan, prep: Prepared, device_moments: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One decoded batch through the encoder: every stored array (block x variant x token kind), cast to the stored
+    dtype on the device; with `device_moments`, also each statistics array's per-row moments (`row_moments`)."""
     cfg, arrays = prep.config, prep.arrays
     states = encoder.encode_variants(batch.pixels, cfg.recipe.mean, cfg.recipe.std, arrays.flip)
-    outputs = {}
+    stat_names = set(arrays.stat_names()) if device_moments else set()
+    outputs, moments = {}, {}
     for (layer, flipped), hidden in states.items():
         parts = split_tokens(hidden, prep.model.num_register_tokens, b.grid)
         tokens = dict(zip(("cls", "registers", "patches"), parts, strict=True))
         for base in arrays.bases:
-            outputs[arrays.name(base, layer, flipped)] = _to_host(tokens[base], cfg.store_dtype)
-    return outputs
+            name = arrays.name(base, layer, flipped)
+            outputs[name] = tokens[base].to(_STORE_TORCH[cfg.store_dtype])
+            if arrays.name(base, layer, False) in stat_names:
+                moments[name] = row_moments(outputs[name])
+    return outputs, moments
 
 
 def _pruned_rows(plan: Plan, pruned: set[str] | frozenset[str]) -> dict[str, set[int]]:

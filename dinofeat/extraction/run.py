@@ -66,6 +66,7 @@ class Summary:
     repaired: list[str] = field(default_factory=list)  # shards --repair found damaged and re-extracted
     damaged: list[str] = field(default_factory=list)  # marked shards whose files are gone (rerun with --repair)
     inherited: dict[str, Any] = field(default_factory=dict)  # settings taken from the cache (not given this run)
+    timings: dict[str, float] = field(default_factory=dict)  # this process's seconds per stage (loop.LoopResult)
     version: str = __version__
 
     @property
@@ -169,8 +170,9 @@ def _extract(
     with contextlib.ExitStack() as held, _disk_errors(cache):
         st, plan, src = _open_on_every_rank(cache, src, prep, group, actions, summary, held)
         pending = _pending_shards(st, plan, src, group, summary)
-        done, seconds, written = run_shards(st, plan, src, prep, pending, progress, st.index.pruned())
-        summary.processed, summary.seconds, summary.bytes_written = done, seconds, written
+        ran = run_shards(st, plan, src, prep, pending, progress, st.index.pruned())
+        summary.processed, summary.seconds, summary.bytes_written = ran.images, ran.seconds, ran.bytes_written
+        summary.timings = ran.timings
         group.barrier()  # every rank's shards are marked before anyone seals
         _finish(st, plan, group, summary, repaired=repair)
         if summary.sealed and group.is_leader:
