@@ -59,7 +59,12 @@ def test_bench_on_a_tiny_model(dinov3_path):
     assert r.model_only_img_s > 0 and r.end_to_end_img_s > 0 and r.end_to_end_wall_img_s > 0
     assert r.peak_tflops > 0 and r.utilization > 0
     assert r.eta_s(2000) == pytest.approx(2 * r.eta_s(1000)) == pytest.approx(4 * r.eta_s(1000, processes=2))
-    assert set(r.to_dict()) >= {"model_only_img_s", "end_to_end_over_model_only", "utilization"}
+    assert set(r.to_dict()) >= {"model_only_img_s", "end_to_end_over_model_only", "utilization", "writes_over_dropped"}
+    # the pipeline's ceiling: a stub encoder with writes, and without; where the writes' time went
+    assert r.pipeline_img_s > 0 and r.pipeline_dropped_img_s > 0 and r.pipeline_shards >= 1
+    assert {"loader_wait", "encode", "host_copy", "writer_stats", "writer_write", "writer_marker"} <= set(
+        r.pipeline_timings
+    )
 
 
 def test_bench_command(dinov3_path, tmp_path):
@@ -70,5 +75,6 @@ def test_bench_command(dinov3_path, tmp_path):
     out = CliRunner().invoke(app, [*args, "--images", str(tmp_path / "imgs"), "--eta-images", "1000000"])
     assert out.exit_code == 0, out.output
     assert "model-only" in out.output and "end-to-end" in out.output and "1,000,000 images" in out.output
+    assert "with a stub model" in out.output and "write + fsync" in out.output
     bad = CliRunner().invoke(app, ["bench", "--model", "random:nope"])
     assert bad.exit_code == 1 and "unknown random model" in bad.output

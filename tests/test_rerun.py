@@ -106,7 +106,7 @@ def test_recorded_options_read_the_fingerprint_back(fingerprint, want):
 @pytest.mark.slow
 def test_ctrl_c_says_how_far_the_run_got_and_how_to_go_on(tmp_path, dinov3_path):
     imgs = tmp_path / "imgs"
-    write_images(imgs, [(64, 48)] * 40 + [(48, 64)] * 40)
+    write_images(imgs, [(64, 48)] * 200 + [(48, 64)] * 200)  # a run of ~1 s: a 0.05 s poll catches it half way
     cache = tmp_path / "c"
     proc = run_cli(["precompute", str(imgs), str(cache), *kill_test_args(dinov3_path)])
     deadline = time.monotonic() + 120
@@ -119,9 +119,9 @@ def test_ctrl_c_says_how_far_the_run_got_and_how_to_go_on(tmp_path, dinov3_path)
     assert proc.returncode == 130, out
     line = next(ln for ln in out.splitlines() if ln.startswith("interrupted: "))
     done = int(line.split()[1])
-    assert "of 80 images done; rerun the same command to resume" in line and 0 < done < 80
+    assert "of 400 images done; rerun the same command to resume" in line and 0 < done < 400
     info = json.loads(runner.invoke(app, ["info", str(cache), "--json"]).stdout)
-    assert info["state"] == "planned" and info["done"] + info["failed"] == done and info["pending"] == 80 - done
+    assert info["state"] == "planned" and info["done"] + info["failed"] == done and info["pending"] == 400 - done
     v = runner.invoke(app, ["validate", str(cache)])
     assert v.exit_code == 1 and v.stdout.splitlines()[0].startswith("FAIL complete   cache: unfinished: ")
     assert len([ln for ln in v.stdout.splitlines() if ln.startswith("FAIL ")]) == 1  # one summary, not a line per image

@@ -16,7 +16,7 @@ import torch
 from dinofeat.cache import objects
 from dinofeat.cache.objects import writev_all
 from dinofeat.cache.stats import ChannelStats
-from dinofeat.extraction import loop
+from dinofeat.extraction import assemble
 from dinofeat.extraction.hostbuffers import HostBuffers
 from dinofeat.extraction.run import extract
 from dinofeat.read.reader import FeatureCache
@@ -78,7 +78,7 @@ def test_statistics_from_device_moments_equal_the_writers_own(tmp_path, images, 
     """The GPU path (per-row sums taken on the device before the copy), run on the CPU: the same features, and the
     statistics within float32 rounding of those the writer computes from the rows."""
     extract(images, tmp_path / "host", model=str(dinov3_path), **OPTS)
-    monkeypatch.setattr(loop, "moments_on_device", lambda device: True)
+    monkeypatch.setattr(assemble, "moments_on_device", lambda device: True)
     extract(images, tmp_path / "device", model=str(dinov3_path), **OPTS)
     host, device = comparable_files(tmp_path / "host"), comparable_files(tmp_path / "device")
     stats_host, stats_device = _stats_files(host), _stats_files(device)
@@ -97,7 +97,7 @@ def test_channel_stats_from_moments_equal_direct():
     x = np.random.default_rng(0).standard_normal((3, 700, 16)).astype(np.float16)
     direct = ChannelStats.of(x)
     rows = torch.from_numpy(x)
-    m = loop.row_moments(rows).numpy()
+    m = assemble.row_moments(rows).numpy()
     via = ChannelStats.from_moments(x.shape[0] * x.shape[1], m[0].sum(0), m[1].sum(0))
     assert via.count == direct.count
     np.testing.assert_allclose(via.mean, direct.mean, rtol=1e-6, atol=1e-9)

@@ -125,6 +125,19 @@ def bench(r: Any, eta_images: int) -> None:
         f"  end-to-end  {r.end_to_end_img_s:8.2f} img/s  ({r.end_to_end_over_model_only:.0%} of model-only; "
         f"{r.end_to_end_wall_img_s:.2f} img/s counting probe, plan and model load; decode workers: {r.workers})"
     )
+    typer.echo(
+        f"  pipeline    {r.pipeline_img_s:8.2f} img/s  with a stub model ({r.pipeline_dropped_img_s:.2f} img/s with "
+        f"writes dropped: writing keeps {r.writes_over_dropped:.0%})"
+    )
+    t, shards = r.pipeline_timings, max(1, r.pipeline_shards)
+    typer.echo(
+        f"    where it went: waiting for decoded batches {t.get('loader_wait', 0):.2f} s, copies "
+        f"{t.get('host_copy', 0):.2f} s (waiting on the writers {t.get('writer_wait', 0):.2f} s)"
+    )
+    typer.echo(
+        f"    per shard in the writers: statistics {t.get('writer_stats', 0) / shards:.3f} s, write + fsync "
+        f"{t.get('writer_write', 0) / shards:.3f} s, marker {t.get('writer_marker', 0) / shards:.3f} s"
+    )
     hours = r.eta_s(eta_images) / 3600
     typer.echo(f"  ETA for {eta_images:,} images: {hours:.1f} h on one such device, {hours / 8:.1f} h on 8")
 

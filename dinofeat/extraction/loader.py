@@ -1,8 +1,12 @@
-"""Decode + resize in DataLoader worker processes. One item is one whole batch of one bucket, shipped as uint8."""
+"""Decode + resize in DataLoader worker processes, shipped as uint8. A worker's item is a decode task of a few
+images of one model batch, not the whole batch: with batches of 127 images and 15 workers, whole-batch items kept
+most workers idle on short runs and made the first batch wait for one worker to decode 127 images. `batches`
+re-assembles the tasks, which arrive in plan order, into exactly the model batches of the plan (so the cache is
+the same, byte for byte)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,26 +45,41 @@ class DecodedBatch:
         return DecodedBatch(self.job, self.pixels.pin_memory(), self.failed, self.changed)
 
 
-class BatchDecodeDataset(Dataset):
-    """Map-style over batch jobs; nothing heavy is held, so it pickles cheaply into workers."""
+@dataclass(frozen=True)
+class DecodeTask:
+    """Images [a, b) of one batch job: what one worker decodes at a time."""
 
-    def __init__(self, jobs: Sequence[BatchJob], recipe: Recipe) -> None:
-        self.jobs = list(jobs)
+    job: BatchJob
+    a: int
+    b: int
+
+
+class BatchDecodeDataset(Dataset):
+    """Map-style over decode tasks; nothing heavy is held, so it pickles cheaply into workers."""
+
+    def __init__(self, jobs: Sequence[BatchJob], recipe: Recipe, task_images: int | None = None) -> None:
+        self.tasks = [
+            DecodeTask(job, a, min(a + (task_images or len(job.paths)), len(job.paths)))
+            for job in jobs
+            for a in range(0, len(job.paths), task_images or max(1, len(job.paths)))
+        ]
         self.recipe = recipe
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return len(self.tasks)
 
     def __getitem__(self, i: int) -> DecodedBatch:
-        job = self.jobs[i]
+        task = self.tasks[i]
+        job = task.job
         w, h = job.size
-        out = np.zeros((len(job.paths), h, w, 3), np.uint8)
+        out = np.zeros((task.b - task.a, h, w, 3), np.uint8)
         failed: dict[int, str] = {}
         changed: dict[int, Facts] = {}
-        for k, path in enumerate(job.paths):
+        for k in range(task.a, task.b):
+            path = job.paths[k]
             try:
                 now = _facts_now(path) if job.planned else None
-                out[k] = load_resized(path, job.size, self.recipe)
+                out[k - task.a] = load_resized(path, job.size, self.recipe)
                 if now is not None and not same_facts(now, job.planned[k]):
                     changed[job.start + k] = now  # the source changed since planning: the index will say what we read
             except ImageError as e:
@@ -70,6 +89,37 @@ class BatchDecodeDataset(Dataset):
             except Exception as e:  # a decoder bug on one file must not end a multi-hour run
                 failed[job.start + k] = f"decode error: {type(e).__name__}: {e}"
         return DecodedBatch(job, torch.from_numpy(out), failed, changed)
+
+
+def batches(tasks: Iterable[DecodedBatch], device: torch.device) -> Iterator[DecodedBatch]:
+    """Decoded tasks (in plan order) -> whole batch jobs. Each task's pixels go to the device as they arrive (from
+    pinned memory: asynchronously); a job's pixels are joined there."""
+    parts: list[torch.Tensor] = []
+    failed: dict[int, str] = {}
+    changed: dict[int, Facts] = {}
+    for task in tasks:
+        parts.append(task.pixels.to(device, non_blocking=True))
+        failed |= task.failed
+        changed |= task.changed
+        job = task.job
+        if sum(len(p) for p in parts) == len(job.paths):
+            pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
+            yield DecodedBatch(job, pixels, failed, changed)
+            parts, failed, changed = [], {}, {}
+    if parts:
+        raise RuntimeError("the decode tasks ended inside a batch")  # cannot happen: tasks cover whole jobs
+
+
+TASK_IMAGES = 4  # images per decode task: small enough to keep every worker busy, large enough to amortise the IPC
+
+
+def task_images(jobs: Sequence[BatchJob], num_workers: int) -> int | None:
+    """Images per decode task: None (whole batches) when decoding inline; else a few, fewer when the batches are
+    small beside the workers (a batch of 8 on 4 workers: tasks of 2)."""
+    if num_workers == 0 or not jobs:
+        return None
+    largest = max(len(j.paths) for j in jobs)
+    return max(1, min(TASK_IMAGES, -(-largest // num_workers)))
 
 
 def _facts_now(path: str | Member) -> Facts | None:
@@ -87,17 +137,21 @@ def _identity(x: DecodedBatch) -> DecodedBatch:
 def make_loader(
     jobs: Sequence[BatchJob], recipe: Recipe, num_workers: int, pin_memory: bool, timeout_s: float = 0
 ) -> DataLoader:
-    """In-order loader (batches of a shard arrive consecutively), `prefetch_factor` batches ahead per worker.
-    `timeout_s` turns a worker stuck on one file (a hung network mount) into an error instead of a silent stall:
-    the run stops, finished shards are kept, and a rerun resumes."""
+    """In-order loader of decode tasks (the tasks of a batch, and the batches of a shard, arrive consecutively),
+    enough tasks ahead per worker for about two of the largest batches in flight. `timeout_s` turns a worker stuck
+    on one file (a hung network mount) into an error instead of a silent stall: the run stops, finished shards are
+    kept, and a rerun resumes."""
+    per_task = task_images(jobs, num_workers)
+    largest = max((len(j.paths) for j in jobs), default=1)
+    ahead = max(4, -(-2 * largest // (max(1, num_workers) * (per_task or largest))))
     return DataLoader(
-        BatchDecodeDataset(jobs, recipe),
+        BatchDecodeDataset(jobs, recipe, per_task),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_identity,
         pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=ahead if num_workers > 0 else None,
         persistent_workers=False,
         timeout=timeout_s if num_workers > 0 else 0,
     )

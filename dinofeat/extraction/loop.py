@@ -8,138 +8,29 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dinofeat.cache.layout import BucketPlan, Plan
 from dinofeat.cache.store import Store
 from dinofeat.errors import DinofeatError, SourceChangedError
+from dinofeat.extraction import assemble
+from dinofeat.extraction.assemble import STORE_TORCH, ShardAssembler
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.hostbuffers import HostBuffers
-from dinofeat.extraction.loader import BatchJob, DecodedBatch, make_loader
+from dinofeat.extraction.loader import BatchJob, DecodedBatch, batches, make_loader
 from dinofeat.extraction.locate import planned_facts
 from dinofeat.extraction.model import Encoder
 from dinofeat.extraction.plan import batch_size_for, pending_batches
 from dinofeat.extraction.prepare import Prepared
+from dinofeat.extraction.stub import StubEncoder
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.extraction.writer import WRITER_THREADS, ShardResult, ShardWriter, Timings
-from dinofeat.sources.discover import Facts, Source
+from dinofeat.sources.discover import Source
 
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
-
-
-class _ShardAssembler:
-    """Copies each batch's outputs straight into the host arrays of the shards they belong to (reused buffers,
-    pinned on a GPU, so the copies run asynchronously), and hands each shard to the writer once its last row is in."""
-
-    def __init__(
-        self, bucket: BucketPlan, pending: set[int], writer: ShardWriter, buffers: HostBuffers, store_dtype: str
-    ) -> None:
-        self.b = bucket
-        self.pending = pending
-        self.writer = writer
-        self.buffers = buffers
-        self.store_dtype = store_dtype
-        self.open: dict[int, _OpenShard] = {}
-
-    def add(
-        self,
-        start: int,
-        outputs: dict[str, torch.Tensor],
-        moments: dict[str, torch.Tensor],
-        failed: dict[int, str],
-        changed: dict[int, Facts],
-    ) -> None:
-        stop = start + next(iter(outputs.values())).shape[0]
-        for u in range(start // self.b.shard_rows, (stop - 1) // self.b.shard_rows + 1):
-            if u not in self.pending:
-                continue
-            s0, s1 = self.b.shard_range(u)
-            a, z = max(s0, start), min(s1, stop)
-            shard = self.open.get(u) or self._open(u, s1 - s0, outputs, moments)
-            for name, t in outputs.items():
-                shard.arrays[name][a - s0 : z - s0].copy_(t[a - start : z - start], non_blocking=True)
-            for name, m in moments.items():
-                shard.moments[name][:, a - s0 : z - s0].copy_(m[:, a - start : z - start], non_blocking=True)
-            shard.failed.update({r: why for r, why in failed.items() if a <= r < z})
-            shard.changed.update({r: f for r, f in changed.items() if a <= r < z and r not in failed})
-            shard.filled += z - a
-            if shard.filled == s1 - s0:
-                self._flush(u, s0, s1)
-
-    def _open(self, u: int, rows: int, outputs: dict[str, torch.Tensor], moments: dict[str, torch.Tensor]):
-        take = self.buffers.take
-        dtype = _STORE_TORCH[self.store_dtype]
-        shard = _OpenShard(
-            {n: take((rows, *t.shape[1:]), dtype) for n, t in outputs.items()},
-            {n: take((2, rows, m.shape[-1]), torch.float64) for n, m in moments.items()},
-        )
-        self.open[u] = shard
-        return shard
-
-    def _flush(self, u: int, s0: int, s1: int) -> None:
-        shard, dtype = self.open.pop(u), self.store_dtype
-        event = None
-        if any(t.is_pinned() for t in shard.arrays.values()):
-            event = torch.cuda.Event()
-            event.record()  # after every copy into this shard was queued
-
-        def build() -> dict[str, np.ndarray]:
-            if event is not None:
-                event.synchronize()  # device->host copies of this shard have landed
-            out = {name: _to_numpy(t, dtype) for name, t in shard.arrays.items()}
-            for arr in out.values():
-                for r in shard.failed:
-                    arr[r - s0] = 0  # failed rows are zeros; their status says failed
-            return out
-
-        def moments() -> dict[str, np.ndarray]:
-            return {name: m.numpy() for name, m in shard.moments.items()}  # build() waited for them
-
-        def release() -> None:
-            for t in (*shard.arrays.values(), *shard.moments.values()):
-                self.buffers.give(t)
-
-        result = ShardResult(self.b.name, u, s0, s1, build, shard.failed, shard.changed, None, release)
-        if shard.moments:
-            result.moments = moments
-        self.writer.submit(result)
-
-
-@dataclass
-class _OpenShard:
-    """A shard being filled: its host arrays (and per-row moments), failures, changed sources, rows filled."""
-
-    arrays: dict[str, torch.Tensor]
-    moments: dict[str, torch.Tensor]
-    failed: dict[int, str] = field(default_factory=dict)
-    changed: dict[int, Facts] = field(default_factory=dict)
-    filled: int = 0
-
-
-def _to_numpy(t: torch.Tensor, store_dtype: str) -> np.ndarray:
-    if store_dtype == "bf16":
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
-_STORE_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def moments_on_device(device: torch.device) -> bool:
-    """Where the statistics' sums are taken: on a GPU before the copy (nearly free there), on a CPU by the writer
-    threads from the host rows (the main thread's cores belong to the model)."""
-    return device.type == "cuda"
-
-
-def row_moments(t: torch.Tensor) -> torch.Tensor:
-    """[B, ..., D] -> [2, B, D] float64: each row's per-channel sum and sum of squares of its vectors, in float32
-    from the values as stored. On the device, before the copy to the host: the writer then only sums rows."""
-    x = t.reshape(t.shape[0], -1, t.shape[-1]).float()
-    return torch.stack([x.sum(1), (x * x).sum(1)]).double()
 
 
 def default_workers(device: torch.device) -> int:
@@ -179,28 +70,29 @@ def run_shards(
     mine = {name: {u for (n, u) in pending if n == name} for name in buckets}
     jobs = _batch_jobs(plan, src, prep, mine)
     if not jobs:
-        return LoopResult(0, 0.0, 0, {})
+        return LoopResult(0, 0.0, 0, 0, {})
     arrays = prep.arrays
-    encoder = Encoder(
+    make_encoder = StubEncoder if _CEILING["stub"] else Encoder
+    encoder = make_encoder(
         prep.model, prep.device, prep.dtype, cfg.compile, len({j.size for j in jobs}), arrays.layers, arrays.layer_norm
     )
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(prep.device)
     cuda = prep.device.type == "cuda"
     loader = make_loader(jobs, cfg.recipe, workers, cuda, cfg.decode_timeout_s)
-    writer = ShardWriter(st, max_pending=WRITER_QUEUE)
+    writer = (DroppingWriter if _CEILING["drop_writes"] else ShardWriter)(st, max_pending=WRITER_QUEUE)
     shard_bytes = int(cfg.shard_mb * 2**20)
     buffers = HostBuffers(pinned=cuda, keep_bytes=(WRITER_QUEUE + WRITER_THREADS + 2) * shard_bytes)
-    assemblers = {n: _ShardAssembler(buckets[n], mine[n], writer, buffers, cfg.store_dtype) for n in buckets}
+    assemblers = {n: ShardAssembler(buckets[n], mine[n], writer, buffers, cfg.store_dtype) for n in buckets}
     gone = _pruned_rows(plan, pruned)
     n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
-    timings = writer.timings
+    timings, on_device = writer.timings, assemble.moments_on_device(prep.device)
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar:
-            for batch in _timed(loader, timings):
+            for batch in _timed(batches(loader, prep.device), timings):
                 job, b = batch.job, buckets[batch.job.bucket]
                 with timings.stage("encode"):
-                    outputs, moments = _encode(encoder, batch, b, prep, device_moments=moments_on_device(prep.device))
+                    outputs, moments = _encode(encoder, batch, b, prep, device_moments=on_device)
                 failed = batch.failed | {r: PRUNED for r in gone.get(b.name, ()) if job.start <= r < job.stop}
                 with timings.stage("host_copy"):  # includes waiting on the writers when a shard is handed over
                     assemblers[job.bucket].add(job.start, outputs, moments, failed, batch.changed)
@@ -213,23 +105,49 @@ def run_shards(
             raise
         raise err from (None if isinstance(e, SourceChangedError) else e)
     writer.close()
-    return LoopResult(n_pending, time.perf_counter() - t0, writer.bytes_written, dict(timings.seconds))
+    return LoopResult(
+        n_pending, time.perf_counter() - t0, writer.bytes_written, writer.shards_written, dict(timings.seconds)
+    )
 
 
 WRITER_QUEUE = 2  # shards waiting for a writer thread, beyond those being written
+_CEILING = {"stub": False, "drop_writes": False}
+
+
+@contextlib.contextmanager
+def pipeline_ceiling(drop_writes: bool = False) -> Iterator[None]:
+    """Within: extractions in this process run a StubEncoder (the model's output shapes, no compute) and, with
+    `drop_writes`, hand every shard to a writer that discards it. What `dinofeat bench` measures the pipeline's
+    ceiling with; the features such a run stores are noise (the bench's temporary cache only)."""
+    saved = dict(_CEILING)
+    _CEILING.update(stub=True, drop_writes=drop_writes)
+    try:
+        yield
+    finally:
+        _CEILING.update(saved)
+
+
+class DroppingWriter(ShardWriter):
+    """A writer that drops every shard it is handed (its buffers go back at once): the pipeline without writes."""
+
+    def submit(self, result: ShardResult) -> None:
+        self._check()
+        if result.release is not None:
+            result.release()
 
 
 @dataclass(frozen=True)
 class LoopResult:
-    """What `run_shards` did: images extracted, seconds, feature bytes written, and seconds per stage: `loader_wait`
-    (the main thread waiting for decoded batches), `encode` (the model, cast; on a GPU only the launch unless the host
-    waits), `host_copy` (copies into shard buffers, `writer_wait` included), `writer_wait` (blocked handing a shard
-    over), and the writer threads' summed `writer_build`, `writer_stats`, `writer_write` (encode, write, fsync),
-    `writer_marker`."""
+    """What `run_shards` did: images extracted, seconds, feature bytes and shards written, and seconds per stage:
+    `loader_wait` (the main thread waiting for decoded batches), `encode` (the model, cast; on a GPU only the launch
+    unless the host waits), `host_copy` (copies into shard buffers, `writer_wait` included), `writer_wait` (blocked
+    handing a shard over), and the writer threads' summed `writer_build`, `writer_stats`, `writer_write` (encode,
+    write, fsync), `writer_marker`."""
 
     images: int
     seconds: float
     bytes_written: int
+    shards: int
     timings: dict[str, float]
 
 
@@ -280,9 +198,9 @@ def _encode(
         tokens = dict(zip(("cls", "registers", "patches"), parts, strict=True))
         for base in arrays.bases:
             name = arrays.name(base, layer, flipped)
-            outputs[name] = tokens[base].to(_STORE_TORCH[cfg.store_dtype])
+            outputs[name] = tokens[base].to(STORE_TORCH[cfg.store_dtype])
             if arrays.name(base, layer, False) in stat_names:
-                moments[name] = row_moments(outputs[name])
+                moments[name] = assemble.row_moments(outputs[name])
     return outputs, moments
 
 

@@ -67,6 +67,7 @@ class Summary:
     damaged: list[str] = field(default_factory=list)  # marked shards whose files are gone (rerun with --repair)
     inherited: dict[str, Any] = field(default_factory=dict)  # settings taken from the cache (not given this run)
     timings: dict[str, float] = field(default_factory=dict)  # this process's seconds per stage (loop.LoopResult)
+    shards_written: int = 0  # by this process
     version: str = __version__
 
     @property
@@ -172,7 +173,7 @@ def _extract(
         pending = _pending_shards(st, plan, src, group, summary)
         ran = run_shards(st, plan, src, prep, pending, progress, st.index.pruned())
         summary.processed, summary.seconds, summary.bytes_written = ran.images, ran.seconds, ran.bytes_written
-        summary.timings = ran.timings
+        summary.timings, summary.shards_written = ran.timings, ran.shards
         group.barrier()  # every rank's shards are marked before anyone seals
         _finish(st, plan, group, summary, repaired=repair)
         if summary.sealed and group.is_leader:

@@ -2,7 +2,10 @@
 
 On the same images and model, in one process: model-only throughput (pre-decoded uint8 batches, the pipeline's own
 batches: the ceiling), end-to-end throughput (`extract` into a temporary cache), the model's FLOPs per image and the
-device's measured matmul peak in the compute dtype, so every figure sits next to its limit.
+device's measured matmul peak in the compute dtype, so every figure sits next to its limit. Then the pipeline's own
+ceiling: the same extraction with a stub encoder (the model's output shapes, no compute), with real shard writes and
+with writes dropped, and where its time went (decode wait, copies, each writer stage). End to end near model-only
+means the model sets the pace; the stub's rate far above model-only means the pipeline can feed a faster device.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dinofeat.errors import ConfigError
 from dinofeat.extraction.config import ExtractConfig
-from dinofeat.extraction.loop import DEFAULT_TOKEN_BUDGET, default_workers
+from dinofeat.extraction.loop import DEFAULT_TOKEN_BUDGET, default_workers, pipeline_ceiling
 from dinofeat.extraction.model import TORCH_DTYPES, Encoder
 from dinofeat.extraction.plan import batch_size_for
 from dinofeat.extraction.prepare import build_plan, prepare
@@ -52,6 +55,10 @@ class BenchResult:
     compile: bool = False
     warmup_s: float = 0.0  # model-only first pass minus a warm one: kernel autotuning, or compiling each shape
     write_gb_s: float = 0.0  # feature bytes written per second of the end-to-end extraction
+    pipeline_img_s: float = 0.0  # the extraction with a stub encoder: decode, copies, statistics and writes only
+    pipeline_dropped_img_s: float = 0.0  # the same with every shard dropped at the writer
+    pipeline_timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the stub run (writes)
+    pipeline_shards: int = 0  # shards the stub run wrote (per-shard writer figures divide by it)
 
     @property
     def model_tflops(self) -> float:
@@ -66,6 +73,11 @@ class BenchResult:
     def end_to_end_over_model_only(self) -> float:
         return self.end_to_end_img_s / self.model_only_img_s if self.model_only_img_s else 0.0
 
+    @property
+    def writes_over_dropped(self) -> float:
+        """The pipeline's rate with shard writes over its rate without: what writing costs (1.0: nothing)."""
+        return self.pipeline_img_s / self.pipeline_dropped_img_s if self.pipeline_dropped_img_s else 0.0
+
     def eta_s(self, num_images: int, processes: int = 1) -> float:
         """Seconds for `num_images` at the end-to-end rate, assuming `processes` devices like this one."""
         return num_images / (self.end_to_end_img_s * processes) if self.end_to_end_img_s else float("inf")
@@ -76,6 +88,7 @@ class BenchResult:
             "model_tflops": self.model_tflops,
             "utilization": self.utilization,
             "end_to_end_over_model_only": self.end_to_end_over_model_only,
+            "writes_over_dropped": self.writes_over_dropped,
         }
 
 
@@ -179,6 +192,11 @@ def bench(
         t0 = time.perf_counter()
         summary = extract(src_dir, tmp / "cache", replace(cfg, limit=len(src.keys)))
         wall = len(src.keys) / (time.perf_counter() - t0)
+        say("bench: the pipeline's ceiling (a stub encoder of the model's shapes; with writes, then writes dropped)")
+        ceiling = {}
+        for drop in (False, True):
+            with pipeline_ceiling(drop_writes=drop):
+                ceiling[drop] = extract(src_dir, tmp / f"ceiling-{drop}", replace(cfg, limit=len(src.keys)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return BenchResult(
@@ -197,6 +215,10 @@ def bench(
         compile=compile,
         warmup_s=warmup,
         write_gb_s=summary.bytes_written / summary.seconds / 1e9 if summary.seconds else 0.0,
+        pipeline_img_s=ceiling[False].images_per_s,
+        pipeline_dropped_img_s=ceiling[True].images_per_s,
+        pipeline_timings=ceiling[False].timings,
+        pipeline_shards=ceiling[False].shards_written,
     )
 
 
