@@ -35,6 +35,7 @@ HOMES = {
     "typer": ("dinofeat.cli",),
     "click": ("dinofeat.cli",),
     "pyarrow": ("dinofeat.sources.parquet",),
+    "torchvision": ("dinofeat.extraction.devicedecode",),
 }
 
 

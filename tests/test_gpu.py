@@ -112,3 +112,32 @@ def test_the_gpu_is_what_ran(tmp_path, photos):
     extract(photos, tmp_path / "c", model=MODEL, area=AREA, device="cuda", dtype="fp16", progress=False, limit=4)
     assert Store(tmp_path / "c").meta["dtypes"]["compute"] == "fp16"
     assert sys.modules["torch"].cuda.is_initialized()
+
+
+def test_gpu_decode_stays_within_its_documented_bounds_of_the_cpu_recipe(tmp_path):
+    """--decode gpu (nvjpeg + the device resize) against the CPU recipe on the real photographs the tests use (JPEG
+    quality 92): pixels, then features. The bounds printed here are what docs/format.md records."""
+    from dinofeat.extraction.devicedecode import decode_into, load_for_device, nvjpeg
+    from dinofeat.images.preprocess import load_resized
+    from dinofeat.images.recipe import Recipe
+    from tests.helpers import real_photos
+
+    photos = real_photos(tmp_path / "photos")
+    gpu = Recipe(decode="gpu")
+    worst, means = 0, []
+    for p in photos:
+        for size in ((256, 192), (192, 256), (512, 384)):
+            cpu = torch.from_numpy(load_resized(str(p), size))
+            enc = load_for_device(str(p), size, gpu)
+            pixels = torch.zeros(1, size[1], size[0], 3, dtype=torch.uint8, device="cuda")
+            assert decode_into(pixels, {0: enc}, size, gpu, nvjpeg) == {}
+            diff = (pixels[0].cpu().int() - cpu.int()).abs()
+            worst, means = max(worst, int(diff.max())), [*means, float(diff.float().mean())]
+    print(f"gpu decode vs cpu recipe: max {worst} grey levels, mean {np.mean(means):.3f}")
+    assert np.mean(means) <= 2.0 and worst <= 64
+    kw = {"model": MODEL, "area": AREA, "progress": False, "device": "cuda", "dtype": "fp16"}
+    extract(tmp_path / "photos", tmp_path / "cpu", **kw)
+    extract(tmp_path / "photos", tmp_path / "gpu", **kw, recipe=gpu)
+    cos = _patch_cosines(FeatureCache(tmp_path / "cpu"), FeatureCache(tmp_path / "gpu"))
+    print(f"gpu decode vs cpu recipe: patch cosine mean {cos.mean():.5f}, worst image {cos.min():.5f}")
+    assert cos.min() >= 0.99

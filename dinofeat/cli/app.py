@@ -93,7 +93,7 @@ def buckets(
 
 
 # precompute options -> the ExtractConfig settings they give (a rerun that leaves them out takes the cache's)
-_SETS = {"fit": ("bucket_mode",), "jpeg_draft": ("recipe",), "draft_gap": ("recipe",)}
+_SETS = {"fit": ("bucket_mode",), "jpeg_draft": ("recipe",), "draft_gap": ("recipe",), "decode": ("recipe",)}
 _BUCKET_FIELDS = (
     "area", "multiple", "min_ar", "max_ar", "num_buckets", "bucket_mode", "dit_scale", "dit_token", "bucket_version"
 )  # fmt: skip
@@ -140,6 +140,7 @@ def precompute(
     keep_registers: o.KeepRegisters = False,
     jpeg_draft: o.JpegDraft = False,
     draft_gap: o.DraftGap = None,
+    decode: o.Decode = "cpu",
     compile_model: o.Compile = False,
     batch_size: o.BatchSize = None,
     token_budget: o.TokenBudget = None,

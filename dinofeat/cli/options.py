@@ -70,6 +70,13 @@ JpegDraft = Annotated[
 DraftGap = Annotated[
     int | None, typer.Option(help="With --jpeg-draft: the resize after the DCT reduction still shrinks by >= this (2).")
 ]
+Decode = Annotated[
+    str,
+    typer.Option(
+        help="Where JPEGs are decoded: cpu (exact, the default) or gpu (nvjpeg on the CUDA device, resized there; "
+        "other files on the CPU). A speed option for small models; pixel bounds in docs/format.md."
+    ),
+]
 Compile = Annotated[
     bool, typer.Option("--compile", help="torch.compile the encoder, one graph per bucket shape (slow start).")
 ]

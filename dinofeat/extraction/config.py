@@ -221,7 +221,7 @@ def config_from_options(options: dict[str, Any], given: set[str], progress: bool
         layers=o["layers"],
         layer_norm=o["layer_norm"],
         flip=o["flip"],
-        recipe=Recipe.from_options(o["jpeg_draft"], o["draft_gap"]),
+        recipe=Recipe.from_options(o["jpeg_draft"], o["draft_gap"], o.get("decode", "cpu")),
         batch_size=o["batch_size"],
         token_budget=o["token_budget"],
         compile=o["compile_model"],

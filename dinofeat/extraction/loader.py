@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinofeat.errors import ImageError, SourceChangedError
+from dinofeat.extraction.devicedecode import Decode, EncodedJpeg, decode_into, load_for_device, nvjpeg
 from dinofeat.images.preprocess import load_resized
 from dinofeat.images.recipe import Recipe
 from dinofeat.sources.archive import Member
@@ -36,13 +37,14 @@ class BatchJob:
 @dataclass
 class DecodedBatch:
     job: BatchJob
-    pixels: torch.Tensor  # [B, H, W, 3] uint8; rows of failed images are zeros
+    pixels: torch.Tensor  # [B, H, W, 3] uint8; rows of failed images (and of encoded ones, until decoded) are zeros
     failed: dict[int, str]  # row -> reason
     changed: dict[int, Facts] = field(default_factory=dict)  # row -> facts of the bytes read, where not as planned
+    encoded: dict[int, EncodedJpeg] = field(default_factory=dict)  # row -> JPEG bytes for the device (--decode gpu)
 
     def pin_memory(self) -> DecodedBatch:
         """Called by DataLoader's pin thread (pin_memory=True) so the host-to-device copy can be asynchronous."""
-        return DecodedBatch(self.job, self.pixels.pin_memory(), self.failed, self.changed)
+        return DecodedBatch(self.job, self.pixels.pin_memory(), self.failed, self.changed, self.encoded)
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,20 @@ class BatchDecodeDataset(Dataset):
         out = np.zeros((task.b - task.a, h, w, 3), np.uint8)
         failed: dict[int, str] = {}
         changed: dict[int, Facts] = {}
+        encoded: dict[int, EncodedJpeg] = {}
+        on_device = self.recipe.decode == "gpu"
         for k in range(task.a, task.b):
             path = job.paths[k]
             try:
                 now = _facts_now(path) if job.planned else None
-                out[k - task.a] = load_resized(path, job.size, self.recipe)
+                if on_device:
+                    got = load_for_device(path, job.size, self.recipe)
+                    if isinstance(got, EncodedJpeg):
+                        encoded[job.start + k] = got
+                    else:
+                        out[k - task.a] = got
+                else:
+                    out[k - task.a] = load_resized(path, job.size, self.recipe)
                 if now is not None and not same_facts(now, job.planned[k]):
                     changed[job.start + k] = now  # the source changed since planning: the index will say what we read
             except ImageError as e:
@@ -88,24 +99,33 @@ class BatchDecodeDataset(Dataset):
                 raise  # not this image's fault: the plan no longer fits the source, so the run stops (resumably)
             except Exception as e:  # a decoder bug on one file must not end a multi-hour run
                 failed[job.start + k] = f"decode error: {type(e).__name__}: {e}"
-        return DecodedBatch(job, torch.from_numpy(out), failed, changed)
+        return DecodedBatch(job, torch.from_numpy(out), failed, changed, encoded)
 
 
-def batches(tasks: Iterable[DecodedBatch], device: torch.device) -> Iterator[DecodedBatch]:
+def batches(
+    tasks: Iterable[DecodedBatch], device: torch.device, recipe: Recipe | None = None, decode: Decode = nvjpeg
+) -> Iterator[DecodedBatch]:
     """Decoded tasks (in plan order) -> whole batch jobs. Each task's pixels go to the device as they arrive (from
-    pinned memory: asynchronously); a job's pixels are joined there."""
+    pinned memory: asynchronously); a job's pixels are joined there, and its JPEGs left encoded for the device
+    (--decode gpu) are decoded into it with `decode`."""
     parts: list[torch.Tensor] = []
     failed: dict[int, str] = {}
     changed: dict[int, Facts] = {}
+    encoded: dict[int, EncodedJpeg] = {}
     for task in tasks:
         parts.append(task.pixels.to(device, non_blocking=True))
         failed |= task.failed
         changed |= task.changed
+        encoded |= task.encoded
         job = task.job
         if sum(len(p) for p in parts) == len(job.paths):
             pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if encoded:
+                rows = {r - job.start: e for r, e in encoded.items()}
+                lost = decode_into(pixels, rows, job.size, recipe or Recipe(decode="gpu"), decode)
+                failed |= {job.start + r: why for r, why in lost.items()}
             yield DecodedBatch(job, pixels, failed, changed)
-            parts, failed, changed = [], {}, {}
+            parts, failed, changed, encoded = [], {}, {}, {}
     if parts:
         raise RuntimeError("the decode tasks ended inside a batch")  # cannot happen: tasks cover whole jobs
 

@@ -89,7 +89,7 @@ def run_shards(
     t0 = time.perf_counter()
     try:
         with tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar:
-            for batch in _timed(batches(loader, prep.device), timings):
+            for batch in _timed(batches(loader, prep.device, cfg.recipe), timings):
                 job, b = batch.job, buckets[batch.job.bucket]
                 with timings.stage("encode"):
                     outputs, moments = _encode(encoder, batch, b, prep, device_moments=on_device)

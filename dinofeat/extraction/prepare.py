@@ -24,6 +24,7 @@ from dinofeat.errors import ConfigError
 from dinofeat.extraction import ranks
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.config import inherit as inherit_settings
+from dinofeat.extraction.devicedecode import check_device_decode
 from dinofeat.extraction.model import ModelInfo, load_model_info, resolve_device, resolve_dtype
 from dinofeat.extraction.plan import make_plan
 from dinofeat.images.probe import probe_many
@@ -71,6 +72,7 @@ def prepare(config: ExtractConfig, group: ranks.Group | None = None) -> Prepared
     spec = bucket_spec(config, info.patch_size)
     check_bucket_pixels(spec, config.recipe.max_pixels)
     device = resolve_device(ranks.device_for(group or ranks.Group(), config.device))
+    check_device_decode(config.recipe, device)
     layers = parse_layers(config.layers, info.num_layers)
     arrays = ArraySet(layers, config.flip, config.keep_registers and info.num_register_tokens > 0, config.layer_norm)
     return Prepared(config, info, spec, device, resolve_dtype(config.dtype, device), arrays)

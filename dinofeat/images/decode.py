@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -23,15 +24,22 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failed image, n
 _ROTATING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-def open_image(
-    path: str | os.PathLike[str] | Member, max_pixels: int = DEFAULT_MAX_PIXELS, header_only: bool = False
-) -> Image.Image:
+Source = str | os.PathLike[str] | Member | bytes  # a file, an archive member, or a file's bytes already read
+
+
+def open_image(path: Source, max_pixels: int = DEFAULT_MAX_PIXELS, header_only: bool = False) -> Image.Image:
     """Open lazily (header only) and refuse bombs before any pixel is decoded. An archive member is read whole into
     memory, or, with `header_only`, only as far as the header parser asks."""
     try:
-        if (path.size if isinstance(path, Member) else os.path.getsize(path)) == 0:
+        if isinstance(path, bytes):
+            size = len(path)
+        else:
+            size = path.size if isinstance(path, Member) else os.path.getsize(path)
+        if size == 0:
             raise ImageError("empty file")
-        if isinstance(path, Member):
+        if isinstance(path, bytes):
+            src: Any = io.BytesIO(path)
+        elif isinstance(path, Member):
             src = header_reader(path) if header_only else io.BytesIO(read_member(path))
         else:
             src = path
@@ -102,7 +110,7 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Im
 
 
 def decode_rgb(
-    path: str | os.PathLike[str] | Member,
+    path: Source,
     draft_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = BACKGROUND,

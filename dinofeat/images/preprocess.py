@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from dinofeat.images.decode import decode_rgb
+from dinofeat.images.decode import Source, decode_rgb
 from dinofeat.images.recipe import Recipe
 from dinofeat.images.resize import resize_uint8
-from dinofeat.sources.archive import Member
 
 DEFAULT_RECIPE = Recipe()
 
 
-def load_resized(path: str | Member, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE) -> np.ndarray:
+def load_resized(path: Source, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE) -> np.ndarray:
     """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file."""
     im = decode_rgb(
         path,
