@@ -3,11 +3,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import make_tiny, write_image_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def random_weights_stay_in_the_test_folder(tmp_path_factory):
+    """random: models keep their drawn weights under DINOFEAT_CACHE_DIR: a folder of this session's, not ~/.cache
+    (subprocesses inherit it)."""
+    os.environ["DINOFEAT_CACHE_DIR"] = str(tmp_path_factory.mktemp("dinofeat-cache"))
 
 
 @pytest.fixture(scope="session")

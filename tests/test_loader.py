@@ -71,3 +71,36 @@ def test_workers_with_decode_tasks_give_the_cache_of_inline_decoding(tmp_path, d
     extract(imgs, tmp_path / "workers", **{**opts, "num_workers": 2})
     a, b = comparable_files(tmp_path / "inline"), comparable_files(tmp_path / "workers")
     assert sorted(a) == sorted(b) and [rel for rel in a if a[rel] != b[rel]] == []
+
+
+@pytest.mark.parametrize(
+    ("device", "images", "shapes", "want"),
+    [
+        ("cuda", 300, 5, False),  # the baseline's 300 images: compiling 5 shapes costs more than it saves
+        ("cuda", 99_999, 5, False),
+        ("cuda", 100_000, 5, True),
+        ("cuda", 10_000_000, 33, True),
+        ("cpu", 10_000_000, 1, False),
+        ("cuda", 0, 0, False),
+    ],
+)
+def test_compile_only_where_it_pays(device, images, shapes, want):
+    from dinofeat.extraction.loop import should_compile
+
+    assert should_compile(torch.device(device), images, shapes) is want
+
+
+def test_random_weights_are_drawn_once_then_loaded_bit_identical(tmp_path, monkeypatch):
+    """random: models (benchmarks, the README's demo): the seeded draw is saved and loaded on later runs, the same
+    bits; a damaged copy is drawn again."""
+    from dinofeat.extraction import model as model_module
+
+    monkeypatch.setenv("DINOFEAT_CACHE_DIR", str(tmp_path))
+    drawn = model_module.random_model("random:vits16").state_dict()
+    (saved,) = (tmp_path / "random").iterdir()
+    loaded = model_module.random_model("random:vits16").state_dict()
+    assert drawn.keys() == loaded.keys()
+    assert all(torch.equal(drawn[k], loaded[k]) for k in drawn)
+    (saved / "model.safetensors").write_bytes(b"damaged")
+    again = model_module.random_model("random:vits16").state_dict()
+    assert all(torch.equal(drawn[k], again[k]) for k in drawn)

@@ -141,7 +141,7 @@ def precompute(
     jpeg_draft: o.JpegDraft = False,
     draft_gap: o.DraftGap = None,
     decode: o.Decode = "cpu",
-    compile_model: o.Compile = False,
+    compile_model: o.Compile = None,
     batch_size: o.BatchSize = None,
     token_budget: o.TokenBudget = None,
     workers: o.Workers = None,

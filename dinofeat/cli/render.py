@@ -123,7 +123,8 @@ def bench(r: Any, eta_images: int) -> None:
     )
     typer.echo(
         f"  end-to-end  {r.end_to_end_img_s:8.2f} img/s  ({r.end_to_end_over_model_only:.0%} of model-only; "
-        f"{r.end_to_end_wall_img_s:.2f} img/s counting probe, plan and model load; decode workers: {r.workers})"
+        f"{r.end_to_end_wall_img_s:.2f} img/s counting {r.startup_s:.1f} s of listing, probes, plan and model load; "
+        f"decode workers: {r.workers})"
     )
     typer.echo(
         f"  pipeline    {r.pipeline_img_s:8.2f} img/s  with a stub model ({r.pipeline_dropped_img_s:.2f} img/s with "

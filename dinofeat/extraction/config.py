@@ -55,7 +55,7 @@ class ExtractConfig:
     rank: int = 0
     world_size: int = 1
     decode_timeout_s: float = 1800.0  # a decode worker silent this long (one batch) stops the run, resumably
-    compile: bool = False  # torch.compile per bucket shape: slow start, faster steady state on some GPUs
+    compile: bool | None = None  # torch.compile per bucket shape; None: when the run pays for it (loop.should_compile)
     wait_s: float = 24 * 3600.0  # how long ranks of a manual split wait for rank 0's plan
     progress: bool = True
 

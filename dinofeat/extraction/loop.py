@@ -33,6 +33,18 @@ from dinofeat.sources.discover import Source
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
 
 
+# torch.compile takes ~20 s per bucket shape for ViT-L/16 at 1024 on an H200 and then saves ~4 ms per image (53 ->
+# 68 img/s model-only, docs/benchmarks.md): it pays from ~5,000 images per shape; 20,000 leaves room for slower
+# compiles and smaller gains (ViT-S saves less per image)
+AUTO_COMPILE_IMAGES_PER_SHAPE = 20_000
+
+
+def should_compile(device: torch.device, images: int, shapes: int) -> bool:
+    """Whether a run compiles the encoder when not told: on CUDA, with enough images per bucket shape to pay for
+    compiling each shape. Never on a CPU (the model's own kernels are what a CPU run waits on)."""
+    return device.type == "cuda" and shapes > 0 and images >= AUTO_COMPILE_IMAGES_PER_SHAPE * shapes
+
+
 def default_workers(device: torch.device) -> int:
     """Decode processes. On a GPU: every core but one (the main thread feeds the device). On a CPU the model needs
     the cores itself: decode workers only steal from its threads (measured on 2 cores: inline decoding is ~8%
@@ -73,9 +85,11 @@ def run_shards(
         return LoopResult(0, 0.0, 0, 0, {})
     arrays = prep.arrays
     make_encoder = StubEncoder if _CEILING["stub"] else Encoder
-    encoder = make_encoder(
-        prep.model, prep.device, prep.dtype, cfg.compile, len({j.size for j in jobs}), arrays.layers, arrays.layer_norm
+    shapes = len({j.size for j in jobs})
+    compiled = (
+        cfg.compile if cfg.compile is not None else should_compile(prep.device, sum(len(j.paths) for j in jobs), shapes)
     )
+    encoder = make_encoder(prep.model, prep.device, prep.dtype, compiled, shapes, arrays.layers, arrays.layer_norm)
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(prep.device)
     cuda = prep.device.type == "cuda"
     loader = make_loader(jobs, cfg.recipe, workers, cuda, cfg.decode_timeout_s)

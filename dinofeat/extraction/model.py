@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -292,6 +294,61 @@ def _raise_recompile_limits(shapes: int) -> None:
         setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), want))
 
 
+RANDOM_CACHE_MAX_PARAMS = 500_000_000  # random weights kept on disk up to ViT-L/H size (2 GB in fp32), not 7B
+
+
+def random_model(spec: str) -> torch.nn.Module:
+    """A `random:` model's seeded weights (the same every time, so validate --recompute can rebuild them). Drawing
+    them is slow (ViT-L/16: ~10 s of CPU initialisation, most of a benchmark's start-up), so the first draw is saved
+    under `random_weights_dir()` and later runs load it (bit-identical), keyed by the config and the torch and
+    transformers versions whose initialisers drew it."""
+    from transformers import AutoModel
+
+    cfg = _random_config(spec)
+    cfg._attn_implementation = "sdpa"
+    folder = random_weights_dir() / _random_key(cfg)
+    if (folder / "config.json").is_file():
+        try:
+            return AutoModel.from_pretrained(folder, attn_implementation="sdpa", local_files_only=True)
+        except Exception:  # a damaged copy: draw again (and save a fresh one)
+            pass
+    state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_SEED)
+    try:
+        model = AutoModel.from_config(cfg, attn_implementation="sdpa")
+    finally:
+        torch.random.set_rng_state(state)
+    if sum(p.numel() for p in model.parameters()) <= RANDOM_CACHE_MAX_PARAMS:
+        _save_quietly(model, folder)
+    return model
+
+
+def random_weights_dir() -> Path:
+    """$DINOFEAT_CACHE_DIR/random, else $XDG_CACHE_HOME/dinofeat/random, else ~/.cache/dinofeat/random."""
+    base = os.environ.get("DINOFEAT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dinofeat"
+    )
+    return Path(base) / "random"
+
+
+def _random_key(cfg: Any) -> str:
+    import transformers
+
+    doc = json.dumps([cfg.to_dict(), RANDOM_SEED, torch.__version__, transformers.__version__], sort_keys=True)
+    return f"{cfg.model_type}-{hashlib.sha256(doc.encode()).hexdigest()[:16]}"
+
+
+def _save_quietly(model: torch.nn.Module, folder: Path) -> None:
+    """Saved into a temp folder renamed into place (a concurrent saver's rename wins; a reader sees all or none);
+    a cache that cannot be written (read-only home, full disk) only costs the next run its draw again."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        model.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Encoder:
     """Weights on a device, eval mode (DINOv3's RoPE jitters positions in train mode), SDPA attention.
 
@@ -346,14 +403,7 @@ class Encoder:
         from transformers import AutoModel
 
         if self.info.random:
-            cfg = _random_config(self.info.id)
-            cfg._attn_implementation = "sdpa"
-            state = torch.random.get_rng_state()
-            torch.manual_seed(RANDOM_SEED)  # same random weights every time, so validate --recompute can rebuild them
-            try:
-                model = AutoModel.from_config(cfg, attn_implementation="sdpa")
-            finally:
-                torch.random.set_rng_state(state)
+            model = random_model(self.info.id)
         else:
             try:
                 model = AutoModel.from_pretrained(
