@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--images", type=Path, default=None, help="a folder to use instead of --count synthetic images")
     ap.add_argument("--naive-count", type=int, default=None, help="naive on the first N images only (0: skip it)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (both model-only and e2e)")
+    ap.add_argument("--decode", default="cpu", help="where JPEGs are decoded end to end: cpu or gpu (--decode)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     imgs = a.images
@@ -70,8 +71,12 @@ def main() -> None:
         imgs = Path(tempfile.mkdtemp(prefix="dinofeat-bench-")) / "images"
         make_images(imgs, a.count, a.megapixels)
     count = len(discover(imgs).keys) if a.images is not None else a.count
-    r = bench(a.model, a.area, a.device, images=imgs, count=count, workers=a.workers, progress=False, compile=a.compile)
+    r = bench(
+        a.model, a.area, a.device, images=imgs, count=count, workers=a.workers, progress=False, compile=a.compile,
+        decode=a.decode,
+    )  # fmt: skip
     res = {**r.to_dict(), "megapixels": a.megapixels if a.images is None else None, "compile": a.compile}
+    res["decode"] = a.decode
     res["torch_threads"] = torch.get_num_threads()
     if a.naive_count != 0:
         cfg = ExtractConfig(model=a.model, area=a.area, device=a.device, progress=False)

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Issue 25 (was 10): everything a lent GPU machine has to run, in two device calls that fit a 15-minute lease.
+# Issues 25 and 31: everything a lent GPU machine has to run, in two device calls that fit a 15-minute lease.
 #
-#   bash benchmarks/gpu.sh main    # ONE call, at most 7 minutes: env (device, peak, SDPA kernel), the gpu-marked tests
-#                                  # (all but --compile), ViT-L/16 at 1024 on 300 JPEGs of 2-12 MP: model-only, end to
-#                                  # end, naive, write GB/s
-#   bash benchmarks/gpu.sh extra   # the optional second call, at most 4 minutes: ViT-S/16 and ViT-B/16 at 512 (decode-
-#                                  # or write-bound?), --compile (its gpu test, and gain and compile seconds on one
-#                                  # bucket shape), HF's processor vs ours
+#   bash benchmarks/gpu.sh main    # ONE call, at most 7 minutes: env (device, peak, SDPA kernel); ViT-L/16 at 1024 on
+#                                  # 300 JPEGs of 2-12 MP: model-only, end to end with the new writer, the pipeline's
+#                                  # ceiling (stub encoder, writes and dropped); ViT-S/16 and ViT-B/16 at 512 with CPU
+#                                  # and with GPU decode; a profile of the eager ViT-L forward (matmul/attention/other)
+#   bash benchmarks/gpu.sh extra   # the optional second call, at most 5 minutes: the gpu-marked tests (all but
+#                                  # --compile; --decode gpu's pixel and cosine bounds among them), --compile (its
+#                                  # gpu test, and gain and compile seconds on one bucket shape), HF's processor vs ours
 #   QUICK=1 DEVICE=cpu bash benchmarks/gpu.sh main   # the dry run on the CPU VM: tiny sizes, the same code paths
+#                                                    # (GPU decode is skipped there: it needs CUDA)
 #
 # Every step has its own time box (`timeout`) and writes its own file under $OUT as soon as it ends, so a call that
 # runs out of time still brings back what finished. At most 8 files come back from a call: main writes gpu.log,
-# results-gpu-env.json, pytest-gpu.log, results-gpu-vitl16-1024.json; extra writes gpu-extra.log,
-# results-gpu-small.json (both models), results-gpu-compile.json, results-gpu-hf-compare.json.
+# results-gpu-env.json, results-gpu-vitl16-1024.json, results-gpu-pipeline.json, results-gpu-small.json,
+# results-gpu-profile.json; extra writes gpu-extra.log, pytest-gpu.log, results-gpu-compile.json,
+# results-gpu-hf-compare.json.
 #
 # The device machine has torch (CUDA), transformers, accelerate, torchvision, pytest; it lacks zarr and its
 # dependencies, which travel as cp312 wheels in the ignored folder .whl/ (benchmarks/gpu_wheels.sh; docs/benchmarks.md,
@@ -62,32 +65,40 @@ extract_one() {  # limit model area out [more extract.py options]
     --device "$DEVICE" --json "$OUT/$out" "$@"
 }
 
-part_main() {  # time boxes: 20 + 45 + 140 + 60 + 150 s = 6.9 minutes at most
-  step 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
-  step 45 python3 benchmarks/gpu_env.py --device "$DEVICE" --json "$OUT/results-gpu-env.json"
-  log "+ (<= 140s) pytest -m gpu -k 'not compile'"
-  timeout --kill-after=10 140 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not compile" tests/test_gpu.py -rs \
-    > "$OUT/pytest-gpu.log" 2>&1
-  log "pytest: $(tail -1 "$OUT/pytest-gpu.log")"
+part_main() {  # time boxes: 15 + 40 + 45 + 120 + 45 + 4 x 30 + 30 s = 6.9 minutes at most
+  step 15 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
+  step 40 python3 benchmarks/gpu_env.py --device "$DEVICE" --json "$OUT/results-gpu-env.json"
   images
-  extract_one 150 "$MAIN" "$AREA_L" results-gpu-vitl16-1024.json --naive-count "$NAIVE"
-}
-
-part_extra() {  # time boxes: 35 + 35 + 60 + 20 + 60 + 30 s = 4 minutes at most
-  images
-  local small="$OUT/results-gpu-small"
-  extract_one 35 vits16 "$AREA_S" "results-gpu-small-vits16.json" --naive-count 0
-  extract_one 35 vitb16 "$AREA_S" "results-gpu-small-vitb16.json" --naive-count 0
-  python3 - "$small" <<'PY' 2>&1 | tee -a "$LOG"   # one file for both (at most 8 files come back)
+  extract_one 120 "$MAIN" "$AREA_L" results-gpu-vitl16-1024.json --naive-count 0
+  step 45 python3 benchmarks/pipeline.py --images "$IMAGES" --count "$COUNT" --model "random:$MAIN" --area "$AREA_L" \
+    --device "$DEVICE" --workers "$(( $(nproc) - 1 ))" --json "$OUT/results-gpu-pipeline.json"
+  local small="$OUT/results-gpu-small" decodes="cpu"
+  [ "$DEVICE" = cuda ] && decodes="cpu gpu"
+  for m in vits16 vitb16; do
+    for d in $decodes; do
+      extract_one 30 "$m" "$AREA_S" "results-gpu-small-$m-$d.json" --naive-count 0 --decode "$d"
+    done
+  done
+  python3 - "$small" <<'PY' 2>&1 | tee -a "$LOG"   # one file for the four (at most 8 files come back)
 import json, pathlib, sys
 base = pathlib.Path(sys.argv[1])
-parts = {m: json.loads((base.parent / f"{base.name}-{m}.json").read_text())
-         for m in ("vits16", "vitb16") if (base.parent / f"{base.name}-{m}.json").exists()}
+found = sorted(base.parent.glob(f"{base.name}-*.json"))
+parts = {f.stem[len(base.name) + 1:]: json.loads(f.read_text()) for f in found}
 (base.parent / f"{base.name}.json").write_text(json.dumps(parts, indent=2))
-for m in parts:
-    (base.parent / f"{base.name}-{m}.json").unlink()
+for f in found:
+    f.unlink()
 print(f"results-gpu-small.json: {sorted(parts)}")
 PY
+  step 30 python3 benchmarks/profile_model.py --model "random:$MAIN" --area "$AREA_L" --batch 15 --device "$DEVICE" \
+    --dtype "$([ "$DEVICE" = cuda ] && echo fp16 || echo fp32)" --steps "$([ "$QUICK" = 1 ] && echo 1 || echo 3)" \
+    --json "$OUT/results-gpu-profile.json"
+}
+
+part_extra() {  # time boxes: 140 + 60 + 20 + 60 + 30 s = 5.2 minutes at most
+  log "+ (<= 140s) pytest -m gpu -k 'not compile'"
+  timeout --kill-after=10 140 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not compile" tests/test_gpu.py -rs \
+    -s > "$OUT/pytest-gpu.log" 2>&1
+  log "pytest: $(tail -1 "$OUT/pytest-gpu.log")"
   log "+ (<= 60s) pytest -m gpu -k compile"
   timeout --kill-after=10 60 python3 -m pytest -q -p no:cacheprovider -m gpu -k compile tests/test_gpu.py -rs 2>&1 \
     | tail -3 | tee -a "$LOG"

@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=90)
     ap.add_argument("--megapixels", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp16", help="the stub's compute dtype (the CPU has no fp16 model to run)")
     ap.add_argument("--token-budget", type=int, default=131072, help="the GPU's default: ViT-L batches of 15")
     ap.add_argument("--images", type=Path, default=None)
@@ -87,14 +88,20 @@ def main() -> None:
     opts = {
         "model": a.model,
         "area": a.area,
-        "device": "cpu",
+        "device": a.device,
         "dtype": a.dtype,
         "store_dtype": "fp16",
         "num_workers": a.workers,
         "token_budget": a.token_budget,
         "progress": False,
     }
-    res: dict[str, Any] = {"model": a.model, "area": a.area, "workers": a.workers, "images": a.count}
+    res: dict[str, Any] = {
+        "model": a.model,
+        "area": a.area,
+        "workers": a.workers,
+        "images": a.count,
+        "device": a.device,
+    }
     for name, drop in (("writes", False), ("dropped", True)):
         if a.only in (None, name):
             res[name] = run(images, where / f"cache-{name}", opts, drop)

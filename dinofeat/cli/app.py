@@ -270,6 +270,7 @@ def bench(
     count: Annotated[int | None, typer.Option(help="Images to time (default 256 on GPU, 16 on CPU).")] = None,
     megapixels: Annotated[float, typer.Option(help="Size of the synthetic photos.")] = 2.0,
     workers: o.Workers = None,
+    decode: o.Decode = "cpu",
     eta_images: Annotated[int, typer.Option(help="Print the time this many images would take.")] = 1_000_000,
     as_json: o.AsJson = False,
 ) -> None:
@@ -279,7 +280,10 @@ def bench(
     if eta_images < 1:
         _fail(ValueError(f"--eta-images is a number of images >= 1, got {eta_images}"))
     say = None if as_json else (lambda line: typer.echo(line, err=True))
-    r = _call(run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=not as_json, say=say)
+    r = _call(
+        run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=not as_json, say=say,
+        decode=decode,
+    )  # fmt: skip
     if as_json:
         doc = {"dinofeat": __version__, **r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)}
         typer.echo(json.dumps(doc, indent=2))

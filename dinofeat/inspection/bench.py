@@ -34,6 +34,7 @@ from dinofeat.extraction.prepare import build_plan, prepare
 from dinofeat.extraction.run import extract
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.images.preprocess import load_resized
+from dinofeat.images.recipe import Recipe
 from dinofeat.images.synthetic import make_images
 from dinofeat.sources.discover import discover
 
@@ -151,10 +152,12 @@ def bench(
     progress: bool = True,
     compile: bool = False,
     say: Callable[[str], None] | None = None,
+    decode: str = "cpu",
 ) -> BenchResult:
     """Measure on `count` images from `images` (a folder), or on synthetic photo-like JPEGs of `megapixels`.
     `compile` torch.compiles the encoder of both measurements (one graph per bucket shape). Model, area and count
-    default by device (DEFAULTS). `say` gets one line per phase, the first with the time the run will take here."""
+    default by device (DEFAULTS). `say` gets one line per phase, the first with the time the run will take here.
+    `decode` = "gpu" decodes JPEGs on the device end to end (--decode gpu); model-only decodes up front either way."""
     if count is not None and count < 1:
         raise ConfigError(f"--count is a number of images >= 1, got {count}")
     if megapixels <= 0:
@@ -165,8 +168,9 @@ def bench(
     kind = "cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
     model, area, count = model or DEFAULTS[kind][0], area or DEFAULTS[kind][1], count or DEFAULTS[kind][2]
     cfg = ExtractConfig(
-        model=model, area=area, device=device, dtype=dtype, num_workers=workers, progress=progress, compile=compile
-    )
+        model=model, area=area, device=device, dtype=dtype, num_workers=workers, progress=progress, compile=compile,
+        recipe=Recipe(decode=decode),
+    )  # fmt: skip
     prep = prepare(cfg)
     peak = matmul_peak_tflops(prep.device, prep.dtype)
     square = (area // prep.model.patch_size,) * 2
