@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dinofeat.cache.layout import VACANT
 from dinofeat.errors import ImageError, SourceChangedError
 from dinofeat.images.preprocess import load_resized
 from dinofeat.images.recipe import Recipe
@@ -18,15 +19,17 @@ from dinofeat.sources.discover import Facts, facts_of, same_facts
 
 @dataclass(frozen=True)
 class BatchJob:
-    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i, `planned[i]` its
-    facts as the plan recorded them."""
+    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i (None: a vacant
+    row, held by no image), `planned[i]` its facts and `sizes[i]` its displayed (width, height) as the plan recorded
+    them."""
 
     bucket: str
     start: int
     stop: int
     size: tuple[int, int]  # (width, height)
-    paths: tuple[str | Member, ...]
+    paths: tuple[str | Member | None, ...]
     planned: tuple[Facts, ...] = ()
+    sizes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -58,9 +61,14 @@ class BatchDecodeDataset(Dataset):
         failed: dict[int, str] = {}
         changed: dict[int, Facts] = {}
         for k, path in enumerate(job.paths):
+            if path is None:
+                failed[job.start + k] = VACANT  # zeros, left out of the statistics, never served
+                continue
             try:
                 now = _facts_now(path) if job.planned else None
-                out[k] = load_resized(path, job.size, self.recipe)
+                # an image of other dimensions than planned (replaced since) fails here: resized into this bucket
+                # it would be stored with another aspect; the next run plans it again (ImageChangedError)
+                out[k] = load_resized(path, job.size, self.recipe, job.sizes[k] if job.sizes else None)
                 if now is not None and not same_facts(now, job.planned[k]):
                     changed[job.start + k] = now  # the source changed since planning: the index will say what we read
             except ImageError as e:

@@ -4,9 +4,12 @@ image was read from (size and mtime; for an archive member also its archive's fi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from dinofeat.cache.layout import STATUS_DONE, Plan
+from dinofeat.images.probe import probe_many
 from dinofeat.sources.discover import Source, is_stale, size_and_mtime
 
 
@@ -33,3 +36,20 @@ def changed_images(plan: Plan, status: np.ndarray, src: Source) -> dict[str, str
 def file_name(archive: str) -> str:
     """An archive by its file name: a source moved as a whole (accepted by precompute) keeps every member in place."""
     return archive.rstrip("/").rsplit("/", 1)[-1]
+
+
+def resized_images(plan: Plan, src: Source, keys: Iterable[str], max_pixels: int) -> dict[str, tuple[int, int]]:
+    """key -> displayed (width, height) now, for those of `keys` whose header gives another size than the plan
+    recorded: their bucket was chosen for another image, so --repair plans them again instead of re-extracting them
+    in place. Only these headers are read. One that cannot be read is left out (its shard is extracted again, and
+    the image fails there with its reason)."""
+    keys = set(keys)
+    if not keys:
+        return {}
+    pos = {k: i for i, k in enumerate(plan.keys)}
+    wanted = sorted(keys & set(pos) & set(src.keys))
+    out: dict[str, tuple[int, int]] = {}
+    for k, p in zip(wanted, probe_many([src.path(k) for k in wanted], max_pixels), strict=True):
+        if p.error is None and (p.width, p.height) != (int(plan.src_w[pos[k]]), int(plan.src_h[pos[k]])):
+            out[k] = (p.width, p.height)
+    return out

@@ -1,0 +1,190 @@
+"""Images replaced by one of other dimensions (same name) after planning (issue 32, item 2): never stored in the
+bucket planned for the old image. A decode worker that finds other dimensions than the plan's fails the image for
+that shard ("changed since planned"); the next run plans it again into the bucket of its new size (its old row
+stays vacant), and --repair does the same for done images. Each test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dinofeat.cache.layout import VACANT_ROWS_VERSION
+from dinofeat.cache.store import Store
+from dinofeat.errors import CHANGED_SINCE_PLANNED
+from dinofeat.extraction import run as run_module
+from dinofeat.extraction.run import extract
+from dinofeat.inspection.validate import validate
+from dinofeat.read.reader import FeatureCache
+from tests.helpers import FAST, make_shards, noise_image, png_bytes, write_images
+
+LANDSCAPE, PORTRAIT = (64, 48), (48, 64)  # buckets 80x64 and 64x80 at area 64
+
+
+def kw(model: Path, **more) -> dict:
+    return {**FAST, "model": str(model), "area": 64, "shard_mb": 0.001, **more}  # 2 images a shard
+
+
+def unfinish(cache: Path, keep: int) -> set[str]:
+    """An interrupted run: every done marker but the first `keep` is gone (with its shard files). Returns the keys
+    of the shards still to do."""
+    st = Store(cache, mode="r+")
+    st.metafile.update(state="planned")
+    plan, pending = st.index.plan(), set()
+    for k, (b, u) in enumerate(sorted(st.markers.read())):
+        if k >= keep:
+            st.files.delete(st.markers.path(b, u))
+            for f in st.shards.files(b, u):
+                st.files.delete(f)
+            pending.add((b, u))
+    return {key for i, key in enumerate(plan.keys) if plan.shard_of(i) in pending}
+
+
+def replace_file(path: Path, size: tuple[int, int], seed: int) -> None:
+    """The same name, another image of other dimensions."""
+    noise_image(*size, seed).save(path, format="PNG")
+
+
+def replace_member(shard: Path, name: str, data: bytes) -> None:
+    """The tar shard written again with member `name` holding `data` (the other members as they were)."""
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(shard, "w") as tf:
+        for m, old in members:
+            m.size = len(data if m.name == name else old)
+            tf.addfile(m, io.BytesIO(data if m.name == name else old))
+
+
+def index_facts(cache: Path) -> dict[str, tuple[int, int, float, tuple[int, int]]]:
+    """key -> (src_w, src_h, distortion, size of its bucket) as the index records them."""
+    plan = Store(cache).index.plan()
+    out = {}
+    for i, k in enumerate(plan.keys):
+        b = plan.buckets[int(plan.bucket[i])] if plan.bucket[i] >= 0 else None
+        size = (b.width, b.height) if b else (0, 0)
+        out[k] = (int(plan.src_w[i]), int(plan.src_h[i]), float(plan.distortion[i]), size)
+    return out
+
+
+def assert_like_a_fresh_build(cache: Path, source: str | Path, model: Path, fresh: Path) -> None:
+    """The cache serves what a cache built now from `source` serves: the same keys, each in a bucket of the same size
+    with the same features, and the index's width, height and distortion of every image are the fresh ones."""
+    extract(source, fresh, **kw(model))
+    a, b = FeatureCache(cache), FeatureCache(fresh)
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in b.keys():  # noqa: SIM118 (iterating yields Features)
+        fa, fb = a[k], b[k]
+        assert fa.bucket == fb.bucket, k
+        np.testing.assert_allclose(fa.patches, fb.patches, rtol=1e-3, atol=1e-3, err_msg=k)
+        np.testing.assert_allclose(fa.cls, fb.cls, rtol=1e-3, atol=1e-3, err_msg=k)
+    got, want = index_facts(cache), index_facts(fresh)
+    assert {k: got[k] for k in b.keys()} == {k: want[k] for k in b.keys()}  # noqa: SIM118
+    for name, stats in b.meta["channel_stats"].items():  # the old image's features are in no statistics
+        assert a.meta["channel_stats"][name]["count"] == stats["count"]
+        np.testing.assert_allclose(a.meta["channel_stats"][name]["mean"], stats["mean"], rtol=1e-4, atol=1e-4)
+
+
+def assert_failed_as_changed(cache: Path, keys: set[str]) -> None:
+    fc = FeatureCache(cache)
+    for k in keys:
+        assert k not in fc and fc.failures[k].startswith(CHANGED_SINCE_PLANNED), (k, fc.failures.get(k))
+
+
+# ---- a folder ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [LANDSCAPE] * 6 + [PORTRAIT] * 2)
+    return imgs
+
+
+def test_replaced_before_a_resume_is_planned_again_into_its_bucket(folder, tmp_path, dinov3_path):
+    cache = tmp_path / "c"
+    extract(folder, cache, **kw(dinov3_path))
+    key = sorted(k for k in unfinish(cache, keep=1) if k < "im_006")[0]  # a landscape image of a shard to do
+    replace_file(folder / key, PORTRAIT, seed=50)
+    s = extract(folder, cache, **kw(dinov3_path))  # the resume: never stored in the landscape bucket
+    assert s.sealed and s.failures_by_reason == {CHANGED_SINCE_PLANNED: 1}
+    assert_failed_as_changed(cache, {key})
+    stale = {p.where: p.reason for p in validate(cache, images=folder, progress=False).problems}
+    assert "rerun the same precompute command" in stale[key]
+    again = extract(folder, cache, **kw(dinov3_path))  # the next run plans it again, into a new part
+    assert again.sealed and again.processed == 1 and again.failed == 0
+    assert Store(cache).format_version == VACANT_ROWS_VERSION
+    r = validate(cache, images=folder, recompute=3, progress=False)
+    assert r.ok, r.problems
+    assert_like_a_fresh_build(cache, folder, dinov3_path, tmp_path / "fresh")
+
+
+def test_replaced_during_a_run_is_never_stored_in_the_old_bucket(folder, tmp_path, dinov3_path, monkeypatch):
+    real = run_module.run_shards
+    changed = {"im_002.png": PORTRAIT, "im_007.png": LANDSCAPE}
+
+    def replaced_after_planning(*args, **kwargs):
+        for key, size in changed.items():
+            replace_file(folder / key, size, seed=60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_shards", replaced_after_planning)
+    cache = tmp_path / "c"
+    assert extract(folder, cache, **kw(dinov3_path)).sealed
+    monkeypatch.setattr(run_module, "run_shards", real)
+    assert_failed_as_changed(cache, set(changed))
+    again = extract(folder, cache, **kw(dinov3_path))
+    assert again.sealed and again.processed == 2 and again.failed == 0
+    assert validate(cache, images=folder, progress=False).ok
+    assert_like_a_fresh_build(cache, folder, dinov3_path, tmp_path / "fresh")
+
+
+def test_replaced_before_a_repair_is_moved_to_its_bucket(folder, tmp_path, dinov3_path):
+    cache = tmp_path / "c"
+    extract(folder, cache, **kw(dinov3_path))
+    reader = FeatureCache(cache)  # open across the repair, its shard too: it keeps serving what it opened
+    before = reader["im_003.png"]
+    replace_file(folder / "im_003.png", PORTRAIT, seed=70)
+    stale = {p.where: p.reason for p in validate(cache, images=folder, progress=False).problems}
+    assert "now 48x64" in stale["im_003.png"] and "--repair" in stale["im_003.png"]
+    s = extract(folder, cache, repair=True, **kw(dinov3_path))
+    assert s.sealed and s.failed == 0 and any("im_003.png" in d for d in s.repaired)
+    r = validate(cache, images=folder, recompute=8, progress=False)
+    assert r.ok, r.problems
+    assert_like_a_fresh_build(cache, folder, dinov3_path, tmp_path / "fresh")
+    kept = reader["im_003.png"]  # the generation it opened
+    assert kept.bucket == before.bucket == (80, 64) and np.array_equal(kept.cls, before.cls)
+    assert extract(folder, cache, repair=True, **kw(dinov3_path)).processed == 0  # nothing left to repair
+
+
+# ---- tar shards --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def shards(tmp_path: Path) -> str:
+    make_shards(tmp_path / "shards", tmp_path / "folder", shards=2)
+    return str(tmp_path / "shards" / "shard-{000000..000001}.tar")
+
+
+def test_a_tar_member_replaced_before_a_resume_is_planned_again(shards, tmp_path, dinov3_path):
+    cache = tmp_path / "c"
+    extract(shards, cache, **kw(dinov3_path))
+    key = "shard-000001/000003"  # 80x60, bucket 80x64; the shard's last image (no other image member moves)
+    assert key in unfinish(cache, keep=1)
+    replace_member(tmp_path / "shards" / "shard-000001.tar", "000003.png", png_bytes(*PORTRAIT, 80))
+    assert extract(shards, cache, **kw(dinov3_path)).sealed
+    assert_failed_as_changed(cache, {key})
+    assert extract(shards, cache, **kw(dinov3_path)).processed == 1
+    r = validate(cache, images=shards, progress=False)
+    assert r.ok, r.problems
+    assert_like_a_fresh_build(cache, shards, dinov3_path, tmp_path / "fresh")
+
+
+def test_a_tar_member_replaced_before_a_repair_is_moved_to_its_bucket(shards, tmp_path, dinov3_path):
+    cache = tmp_path / "c"
+    extract(shards, cache, **kw(dinov3_path))
+    replace_member(tmp_path / "shards" / "shard-000001.tar", "000003.png", png_bytes(*PORTRAIT, 90))
+    stale = {p.where: p.reason for p in validate(cache, images=shards, progress=False).problems}
+    assert "now 48x64" in stale["shard-000001/000003"]
+    assert extract(shards, cache, repair=True, **kw(dinov3_path)).sealed
+    r = validate(cache, images=shards, progress=False)
+    assert r.ok, r.problems
+    assert_like_a_fresh_build(cache, shards, dinov3_path, tmp_path / "fresh")
