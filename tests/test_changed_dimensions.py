@@ -15,6 +15,7 @@ import pytest
 from dinofeat.cache.layout import VACANT_ROWS_VERSION
 from dinofeat.cache.store import Store
 from dinofeat.errors import CHANGED_SINCE_PLANNED
+from dinofeat.extraction import loader
 from dinofeat.extraction import run as run_module
 from dinofeat.extraction.run import extract
 from dinofeat.inspection.validate import validate
@@ -155,6 +156,27 @@ def test_replaced_before_a_repair_is_moved_to_its_bucket(folder, tmp_path, dinov
     kept = reader["im_003.png"]  # the generation it opened
     assert kept.bucket == before.bucket == (80, 64) and np.array_equal(kept.cls, before.cls)
     assert extract(folder, cache, repair=True, **kw(dinov3_path)).processed == 0  # nothing left to repair
+
+
+def test_an_image_a_past_run_stored_in_the_old_bucket_is_found_and_moved(folder, tmp_path, dinov3_path, monkeypatch):
+    """What dinofeat 0.6.1 left after a resume (or a repair) that read a replaced image: its features made in the
+    old image's bucket, the index recording the new bytes' size and time (not stale by them) and the old dimensions.
+    validate --images and --recompute name it; --repair moves it into its bucket."""
+    cache = tmp_path / "c"
+    extract(folder, cache, **kw(dinov3_path))
+    key = sorted(k for k in unfinish(cache, keep=1) if k < "im_006")[0]
+    replace_file(folder / key, PORTRAIT, seed=50)
+    real = loader.load_resized
+    monkeypatch.setattr(loader, "load_resized", lambda path, size, recipe, planned=None: real(path, size, recipe))
+    extract(folder, cache, **kw(dinov3_path))  # 0.6.1's decode worker: no dimension check
+    monkeypatch.undo()
+    assert FeatureCache(cache)[key].bucket == (80, 64)
+    found = {(p.check, p.where): p.reason for p in validate(cache, folder, recompute=8, progress=False).problems}
+    assert "now 48x64" in found[("stale", key)] and "now 48x64" in found[("recompute", key)], found
+    assert extract(folder, cache, repair=True, **kw(dinov3_path)).sealed
+    r = validate(cache, images=folder, recompute=8, progress=False)
+    assert r.ok, r.problems
+    assert_like_a_fresh_build(cache, folder, dinov3_path, tmp_path / "fresh")
 
 
 # ---- tar shards --------------------------------------------------------------------------------------------------

@@ -83,6 +83,18 @@ def as_read(plan: Plan, markers: MarkerMap) -> Plan:
     return replace(plan, file_size=size, mtime_ns=mtime, archive=archive, offset=offset, archives=tuple(archives))
 
 
+def read_changed(plan: Plan, markers: MarkerMap) -> set[str]:
+    """Keys of the images whose source was not as planned when their shard read them (the markers' `sources`).
+    dinofeat 0.6.1 stored such an image even when its dimensions had changed, in the bucket planned for the old
+    one: --repair and validate --images read these headers again."""
+    by_bucket = plan.rows_to_keys()
+    out = set()
+    for (bucket, _), m in markers.items():
+        positions = by_bucket.get(bucket, ())
+        out |= {plan.keys[i] for i in (_holder(positions, r) for r in m.get("sources") or {}) if i >= 0}
+    return out
+
+
 def _holder(positions: np.ndarray, row: str | int) -> int:
     """The position of the image holding `row` of a bucket (`Plan.rows_to_keys`), -1 for a vacant or unknown row."""
     r = int(row)

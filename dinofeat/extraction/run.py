@@ -30,7 +30,7 @@ from dinofeat.extraction.locate import moved_members, refuse_missing, source_fro
 from dinofeat.extraction.loop import run_shards
 from dinofeat.extraction.plan import projected_bytes
 from dinofeat.extraction.prepare import Prepared, build_plan, prepare, request_for, settings_for
-from dinofeat.extraction.stale import changed_images, resized_images
+from dinofeat.extraction.stale import changed_images, resized_done_images, resized_reason
 from dinofeat.paths import check_cache_dir, local_path
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.sources.discover import Source, discover, no_images
@@ -326,9 +326,11 @@ def _maintain(
         markers = st.markers.read()
         status, _ = marker_status(plan, markers, st.index.pruned())
         changed = changed_images(as_read(plan, markers), status, src)
+        resized = resized_done_images(plan, markers, status, src, changed, config.recipe.max_pixels)
+        changed |= {k: resized_reason(*sizes) for k, sizes in resized.items() if k not in changed}
         damage = maintenance.repair(st, plan, present, actions.prune, config.progress, changed)
         summary.repaired = [str(d) for d in damage]
-        plan, _ = lifecycle.extend(st, plan, request, resized_images(plan, src, changed, config.recipe.max_pixels))
+        plan, _ = lifecycle.extend(st, plan, request, resized)
     if actions.prune:
         summary.pruned_now = len(maintenance.prune(st, plan, present))
     return plan

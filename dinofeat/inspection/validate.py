@@ -240,7 +240,7 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
     _check_stats(st, plan, markers, report)
     if images is not None:
         failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else st.index.failures()
-        _check_folder(str(images), as_read(plan, markers), status, failures, report)
+        _check_folder(str(images), as_read(plan, markers), status, markers, failures, report)
     if recompute:
         source = str(images or meta["source_root"])
         _check_recompute(st, meta, ix, status, keys, plan.buckets, source, recompute, seed, report)
@@ -468,13 +468,15 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
     return np.stack(rows), damaged
 
 
-def _check_folder(folder: str, plan: Plan, status: np.ndarray, failures: dict[str, str], report: Report) -> None:
+def _check_folder(
+    folder: str, plan: Plan, status: np.ndarray, markers, failures: dict[str, str], report: Report
+) -> None:
     """The source against the cache: images missing from either, and done images changed since their features were
     made (files, and archive members that moved: a tar shard or parquet file rewritten, even when every size and
     time matches), saying when their dimensions changed too; images that failed because their dimensions changed
     since they were planned (a rerun plans them again). `plan` records the facts of the bytes each image was read
     from (the index, corrected by the done markers of an unfinished cache)."""
-    from dinofeat.extraction.stale import changed_images, resized_images
+    from dinofeat.extraction.stale import changed_images, resized_done_images, resized_reason
     from dinofeat.images.decode import DEFAULT_MAX_PIXELS
     from dinofeat.sources.discover import discover
 
@@ -488,17 +490,13 @@ def _check_folder(folder: str, plan: Plan, status: np.ndarray, failures: dict[st
     for k in sorted(planned - found):
         report.add("extra", k, "cache has an image the source lacks (drop it: rerun precompute with --prune)")
     changed = changed_images(plan, status, src)
-    resized = resized_images(plan, src, changed, DEFAULT_MAX_PIXELS)
-    at = {k: i for i, k in enumerate(keys)} if resized else {}
-    for k, why in sorted(changed.items()):
+    resized = resized_done_images(plan, markers, status, src, changed, DEFAULT_MAX_PIXELS)
+    for k in sorted(set(changed) | set(resized)):
+        parts = [changed[k]] if k in changed else []
         if k in resized:
-            (w, h), i = resized[k], at[k]
-            why += (
-                f"; its size is now {w}x{h}, its features are of a {plan.src_w[i]}x{plan.src_h[i]} image: --repair "
-                "plans it again into the bucket of its new size"
-            )
+            parts.append(f"{resized_reason(*resized[k])}: --repair plans it again into the bucket of its new size")
         if k in planned:
-            report.add("stale", k, why)
+            report.add("stale", k, "; ".join(parts))
     for k, why in sorted(failures.items()):
         if why.startswith(CHANGED_SINCE_PLANNED) and k in found and k in planned:
             report.add("stale", k, f"failed: {why}; rerun the same precompute command to plan it again")
