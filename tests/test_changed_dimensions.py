@@ -6,22 +6,30 @@ stays vacant), and --repair does the same for done images. Each test fails on th
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from dinofeat.cache.layout import VACANT_ROWS_VERSION
+from dinofeat.buckets import BucketSpec
+from dinofeat.cache import metafile
+from dinofeat.cache.layout import VACANT_ROWS_VERSION, extend_plan
 from dinofeat.cache.store import Store
-from dinofeat.errors import CHANGED_SINCE_PLANNED
+from dinofeat.cli import app, render
+from dinofeat.errors import CHANGED_SINCE_PLANNED, CacheFormatError
 from dinofeat.extraction import loader
 from dinofeat.extraction import run as run_module
+from dinofeat.extraction.plan import make_plan
 from dinofeat.extraction.run import extract
+from dinofeat.images.probe import Probe
 from dinofeat.inspection.validate import validate
 from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, make_shards, noise_image, png_bytes, write_images
 
+runner = CliRunner()
 LANDSCAPE, PORTRAIT = (64, 48), (48, 64)  # buckets 80x64 and 64x80 at area 64
 
 
@@ -94,6 +102,45 @@ def assert_failed_as_changed(cache: Path, keys: set[str]) -> None:
         assert k not in fc and fc.failures[k].startswith(CHANGED_SINCE_PLANNED), (k, fc.failures.get(k))
 
 
+# ---- the plan: a moved key keeps its place in the index, its old row becomes vacant -----------------------------
+def plan_of(keys: list[str], sizes: list[tuple[int, int] | None], part: int):
+    probes = [Probe(k, *wh, 1, 1) if wh else Probe(k, 0, 0, 1, 1, "corrupt or truncated: x") for k, wh in
+              zip(keys, sizes, strict=True)]  # fmt: skip
+    return make_plan(keys, probes, BucketSpec(64, 16, 0.25, 4.0, 9), 16, 8, "fp16", 10**6, 0, part)
+
+
+@pytest.mark.parametrize(
+    ("old_sizes", "moved", "added"),
+    [
+        ([LANDSCAPE] * 3 + [PORTRAIT], {1: PORTRAIT}, []),  # row 1 of the landscape bucket becomes vacant
+        ([LANDSCAPE, PORTRAIT, LANDSCAPE], {0: PORTRAIT, 1: LANDSCAPE}, [LANDSCAPE]),  # two swap; a new image too
+        ([LANDSCAPE, LANDSCAPE], {1: None}, []),  # its new header cannot be read: a failed probe now
+    ],
+)
+def test_extend_plan_moves_keys_and_leaves_their_old_rows_vacant(old_sizes, moved, added):
+    old = plan_of([f"a{i}" for i in range(len(old_sizes))], old_sizes, 0)
+    keys = [f"a{i}" for i in moved] + [f"b{i}" for i in range(len(added))]
+    new = plan_of(keys, [*moved.values(), *added], 1)
+    with pytest.raises(ValueError, match="only add keys"):
+        extend_plan(old, new)
+    ext = extend_plan(old, new, {f"a{i}" for i in moved})
+    assert ext.keys == old.keys + [f"b{i}" for i in range(len(added))] and ext.vacant_rows() == len(moved)
+    for i in range(len(old)):
+        j = keys.index(old.keys[i]) if old.keys[i] in keys else None
+        if j is None:  # untouched
+            assert (ext.bucket[i], ext.row[i], ext.src_w[i]) == (old.bucket[i], old.row[i], old.src_w[i])
+        elif new.bucket[j] < 0:
+            assert ext.bucket[i] == -1 and ext.probe_errors == {i: new.probe_errors[j]}
+        else:
+            b = ext.buckets[ext.bucket[i]]
+            assert b.part == 1 and (b.width, b.height) == new.buckets[new.bucket[j]].size
+            assert (ext.row[i], ext.src_w[i], ext.src_h[i]) == (new.row[j], new.src_w[j], new.src_h[j])
+            assert ext.distortion[i] == new.distortion[j]
+    held = ext.rows_to_keys()
+    vacant = {(old.buckets[old.bucket[i]].name, int(old.row[i])) for i in moved}
+    assert {(b.name, int(r)) for b in ext.buckets for r in np.flatnonzero(held[b.name] < 0)} == vacant
+
+
 # ---- a folder ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
@@ -102,7 +149,7 @@ def folder(tmp_path: Path) -> Path:
     return imgs
 
 
-def test_replaced_before_a_resume_is_planned_again_into_its_bucket(folder, tmp_path, dinov3_path):
+def test_replaced_before_a_resume_is_planned_again_into_its_bucket(folder, tmp_path, dinov3_path, capsys, monkeypatch):
     cache = tmp_path / "c"
     extract(folder, cache, **kw(dinov3_path))
     key = sorted(k for k in unfinish(cache, keep=1) if k < "im_006")[0]  # a landscape image of a shard to do
@@ -110,14 +157,26 @@ def test_replaced_before_a_resume_is_planned_again_into_its_bucket(folder, tmp_p
     s = extract(folder, cache, **kw(dinov3_path))  # the resume: never stored in the landscape bucket
     assert s.sealed and s.failures_by_reason == {CHANGED_SINCE_PLANNED: 1}
     assert_failed_as_changed(cache, {key})
-    stale = {p.where: p.reason for p in validate(cache, images=folder, progress=False).problems}
-    assert "rerun the same precompute command" in stale[key]
+    render.summary(s, repair_asked=False)
+    assert "rerun the same command to plan them again" in capsys.readouterr().out
+    out = runner.invoke(app, ["validate", str(cache), "--images", str(folder)]).output
+    assert f"replaced   {key}: not stored: {CHANGED_SINCE_PLANNED}" in out and "rerun the same precompute" in out, out
     again = extract(folder, cache, **kw(dinov3_path))  # the next run plans it again, into a new part
     assert again.sealed and again.processed == 1 and again.failed == 0
-    assert Store(cache).format_version == VACANT_ROWS_VERSION
     r = validate(cache, images=folder, recompute=3, progress=False)
     assert r.ok, r.problems
     assert_like_a_fresh_build(cache, folder, dinov3_path, tmp_path / "fresh")
+    assert Store(cache).format_version == VACANT_ROWS_VERSION  # what dinofeat 0.6.1 read (1 to 4) refuses it
+    monkeypatch.setattr(metafile, "READABLE_VERSIONS", (1, 2, 3, 4))
+    with pytest.raises(CacheFormatError, match="version 5"):
+        FeatureCache(cache)
+    monkeypatch.undo()
+    for marker in (cache / "_dinofeat" / "done" / "80x64").glob("*.json"):  # as if the vacant row were stored
+        body = json.loads(marker.read_text())
+        if body["failed"]:
+            marker.write_text(json.dumps({**body, "failed": {}}))
+    found = {p.where: p.reason for p in validate(cache, progress=False).problems if p.check == "index"}
+    assert list(found.values()) == ["held by no image, yet its done marker says it was stored"], found
 
 
 def test_replaced_during_a_run_is_never_stored_in_the_old_bucket(folder, tmp_path, dinov3_path, monkeypatch):

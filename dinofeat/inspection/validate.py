@@ -82,6 +82,11 @@ class Report:
             out.append("rerun the same precompute command with --prune to drop the images gone from the source")
         if "missing" in checks:
             out.append("rerun the same precompute command to add the images the cache lacks")
+        if "replaced" in checks:
+            out.append(
+                "images replaced by ones of other dimensions were not stored: rerun the same precompute command to "
+                "plan them again into the buckets of their new size"
+            )
         if "stale" in checks:
             out.append(
                 "images changed since extraction keep their old features: rerun the same precompute command with "
@@ -499,7 +504,7 @@ def _check_folder(
             report.add("stale", k, "; ".join(parts))
     for k, why in sorted(failures.items()):
         if why.startswith(CHANGED_SINCE_PLANNED) and k in found and k in planned:
-            report.add("stale", k, f"failed: {why}; rerun the same precompute command to plan it again")
+            report.add("replaced", k, f"not stored: {why}")
 
 
 def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, seed: int, report: Report) -> None:
