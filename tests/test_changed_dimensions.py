@@ -269,3 +269,28 @@ def test_a_tar_member_replaced_before_a_repair_is_moved_to_its_bucket(shards, tm
     r = validate(cache, images=shards, progress=False)
     assert r.ok, r.problems
     assert_like_a_fresh_build(cache, shards, dinov3_path, tmp_path / "fresh")
+
+
+@pytest.mark.slow
+def test_two_processes_plan_replaced_members_again(shards, tmp_path, dinov3_path):
+    """Rank 1 reads image locations from the plan: a member planned again is read where the new plan says."""
+    from dinofeat.extraction.config import ExtractConfig
+    from dinofeat.extraction.launch import extract_processes
+
+    config = ExtractConfig(**kw(dinov3_path))
+    cache = tmp_path / "c"
+    extract_processes(shards, cache, config, 2)
+    pending = unfinish(cache, keep=4)  # shards of 1 image; buckets 64x64 and 64x80 done, 80x64 to do
+    done = sorted(k for k in index_facts(cache) if k not in pending and k.endswith(("000000", "000001")))[0]
+    todo = "shard-000001/000003"
+    assert todo in pending
+    replace_member(tmp_path / "shards" / "shard-000001.tar", "000003.png", png_bytes(*PORTRAIT, 80))
+    stem, name = done.split("/")
+    size = PORTRAIT if name == "000000" else LANDSCAPE  # SHARD_SIZES: 000000 is 64x48, 000001 is 48x64
+    replace_member(tmp_path / "shards" / f"{stem}.tar", f"{name}.png", png_bytes(*size, 81))
+    assert extract_processes(shards, cache, config, 2).sealed
+    assert_failed_as_changed(cache, {todo})
+    assert extract_processes(shards, cache, config, 2, repair=True).sealed
+    r = validate(cache, images=shards, progress=False)
+    assert r.ok, r.problems
+    assert_like_a_fresh_build(cache, shards, dinov3_path, tmp_path / "fresh")

@@ -195,8 +195,12 @@ def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = (
 
 
 def changed_since_planned(st: Store, plan: Plan) -> set[str]:
-    """Keys whose latest decode failed because the image no longer had its planned dimensions (not pruned)."""
-    _, failures = marker_status(plan, st.markers.read(), st.index.pruned())
+    """Keys whose latest decode failed because the image no longer had its planned dimensions (not pruned). A
+    sealed cache's failures are one file; the done markers (one read each) only while it is not sealed."""
+    if st.meta.get("state") == "sealed":
+        failures = st.index.failures()
+    else:
+        _, failures = marker_status(plan, st.markers.read(), st.index.pruned())
     return {k for k, why in failures.items() if why.startswith(CHANGED_SINCE_PLANNED)}
 
 
