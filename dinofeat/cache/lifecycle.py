@@ -183,12 +183,12 @@ def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = (
     planned = set(plan.keys)
     # source order: parquet rows stay in group order
     added = request.capped(tuple(k for k in request.keys if k not in planned), len(planned))
-    moved = (set(resized) | changed_since_planned(st, plan)) & set(request.keys)
-    if not added and not moved:
+    moved = set(resized) | changed_since_planned(st, plan)
+    again = tuple(k for k in request.keys if k in moved) if moved else ()  # those still in the source, in its order
+    if not added and not again:
         return plan, 0
     part = 1 + max((b.part for b in plan.buckets), default=0)
-    again = tuple(k for k in request.keys if k in moved)
-    plan = extend_plan(plan, request.plan(again + added, part), moved)
+    plan = extend_plan(plan, request.plan(again + added, part), again)
     add_part(st, plan, request.hidden, request.registers, request.store_dtype)
     st.index.write_source_names({**st.index.source_names(), **request.renamed})
     return plan, len(added)
