@@ -25,7 +25,7 @@ def one_worker_rate(jobs: list[Any], recipe: Any, limit: int) -> float:
     """Images/s of decode + resize in this process (what one worker does), over the first `limit` images."""
     from dinofeat.images.preprocess import load_resized
 
-    work = [(p, j.size) for j in jobs for p in j.paths][:limit]
+    work = [(p, j.size) for j in jobs for p in j.paths if p is not None][:limit]
     load_resized(work[0][0], work[0][1], recipe)  # imports and first-call costs
     t0 = time.perf_counter()
     for path, size in work:

@@ -25,6 +25,15 @@ class ImageError(Exception):
     """One image could not be used. Not a DinofeatError: it is recorded with its reason and the run goes on."""
 
 
+CHANGED_SINCE_PLANNED = "changed since planned"  # how the reason of an ImageChangedError begins
+
+
+class ImageChangedError(ImageError):
+    """An image whose header no longer gives the size it was planned with (replaced by one of other dimensions):
+    resized into its planned bucket it would be stored with another aspect, so it fails for that shard (its reason
+    begins with CHANGED_SINCE_PLANNED) and the next run plans it again, into the bucket its new size belongs to."""
+
+
 class CacheLockedError(DinofeatError):
     """Another run holds the cache's lock: this run stops before it deletes or writes anything."""
 

@@ -121,3 +121,13 @@ def test_the_recipe_records_gpu_decoding_only_when_chosen():
         Recipe(decode="gpu", jpeg_draft=2)
     with pytest.raises(ConfigError, match="decode must be one of"):
         Recipe(decode="tpu")
+
+
+def test_a_jpeg_replaced_with_other_dimensions_is_refused_before_it_reaches_the_device(tmp_path):
+    from dinofeat.errors import ImageChangedError
+
+    p = tmp_path / "a.jpg"
+    p.write_bytes(_jpeg(noise_image(48, 64, 1)))
+    assert isinstance(load_for_device(str(p), (32, 32), GPU, planned=(48, 64)), EncodedJpeg)
+    with pytest.raises(ImageChangedError, match="changed since planned"):
+        load_for_device(str(p), (32, 32), GPU, planned=(64, 48))

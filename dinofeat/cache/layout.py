@@ -4,7 +4,8 @@ stores and reads them; neither needs the other's code for it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,14 @@ from dinofeat.cache.arrays import base_of
 # 4: a version 3 cache whose feature arrays are not only the last block of the image (--layers, --flip,
 #    --no-layer-norm): `metadata.arrays` names them, and readers that do not know it (dinofeat <= 0.3) must refuse it
 #    rather than serve block 4 as the model's output. Default caches stay version 3.
+# 5: a version 3 or 4 cache with vacant rows: an image replaced by one of other dimensions was planned again into
+#    another bucket, so its old row is held by no image. Readers that assume every row has an image (dinofeat
+#    <= 0.6.1) would pair the rows after it with the wrong keys when they write; they must refuse it.
 FORMAT_VERSION = 3
 FEATURE_SETS_VERSION = 4
-WRITABLE_VERSIONS = (FORMAT_VERSION, FEATURE_SETS_VERSION)
-READABLE_VERSIONS = (1, 2, 3, 4)  # a version 1 cache is a version 2 cache with one part and its index in "index"
+VACANT_ROWS_VERSION = 5
+WRITABLE_VERSIONS = (FORMAT_VERSION, FEATURE_SETS_VERSION, VACANT_ROWS_VERSION)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # a version 1 cache is a version 2 cache with one part and its index in "index"
 META_KEY = "dinofeat"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 STATUS_PRUNED = 3  # done, then gone from the source and dropped with --prune: never served or counted again
@@ -29,6 +34,8 @@ ZARR_DTYPES = {"fp16": "float16", "bf16": "uint16", "fp32": "float32"}
 INDEX_COLUMNS = ("key", "bucket", "row", "src_w", "src_h", "distortion", "file_size", "mtime_ns")
 SOURCE_COLUMNS = ("archive", "offset")  # tar shard sources only: metadata.source_archives[archive], byte offset
 ARRAY_CONFIG = {"write_empty_chunks": True}  # whole-shard writes, and ~2x faster sharded writes in zarr 3.1
+# the failure recorded for a vacant row (one no image holds: its image was planned again into another bucket)
+VACANT = "vacant: its image changed dimensions and was planned again into another bucket"
 
 
 def np_dtype(store_dtype: str) -> np.dtype:
@@ -129,12 +136,21 @@ class Plan:
         return b.name, int(self.row[i]) // b.shard_rows
 
     def rows_to_keys(self) -> dict[str, np.ndarray]:
-        """bucket name -> array of positions (into keys) ordered by row."""
+        """bucket name -> for each of its rows, the position (into keys) of the image it holds; -1 for a vacant row
+        (its image was planned again into another bucket, see `extend_plan`)."""
         out: dict[str, np.ndarray] = {}
         for i, b in enumerate(self.buckets):
             pos = np.flatnonzero(self.bucket == i)
-            out[b.name] = pos[np.argsort(self.row[pos], kind="stable")]
+            rows = self.row[pos]
+            ok = (rows >= 0) & (rows < b.rows)  # a damaged index: validate names it
+            held = np.full(b.rows, -1, np.int64)
+            held[rows[ok]] = pos[ok]
+            out[b.name] = held
         return out
+
+    def vacant_rows(self) -> int:
+        """How many rows of the buckets no image holds."""
+        return sum(b.rows for b in self.buckets) - int((self.bucket >= 0).sum())
 
     def histogram(self) -> list[tuple[str, int]]:
         return [(b.name, b.rows) for b in self.buckets]
@@ -165,13 +181,38 @@ def array_shape(name: str, rows: int, grid: tuple[int, int], hidden: int, regist
     ]
 
 
-def extend_plan(old: Plan, new: Plan) -> Plan:
+def extend_plan(old: Plan, new: Plan, moved: Collection[str] = ()) -> Plan:
     """`old` followed by `new` (an incremental run's own plan, made with a fresh `part`): new keys come after the
-    old ones in the index, their bucket ids point past the old buckets, rows and shards of `old` are untouched."""
-    if set(old.keys) & set(new.keys):
-        raise ValueError("an extension may only add keys")
+    old ones in the index, their bucket ids point past the old buckets, rows and shards of `old` are untouched.
+
+    `moved`: keys of `old` that `new` plans again (their image changed dimensions): each keeps its place in the
+    index and takes `new`'s bucket, row, size and source facts; the row it held in `old` becomes vacant."""
+    again = set(old.keys) & set(new.keys)
+    if not again <= set(moved):
+        raise ValueError("an extension may only add keys, or plan again the keys it is told to move")
     if {b.part for b in new.buckets} & {b.part for b in old.buckets}:
         raise ValueError("an extension needs a part number of its own")
+    both = _appended(old, new)
+    if not again:
+        return both
+    at = {k: i for i, k in enumerate(old.keys)}
+    keep = np.array([*range(len(old)), *(len(old) + j for j, k in enumerate(new.keys) if k not in again)], np.int64)
+    src = np.array([len(old) + j for j, k in enumerate(new.keys) if k in again], np.int64)
+    dst = np.array([at[k] for k in new.keys if k in again], np.int64)
+    columns = {}
+    for name in ("bucket", "row", "src_w", "src_h", "distortion", "file_size", "mtime_ns", "archive", "offset"):
+        col = getattr(both, name)
+        if col is not None:
+            col = col.copy()
+            col[dst] = col[src]
+            columns[name] = col[keep]
+    why = {both.keys[i]: r for i, r in sorted(both.probe_errors.items()) if i >= len(old) or old.keys[i] not in again}
+    keys = [both.keys[i] for i in keep]
+    return replace(both, keys=keys, probe_errors={j: why[k] for j, k in enumerate(keys) if k in why}, **columns)
+
+
+def _appended(old: Plan, new: Plan) -> Plan:
+    """Every key of `new` after those of `old`, bucket ids and archive indices remapped into the union."""
     offset = len(old.buckets)
     return Plan(
         keys=[*old.keys, *new.keys],

@@ -3,6 +3,7 @@
     (none) --create--> planning --arrays and index written--> planned --every shard marked: seal--> sealed
     sealed --new images: extend (a new part, a new index group)--> planned --seal--> sealed
     sealed --repair / prune (dinofeat.cache.maintenance)--> planned --seal (into a copy of the index)--> sealed
+    any --images that changed dimensions: moved by extend (a new part; their old rows vacant)--> planned
     any --overwrite: retire (moved aside; purged once the new cache seals)--> (none)
 
 The run loop asks for a cache with `open_or_create` (rank 0) or `join` (the other ranks), extracts what is
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from dinofeat.cache.layout import (
     FORMAT_VERSION,
     META_KEY,
     STATUS_PENDING,
+    VACANT_ROWS_VERSION,
     WRITABLE_VERSIONS,
     Plan,
     bucket_record,
@@ -40,7 +42,13 @@ from dinofeat.cache.markers import MarkerMap, as_read, marker_status, sources_di
 from dinofeat.cache.objects import open_files
 from dinofeat.cache.shards import array_checksums, create_arrays
 from dinofeat.cache.store import Store, open_group
-from dinofeat.errors import CacheConflictError, CacheFormatError, CacheMismatchError, ConfigError
+from dinofeat.errors import (
+    CHANGED_SINCE_PLANNED,
+    CacheConflictError,
+    CacheFormatError,
+    CacheMismatchError,
+    ConfigError,
+)
 from dinofeat.paths import model_ref
 
 
@@ -164,20 +172,36 @@ def _created(cache: Path | str, request: Request, plan: Plan) -> Store:
     return st
 
 
-def extend(st: Store, plan: Plan, request: Request) -> tuple[Plan, int]:
+def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = ()) -> tuple[Plan, int]:
     """Images in the source but not in the cache (`plan`) get a plan of their own (a new part: new bucket arrays,
     rows from 0), appended after the existing plan, as many as the limit leaves room for. Finished shards are never
-    rewritten; removed images are kept."""
+    rewritten; removed images are kept.
+
+    Planned again in the same part (moved): images that failed as changed since planned (a decode worker found
+    other dimensions than the plan's) and are in the source, and the `resized` ones (done images whose source now
+    has other dimensions: --repair). Each keeps its key's place in the index; its old row becomes vacant."""
     planned = set(plan.keys)
     # source order: parquet rows stay in group order
     added = request.capped(tuple(k for k in request.keys if k not in planned), len(planned))
-    if not added:
+    moved = set(resized) | changed_since_planned(st, plan)
+    again = tuple(k for k in request.keys if k in moved) if moved else ()  # those still in the source, in its order
+    if not added and not again:
         return plan, 0
     part = 1 + max((b.part for b in plan.buckets), default=0)
-    plan = extend_plan(plan, request.plan(added, part))
+    plan = extend_plan(plan, request.plan(again + added, part), again)
     add_part(st, plan, request.hidden, request.registers, request.store_dtype)
     st.index.write_source_names({**st.index.source_names(), **request.renamed})
     return plan, len(added)
+
+
+def changed_since_planned(st: Store, plan: Plan) -> set[str]:
+    """Keys whose latest decode failed because the image no longer had its planned dimensions (not pruned). A
+    sealed cache's failures are one file; the done markers (one read each) only while it is not sealed."""
+    if st.meta.get("state") == "sealed":
+        failures = st.index.failures()
+    else:
+        _, failures = marker_status(plan, st.markers.read(), st.index.pruned())
+    return {k for k, why in failures.items() if why.startswith(CHANGED_SINCE_PLANNED)}
 
 
 def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidden: int, registers: int,
@@ -233,7 +257,9 @@ def add_part(st: Store, plan: Plan, hidden: int, registers: int, store_dtype: st
     names = st.arrays.names()
     create_arrays(st.root, new, hidden, registers, store_dtype, names)
     st.index.write_probe_failures(plan)  # keys not in the current index are ignored until the switch
+    vacant = {"format_version": VACANT_ROWS_VERSION} if plan.vacant_rows() else {}  # older writers must refuse it
     st.metafile.update(
+        **vacant,
         array_checksums={**(meta.get("array_checksums") or {}), **array_checksums(st.files, new, names)},
         state="planned",
         index_group=group,

@@ -211,8 +211,8 @@ def _restat_shards(st: Store, plan: Plan, markers: Markers, status: np.ndarray, 
     for k, u in sorted(hit):
         b = plan.buckets[k]
         s0, s1 = b.shard_range(u)
-        keys = [plan.keys[p] for p in by_bucket[b.name][s0:s1]]
-        keep = (status[by_bucket[b.name][s0:s1]] == STATUS_DONE) & np.array([key not in gone for key in keys])
+        held = by_bucket[b.name][s0:s1]  # -1: a vacant row, never in the statistics
+        keep = np.array([p >= 0 and status[p] == STATUS_DONE and plan.keys[p] not in gone for p in held], bool)
         try:
             arrays = _shard_rows(st, b, u, names, expected, bf16)
         except (CacheFormatError, OSError) as e:

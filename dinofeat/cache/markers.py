@@ -42,10 +42,13 @@ def marker_status(
             if m is None:
                 continue
             start, stop = b.shard_range(u)
-            status[positions[start:stop]] = STATUS_DONE
+            held = positions[start:stop]
+            status[held[held >= 0]] = STATUS_DONE
             for r, why in m["failed"].items():
-                status[positions[int(r)]] = STATUS_FAILED
-                failures[plan.keys[positions[int(r)]]] = why
+                i = _holder(positions, r)
+                if i >= 0:  # a vacant row's failure is no image's
+                    status[i] = STATUS_FAILED
+                    failures[plan.keys[i]] = why
     if pruned:
         gone = np.array([k in pruned for k in plan.keys], bool)
         status[gone] = STATUS_PRUNED
@@ -69,15 +72,33 @@ def as_read(plan: Plan, markers: MarkerMap) -> Plan:
     for bucket, rows in changes:
         positions = by_bucket.get(bucket, ())
         for r, (s, t, a, o) in rows.items():
-            if not 0 <= int(r) < len(positions):
-                continue  # a marker of another plan: validate names it
-            i = positions[int(r)]
+            i = _holder(positions, r)
+            if i < 0:
+                continue  # a vacant row (its image was planned again), or a marker of another plan: validate names it
             size[i], mtime[i] = s, t
             if archive is not None and offset is not None and a is not None:
                 if a not in archives:
                     archives.append(a)
                 archive[i], offset[i] = archives.index(a), o
     return replace(plan, file_size=size, mtime_ns=mtime, archive=archive, offset=offset, archives=tuple(archives))
+
+
+def read_changed(plan: Plan, markers: MarkerMap) -> set[str]:
+    """Keys of the images whose source was not as planned when their shard read them (the markers' `sources`).
+    dinofeat 0.6.1 stored such an image even when its dimensions had changed, in the bucket planned for the old
+    one: --repair and validate --images read these headers again."""
+    by_bucket = plan.rows_to_keys()
+    out = set()
+    for (bucket, _), m in markers.items():
+        positions = by_bucket.get(bucket, ())
+        out |= {plan.keys[i] for i in (_holder(positions, r) for r in m.get("sources") or {}) if i >= 0}
+    return out
+
+
+def _holder(positions: np.ndarray, row: str | int) -> int:
+    """The position of the image holding `row` of a bucket (`Plan.rows_to_keys`), -1 for a vacant or unknown row."""
+    r = int(row)
+    return int(positions[r]) if 0 <= r < len(positions) else -1
 
 
 def sources_differ(a: Plan, b: Plan) -> bool:

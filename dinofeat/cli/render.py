@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from dinofeat.errors import CHANGED_SINCE_PLANNED
+
 # ExtractConfig settings as the option a user would type (internal ones, like the bucket table's version, are
 # not shown)
 _AS_OPTION = {
@@ -96,6 +98,12 @@ def _notes(s: Any, repair_asked: bool) -> list[str]:
         )
     if s.cleaned_files:
         out.append(f"removed {s.cleaned_files} files of unfinished shards (an interrupted run's, redone now)")
+    changed = s.failures_by_reason.get(CHANGED_SINCE_PLANNED, 0)
+    if changed:
+        out.append(
+            f"{count(changed, 'image')} replaced by one of other dimensions since planned (not stored): rerun the same "
+            "command to plan them again into the buckets of their new size"
+        )
     return out
 
 

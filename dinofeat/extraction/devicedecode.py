@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dinofeat.errors import ConfigError, ImageError
-from dinofeat.images.decode import open_image, orientation
+from dinofeat.images.decode import check_planned_size, open_image, orientation
 from dinofeat.images.preprocess import load_resized
 from dinofeat.images.recipe import Recipe
 from dinofeat.sources.archive import Member, read_member
@@ -36,14 +36,19 @@ class EncodedJpeg:
     orientation: int
 
 
-def load_for_device(path: str | Member, size: tuple[int, int], recipe: Recipe) -> np.ndarray | EncodedJpeg:
+def load_for_device(
+    path: str | Member, size: tuple[int, int], recipe: Recipe, planned: tuple[int, int] | None = None
+) -> np.ndarray | EncodedJpeg:
     """In a decode worker: the JPEG's bytes when the device can decode it, else the pixels as the CPU recipe makes
-    them (HxWx3 uint8). Raises ImageError for a bad file, as `load_resized` does."""
+    them (HxWx3 uint8). Raises ImageError for a bad file, and ImageChangedError for an image whose size is not the
+    `planned` one, as `load_resized` does."""
     with open_image(path, recipe.max_pixels, header_only=True) as im:
+        if planned is not None:
+            check_planned_size(im, planned)
         fits = im.format == "JPEG" and im.mode in DEVICE_MODES and getattr(im, "n_frames", 1) == 1
         turn = orientation(im) if fits else 1
     if not fits:
-        return load_resized(path, size, recipe)
+        return load_resized(path, size, recipe, planned)
     try:
         data = read_member(path) if isinstance(path, Member) else _read(path)
     except FileNotFoundError as e:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dinofeat.cache.layout import VACANT
 from dinofeat.errors import ImageError, SourceChangedError
 from dinofeat.extraction.devicedecode import Decode, EncodedJpeg, decode_into, load_for_device, nvjpeg
 from dinofeat.images.preprocess import load_resized
@@ -23,15 +24,17 @@ from dinofeat.sources.discover import Facts, facts_of, same_facts
 
 @dataclass(frozen=True)
 class BatchJob:
-    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i, `planned[i]` its
-    facts as the plan recorded them."""
+    """Rows [start, stop) of one bucket; `paths[i]` is the file (or tar member) for row start + i (None: a vacant
+    row, held by no image), `planned[i]` its facts and `sizes[i]` its displayed (width, height) as the plan recorded
+    them."""
 
     bucket: str
     start: int
     stop: int
     size: tuple[int, int]  # (width, height)
-    paths: tuple[str | Member, ...]
+    paths: tuple[str | Member | None, ...]
     planned: tuple[Facts, ...] = ()
+    sizes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -81,16 +84,22 @@ class BatchDecodeDataset(Dataset):
         on_device = self.recipe.decode == "gpu"
         for k in range(task.a, task.b):
             path = job.paths[k]
+            if path is None:
+                failed[job.start + k] = VACANT  # zeros, left out of the statistics, never served
+                continue
             try:
                 now = _facts_now(path) if job.planned else None
+                # an image of other dimensions than planned (replaced since) fails here: resized into this bucket
+                # it would be stored with another aspect; the next run plans it again (ImageChangedError)
+                planned = job.sizes[k] if job.sizes else None
                 if on_device:
-                    got = load_for_device(path, job.size, self.recipe)
+                    got = load_for_device(path, job.size, self.recipe, planned)
                     if isinstance(got, EncodedJpeg):
                         encoded[job.start + k] = got
                     else:
                         out[k - task.a] = got
                 else:
-                    out[k - task.a] = load_resized(path, job.size, self.recipe)
+                    out[k - task.a] = load_resized(path, job.size, self.recipe, planned)
                 if now is not None and not same_facts(now, job.planned[k]):
                     changed[job.start + k] = now  # the source changed since planning: the index will say what we read
             except ImageError as e:

@@ -28,7 +28,7 @@ from dinofeat.extraction.prepare import Prepared
 from dinofeat.extraction.stub import StubEncoder
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.extraction.writer import WRITER_THREADS, ShardResult, ShardWriter, Timings
-from dinofeat.sources.discover import Source
+from dinofeat.sources.discover import Facts, Source
 
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
 
@@ -192,10 +192,15 @@ def _batch_jobs(plan: Plan, src: Source, prep: Prepared, mine: dict[str, set[int
         tokens = (b.grid[0] * b.grid[1] + 1 + prep.model.num_register_tokens) * len(prep.arrays.variants)
         bs = batch_size_for(tokens, budget, cfg.batch_size)
         for a, z in pending_batches(b, mine[b.name], bs):
-            rows = positions[b.name][a:z]
-            paths = tuple(src.path(plan.keys[i]) for i in rows)
-            jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths, tuple(planned_facts(plan, i) for i in rows)))
+            rows = [int(i) for i in positions[b.name][a:z]]  # -1: a vacant row
+            paths = tuple(None if i < 0 else src.path(plan.keys[i]) for i in rows)
+            facts = tuple(NO_FACTS if i < 0 else planned_facts(plan, i) for i in rows)
+            sizes = tuple((0, 0) if i < 0 else (int(plan.src_w[i]), int(plan.src_h[i])) for i in rows)
+            jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths, facts, sizes))
     return jobs
+
+
+NO_FACTS: Facts = (0, 0, None, -1)  # a vacant row's: never compared (it is not read)
 
 
 def _encode(

@@ -30,7 +30,7 @@ from dinofeat.extraction.locate import moved_members, refuse_missing, source_fro
 from dinofeat.extraction.loop import run_shards
 from dinofeat.extraction.plan import projected_bytes
 from dinofeat.extraction.prepare import Prepared, build_plan, prepare, request_for, settings_for
-from dinofeat.extraction.stale import changed_images
+from dinofeat.extraction.stale import changed_images, resized_done_images, resized_reason
 from dinofeat.paths import check_cache_dir, local_path
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.sources.discover import Source, discover, no_images
@@ -290,7 +290,7 @@ def _open_on_every_rank(
         request = request_for(src, prep, prep.config.progress)
         st, plan, summary.appended = lifecycle.open_or_create(cache, request, actions.overwrite)
         summary.cleaned_files += housekeeping.cleanup(st, set(), orphans=True)
-        _maintain(st, plan, src, actions, summary, prep.config.progress)
+        plan = _maintain(st, plan, src, request, prep.config, actions, summary)
         unmarked = {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers.read())
         refuse_missing(plan, src, unmarked, st.index.pruned())
         moved = moved_members(plan, src) if group.connected else {}
@@ -311,18 +311,32 @@ def _check_actions(actions: Actions) -> None:
                           "what they would find")  # fmt: skip
 
 
-def _maintain(st: Store, plan: Plan, src: Source, actions: Actions, summary: Summary, progress: bool) -> None:
+def _maintain(
+    st: Store,
+    plan: Plan,
+    src: Source,
+    request: lifecycle.Request,
+    config: ExtractConfig,
+    actions: Actions,
+    summary: Summary,
+) -> Plan:
     """--repair's check first (it refuses, before any change, damaged shards whose images are gone unless they are
-    pruned), then --prune (a damaged shard that held pruned images is extracted again without them)."""
+    pruned), then --prune (a damaged shard that held pruned images is extracted again without them). Returns the
+    plan the run extracts: a changed image whose dimensions changed too is planned again (lifecycle.extend) into
+    the bucket its new size belongs to, after its old shard was unmarked (its old row is extracted again, vacant)."""
     present = set(src.keys)
     if actions.repair:
         markers = st.markers.read()
         status, _ = marker_status(plan, markers, st.index.pruned())
         changed = changed_images(as_read(plan, markers), status, src)
-        damage = maintenance.repair(st, plan, present, actions.prune, progress, changed)
+        resized = resized_done_images(plan, markers, status, src, changed, config.recipe.max_pixels)
+        changed |= {k: resized_reason(*sizes) for k, sizes in resized.items() if k not in changed}
+        damage = maintenance.repair(st, plan, present, actions.prune, config.progress, changed)
         summary.repaired = [str(d) for d in damage]
+        plan, _ = lifecycle.extend(st, plan, request, resized)
     if actions.prune:
         summary.pruned_now = len(maintenance.prune(st, plan, present))
+    return plan
 
 
 def _waiter(timeout_s: float) -> Any:

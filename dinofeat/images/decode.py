@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from dinofeat.errors import ImageError
+from dinofeat.errors import CHANGED_SINCE_PLANNED, ImageChangedError, ImageError
 from dinofeat.sources.archive import Member, header_reader, read_member
 
 BACKGROUND = (255, 255, 255)  # alpha is composited on white: documented in docs/format.md (recipe.background)
@@ -109,20 +109,32 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Im
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
+def check_planned_size(im: Image.Image, planned: tuple[int, int]) -> None:
+    """ImageChangedError unless the header gives the (width, height) the image was planned with, computed as the
+    probe computes it (`oriented_size`, before any pixel is decoded), so an unchanged image always passes."""
+    w, h = oriented_size(im)
+    if (w, h) != (int(planned[0]), int(planned[1])):
+        raise ImageChangedError(f"{CHANGED_SINCE_PLANNED}: now {w}x{h}, planned as {planned[0]}x{planned[1]}")
+
+
 def decode_rgb(
     path: Source,
     draft_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = BACKGROUND,
+    planned: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode the first frame to upright RGB.
 
     `draft_size` is the smallest (width, height), as displayed, the decoded image may have. For JPEGs at least twice
     that size, PIL's draft mode decodes at a reduced DCT scale that is still >= it on both sides. None (the
-    default recipe) decodes in full.
+    default recipe) decodes in full. `planned`: the displayed size the plan recorded; an image whose header says
+    otherwise (replaced since it was planned) raises ImageChangedError before its pixels are decoded.
     """
     im = open_image(path, max_pixels)
     try:
+        if planned is not None:
+            check_planned_size(im, planned)
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
         if draft_size is not None and im.format == "JPEG":

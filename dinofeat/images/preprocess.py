@@ -11,12 +11,16 @@ from dinofeat.images.resize import resize_uint8
 DEFAULT_RECIPE = Recipe()
 
 
-def load_resized(path: Source, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE) -> np.ndarray:
-    """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file."""
+def load_resized(
+    path: Source, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE, planned: tuple[int, int] | None = None
+) -> np.ndarray:
+    """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file, and
+    ImageChangedError when `planned` (the displayed size its bucket was chosen for) is not the image's size now."""
     im = decode_rgb(
         path,
         draft_size=(size[0] * recipe.jpeg_draft, size[1] * recipe.jpeg_draft) if recipe.jpeg_draft else None,
         max_pixels=recipe.max_pixels,
         background=recipe.background,
+        planned=planned,
     )
     return resize_uint8(im, size)

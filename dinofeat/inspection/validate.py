@@ -25,6 +25,7 @@ from dinofeat.cache.layout import (
     STATUS_FAILED,
     STATUS_PENDING,
     STATUS_PRUNED,
+    VACANT_ROWS_VERSION,
     ZARR_DTYPES,
     Plan,
     array_shape,
@@ -34,7 +35,7 @@ from dinofeat.cache.markers import as_read, marker_status
 from dinofeat.cache.objects import on_store_errors, open_files
 from dinofeat.cache.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.cache.store import Store
-from dinofeat.errors import CacheFormatError, ConfigError, DinofeatError
+from dinofeat.errors import CHANGED_SINCE_PLANNED, CacheFormatError, ConfigError, DinofeatError, ImageChangedError
 from dinofeat.paths import local_path
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.storeerrors import is_store_failure
@@ -81,6 +82,11 @@ class Report:
             out.append("rerun the same precompute command with --prune to drop the images gone from the source")
         if "missing" in checks:
             out.append("rerun the same precompute command to add the images the cache lacks")
+        if "replaced" in checks:
+            out.append(
+                "images replaced by ones of other dimensions were not stored: rerun the same precompute command to "
+                "plan them again into the buckets of their new size"
+            )
         if "stale" in checks:
             out.append(
                 "images changed since extraction keep their old features: rerun the same precompute command with "
@@ -234,10 +240,12 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
         )
     keys = plan.keys
     _check_structure(st, meta, ix, status, keys, plan.buckets, markers, report)
-    _check_values(st, ix, status, keys, plan.buckets, markers, sample, seed, progress, report)
+    _check_vacant(plan, markers, report)
+    _check_values(st, plan, status, markers, sample, seed, progress, report)
     _check_stats(st, plan, markers, report)
     if images is not None:
-        _check_folder(str(images), as_read(plan, markers), status, report)
+        failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else st.index.failures()
+        _check_folder(str(images), as_read(plan, markers), status, markers, failures, report)
     if recompute:
         source = str(images or meta["source_root"])
         _check_recompute(st, meta, ix, status, keys, plan.buckets, source, recompute, seed, report)
@@ -296,8 +304,9 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
         if b >= n_b or (b >= 0 and not 0 <= r < plans[b].rows):
             report.add("index", k, f"bucket {b} row {r} out of range")
     counts = np.bincount(ix["bucket"][ix["bucket"] >= 0], minlength=n_b) if n_b else np.zeros(0, np.int64)
+    vacancies = st.format_version >= VACANT_ROWS_VERSION  # rows whose image was planned again into another bucket
     for k, b in enumerate(plans):
-        if k < len(counts) and counts[k] != b.rows:
+        if k < len(counts) and (counts[k] > b.rows or (counts[k] < b.rows and not vacancies)):
             report.add("index", b.name, f"the index puts {counts[k]} images in this bucket, its record says {b.rows}")
     unfinished = report.unfinished is not None  # one summary line says what is pending, not one line per image
     if not unfinished:
@@ -336,12 +345,22 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
     report.checked["shards"] = len(planned)
 
 
-def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, report: Report) -> None:
+def _check_vacant(plan: Plan, markers, report: Report) -> None:
+    """A row no image holds (its image was planned again into another bucket) must be failed in its shard's
+    marker: stored as zeros and left out of the statistics. One the marker says was stored means a lost index entry."""
+    held = plan.rows_to_keys()
+    for b in plan.buckets:
+        for r in np.flatnonzero(held[b.name] < 0):
+            m = markers.get((b.name, int(r) // b.shard_rows))
+            if m is not None and str(r) not in m["failed"]:
+                report.add("index", f"{b.name} row {r}", "held by no image, yet its done marker says it was stored")
+
+
+def _check_values(st, plan: Plan, status, markers, sample, seed, progress, report: Report) -> None:
     rng = random.Random(seed)
-    by_bucket: dict[int, np.ndarray] = {}
-    for k in range(len(plans)):
-        pos = np.flatnonzero(ix["bucket"] == k)
-        by_bucket[k] = pos[np.argsort(ix["row"][pos])]
+    keys, plans = plan.keys, plan.buckets
+    held = plan.rows_to_keys()  # -1: a vacant row
+    by_bucket = {k: held[b.name] for k, b in enumerate(plans)}
     todo = [
         (k, b, u)
         for k, b in enumerate(plans)
@@ -353,11 +372,10 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
     norms, norm_keys = [], []
     unchecked = 0
     for k, b, u in tqdm(todo, desc="validate", unit="shard", disable=not progress):
-        if len(by_bucket[k]) != b.rows:
-            continue  # the index and the bucket's record disagree (reported by the structure check)
         s0, s1 = b.shard_range(u)
         positions = by_bucket[k][s0:s1]
-        done = status[positions] == STATUS_DONE
+        done = (positions >= 0) & (status[positions] == STATUS_DONE)
+        where = [keys[p] if p >= 0 else f"{b.name} row {s0 + r} (vacant)" for r, p in enumerate(positions)]
         for name in st.shards.names(b.name):
             try:
                 layout = read_layout(f"buckets/{b.name}/{name}", st.files, st.shards.array_checksum(b.name, name))
@@ -372,7 +390,7 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
             if reader.verify_rows:
                 x, damaged = _read_checked(reader, s0, s1)
                 for r, why in damaged.items():
-                    (report.add if done[r] else report.warn)("checksum", keys[positions[r]], f"{name}: {why}")
+                    (report.add if done[r] else report.warn)("checksum", where[r], f"{name}: {why}")
                 done = done.copy()
                 done[list(damaged)] = False  # already reported; their zeros are not a "zero row" finding
                 if reader.expected is not None:
@@ -391,15 +409,15 @@ def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, 
             x = bf16_bits_to_float32(x) if bf16 else x
             for r in nonfinite_rows(x):
                 if done[r]:
-                    report.add("nan", keys[positions[r]], f"{name}: NaN or Inf values")
+                    report.add("nan", where[r], f"{name}: NaN or Inf values")
             for r in zero_rows(x):  # a stored, checksummed zero row was written as zeros: odd, not damage
                 if done[r] and vouched[r]:
-                    report.warn("zero", keys[positions[r]], f"{name}: all-zero features (stored and checksummed)")
+                    report.warn("zero", where[r], f"{name}: all-zero features (stored and checksummed)")
                 elif done[r]:
-                    report.add("zero", keys[positions[r]], f"{name}: all-zero row among done images (never written?)")
+                    report.add("zero", where[r], f"{name}: all-zero row among done images (never written?)")
             for r in saturated_rows(x):
                 if done[r]:
-                    report.warn("saturation", keys[positions[r]], f"{name}: fp16 saturated (|x| = 65504)")
+                    report.warn("saturation", where[r], f"{name}: fp16 saturated (|x| = 65504)")
             if name == "cls":
                 n = np.linalg.norm(x.astype(np.float32), axis=1)
                 norms += n[done].tolist()
@@ -455,12 +473,16 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
     return np.stack(rows), damaged
 
 
-def _check_folder(folder: str, plan: Plan, status: np.ndarray, report: Report) -> None:
+def _check_folder(
+    folder: str, plan: Plan, status: np.ndarray, markers, failures: dict[str, str], report: Report
+) -> None:
     """The source against the cache: images missing from either, and done images changed since their features were
     made (files, and archive members that moved: a tar shard or parquet file rewritten, even when every size and
-    time matches). `plan` records the facts of the bytes each image was read from (the index, corrected by the done
-    markers of an unfinished cache)."""
-    from dinofeat.extraction.stale import changed_images
+    time matches), saying when their dimensions changed too; images that failed because their dimensions changed
+    since they were planned (a rerun plans them again). `plan` records the facts of the bytes each image was read
+    from (the index, corrected by the done markers of an unfinished cache)."""
+    from dinofeat.extraction.stale import changed_images, resized_done_images, resized_reason
+    from dinofeat.images.decode import DEFAULT_MAX_PIXELS
     from dinofeat.sources.discover import discover
 
     src = discover(folder)
@@ -472,9 +494,17 @@ def _check_folder(folder: str, plan: Plan, status: np.ndarray, report: Report) -
         report.add("missing", k, "image in the source is not in the cache")
     for k in sorted(planned - found):
         report.add("extra", k, "cache has an image the source lacks (drop it: rerun precompute with --prune)")
-    for k, why in sorted(changed_images(plan, status, src).items()):
+    changed = changed_images(plan, status, src)
+    resized = resized_done_images(plan, markers, status, src, changed, DEFAULT_MAX_PIXELS)
+    for k in sorted(set(changed) | set(resized)):
+        parts = [changed[k]] if k in changed else []
+        if k in resized:
+            parts.append(f"{resized_reason(*resized[k])}: --repair plans it again into the bucket of its new size")
         if k in planned:
-            report.add("stale", k, why)
+            report.add("stale", k, "; ".join(parts))
+    for k, why in sorted(failures.items()):
+        if why.startswith(CHANGED_SINCE_PLANNED) and k in found and k in planned:
+            report.add("replaced", k, f"not stored: {why}")
 
 
 def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, seed: int, report: Report) -> None:
@@ -507,8 +537,11 @@ def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, see
     worst = 1.0
     for i in picks:
         b = plans[int(ix["bucket"][i])]
-        try:
-            u8 = load_resized(locate(keys[i]), (b.width, b.height), recipe)
+        try:  # the size too: features of an image stored in another image's bucket are wrong however close
+            u8 = load_resized(locate(keys[i]), (b.width, b.height), recipe, (int(ix["src_w"][i]), int(ix["src_h"][i])))
+        except ImageChangedError as e:
+            report.add("recompute", keys[i], f"{e} (the index's size is not the source's: rerun precompute --repair)")
+            continue
         except Exception as e:
             report.add("recompute", keys[i], f"cannot read the source image: {e}")
             continue
