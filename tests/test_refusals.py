@@ -52,6 +52,7 @@ CASES = {
     "workers too many": (["precompute", "imgs", "c", *M, "--workers", "100000"], "per core"),
     "buckets too many": (["precompute", "imgs", "c", *M, "--num-buckets", "100000"], "between 1 and"),
     "cache URL scheme": (["precompute", "imgs", "ftp://host/c", *M], "not ftp://"),
+    "file URL of another host": (["precompute", "imgs", "file://server/c", *M], "on the machine 'server'"),
     "empty source argument": (["precompute", "", "c", *M], "must be named"),
     "empty cache argument": (["precompute", "imgs", " ", *M], "must be named"),
     "model dir without weights": (["precompute", "imgs", "c", "--model", "noweights"], "no weights"),

@@ -33,7 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 from dinofeat.cache.shardcache import ShardCache
 from dinofeat.errors import ConfigError, StoreError
 from dinofeat.filesystems import filesystem
-from dinofeat.paths import is_url
+from dinofeat.paths import file_url_path, is_file_url, is_url
 from dinofeat.storeerrors import NO_CHANGE, store_errors
 
 
@@ -479,8 +479,8 @@ def open_files(location: str | os.PathLike[str]) -> Files:
     """The Files of a cache at a local path or a URL (URLs with an unsupported scheme raise ConfigError)."""
     text = os.fspath(location)
     if is_url(text):
-        if text.startswith("file://"):
-            return LocalFiles(Path(os.path.realpath(text[len("file://") :])))
+        if is_file_url(text):
+            return LocalFiles(Path(os.path.realpath(file_url_path(text))))
         return RemoteFiles.from_url(text)
     return LocalFiles(Path(os.path.realpath(text)))  # `c`, `./c`, `x/../c` and a link to it are one cache
 
