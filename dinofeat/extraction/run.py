@@ -29,7 +29,14 @@ from dinofeat.extraction.config import FINGERPRINTED, ExtractConfig
 from dinofeat.extraction.locate import moved_members, refuse_missing, source_from_plan
 from dinofeat.extraction.loop import run_shards
 from dinofeat.extraction.plan import projected_bytes
-from dinofeat.extraction.prepare import Prepared, build_plan, prepare, request_for, settings_for
+from dinofeat.extraction.prepare import (
+    Prepared,
+    build_plan,
+    prepare,
+    refuse_meaningless,
+    request_for,
+    settings_for,
+)
 from dinofeat.extraction.stale import changed_images
 from dinofeat.paths import check_cache_dir, local_path
 from dinofeat.sources.archive import is_archive_source
@@ -149,6 +156,7 @@ def _extract(
     config, taken = settings_for(cache, config, names, overwrite)
     group = ranks.join(config.rank, config.world_size, config.device)
     prep = prepare(config, group)
+    refuse_meaningless(cache, config, prep.model, overwrite)
     if group.is_leader and not dry_run and housekeeping.exists(cache):
         _refuse_if_locked(cache, group)  # in seconds, not after listing 100M files (the real lock is taken below)
     # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan. The
