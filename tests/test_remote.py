@@ -19,6 +19,7 @@ import torch
 from dinofeat import FeatureCache, extract
 from dinofeat.cache.lock import ObjectLock
 from dinofeat.cache.objects import LocalFiles, RemoteFiles, open_files
+from dinofeat.cache.shardcache import ShardCache
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheConflictError, CacheLockedError, ChecksumError, ConfigError
 from dinofeat.inspection.info import info
@@ -173,6 +174,48 @@ def test_dataloader_with_two_workers_over_a_remote_cache(remote_and_local):
         want = ds_local[i]
         assert torch.equal(got[want["key"]]["patches"], want["patches"])
         assert torch.equal(got[want["key"]]["cls"], want["cls"])
+
+
+def _evict_right_after_each_rename(_: int) -> None:
+    """A DataLoader worker_init_fn: in this worker, the moment a fetched shard is renamed into place, another reader
+    of the folder evicts everything in it, as a second worker's fetch under the cap does (here always at the worst
+    moment, instead of once in a few runs)."""
+    shards = torch.utils.data.get_worker_info().dataset.cache._files.shard_cache
+    rename = os.replace
+
+    def replace(src, dst, *args, **kw):
+        rename(src, dst, *args, **kw)
+        ShardCache(shards.root, shards.dir.name, 1).evict()
+
+    os.replace = replace  # this worker process only
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_dataloader_workers_sharing_a_local_cache_smaller_than_a_shard_never_miss_one(
+    remote_and_local, tmp_path, interleave
+):
+    """Issue 32.3: four workers, one shard file open each, a cap below one shard: every fetch evicts every other
+    shard, the one another worker has just fetched included. Epoch after epoch, every sample is served and equal
+    to the local cache's (before the fix, a worker whose fresh shard was evicted before it opened it failed with
+    `shard file missing`; `interleave` makes that happen at every fetch)."""
+    local, url = remote_and_local
+    fc = FeatureCache(url, local_cache=tmp_path / "shards", local_cache_bytes=1, max_open_files=1)
+    want = {s["key"]: s for s in FeatureDataset(local)}
+    loader = torch.utils.data.DataLoader(
+        FeatureDataset(fc),
+        batch_size=None,
+        num_workers=4,
+        shuffle=True,
+        persistent_workers=True,
+        timeout=120,
+        worker_init_fn=_evict_right_after_each_rename if interleave else None,
+    )
+    for _ in range(4):
+        got = {s["key"]: s for s in loader}
+        assert sorted(got) == sorted(want)
+        for k, s in got.items():
+            assert torch.equal(s["patches"], want[k]["patches"]) and torch.equal(s["cls"], want[k]["cls"])
+    assert not [p for p in (tmp_path / "shards").rglob(".*.tmp")]
 
 
 @pytest.mark.slow

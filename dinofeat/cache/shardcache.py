@@ -45,30 +45,40 @@ class ShardCache:
 
     def open(self, rel: str, fetch: Fetch) -> int:
         """One fetch per shard per process (threads wanting the same shard wait for it); processes racing each
-        rename a complete copy of the same bytes. A fetch that raises leaves no temp file behind."""
+        rename a complete copy of the same bytes. A fetch that raises leaves no temp file behind.
+
+        The descriptor returned is opened before the shard can be evicted: a hit opens the file first (a removal
+        after that leaves the bytes to the descriptor; a removal before it is a miss), and a fetch opens its temp
+        file before renaming it into place, because another process's (or thread's) eviction may remove the new
+        name the moment it exists."""
         path = self.dir / rel
         with _LOCKS[hash(str(path)) % len(_LOCKS)]:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = -1
+            fd = _open_if_present(path)
             if fd >= 0:
                 if self.max_bytes is not None:
                     self._touch(path)
                 return fd
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                fetch(tmp)
-                self._touch(tmp)
-                os.replace(tmp, path)  # readers see no shard or a whole one
-            except BaseException:
-                _unlink(tmp)  # a partial download, never renamed into place
-                raise
-            fd = os.open(path, os.O_RDONLY)  # ours before anything is evicted
-            self.fetches += 1
+            fd = self._fetch(path, fetch)
         if self.max_bytes is not None:
             self.evict(keep=path)
+        return fd
+
+    def _fetch(self, path: Path, fetch: Fetch) -> int:
+        """Fetch into a temp file, open it, then rename it into place; returns the open descriptor."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = -1
+        try:
+            fetch(tmp)
+            self._touch(tmp)
+            fd = os.open(tmp, os.O_RDONLY)  # ours whatever happens to the name from here on
+            os.replace(tmp, path)  # readers see no shard or a whole one
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            _unlink(tmp)  # a partial download, never renamed into place
+            raise
+        self.fetches += 1
         return fd
 
     def _touch(self, path: Path) -> None:
@@ -120,6 +130,14 @@ class ShardCache:
             removed += 1
         self.evicted += removed
         return removed
+
+
+def _open_if_present(path: Path) -> int:
+    """A read-only descriptor of `path`, or -1 when it is absent (never fetched, or evicted)."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return -1
 
 
 def _unlink(path: Path) -> None:
