@@ -3,6 +3,7 @@ lock (issue 22, second round). Each test fails on the code before its fix."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 
 from dinofeat.cache.lock import CacheLock
 from dinofeat.cache.store import Store
-from dinofeat.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError
+from dinofeat.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError, DinofeatError
 from dinofeat.extraction.run import extract
 from dinofeat.inspection.validate import validate
 from dinofeat.read.reader import FeatureCache
@@ -173,3 +174,62 @@ def test_a_run_that_reached_the_folder_by_another_path_holds_it(sealed):
     with CacheLock(cache):  # released: the lock is free again, and its file is gone after
         pass
     assert not list(cache.parent.glob(".c.dinofeat-lock"))
+
+
+# ---- issue 32.6: temp files of a stopped run --------------------------------------------------------------------
+def _disk_full_at_shard_write(monkeypatch, nth: int) -> list[str]:
+    """The disk fills while the `nth` shard file's temp copy is being made durable (its fsync fails with ENOSPC, as
+    a full disk's delayed allocation does): the run stops with that shard's temp file written. Returns its path."""
+    real, seen, failed = os.fsync, [], []
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if "/c/" in name and name.endswith(".tmp") and not failed:
+            seen.append(name)
+            if len(seen) == nth:
+                failed.append(name)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return failed
+
+
+def test_a_disk_full_stop_leaves_a_temp_file_that_validate_names_and_the_next_run_removes(
+    tmp_path, dinov3_path, monkeypatch
+):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 6 + [(48, 64)] * 4)
+    cache = tmp_path / "c"
+    failed = _disk_full_at_shard_write(monkeypatch, nth=3)
+    with pytest.raises(DinofeatError, match="No space left on device"):
+        extract(imgs, cache, **kw(dinov3_path))
+    temp = Path(failed[0])
+    assert temp.is_file() and temp.name.endswith(f".{os.getpid()}.tmp")
+    r = validate(cache, progress=False)
+    named = [p for p in r.problems if p.check == "orphan"]
+    assert [p.where for p in named] == [temp.relative_to(cache).as_posix()], r.problems
+    assert "rerun the same precompute command" in named[0].reason
+    monkeypatch.undo()
+    assert extract(imgs, cache, **kw(dinov3_path)).sealed
+    assert not temp.exists() and not list(cache.rglob("*.tmp"))
+    assert validate(cache, progress=False).ok
+
+
+@pytest.mark.parametrize("beside", ["shard", "statistics", "marker summary", "metadata"])
+def test_temp_files_beside_finished_files_are_named_and_removed_by_a_plain_rerun(sealed, dinov3_path, beside):
+    """A write cut short where no shard is pending (prune rewriting a finished shard's statistics, a seal, a
+    metadata write): validate names it, and a rerun of the sealed cache, with nothing to extract, removes it."""
+    imgs, cache = sealed
+    target = {
+        "shard": next((cache / "buckets").glob("*/patches/c/0/0/0/0")),
+        "statistics": next((cache / "_dinofeat" / "stats").rglob("0.npz")),
+        "marker summary": next((cache / "_dinofeat" / "sealed").glob("*.npz")),
+        "metadata": cache / "zarr.json",
+    }[beside]
+    temp = target.with_name(f".{target.name}.4242.tmp")
+    temp.write_bytes(b"x" * 100)
+    assert [p.where for p in validate(cache, progress=False).problems] == [temp.relative_to(cache).as_posix()]
+    s = extract(imgs, cache, **kw(dinov3_path))
+    assert s.processed == 0 and s.cleaned_files == 1 and not temp.exists()
+    assert validate(cache, progress=False).ok

@@ -294,7 +294,7 @@ def _open_on_every_rank(
         held.enter_context(cache_lock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
         request = request_for(src, prep, prep.config.progress)
         st, plan, summary.appended = lifecycle.open_or_create(cache, request, actions.overwrite)
-        summary.cleaned_files += housekeeping.cleanup(st, set(), orphans=True)
+        summary.cleaned_files += housekeeping.cleanup(st, set(), orphans=True, exclusive=not manual)
         _maintain(st, plan, src, actions, summary, prep.config.progress)
         unmarked = {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers.read())
         refuse_missing(plan, src, unmarked, st.index.pruned())

@@ -328,10 +328,19 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
         if any(rel.startswith(d + "/") for d in orphans):
             continue
         parts = rel.split("/")  # buckets/<b>/<array>/c/<u>/0...
+        if housekeeping.TEMP_NAME.match(parts[-1]):
+            continue  # named below, with every other temp file
         if parts[-1].endswith(".partial"):
             report.add("orphan", rel, "partial file left by an interrupted write")
         elif len(parts) > 4 and parts[3] == "c" and parts[4].isdigit() and (parts[1], int(parts[4])) not in planned:
             report.add("orphan", rel, "shard file outside the plan")
+    for rel in housekeeping.temp_files(st.files):
+        report.add(
+            "orphan",
+            rel,
+            "temporary file of a write that was cut short (disk full, a crash): rerun the same precompute command "
+            "to remove it",
+        )
     report.checked["images"] = len(keys)
     report.checked["shards"] = len(planned)
 
