@@ -68,6 +68,16 @@ def check_cache_dir(path: Path) -> None:
             return
 
 
+def key_for(name: str) -> str:
+    """A UTF-8 key for a file name. Names the OS gave us with undecodable bytes (surrogate escapes) spell those
+    bytes as `\\xNN`, so one odd name never stops a run; every other name is its own key."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def model_ref(spec: str) -> str:
     """How a cache records a model: a local model folder by its absolute path (so a rerun from another folder, or
     `./m` for `m`, names the same model), a hub id as given (a folder of that name is what transformers loads)."""

@@ -131,6 +131,7 @@ VOLATILE = {  # ids, times, the version that wrote it
     "sealed_at",
     "meta_checksums",
     "dinofeat_version",
+    "record_checksums",  # added since the move (issue 32): the crc32c of the plan's records
 }
 
 

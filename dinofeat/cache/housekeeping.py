@@ -47,6 +47,8 @@ def cleanup(st: Store, shards: set[tuple[str, int]], orphans: bool = True, exclu
                 removed += _unlink_all(Path(st.path).glob(pattern))
             if exclusive:
                 removed += _unlink_all(Path(st.path) / rel for rel in temp_files(st.files))
+            in_force = Path(st.path) / st.index.pruned_path() if st.meta.get("pruned") else None
+            removed += _unlink_all(p for p in Path(st.path).glob("_dinofeat/pruned*.json") if p != in_force)
     return removed
 
 

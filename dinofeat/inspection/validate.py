@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from dinofeat.cache import housekeeping, metadata
 from dinofeat.cache.arrays import ArraySet
 from dinofeat.cache.checksum import expected_checksums
+from dinofeat.cache.index import PROBE_FAILURES, SOURCE_NAMES
 from dinofeat.cache.layout import (
     META_KEY,
     STATUS_DONE,
@@ -214,10 +215,11 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
     except CacheFormatError as e:
         report.add("index", "index", str(e))
         return
-    try:
-        st.index.pruned()
-    except CacheFormatError as e:
-        report.add("index", "pruned", str(e))
+    damaged = st.index.damaged_records()  # each record against its crc32c; a source name outside the source
+    for rel, why in damaged.items():
+        report.add("index", rel, why)
+    if PROBE_FAILURES in damaged:
+        return  # the plan itself cannot be read
     plan = st.index.plan(ix)
     markers = st.markers.read()
     status = ix["status"]
@@ -238,7 +240,7 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
     _check_stats(st, plan, markers, report)
     if images is not None:
         _check_folder(str(images), as_read(plan, markers), status, report)
-    if recompute:
+    if recompute and SOURCE_NAMES not in damaged:  # never recompute from files an edited map names
         source = str(images or meta["source_root"])
         _check_recompute(st, meta, ix, status, keys, plan.buckets, source, recompute, seed, report)
 
@@ -303,7 +305,7 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
     if not unfinished:
         for i in np.flatnonzero(status == STATUS_PENDING):
             report.add("complete", keys[i], "planned but neither done nor failed")
-    failures = st.index.failures() | st.index.probe_failures()
+    failures = _recorded_failures(st)
     for i in np.flatnonzero(status == STATUS_FAILED):
         if not failures.get(keys[i]) and not unfinished:
             report.add("failed", keys[i], "failed without a recorded reason")
@@ -343,6 +345,14 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
         )
     report.checked["images"] = len(keys)
     report.checked["shards"] = len(planned)
+
+
+def _recorded_failures(st: Store) -> dict[str, str]:
+    """The failures' reasons as recorded; {} when a record is damaged (named already, by `damaged_records`)."""
+    try:
+        return st.index.failures() | st.index.probe_failures()
+    except CacheFormatError:
+        return {}
 
 
 def _check_values(st, ix, status, keys, plans, markers, sample, seed, progress, report: Report) -> None:
