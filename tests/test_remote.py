@@ -87,15 +87,22 @@ def remote_and_local(_template, s3, tmp_path, bucket):
     return local, f"s3://{bucket}/feats"
 
 
+def _shards_in(folder):
+    """The shard files of a local shard cache (the kept metadata under .meta is not counted by its cap)."""
+    return [p for p in folder.rglob("*") if p.is_file() and ".meta" not in p.relative_to(folder).parts]
+
+
 def test_remote_cache_reads_back_bit_identical_to_local(remote_and_local, tmp_path):
     local, url = remote_and_local
     assert_same_caches(FeatureCache(local), FeatureCache(url))
     shards = tmp_path / "shard-cache"
     fc = FeatureCache(url, local_cache=shards)
     assert_same_caches(FeatureCache(local), fc)
-    fetched = [p for p in shards.rglob("*") if p.is_file()]
+    fetched = _shards_in(shards)
     assert fetched, "local_cache kept no shards"
     assert {p.relative_to(shards).parts[0] for p in fetched} == {fc.meta["cache_id"]}
+    kept = {p.parent.name for p in (shards / ".meta" / fc.meta["cache_id"]).rglob("zarr.json")}
+    assert {"cls", "patches"} <= kept  # the arrays' zarr.json, beside the shards (not counted, never evicted)
 
 
 def test_a_capped_local_cache_reads_everything_within_its_size(remote_and_local, tmp_path):
@@ -104,12 +111,12 @@ def test_a_capped_local_cache_reads_everything_within_its_size(remote_and_local,
     local, url = remote_and_local
     full = tmp_path / "full"
     assert_same_caches(FeatureCache(local), FeatureCache(url, local_cache=full))
-    sizes = [p.stat().st_size for p in full.rglob("*") if p.is_file()]
+    sizes = [p.stat().st_size for p in _shards_in(full)]
     assert len(sizes) > 4
     cap = 2 * max(sizes)
     fc = FeatureCache(url, local_cache=tmp_path / "capped", local_cache_bytes=cap, max_open_files=1)
     assert_same_caches(FeatureCache(local), fc)
-    held = sum(p.stat().st_size for p in (tmp_path / "capped").rglob("*") if p.is_file())
+    held = sum(p.stat().st_size for p in _shards_in(tmp_path / "capped"))
     assert 0 < held <= cap
     assert fc._files.shard_cache.evicted > 0 and fc._files.shard_cache.fetches > len(sizes)
     with pytest.raises(ConfigError, match="needs a local_cache folder"):

@@ -162,3 +162,48 @@ def test_a_hit_evicted_before_its_touch_is_still_served(tmp_path, monkeypatch):
     monkeypatch.setattr(mine, "_touch", evict_first)
     assert _get(mine, remote, "a") == b"a".ljust(SIZE, b".")
     assert _held(mine) == ["b"] and remote.fetched == ["a", "b"]
+
+
+def test_kept_metadata_is_served_while_it_passes_its_check_and_never_evicted(tmp_path):
+    """An array's zarr.json, kept beside the shards: read from the store once, then from the folder while it
+    passes the recorded checksum (`valid`); a copy that fails it is fetched again, and bytes that fail it are
+    returned (for the caller to refuse) but never kept. A cap below one shard never removes it."""
+    cache, remote = ShardCache(tmp_path, "id", SIZE // 2), Remote()
+    store = {"b/cls/zarr.json": b"good"}
+    asked: list[str] = []
+
+    def fetch(rel: str):
+        return lambda: (asked.append(rel), store[rel])[1]
+
+    def valid(data: bytes) -> bool:
+        return data == b"good"
+
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"good"
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"good"
+    assert asked == ["b/cls/zarr.json"]
+    copy = tmp_path / ".meta" / "id" / "b" / "cls" / "zarr.json"
+    copy.write_bytes(b"edited")
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"good" and copy.read_bytes() == b"good"
+    store["b/cls/zarr.json"] = b"damaged in the store"
+    copy.unlink()
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"damaged in the store"
+    assert not copy.exists()
+    store["b/cls/zarr.json"] = b"good"
+    cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid)
+    _get(cache, remote, "a")
+    _get(cache, remote, "b")
+    assert _held(cache) == ["b"] and copy.read_bytes() == b"good"
+
+
+def test_kept_cache_metadata_must_pass_its_field_checksums(tmp_path):
+    from dinofeat.cache.metadata import stamp
+    from dinofeat.cache.shardcache import keep_metadata, kept_metadata
+
+    meta = stamp({"cache_id": "abc", "state": "sealed"})
+    keep_metadata(tmp_path, "s3://b/feats", meta)
+    assert kept_metadata(tmp_path, "s3://b/feats") == meta
+    assert kept_metadata(tmp_path, "s3://b/other") is None
+    keep_metadata(tmp_path, "s3://b/feats", {**meta, "cache_id": "edited"})
+    assert kept_metadata(tmp_path, "s3://b/feats") is None  # fails its checksum: the store is asked instead
+    keep_metadata(tmp_path, "s3://b/feats", {"cache_id": "abc"})
+    assert kept_metadata(tmp_path, "s3://b/feats") is None  # no field checksums (before 0.6): never trusted

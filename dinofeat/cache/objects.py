@@ -90,6 +90,11 @@ class Files(ABC):
     def read(self, rel: str) -> bytes:
         """The whole file. FileNotFoundError if absent."""
 
+    def read_kept(self, rel: str, valid: Callable[[bytes], bool]) -> bytes:
+        """The whole file, from a local copy where one is kept and passes `valid` (its recorded checksum): a remote
+        cache read through a local shard cache keeps its arrays' zarr.json, so later epochs never ask the store."""
+        return self.read(rel)
+
     @abstractmethod
     def read_versioned(self, rel: str) -> tuple[bytes, Any]:
         """The file and a version token for `replace`."""
@@ -376,6 +381,11 @@ class RemoteFiles(Files):
 
     def read(self, rel: str) -> bytes:
         return bytes(self.fs.cat_file(self._key(rel)))
+
+    def read_kept(self, rel: str, valid: Callable[[bytes], bool]) -> bytes:
+        if self.shard_cache is None:
+            return self.read(rel)
+        return self.shard_cache.kept(rel, lambda: self.read(rel), valid)
 
     def read_versioned(self, rel: str) -> tuple[bytes, Any]:
         """The bytes and their ETag: the ETag is read before and after the bytes, and must not change between."""
