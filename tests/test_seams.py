@@ -339,3 +339,25 @@ def test_an_incremental_run_cut_short_after_rewriting_its_records_still_opens_an
     assert len(FeatureCache(cache)) == 10 and Store(cache).index.probe_failures() == {"bad.png": ANY}
     s = extract(imgs, cache, **kw(dinov3_path))
     assert s.sealed and s.appended == 2 and validate(cache, progress=False).ok
+
+
+def test_a_rank_removes_the_temp_files_of_its_own_pending_shards_only(sealed):
+    """What each process does at the start of a run, a rank of a manual split included (which never sweeps the
+    whole cache: another rank may be writing): the temp files of the shard, marker and statistics writes of the
+    shards it owns go; another shard's stay."""
+    from dinofeat.cache import housekeeping
+
+    _, cache = sealed
+    st = Store(cache, mode="r+")
+    bucket = st.index.bucket_plans()[0].name
+
+    def temps(u: int) -> list[Path]:
+        own = [*st.shards.files(bucket, u), st.markers.path(bucket, u), st.stats.path(bucket, u)]
+        out = [(cache / f).with_name(f".{Path(f).name}.{4242 + u}.tmp") for f in own]
+        for p in out:
+            p.write_bytes(b"cut short")
+        return out
+
+    mine, other = temps(0), temps(1)
+    assert housekeeping.cleanup(st, {(bucket, 0)}, orphans=False) >= len(mine)
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in other)
