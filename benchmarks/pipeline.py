@@ -8,7 +8,10 @@ pipeline could feed the model.
 
 It patches `dinofeat.extraction.loop.Encoder` (and, for the dropped run, `loop.ShardWriter`), loading the stub from
 this checkout by path, so the same script measures an older tree (`PYTHONPATH=/path/to/old/tree`): the before and
-after of a change in one run. Target (issue 31): with writes >= 0.6x dropped for ViT-L/16 at 1024 on a CPU VM.
+after of a change in one run. Target (issue 31): with writes >= 0.6x dropped for ViT-L/16 at 1024 on a CPU VM, and
+the writer's time per shard 4x lower than 0.6.1's: `writer_s_per_shard` (wall, the same methods timed in either
+tree, summed over writer threads, so concurrent fsyncs each count) and `writer_cpu_s_per_shard` (the writer
+threads' own CPU seconds in them: what the writer takes from the decode workers on a small machine).
 """
 
 from __future__ import annotations
@@ -32,6 +35,72 @@ def _stub_class() -> type:
     return mod.StubEncoder
 
 
+def _probe_writer() -> tuple[dict[str, float], Any]:
+    """Seconds spent in each piece of per-shard writer work, measured the same way in any tree: the writer's own
+    statistics, and the store's shard write, sync, statistics file, checksums and done marker, plus each shard's
+    `build` (assembly, or waiting for its copies). Returns the totals and a function that undoes the wrapping."""
+    import threading
+
+    from dinofeat.cache.markers import Markers
+    from dinofeat.cache.shards import Shards
+    from dinofeat.cache.stats import ShardStats
+    from dinofeat.extraction import writer
+
+    totals: dict[str, float] = {"shards": 0.0}
+    lock = threading.Lock()
+    undo = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        real = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                with lock:
+                    totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+                    totals[f"{label}_cpu"] = totals.get(f"{label}_cpu", 0.0) + time.thread_time() - c0
+
+        setattr(owner, name, timed)
+        undo.append((owner, name, real))
+
+    from dinofeat.cache import shards as shards_module
+
+    encode = "shard_parts" if hasattr(shards_module, "shard_parts") else "encode_shard"  # now / 0.6.1
+    wrap(shards_module, encode, "encode")  # inside `write`: the rest of `write` is the system calls
+    for owner, name, label in [(writer.ShardWriter, "_stats", "stats"), (Shards, "write", "write"),
+                               (Shards, "sync", "sync"), (ShardStats, "write", "marker"),
+                               (Shards, "checksums", "marker"), (Markers, "write", "marker")]:  # fmt: skip
+        wrap(owner, name, label)
+    real_submit = writer.ShardWriter.submit
+
+    def submit(self: Any, result: Any) -> None:
+        build = result.build
+
+        def timed_build() -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return build()
+            finally:
+                with lock:
+                    totals["build"] = totals.get("build", 0.0) + time.perf_counter() - t0
+                    totals["build_cpu"] = totals.get("build_cpu", 0.0) + time.thread_time() - c0
+                    totals["shards"] += 1
+
+        result.build = timed_build
+        real_submit(self, result)
+
+    writer.ShardWriter.submit = submit
+    undo.append((writer.ShardWriter, "submit", real_submit))
+
+    def restore() -> None:
+        for owner, name, real in reversed(undo):
+            setattr(owner, name, real)
+
+    return totals, restore
+
+
 def run(images: Path, cache: Path, opts: dict[str, Any], drop: bool) -> dict[str, Any]:
     """One extract with the stub encoder; `drop` discards every shard the writer is handed."""
     from dinofeat.extraction import loop
@@ -46,13 +115,25 @@ def run(images: Path, cache: Path, opts: dict[str, Any], drop: bool) -> dict[str
     loop.Encoder = _stub_class()
     if drop:
         loop.ShardWriter = Dropping
+    totals, restore = _probe_writer() if not drop else ({}, lambda: None)
     try:
         t0 = time.perf_counter()
         s = extract(images, cache, overwrite=True, **opts)
         wall = time.perf_counter() - t0
     finally:
         loop.Encoder, loop.ShardWriter = real_encoder, real_writer
+        restore()
     out = {"img_s": s.images_per_s, "images": s.processed, "seconds": s.seconds, "wall_s": wall}
+    shards = totals.pop("shards", 0)
+    for suffix in ("", "_cpu"):
+        if "encode" + suffix in totals:
+            totals["write" + suffix] -= totals["encode" + suffix]  # the write system calls and fsync of the file
+    if shards:
+        wall = {k: v / shards for k, v in totals.items() if not k.endswith("_cpu")}
+        cpu = {k[:-4]: v / shards for k, v in totals.items() if k.endswith("_cpu")}
+        out["writer_s_per_shard"] = wall | {"total": sum(wall.values())}
+        out["writer_cpu_s_per_shard"] = cpu | {"total": sum(cpu.values())}
+        out["shards"] = int(shards)
     out["gb_written"] = s.bytes_written / 1e9
     if getattr(s, "timings", None):
         out["timings"] = s.timings

@@ -17,6 +17,26 @@ def is_url(value: str | os.PathLike[str]) -> bool:
     return bool(_URL.match(os.fspath(value)))
 
 
+def file_url_path(url: str) -> str:
+    """The local path of a `file://` URL (RFC 8089): `file:///data/c` and `file://localhost/data/c` are the folder
+    `/data/c`. Any other host is refused: `file://server/data/c` names a folder on another machine, and reading it
+    as the relative folder `server/data/c` would quietly make a new cache here."""
+    rest = url.split("://", 1)[1]
+    host, slash, path = rest.partition("/")
+    if host.lower() not in ("", "localhost"):
+        raise ConfigError(
+            f"{url!r} names a folder on the machine {host!r}; a file:// URL here is a local folder (file:///path or "
+            "file://localhost/path): mount that machine's folder and give the mount path"
+        )
+    if not path.strip("/"):
+        raise ConfigError(f"{url!r} names no folder; give file:///path/to/cache")
+    return slash + path
+
+
+def is_file_url(value: str | os.PathLike[str]) -> bool:
+    return os.fspath(value)[:7].lower() == "file://"
+
+
 def local_path(value: str | os.PathLike[str], what: str) -> Path:
     """`value` as a local Path; a URL (s3://, gs://, http://, file://, ...) raises ConfigError naming `what`."""
     text = os.fspath(value)
@@ -46,6 +66,16 @@ def check_cache_dir(path: Path) -> None:
             if not parent.is_dir():
                 raise ConfigError(f"cache path {str(path)!r} lies under {str(parent)!r}, which is a file")
             return
+
+
+def key_for(name: str) -> str:
+    """A UTF-8 key for a file name. Names the OS gave us with undecodable bytes (surrogate escapes) spell those
+    bytes as `\\xNN`, so one odd name never stops a run; every other name is its own key."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def model_ref(spec: str) -> str:

@@ -326,6 +326,7 @@ VOLATILE = {  # ids, times, the version that wrote it
     "sealed_at",
     "meta_checksums",
     "dinofeat_version",
+    "record_checksums",  # added since (issue 32): the crc32c of the plan's records
 }
 
 

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dinofeat import FeatureCache, extract, filesystems
@@ -400,3 +401,35 @@ def test_info_and_validate_end_in_one_line_when_the_store_is_down(s3, bucket, im
     via_proxy.cut_on = f"/{bucket}/feats/buckets/".encode()  # cut as validate reads the cache's arrays
     one_line(lambda: validate(url, progress=False))
     assert via_proxy.cut_on is None, "validate never read an array"
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_later_epochs_from_a_local_shard_cache_need_no_store(
+    s3, bucket, images, reference, dinov3_path, via_proxy, tmp_path, context
+):
+    """Issue 32.8: once an epoch has fetched every shard into `local_cache`, the store may go down. The next
+    epochs' fresh DataLoader workers ask it nothing (before, each re-read the arrays' zarr.json, and a spawned one
+    the cache's metadata, and failed): array metadata is kept in the local folder, checked against the checksums
+    the cache's metadata records, and the rebuilt-cache check reads the metadata the reader kept there."""
+    from torch.utils.data import DataLoader
+
+    from dinofeat import FeatureDataset
+
+    url = f"s3://{bucket}/feats"
+    assert extract(images, url, **FAST, model=str(dinov3_path), area=64, shard_mb=0.002).sealed
+    fc = FeatureCache(url, local_cache=tmp_path / "shards")
+    loader = DataLoader(
+        FeatureDataset(fc), batch_size=None, num_workers=2, multiprocessing_context=context, timeout=120
+    )
+    ref = FeatureCache(reference)
+    want = {k: ref[k].patches for k in ref.keys()}  # noqa: SIM118 (a FeatureCache is no dict)
+    for epoch in range(3 if context == "fork" else 2):
+        if epoch == 1:
+            via_proxy.cut()
+        got = {s["key"]: s["patches"].numpy() for s in loader}  # fresh workers every epoch
+        assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert via_proxy.refused == [], "a worker of a later epoch asked the store"
+    kept = [
+        p.relative_to(tmp_path / "shards" / ".meta").as_posix() for p in (tmp_path / "shards").rglob(".meta/**/*.json")
+    ]
+    assert any(p.endswith("/patches/zarr.json") for p in kept) and any(p.startswith("locations/") for p in kept)

@@ -4,6 +4,7 @@ before any work, in one line, exit 1, and leaves nothing behind: no cache, no lo
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ CASES = {
     "workers too many": (["precompute", "imgs", "c", *M, "--workers", "100000"], "per core"),
     "buckets too many": (["precompute", "imgs", "c", *M, "--num-buckets", "100000"], "between 1 and"),
     "cache URL scheme": (["precompute", "imgs", "ftp://host/c", *M], "not ftp://"),
+    "file URL of another host": (["precompute", "imgs", "file://server/c", *M], "on the machine 'server'"),
     "empty source argument": (["precompute", "", "c", *M], "must be named"),
     "empty cache argument": (["precompute", "imgs", " ", *M], "must be named"),
     "model dir without weights": (["precompute", "imgs", "c", "--model", "noweights"], "no weights"),
@@ -64,6 +66,12 @@ CASES = {
     "device": (["precompute", "imgs", "c", *M, "--device", "tpu"], "device"),
     "missing model dir": (["precompute", "imgs", "c", "--model", "./nosuch-model"], "neither a local directory"),
     "random arch": (["precompute", "imgs", "c", "--model", "random:nope"], "unknown random model"),
+    "revision of a random model": (["precompute", "imgs", "c", *M, "--revision", "v2"], "random:vits16' is built here"),
+    "revision of a model folder": (["precompute", "imgs", "c", "--model", "dinov2", "--revision", "v2"], "has none"),
+    "registers of a model without": (
+        ["precompute", "imgs", "c", "--model", "dinov2", "--keep-registers"],
+        "no register",
+    ),
     "processes 0": (["precompute", "imgs", "c", *M, "--num-processes", "0"], "must be >= 1"),
     "rank out of range": (["precompute", "imgs", "c", *M, "--rank", "2", "--world-size", "2"], "rank"),
     "bucket spec file": (["precompute", "imgs", "c", *M, "--bucket-spec", "nosuch.json"], "cannot read a bucket"),
@@ -86,8 +94,18 @@ CASES = {
 }
 
 
+_MODELS: list[Path] = []
+
+
+def _dinov2(tmp_path_factory) -> Path:
+    """A tiny DINOv2 (no register tokens), made once for the module."""
+    if not _MODELS:
+        _MODELS.append(make_tiny("dinov2", tmp_path_factory.mktemp("refusals") / "dinov2"))
+    return _MODELS[0]
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
+def workdir(tmp_path, tmp_path_factory, monkeypatch) -> Path:
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 48), (10, 20, 30)).save(tmp_path / "imgs" / "a.png")
     (tmp_path / "empty").mkdir()
@@ -96,7 +114,8 @@ def workdir(tmp_path, monkeypatch) -> Path:
     (tmp_path / "s").mkdir()
 
     Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "noweights")
-    model = make_tiny("dinov2", tmp_path / "truncated")  # a copy or download cut short
+    shutil.copytree(_dinov2(tmp_path_factory), tmp_path / "dinov2")
+    model = shutil.copytree(tmp_path / "dinov2", tmp_path / "truncated")  # a copy or download cut short
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     monkeypatch.chdir(tmp_path)
@@ -151,3 +170,17 @@ def test_an_unreachable_hub_fails_in_seconds_with_one_line(workdir):
     assert "cannot reach the Hugging Face hub" in lines[0] and "local model directory" in lines[0]
     assert took < 20, took  # not a minute of retries (the interpreter and torch import take a few seconds)
     assert not (workdir / "c").exists()
+
+
+def test_a_revision_an_older_dinofeat_recorded_for_a_random_model_still_resumes(workdir):
+    """The refusal is for new settings: a cache whose record already holds such a revision resumes with it (given
+    or inherited), and only another value is refused."""
+    from tests.helpers import edit_metadata
+
+    run = ["precompute", "imgs", "c", *M, "--area", "64", "--device", "cpu", "--json"]
+    assert CliRunner().invoke(app, run).exit_code == 0
+    edit_metadata(workdir / "c", lambda m: m["fingerprint"].update(model_revision="v1"), restamp=True)
+    assert CliRunner().invoke(app, [*run, "--revision", "v1"]).exit_code == 0
+    assert CliRunner().invoke(app, ["precompute", "imgs", "c", "--device", "cpu", "--json"]).exit_code == 0
+    r = CliRunner().invoke(app, [*run, "--revision", "v2"])
+    assert r.exit_code == 1 and "--revision names a version of a hub model" in r.output, r.output

@@ -19,6 +19,7 @@ import torch
 from dinofeat import FeatureCache, extract
 from dinofeat.cache.lock import ObjectLock
 from dinofeat.cache.objects import LocalFiles, RemoteFiles, open_files
+from dinofeat.cache.shardcache import ShardCache
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheConflictError, CacheLockedError, ChecksumError, ConfigError
 from dinofeat.inspection.info import info
@@ -86,15 +87,22 @@ def remote_and_local(_template, s3, tmp_path, bucket):
     return local, f"s3://{bucket}/feats"
 
 
+def _shards_in(folder):
+    """The shard files of a local shard cache (the kept metadata under .meta is not counted by its cap)."""
+    return [p for p in folder.rglob("*") if p.is_file() and ".meta" not in p.relative_to(folder).parts]
+
+
 def test_remote_cache_reads_back_bit_identical_to_local(remote_and_local, tmp_path):
     local, url = remote_and_local
     assert_same_caches(FeatureCache(local), FeatureCache(url))
     shards = tmp_path / "shard-cache"
     fc = FeatureCache(url, local_cache=shards)
     assert_same_caches(FeatureCache(local), fc)
-    fetched = [p for p in shards.rglob("*") if p.is_file()]
+    fetched = _shards_in(shards)
     assert fetched, "local_cache kept no shards"
     assert {p.relative_to(shards).parts[0] for p in fetched} == {fc.meta["cache_id"]}
+    kept = {p.parent.name for p in (shards / ".meta" / fc.meta["cache_id"]).rglob("zarr.json")}
+    assert {"cls", "patches"} <= kept  # the arrays' zarr.json, beside the shards (not counted, never evicted)
 
 
 def test_a_capped_local_cache_reads_everything_within_its_size(remote_and_local, tmp_path):
@@ -103,12 +111,12 @@ def test_a_capped_local_cache_reads_everything_within_its_size(remote_and_local,
     local, url = remote_and_local
     full = tmp_path / "full"
     assert_same_caches(FeatureCache(local), FeatureCache(url, local_cache=full))
-    sizes = [p.stat().st_size for p in full.rglob("*") if p.is_file()]
+    sizes = [p.stat().st_size for p in _shards_in(full)]
     assert len(sizes) > 4
     cap = 2 * max(sizes)
     fc = FeatureCache(url, local_cache=tmp_path / "capped", local_cache_bytes=cap, max_open_files=1)
     assert_same_caches(FeatureCache(local), fc)
-    held = sum(p.stat().st_size for p in (tmp_path / "capped").rglob("*") if p.is_file())
+    held = sum(p.stat().st_size for p in _shards_in(tmp_path / "capped"))
     assert 0 < held <= cap
     assert fc._files.shard_cache.evicted > 0 and fc._files.shard_cache.fetches > len(sizes)
     with pytest.raises(ConfigError, match="needs a local_cache folder"):
@@ -173,6 +181,48 @@ def test_dataloader_with_two_workers_over_a_remote_cache(remote_and_local):
         want = ds_local[i]
         assert torch.equal(got[want["key"]]["patches"], want["patches"])
         assert torch.equal(got[want["key"]]["cls"], want["cls"])
+
+
+def _evict_right_after_each_rename(_: int) -> None:
+    """A DataLoader worker_init_fn: in this worker, the moment a fetched shard is renamed into place, another reader
+    of the folder evicts everything in it, as a second worker's fetch under the cap does (here always at the worst
+    moment, instead of once in a few runs)."""
+    shards = torch.utils.data.get_worker_info().dataset.cache._files.shard_cache
+    rename = os.replace
+
+    def replace(src, dst, *args, **kw):
+        rename(src, dst, *args, **kw)
+        ShardCache(shards.root, shards.dir.name, 1).evict()
+
+    os.replace = replace  # this worker process only
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_dataloader_workers_sharing_a_local_cache_smaller_than_a_shard_never_miss_one(
+    remote_and_local, tmp_path, interleave
+):
+    """Issue 32.3: four workers, one shard file open each, a cap below one shard: every fetch evicts every other
+    shard, the one another worker has just fetched included. Epoch after epoch, every sample is served and equal
+    to the local cache's (before the fix, a worker whose fresh shard was evicted before it opened it failed with
+    `shard file missing`; `interleave` makes that happen at every fetch)."""
+    local, url = remote_and_local
+    fc = FeatureCache(url, local_cache=tmp_path / "shards", local_cache_bytes=1, max_open_files=1)
+    want = {s["key"]: s for s in FeatureDataset(local)}
+    loader = torch.utils.data.DataLoader(
+        FeatureDataset(fc),
+        batch_size=None,
+        num_workers=4,
+        shuffle=True,
+        persistent_workers=True,
+        timeout=120,
+        worker_init_fn=_evict_right_after_each_rename if interleave else None,
+    )
+    for _ in range(4):
+        got = {s["key"]: s for s in loader}
+        assert sorted(got) == sorted(want)
+        for k, s in got.items():
+            assert torch.equal(s["patches"], want[k]["patches"]) and torch.equal(s["cls"], want[k]["cls"])
+    assert not [p for p in (tmp_path / "shards").rglob(".*.tmp")]
 
 
 @pytest.mark.slow

@@ -3,20 +3,26 @@ lock (issue 22, second round). Each test fails on the code before its fix."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import os
+import re
 import shutil
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
+from dinofeat.cache.index import SOURCE_NAMES
 from dinofeat.cache.lock import CacheLock
+from dinofeat.cache.objects import LocalFiles
 from dinofeat.cache.store import Store
-from dinofeat.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError
+from dinofeat.errors import CacheFormatError, CacheLockedError, CacheMismatchError, ConfigError, DinofeatError
 from dinofeat.extraction.run import extract
 from dinofeat.inspection.validate import validate
 from dinofeat.read.reader import FeatureCache
-from tests.helpers import FAST, write_images
+from tests.helpers import FAST, edit_metadata, write_images
 
 
 def kw(model: Path, **more) -> dict:
@@ -157,7 +163,7 @@ def test_validate_names_a_lost_prune_record_and_a_shard_it_cannot_open(sealed, d
     f.mkdir()  # an OSError that is not FileNotFoundError
     r = validate(cache, progress=False)
     where = {(p.check, p.where) for p in r.problems}
-    assert ("index", "pruned") in where and ("shard", "64x80/cls shard 1") in where, r.problems
+    assert ("index", "_dinofeat/pruned.json") in where and ("shard", "64x80/cls shard 1") in where, r.problems
 
 
 # ---- one lock per folder -----------------------------------------------------------------------------------------
@@ -173,3 +179,185 @@ def test_a_run_that_reached_the_folder_by_another_path_holds_it(sealed):
     with CacheLock(cache):  # released: the lock is free again, and its file is gone after
         pass
     assert not list(cache.parent.glob(".c.dinofeat-lock"))
+
+
+# ---- issue 32.6: temp files of a stopped run --------------------------------------------------------------------
+def _disk_full_at_shard_write(monkeypatch, nth: int) -> list[str]:
+    """The disk fills while the `nth` shard file's temp copy is being made durable (its fsync fails with ENOSPC, as
+    a full disk's delayed allocation does): the run stops with that shard's temp file written. Returns its path."""
+    real, seen, failed = os.fsync, [], []
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if "/c/" in name and name.endswith(".tmp") and not failed:
+            seen.append(name)
+            if len(seen) == nth:
+                failed.append(name)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return failed
+
+
+def test_a_disk_full_stop_leaves_a_temp_file_that_validate_names_and_the_next_run_removes(
+    tmp_path, dinov3_path, monkeypatch
+):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 6 + [(48, 64)] * 4)
+    cache = tmp_path / "c"
+    failed = _disk_full_at_shard_write(monkeypatch, nth=3)
+    with pytest.raises(DinofeatError, match="No space left on device"):
+        extract(imgs, cache, **kw(dinov3_path))
+    temp = Path(failed[0])
+    assert temp.is_file() and temp.name.endswith(f".{os.getpid()}.tmp")
+    r = validate(cache, progress=False)
+    named = [p for p in r.problems if p.check == "orphan"]
+    assert [p.where for p in named] == [temp.relative_to(cache).as_posix()], r.problems
+    assert "rerun the same precompute command" in named[0].reason
+    monkeypatch.undo()
+    assert extract(imgs, cache, **kw(dinov3_path)).sealed
+    assert not temp.exists() and not list(cache.rglob("*.tmp"))
+    assert validate(cache, progress=False).ok
+
+
+@pytest.mark.parametrize("beside", ["shard", "statistics", "marker summary", "metadata"])
+def test_temp_files_beside_finished_files_are_named_and_removed_by_a_plain_rerun(sealed, dinov3_path, beside):
+    """A write cut short where no shard is pending (prune rewriting a finished shard's statistics, a seal, a
+    metadata write): validate names it, and a rerun of the sealed cache, with nothing to extract, removes it."""
+    imgs, cache = sealed
+    target = {
+        "shard": next((cache / "buckets").glob("*/patches/c/0/0/0/0")),
+        "statistics": next((cache / "_dinofeat" / "stats").rglob("0.npz")),
+        "marker summary": next((cache / "_dinofeat" / "sealed").glob("*.npz")),
+        "metadata": cache / "zarr.json",
+    }[beside]
+    temp = target.with_name(f".{target.name}.4242.tmp")
+    temp.write_bytes(b"x" * 100)
+    assert [p.where for p in validate(cache, progress=False).problems] == [temp.relative_to(cache).as_posix()]
+    s = extract(imgs, cache, **kw(dinov3_path))
+    assert s.processed == 0 and s.cleaned_files == 1 and not temp.exists()
+    assert validate(cache, progress=False).ok
+
+
+# ---- issue 32.4: every record the cache reads is checksummed ------------------------------------------------------
+@pytest.fixture
+def odd_name(tmp_path, dinov3_path) -> tuple[Path, Path]:
+    """A sealed cache whose source holds a file whose name is not UTF-8: its source_names.json maps a key."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 4)
+    (imgs / "im_000.png").rename(os.fsdecode(os.path.join(os.fsencode(imgs), b"caf\xe9.png")))
+    (tmp_path / "secret.png").write_bytes((imgs / "im_001.png").read_bytes())  # outside the source root
+    cache = tmp_path / "c"
+    assert extract(imgs, cache, **kw(dinov3_path)).sealed
+    assert json.loads((cache / SOURCE_NAMES).read_text()) == {"caf\\xe9.png": os.fsdecode(b"caf\xe9.png")}
+    return imgs, cache
+
+
+def _point_outside(cache: Path) -> None:
+    (cache / SOURCE_NAMES).write_text(json.dumps({"caf\\xe9.png": "../secret.png"}))
+
+
+def test_an_edited_source_name_map_is_refused_by_name_and_never_recomputed_from(odd_name, dinov3_path):
+    imgs, cache = odd_name
+    _point_outside(cache)
+    r = validate(cache, recompute=4, progress=False)
+    assert [(p.check, p.where) for p in r.problems] == [("index", SOURCE_NAMES)], r.problems
+    assert "fails its checksum" in r.problems[0].reason and "recompute" not in {p.check for p in r.problems}
+    write_images(imgs, [(64, 48)], start_seed=9)  # a new image: the rerun extends the plan and its map
+    (imgs / "im_000.png").rename(imgs / "new.png")
+    with pytest.raises(CacheFormatError, match=r"source_names\.json fails its checksum"):
+        extract(imgs, cache, **kw(dinov3_path))
+
+
+def test_a_source_name_outside_the_source_is_refused_in_a_cache_without_record_checksums(odd_name):
+    """A cache written before record checksums (or a map edited along with them): the name itself is refused."""
+    _, cache = odd_name
+    edit_metadata(cache, lambda m: m.pop("record_checksums"), restamp=True)
+    assert validate(cache, recompute=1, progress=False).ok  # old caches without the checksums still open
+    _point_outside(cache)
+    with pytest.raises(CacheFormatError, match="not that key's file under the source root"):
+        Store(cache).index.source_names()
+    r = validate(cache, recompute=4, progress=False)
+    assert [(p.check, p.where) for p in r.problems] == [("index", SOURCE_NAMES)], r.problems
+
+
+@pytest.mark.parametrize("record", ["failures.json", "probe_failures.json"])
+def test_an_edited_failure_record_fails_its_checksum(sealed, record):
+    _, cache = sealed
+    (cache / "_dinofeat" / record).write_text(json.dumps({"im_000.png": "invented"}))
+    with pytest.raises(CacheFormatError, match=re.escape(f"{record} fails its checksum")):
+        FeatureCache(cache) if record == "failures.json" else Store(cache).index.plan()
+    assert ("index", f"_dinofeat/{record}") in {(p.check, p.where) for p in validate(cache, progress=False).problems}
+
+
+def test_a_prune_cut_short_between_its_record_and_the_metadata_resumes(sealed, dinov3_path, monkeypatch):
+    """A crash after pruned.json is rewritten but before the metadata that vouches for it: the metadata accepted
+    the old bytes and the new ones before the write, so the rerun finds no damage and finishes the prune."""
+    imgs, cache = sealed
+    (imgs / "im_000.png").unlink()
+    assert extract(imgs, cache, prune=True, **kw(dinov3_path)).pruned_now == 1
+    (imgs / "im_001.png").unlink()
+    write = LocalFiles.write
+
+    def crash_after(self, rel, data):
+        write(self, rel, data)
+        if rel.startswith("_dinofeat/pruned"):
+            raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(LocalFiles, "write", crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        extract(imgs, cache, prune=True, **kw(dinov3_path))
+    monkeypatch.undo()
+    s = extract(imgs, cache, prune=True, **kw(dinov3_path))
+    assert s.sealed and s.pruned == 2 and validate(cache, progress=False).ok
+    assert sorted(set(Store(cache).index.pruned())) == ["im_000.png", "im_001.png"]
+
+
+def test_an_incremental_run_cut_short_after_rewriting_its_records_still_opens_and_resumes(
+    sealed, dinov3_path, monkeypatch
+):
+    """The records an incremental run rewrites before its metadata switch (probe failures, source names) match a
+    crc32c the metadata accepts at every moment: a crash right after the rewrite leaves a cache that opens, serves
+    what it served, and that the rerun finishes."""
+    imgs, cache = sealed
+    write_images(imgs, [(64, 48)], start_seed=20)  # no im_010 yet: a new image
+    (imgs / "im_000.png").rename(imgs / "im_010.png")
+    shutil.copy(imgs / "im_010.png", imgs / "im_000.png")
+    (imgs / "bad.png").write_bytes(b"not an image")  # a probe failure: the record's bytes change
+    write = LocalFiles.write
+
+    def crash_after(self, rel, data):
+        write(self, rel, data)
+        if rel == "_dinofeat/probe_failures.json":
+            raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(LocalFiles, "write", crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        extract(imgs, cache, **kw(dinov3_path))
+    monkeypatch.undo()
+    assert len(FeatureCache(cache)) == 10 and Store(cache).index.probe_failures() == {"bad.png": ANY}
+    s = extract(imgs, cache, **kw(dinov3_path))
+    assert s.sealed and s.appended == 2 and validate(cache, progress=False).ok
+
+
+def test_a_rank_removes_the_temp_files_of_its_own_pending_shards_only(sealed):
+    """What each process does at the start of a run, a rank of a manual split included (which never sweeps the
+    whole cache: another rank may be writing): the temp files of the shard, marker and statistics writes of the
+    shards it owns go; another shard's stay."""
+    from dinofeat.cache import housekeeping
+
+    _, cache = sealed
+    st = Store(cache, mode="r+")
+    bucket = st.index.bucket_plans()[0].name
+
+    def temps(u: int) -> list[Path]:
+        own = [*st.shards.files(bucket, u), st.markers.path(bucket, u), st.stats.path(bucket, u)]
+        out = [(cache / f).with_name(f".{Path(f).name}.{4242 + u}.tmp") for f in own]
+        for p in out:
+            p.write_bytes(b"cut short")
+        return out
+
+    mine, other = temps(0), temps(1)
+    assert housekeeping.cleanup(st, {(bucket, 0)}, orphans=False) >= len(mine)
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in other)

@@ -102,3 +102,26 @@ def test_cli_refuses_bad_urls_with_one_line(tmp_path, monkeypatch, args, words):
     err = r.output.strip().splitlines()
     assert len(err) == 1 and words in err[0], r.output
     assert not list(ROOT.glob("s3:*")) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("spelling", ["file://{p}", "file://localhost{p}", "FILE://LocalHost{p}", "{p}"])
+def test_a_file_url_with_or_without_localhost_is_the_local_folder(tmp_path, monkeypatch, spelling):
+    """`file://localhost/path` is `/path` (RFC 8089), never the relative folder `./localhost/path`."""
+    from dinofeat.cache.objects import cache_location, open_files
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "feats"
+    assert cache_location(spelling.format(p=target)) == target
+    assert open_files(spelling.format(p=target)).root == target
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [("file://server/data/feats", "on the machine 'server'"), ("file://", "names no folder")],
+)
+def test_a_file_url_of_another_host_is_refused_in_one_line(tmp_path, monkeypatch, url, words):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["validate", url])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and words in lines[0], r.output
+    assert not list(tmp_path.iterdir())

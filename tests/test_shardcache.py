@@ -117,3 +117,93 @@ def test_a_fetch_that_fails_midway_leaves_nothing_and_the_next_open_fetches_agai
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
     assert _get(cache, remote, "a") == b"a".ljust(SIZE, b".")
     assert remote.fetched == ["a"] and cache.fetches == 1
+
+
+def _evicting_on_rename(monkeypatch, other: ShardCache, remote: Remote) -> list[str]:
+    """Make `os.replace` let `other` (another process on the same folder) fetch shard "b" the moment the shard being
+    renamed has its name, before the renaming caller can open it: under a cap below one shard, that fetch evicts
+    the shard just renamed. Returns the shards so evicted."""
+    real, busy, evicted = os.replace, [], []
+
+    def replace(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        if not busy and Path(dst).name != "b":
+            busy.append(1)
+            _get(other, remote, "b")
+            evicted.extend(p.name for p in [Path(dst)] if not p.exists())
+
+    monkeypatch.setattr(os, "replace", replace)
+    return evicted
+
+
+def test_a_shard_evicted_between_its_rename_and_its_open_is_still_served(tmp_path, monkeypatch):
+    """Issue 32.3: one DataLoader worker's eviction removed a shard another had just fetched, before that one opened
+    it (`shard file missing`). The fetcher's descriptor now comes from the temp file, opened before the rename."""
+    remote = Remote()
+    mine, other = ShardCache(tmp_path, "id", SIZE // 2), ShardCache(tmp_path, "id", SIZE // 2)
+    evicted = _evicting_on_rename(monkeypatch, other, remote)
+    assert _get(mine, remote, "a") == b"a".ljust(SIZE, b".")
+    assert evicted == ["a"]  # the interleaving happened: the name was gone before the caller could open it
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
+
+
+def test_a_hit_evicted_before_its_touch_is_still_served(tmp_path, monkeypatch):
+    """The hit path opens first: an eviction right after the open (before the hit marks the shard recent) takes the
+    name only; the descriptor still reads every byte, and the next open fetches the shard again."""
+    remote = Remote()
+    mine, other = ShardCache(tmp_path, "id", SIZE // 2), ShardCache(tmp_path, "id", SIZE // 2)
+    _get(mine, remote, "a")
+    touch = mine._touch
+
+    def evict_first(path: Path) -> None:
+        _get(other, remote, "b")  # evicts a
+        touch(path)
+
+    monkeypatch.setattr(mine, "_touch", evict_first)
+    assert _get(mine, remote, "a") == b"a".ljust(SIZE, b".")
+    assert _held(mine) == ["b"] and remote.fetched == ["a", "b"]
+
+
+def test_kept_metadata_is_served_while_it_passes_its_check_and_never_evicted(tmp_path):
+    """An array's zarr.json, kept beside the shards: read from the store once, then from the folder while it
+    passes the recorded checksum (`valid`); a copy that fails it is fetched again, and bytes that fail it are
+    returned (for the caller to refuse) but never kept. A cap below one shard never removes it."""
+    cache, remote = ShardCache(tmp_path, "id", SIZE // 2), Remote()
+    store = {"b/cls/zarr.json": b"good"}
+    asked: list[str] = []
+
+    def fetch(rel: str):
+        return lambda: (asked.append(rel), store[rel])[1]
+
+    def valid(data: bytes) -> bool:
+        return data == b"good"
+
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"good"
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"good"
+    assert asked == ["b/cls/zarr.json"]
+    copy = tmp_path / ".meta" / "id" / "b" / "cls" / "zarr.json"
+    copy.write_bytes(b"edited")
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"good" and copy.read_bytes() == b"good"
+    store["b/cls/zarr.json"] = b"damaged in the store"
+    copy.unlink()
+    assert cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid) == b"damaged in the store"
+    assert not copy.exists()
+    store["b/cls/zarr.json"] = b"good"
+    cache.kept("b/cls/zarr.json", fetch("b/cls/zarr.json"), valid)
+    _get(cache, remote, "a")
+    _get(cache, remote, "b")
+    assert _held(cache) == ["b"] and copy.read_bytes() == b"good"
+
+
+def test_kept_cache_metadata_must_pass_its_field_checksums(tmp_path):
+    from dinofeat.cache.metadata import stamp
+    from dinofeat.cache.shardcache import keep_metadata, kept_metadata
+
+    meta = stamp({"cache_id": "abc", "state": "sealed"})
+    keep_metadata(tmp_path, "s3://b/feats", meta)
+    assert kept_metadata(tmp_path, "s3://b/feats") == meta
+    assert kept_metadata(tmp_path, "s3://b/other") is None
+    keep_metadata(tmp_path, "s3://b/feats", {**meta, "cache_id": "edited"})
+    assert kept_metadata(tmp_path, "s3://b/feats") is None  # fails its checksum: the store is asked instead
+    keep_metadata(tmp_path, "s3://b/feats", {"cache_id": "abc"})
+    assert kept_metadata(tmp_path, "s3://b/feats") is None  # no field checksums (before 0.6): never trusted

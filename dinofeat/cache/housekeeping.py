@@ -4,10 +4,13 @@ purge). The state machine that decides when each runs is dinofeat.cache.lifecycl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from dinofeat.cache.layout import META_KEY
@@ -15,11 +18,16 @@ from dinofeat.cache.objects import Files, open_files
 from dinofeat.cache.store import Store
 from dinofeat.errors import ConfigError
 
+# a local write's temp file (dinofeat.cache.objects.LocalFiles.write): `.<name>.<pid>.tmp` beside `<name>`
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
 
-def cleanup(st: Store, shards: set[tuple[str, int]], orphans: bool = True) -> int:
-    """Remove what a crash left in `shards` (pending shards this process owns): temp files, marker temp files and
-    shard objects (they may be half-written). Other processes' shards are never touched. With `orphans`, also
-    groups no metadata points to. Returns the number of files removed."""
+
+def cleanup(st: Store, shards: set[tuple[str, int]], orphans: bool = True, exclusive: bool = True) -> int:
+    """Remove what a crash left in `shards` (pending shards this process owns): their shard objects (they may be
+    half-written) and the temp files of their shard, marker and statistics writes (a disk-full stop leaves them).
+    Other processes' shards are never touched. With `orphans`, also groups no metadata points to and, when
+    `exclusive` (no other process writes the cache now: not a manual split), every temp file left in the cache.
+    Returns the number of files removed."""
     removed = 0
     names = {b.name for b in st.index.bucket_plans()}
     for bucket, u in sorted(shards):
@@ -28,18 +36,49 @@ def cleanup(st: Store, shards: set[tuple[str, int]], orphans: bool = True) -> in
         for f in st.shards.files(bucket, u):
             removed += st.shards.remove_written(f)
         if not st.files.remote:  # an object store has no temp files: a PUT is whole or absent
-            for p in (Path(st.path) / st.markers.path(bucket, u)).parent.glob(f".{u}.json.*.tmp"):
-                p.unlink(missing_ok=True)
-                removed += 1
+            own = [*st.shards.files(bucket, u), st.markers.path(bucket, u), st.stats.path(bucket, u)]
+            removed += _unlink_all(p for f in own for p in temps_of(Path(st.path) / f))
     if orphans:
         for d in orphan_groups(st):
             removed += st.files.delete_tree(d)
         if not st.files.remote:
             # temp files of metadata writes (zarr.json, index, failures) that a crash cut short
             for pattern in ("*.partial", f"{st.index.group}/**/*.partial", "_dinofeat/.*.tmp"):
-                for p in Path(st.path).glob(pattern):
-                    p.unlink(missing_ok=True)
-                    removed += 1
+                removed += _unlink_all(Path(st.path).glob(pattern))
+            if exclusive:
+                removed += _unlink_all(Path(st.path) / rel for rel in temp_files(st.files))
+            in_force = Path(st.path) / st.index.pruned_path() if st.meta.get("pruned") else None
+            removed += _unlink_all(p for p in Path(st.path).glob("_dinofeat/pruned*.json") if p != in_force)
+    return removed
+
+
+def temps_of(path: Path) -> list[Path]:
+    """The temp files that writes of `path` left beside it (any process's)."""
+    try:
+        entries = list(os.scandir(path.parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [path.parent / e.name for e in entries if (m := TEMP_NAME.match(e.name)) and m["name"] == path.name]
+
+
+def temp_files(files: Files) -> list[str]:
+    """Every temp file under a local cache, relative to its root (an object store has none): what `validate` names
+    and what a run that has the cache to itself removes."""
+    if files.remote:
+        return []
+    root = Path(files.root)  # type: ignore[attr-defined]
+    out = []
+    for dirpath, _, names in os.walk(root):
+        out += [(Path(dirpath) / n).relative_to(root).as_posix() for n in names if TEMP_NAME.match(n)]
+    return sorted(out)
+
+
+def _unlink_all(paths: Iterable[Path]) -> int:
+    removed = 0
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed += 1
     return removed
 
 

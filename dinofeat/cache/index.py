@@ -5,6 +5,7 @@ generation, each column checked against the crc32c the metadata records; and the
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from zarr.codecs import Crc32cCodec
 from dinofeat.cache.checksum import column_checksums, crc32c, mismatched_columns
 from dinofeat.cache.layout import INDEX_COLUMNS, SOURCE_COLUMNS, BucketPlan, Plan
 from dinofeat.errors import CacheFormatError
+from dinofeat.paths import key_for
 
 if TYPE_CHECKING:
     from dinofeat.cache.store import Store
@@ -21,6 +23,7 @@ PROBE_FAILURES = "_dinofeat/probe_failures.json"
 FAILURES = "_dinofeat/failures.json"
 SOURCE_NAMES = "_dinofeat/source_names.json"
 PRUNED = "_dinofeat/pruned.json"
+RECORD_CHECKSUMS = "record_checksums"  # metadata: {record path: [crc32c the file may have]} (issue 32)
 
 
 def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = None) -> dict[str, int]:
@@ -147,39 +150,90 @@ class Index:
         )
 
     # ---- the plan's records -----------------------------------------------------------------------------------
-    def _read_json(self, rel: str, default: Any) -> Any:
+    def _checked_bytes(self, rel: str) -> bytes | None:
+        """A record's bytes (None if absent), checked against the crc32c values the metadata accepts for it (rule
+        18). A record the metadata does not list (a cache written by dinofeat <= 0.6.1) is read as it is."""
+        accepted = recorded_crcs(self.store.meta, rel)
         try:
-            return json.loads(self.store.files.read(rel))
+            data = self.store.files.read(rel)
         except FileNotFoundError:
+            if accepted is not None:
+                raise CacheFormatError(
+                    f"{self.store.path}: {rel} is missing (damaged); restore it from a copy"
+                ) from None
+            return None
+        if accepted is not None and crc32c(data) not in accepted:
+            raise CacheFormatError(
+                f"{self.store.path}: {rel} fails its checksum (edited or damaged since written); restore it from a "
+                "copy, or rebuild with --overwrite"
+            )
+        return data
+
+    def _read_json(self, rel: str, default: Any) -> Any:
+        data = self._checked_bytes(rel)
+        if data is None:
             return default
+        try:
+            return json.loads(data)
         except ValueError as e:  # a damaged record is refused by name, never read as another one
             raise CacheFormatError(f"{self.store.path}: {rel} is damaged ({e}); restore it from a copy") from e
 
-    def _write_json(self, rel: str, value: Any) -> bytes:
-        data = json.dumps(value, sort_keys=True).encode()
-        self.store.files.write(rel, data)
-        return data
+    def write_records(self, records: dict[str, Any], **changes: Any) -> None:
+        """Write record files and the metadata that vouches for them (with `changes`), so that a crash at any point
+        leaves every record matching a crc32c the metadata accepts: a record listed already is first accepted with
+        its old bytes or its new ones (one metadata write), then written, then one metadata write (with `changes`)
+        accepts only the new bytes."""
+        datas = {rel: json.dumps(value, sort_keys=True).encode() for rel, value in records.items()}
+        crcs = {rel: crc32c(data) for rel, data in datas.items()}
+        listed = dict(self.store.meta.get(RECORD_CHECKSUMS) or {})
+        either = {rel: sorted({*listed[rel], c}) for rel, c in crcs.items() if c not in listed.get(rel, [c])}
+        if either:
+            self.store.metafile.update(**{RECORD_CHECKSUMS: {**listed, **either}})
+        for rel, data in datas.items():
+            self.store.files.write(rel, data)
+        self.store.metafile.update(**changes, **{RECORD_CHECKSUMS: {**listed, **{r: [c] for r, c in crcs.items()}}})
+
+    def damaged_records(self) -> dict[str, str]:
+        """Every record that is missing, fails its checksum or is not JSON, with why (what `validate` names)."""
+        readers = {
+            PROBE_FAILURES: self.probe_failures,
+            FAILURES: self.failures,
+            SOURCE_NAMES: self.source_names,
+            self.pruned_path(): self.pruned,
+        }
+        out = {}
+        for rel, read in readers.items():
+            try:
+                read()
+            except CacheFormatError as e:
+                out[rel] = str(e)
+        return out
 
     def source_names(self) -> dict[str, str]:
-        return self._read_json(SOURCE_NAMES, {})
-
-    def write_source_names(self, renamed: dict[str, str]) -> None:
-        """Keys whose file name is not the key (names that are not UTF-8), for ranks that read the plan instead of
-        walking the folder."""
-        self._write_json(SOURCE_NAMES, renamed)
+        """{key: file name relative to the source root} for files whose name is not their key. Each name must be the
+        one its key spells (`paths.key_for`) and lie under the root: an edited map never sends a run or `validate
+        --recompute` to another file."""
+        names = self._read_json(SOURCE_NAMES, {})
+        if not isinstance(names, dict):
+            raise CacheFormatError(f"{self.store.path}: {SOURCE_NAMES} is not a map of keys to names (damaged)")
+        for key, name in names.items():
+            if not _is_name_of(key, name):
+                raise CacheFormatError(
+                    f"{self.store.path}: {SOURCE_NAMES} maps {key!r} to {name!r}, which is not that key's file under "
+                    "the source root (edited or damaged); restore it from a copy"
+                )
+        return names
 
     def probe_failures(self) -> dict[str, str]:
         return self._read_json(PROBE_FAILURES, {})
 
-    def write_probe_failures(self, plan: Plan) -> None:
+    @staticmethod
+    def probe_record(plan: Plan) -> dict[str, str]:
         """Keys of images whose header could not be read (keys not in the current index are ignored)."""
-        self._write_json(PROBE_FAILURES, {plan.keys[i]: r for i, r in plan.probe_errors.items()})
+        return {plan.keys[i]: r for i, r in plan.probe_errors.items()}
 
     def failures(self) -> dict[str, str]:
         return self._read_json(FAILURES, {})
-
-    def write_failures(self, failures: dict[str, str]) -> None:
-        self._write_json(FAILURES, failures)
 
     def pruned(self) -> set[str]:
         """Keys dropped with --prune (gone from the source): checked against the crc32c the metadata records."""
@@ -194,7 +248,33 @@ class Index:
             raise CacheFormatError(f"{self.store.path}: {record['path']} fails its checksum (damaged)")
         return set(json.loads(data))
 
+    def pruned_path(self) -> str:
+        return str((self.store.meta.get("pruned") or {}).get("path") or PRUNED)
+
     def write_pruned(self, keys: set[str]) -> None:
-        """Record every pruned key (one file, its crc32c and count in the metadata)."""
-        data = self._write_json(PRUNED, sorted(keys))
-        self.store.metafile.update(pruned={"path": PRUNED, "crc32c": crc32c(data), "count": len(keys)})
+        """Record every pruned key: one file, named by the metadata write that records its crc32c and count. A new
+        record never overwrites the one in force (it takes the other of two names), so a crash before the metadata
+        write leaves the previous prune exactly as it was, and the next run prunes again."""
+        old = (self.store.meta.get("pruned") or {}).get("path")
+        rel = f"{PRUNED[: -len('.json')]}-{self.store.metafile.generation + 1}.json" if old == PRUNED else PRUNED
+        data = json.dumps(sorted(keys), sort_keys=True).encode()
+        self.store.files.write(rel, data)
+        self.store.metafile.update(pruned={"path": rel, "crc32c": crc32c(data), "count": len(keys)})
+        if old and old != rel:
+            self.store.files.delete(old)
+
+
+def recorded_crcs(meta: dict[str, Any], rel: str) -> list[int] | None:
+    """The crc32c values the metadata accepts for a record file; None when it lists none for it (dinofeat <= 0.6.1)."""
+    listed = meta.get(RECORD_CHECKSUMS)
+    if not isinstance(listed, dict) or rel not in listed:
+        return None
+    return [int(c) for c in listed[rel]]
+
+
+def _is_name_of(key: str, name: object) -> bool:
+    """`name` is a relative path under the source root, without `..`, whose key is `key`."""
+    if not isinstance(key, str) or not isinstance(name, str) or not name:
+        return False
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and ".." not in parts and "\0" not in name and key_for(name) == key

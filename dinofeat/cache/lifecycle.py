@@ -26,7 +26,7 @@ import numpy as np
 from dinofeat.cache import housekeeping, metadata
 from dinofeat.cache.arrays import ArraySet
 from dinofeat.cache.checksum import column_checksums
-from dinofeat.cache.index import write_index
+from dinofeat.cache.index import FAILURES, PROBE_FAILURES, SOURCE_NAMES, write_index
 from dinofeat.cache.layout import (
     FEATURE_SETS_VERSION,
     FORMAT_VERSION,
@@ -167,9 +167,9 @@ def check_source(st: Store, plan: Plan, request: Request) -> None:
 
 
 def _created(cache: Path | str, request: Request, plan: Plan) -> Store:
-    st = create(cache, request.describe(plan), plan, request.hidden, request.registers, request.store_dtype)
-    st.index.write_source_names(request.renamed)
-    return st
+    return create(
+        cache, request.describe(plan), plan, request.hidden, request.registers, request.store_dtype, request.renamed
+    )
 
 
 def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = ()) -> tuple[Plan, int]:
@@ -189,8 +189,8 @@ def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = (
         return plan, 0
     part = 1 + max((b.part for b in plan.buckets), default=0)
     plan = extend_plan(plan, request.plan(again + added, part), again)
-    add_part(st, plan, request.hidden, request.registers, request.store_dtype)
-    st.index.write_source_names({**st.index.source_names(), **request.renamed})
+    renamed = {**st.index.source_names(), **request.renamed}
+    add_part(st, plan, request.hidden, request.registers, request.store_dtype, renamed)
     return plan, len(added)
 
 
@@ -205,8 +205,9 @@ def changed_since_planned(st: Store, plan: Plan) -> set[str]:
 
 
 def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidden: int, registers: int,
-           store_dtype: str) -> Store:  # fmt: skip
-    """Arrays at their final size, the index, then state 'planned' last (a crash before that is detectable)."""
+           store_dtype: str, renamed: dict[str, str] | None = None) -> Store:  # fmt: skip
+    """Arrays at their final size, the index and its records (`renamed`: the source's files whose name is not their
+    key), then state 'planned' last (a crash before that is detectable)."""
     files = open_files(path)
     root = open_group(files, "w")
     root.attrs[META_KEY] = metadata.stamp(
@@ -225,8 +226,8 @@ def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidde
     names = ArraySet.from_meta(meta).names()
     create_arrays(root, plan.buckets, hidden, registers, store_dtype, names)
     st = Store(files, mode="r+")
-    st.index.write_probe_failures(plan)
-    st.metafile.update(state="planned", array_checksums=array_checksums(files, plan.buckets, names))
+    records = {PROBE_FAILURES: st.index.probe_record(plan), SOURCE_NAMES: dict(renamed or {})}
+    st.index.write_records(records, state="planned", array_checksums=array_checksums(files, plan.buckets, names))
     return st
 
 
@@ -236,11 +237,11 @@ def _default_arrays(meta: dict[str, Any]) -> bool:
     return a.is_default(int(meta.get("model", {}).get("config", {}).get("num_hidden_layers", a.primary)))
 
 
-def add_part(st: Store, plan: Plan, hidden: int, registers: int, store_dtype: str) -> None:
+def add_part(st: Store, plan: Plan, hidden: int, registers: int, store_dtype: str, renamed: dict[str, str]) -> None:
     """Add an incremental run's images. `plan` is the whole new plan: its new buckets get arrays of their own and a
-    new index group is written beside the old one; then one atomic metadata write switches to them. A crash before
-    that switch leaves the cache exactly as it was (the leftovers are orphans, removed by `cleanup`); finished
-    shards are never opened."""
+    new index group is written beside the old one; then one atomic metadata write switches to them (and vouches
+    for the plan's records: probe failures, `renamed` files). A crash before that switch leaves the cache exactly
+    as it was (the leftovers are orphans, removed by `cleanup`); finished shards are never opened."""
     meta = st.meta
     known = {b["name"] for b in meta["buckets"]}
     new = [b for b in plan.buckets if b.name not in known]
@@ -256,9 +257,10 @@ def add_part(st: Store, plan: Plan, hidden: int, registers: int, store_dtype: st
     sums = write_index(st.root, group, plan)
     names = st.arrays.names()
     create_arrays(st.root, new, hidden, registers, store_dtype, names)
-    st.index.write_probe_failures(plan)  # keys not in the current index are ignored until the switch
+    records = {PROBE_FAILURES: st.index.probe_record(plan), SOURCE_NAMES: renamed}
     vacant = {"format_version": VACANT_ROWS_VERSION} if plan.vacant_rows() else {}  # older writers must refuse it
-    st.metafile.update(
+    st.index.write_records(  # probe failures of keys not in the current index are ignored until the switch
+        records,
         **vacant,
         array_checksums={**(meta.get("array_checksums") or {}), **array_checksums(st.files, new, names)},
         state="planned",
@@ -339,13 +341,13 @@ def seal(st: Store, status: np.ndarray, failures: dict[str, str], channel_stats:
         if read.archives != plan.archives:
             changes["source_archives"] = list(read.archives)
     st.root[group]["status"][:] = status
-    st.index.write_failures(failures)
     now = time.time()
     sums |= column_checksums({"status": status})
     summary = st.markers.write_summary(group, markers)
     last = {"index_group": group, "num_buckets": len(disk["buckets"]), "index_checksums": sums, "sealed_at": now}
     last["marker_summary"] = summary
-    st.metafile.update(
+    st.index.write_records(
+        {FAILURES: failures},
         **changes,
         state="sealed",
         sealed_at=now,

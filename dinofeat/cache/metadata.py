@@ -150,6 +150,11 @@ def _optional_problems(meta: Mapping[str, Any], hidden: int | None) -> list[tupl
     arrays = meta.get("arrays")
     if arrays is not None and not (isinstance(arrays, dict) and isinstance(arrays.get("names"), list)):
         out.append(("arrays", "malformed: no list of array names"))
+    records = meta.get("record_checksums")
+    if records is not None and not (
+        isinstance(records, dict) and all(isinstance(v, list) and all(_int(c) for c in v) for v in records.values())
+    ):
+        out.append(("record_checksums", "malformed: not a map of record paths to crc32c lists"))
     summary = meta.get("marker_summary")
     if summary is not None and not (isinstance(summary, dict) and isinstance(summary.get("path"), str)):
         out.append(("marker_summary", "malformed"))

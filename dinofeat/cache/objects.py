@@ -33,7 +33,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar
 from dinofeat.cache.shardcache import ShardCache
 from dinofeat.errors import ConfigError, StoreError
 from dinofeat.filesystems import filesystem
-from dinofeat.paths import is_url
+from dinofeat.paths import file_url_path, is_file_url, is_url
 from dinofeat.storeerrors import NO_CHANGE, store_errors
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -91,6 +91,11 @@ class Files(ABC):
     @abstractmethod
     def read(self, rel: str) -> bytes:
         """The whole file. FileNotFoundError if absent."""
+
+    def read_kept(self, rel: str, valid: Callable[[bytes], bool]) -> bytes:
+        """The whole file, from a local copy where one is kept and passes `valid` (its recorded checksum): a remote
+        cache read through a local shard cache keeps its arrays' zarr.json, so later epochs never ask the store."""
+        return self.read(rel)
 
     @abstractmethod
     def read_versioned(self, rel: str) -> tuple[bytes, Any]:
@@ -404,6 +409,11 @@ class RemoteFiles(Files):
     def read(self, rel: str) -> bytes:
         return bytes(self.fs.cat_file(self._key(rel)))
 
+    def read_kept(self, rel: str, valid: Callable[[bytes], bool]) -> bytes:
+        if self.shard_cache is None:
+            return self.read(rel)
+        return self.shard_cache.kept(rel, lambda: self.read(rel), valid)
+
     def read_versioned(self, rel: str) -> tuple[bytes, Any]:
         """The bytes and their ETag: the ETag is read before and after the bytes, and must not change between."""
         key = self._key(rel)
@@ -506,8 +516,8 @@ def open_files(location: str | os.PathLike[str]) -> Files:
     """The Files of a cache at a local path or a URL (URLs with an unsupported scheme raise ConfigError)."""
     text = os.fspath(location)
     if is_url(text):
-        if text.startswith("file://"):
-            return LocalFiles(Path(os.path.realpath(text[len("file://") :])))
+        if is_file_url(text):
+            return LocalFiles(Path(os.path.realpath(file_url_path(text))))
         return RemoteFiles.from_url(text)
     return LocalFiles(Path(os.path.realpath(text)))  # `c`, `./c`, `x/../c` and a link to it are one cache
 

@@ -83,6 +83,14 @@ def check_array_doc(where: str, doc: dict, expected: int | None) -> None:
         )
 
 
+def _doc_checksum(raw: bytes) -> int | None:
+    """The checksum of a zarr.json's reader-relevant fields; None when it is not JSON (damaged)."""
+    try:
+        return array_meta_checksum(json.loads(raw))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def read_layout(
     array_dir: str | os.PathLike[str], files: Files | None = None, expected: int | None = None
 ) -> ShardLayout:
@@ -92,8 +100,10 @@ def read_layout(
     if files is None:
         files, array_dir = LocalFiles(Path(array_dir)), ""
     array_dir = Path(array_dir).as_posix() if str(array_dir) else ""
+    rel = _join(array_dir, "zarr.json")
     try:
-        meta = json.loads(files.read(_join(array_dir, "zarr.json")))
+        raw = files.read(rel) if expected is None else files.read_kept(rel, lambda b: _doc_checksum(b) == expected)
+        meta = json.loads(raw)
     except ValueError:
         raise CacheFormatError(f"{array_dir}/zarr.json is not valid JSON (damaged)") from None
     check_array_doc(array_dir, meta, expected)

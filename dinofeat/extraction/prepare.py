@@ -4,6 +4,7 @@ device and dtype, the feature arrays, the settings' fingerprint; and the plan of
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dinofeat.cache.objects import open_files
 from dinofeat.cache.store import Store
 from dinofeat.errors import ConfigError
 from dinofeat.extraction import ranks
-from dinofeat.extraction.config import ExtractConfig
+from dinofeat.extraction.config import ExtractConfig, recorded_options
 from dinofeat.extraction.config import inherit as inherit_settings
 from dinofeat.extraction.devicedecode import check_device_decode
 from dinofeat.extraction.model import ModelInfo, load_model_info, resolve_device, resolve_dtype
@@ -76,6 +77,35 @@ def prepare(config: ExtractConfig, group: ranks.Group | None = None) -> Prepared
     layers = parse_layers(config.layers, info.num_layers)
     arrays = ArraySet(layers, config.flip, config.keep_registers and info.num_register_tokens > 0, config.layer_norm)
     return Prepared(config, info, spec, device, resolve_dtype(config.dtype, device), arrays)
+
+
+def meaningless_options(config: ExtractConfig, model: ModelInfo) -> dict[str, str]:
+    """Settings the chosen model gives no meaning to, each with the reason. Recorded in the fingerprint they would
+    change nothing stored, yet refuse every later run that leaves them out or gives another value."""
+    out = {}
+    if config.revision is not None and model.random:
+        out["revision"] = f"--revision names a version of a hub model; {config.model!r} is built here and has none"
+    elif config.revision is not None and os.path.isdir(config.model):
+        out["revision"] = (
+            f"--revision names a version of a hub model; the local model directory {config.model!r} has none (its "
+            "files are the version)"
+        )
+    if config.keep_registers and model.num_register_tokens == 0:
+        out["keep_registers"] = f"--keep-registers: the model {config.model!r} has no register tokens to keep"
+    return out
+
+
+def refuse_meaningless(cache: Path | str, config: ExtractConfig, model: ModelInfo, overwrite: bool = False) -> None:
+    """ConfigError for a setting the model gives no meaning to, before anything is created. A value the existing
+    cache records is its own (an older dinofeat accepted it): a rerun keeps it, or its fingerprint would differ."""
+    wrong = meaningless_options(config, model)
+    if not wrong:
+        return
+    exists = not overwrite and open_files(cache).exists("zarr.json")
+    recorded = recorded_options(Store(cache).meta) if exists else {}
+    for name, why in wrong.items():
+        if name not in recorded or recorded[name] != getattr(config, name):
+            raise ConfigError(f"{why}: leave it out")
 
 
 def bucket_spec(config: ExtractConfig, patch: int) -> AnySpec:

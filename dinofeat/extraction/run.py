@@ -29,7 +29,14 @@ from dinofeat.extraction.config import FINGERPRINTED, ExtractConfig
 from dinofeat.extraction.locate import moved_members, refuse_missing, source_from_plan
 from dinofeat.extraction.loop import run_shards
 from dinofeat.extraction.plan import projected_bytes
-from dinofeat.extraction.prepare import Prepared, build_plan, prepare, request_for, settings_for
+from dinofeat.extraction.prepare import (
+    Prepared,
+    build_plan,
+    prepare,
+    refuse_meaningless,
+    request_for,
+    settings_for,
+)
 from dinofeat.extraction.stale import changed_images, resized_done_images, resized_reason
 from dinofeat.paths import check_cache_dir, local_path
 from dinofeat.sources.archive import is_archive_source
@@ -151,6 +158,7 @@ def _extract(
     config, taken = settings_for(cache, config, names, overwrite)
     group = ranks.join(config.rank, config.world_size, config.device)
     prep = prepare(config, group)
+    refuse_meaningless(cache, config, prep.model, overwrite)
     if group.is_leader and not dry_run and housekeeping.exists(cache):
         _refuse_if_locked(cache, group)  # in seconds, not after listing 100M files (the real lock is taken below)
     # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan. The
@@ -289,7 +297,7 @@ def _open_on_every_rank(
         held.enter_context(cache_lock(cache, shared=manual, what="precompute" + (" rank 0" if manual else "")))
         request = request_for(src, prep, prep.config.progress)
         st, plan, summary.appended = lifecycle.open_or_create(cache, request, actions.overwrite)
-        summary.cleaned_files += housekeeping.cleanup(st, set(), orphans=True)
+        summary.cleaned_files += housekeeping.cleanup(st, set(), orphans=True, exclusive=not manual)
         plan = _maintain(st, plan, src, request, prep.config, actions, summary)
         unmarked = {(s.bucket, s.shard) for s in plan.shards()} - set(st.markers.read())
         refuse_missing(plan, src, unmarked, st.index.pruned())

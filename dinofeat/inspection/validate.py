@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from dinofeat.cache import housekeeping, metadata
 from dinofeat.cache.arrays import ArraySet
 from dinofeat.cache.checksum import expected_checksums
+from dinofeat.cache.index import PROBE_FAILURES, SOURCE_NAMES
 from dinofeat.cache.layout import (
     META_KEY,
     STATUS_DONE,
@@ -220,10 +221,11 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
     except CacheFormatError as e:
         report.add("index", "index", str(e))
         return
-    try:
-        st.index.pruned()
-    except CacheFormatError as e:
-        report.add("index", "pruned", str(e))
+    damaged = st.index.damaged_records()  # each record against its crc32c; a source name outside the source
+    for rel, why in damaged.items():
+        report.add("index", rel, why)
+    if PROBE_FAILURES in damaged:
+        return  # the plan itself cannot be read
     plan = st.index.plan(ix)
     markers = st.markers.read()
     status = ix["status"]
@@ -244,9 +246,9 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
     _check_values(st, plan, status, markers, sample, seed, progress, report)
     _check_stats(st, plan, markers, report)
     if images is not None:
-        failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else st.index.failures()
+        failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
         _check_folder(str(images), as_read(plan, markers), status, markers, failures, report)
-    if recompute:
+    if recompute and SOURCE_NAMES not in damaged:  # never recompute from files an edited map names
         source = str(images or meta["source_root"])
         _check_recompute(st, meta, ix, status, keys, plan.buckets, source, recompute, seed, report)
 
@@ -312,7 +314,7 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
     if not unfinished:
         for i in np.flatnonzero(status == STATUS_PENDING):
             report.add("complete", keys[i], "planned but neither done nor failed")
-    failures = st.index.failures() | st.index.probe_failures()
+    failures = _recorded_failures(st)
     for i in np.flatnonzero(status == STATUS_FAILED):
         if not failures.get(keys[i]) and not unfinished:
             report.add("failed", keys[i], "failed without a recorded reason")
@@ -337,10 +339,19 @@ def _check_structure(st, meta, ix, status, keys, plans, markers, report: Report)
         if any(rel.startswith(d + "/") for d in orphans):
             continue
         parts = rel.split("/")  # buckets/<b>/<array>/c/<u>/0...
+        if housekeeping.TEMP_NAME.match(parts[-1]):
+            continue  # named below, with every other temp file
         if parts[-1].endswith(".partial"):
             report.add("orphan", rel, "partial file left by an interrupted write")
         elif len(parts) > 4 and parts[3] == "c" and parts[4].isdigit() and (parts[1], int(parts[4])) not in planned:
             report.add("orphan", rel, "shard file outside the plan")
+    for rel in housekeeping.temp_files(st.files):
+        report.add(
+            "orphan",
+            rel,
+            "temporary file of a write that was cut short (disk full, a crash): rerun the same precompute command "
+            "to remove it",
+        )
     report.checked["images"] = len(keys)
     report.checked["shards"] = len(planned)
 
@@ -354,6 +365,14 @@ def _check_vacant(plan: Plan, markers, report: Report) -> None:
             m = markers.get((b.name, int(r) // b.shard_rows))
             if m is not None and str(r) not in m["failed"]:
                 report.add("index", f"{b.name} row {r}", "held by no image, yet its done marker says it was stored")
+
+
+def _recorded_failures(st: Store) -> dict[str, str]:
+    """The failures' reasons as recorded; {} when a record is damaged (named already, by `damaged_records`)."""
+    try:
+        return st.index.failures() | st.index.probe_failures()
+    except CacheFormatError:
+        return {}
 
 
 def _check_values(st, plan: Plan, status, markers, sample, seed, progress, report: Report) -> None:

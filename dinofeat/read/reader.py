@@ -11,7 +11,7 @@ import numpy as np
 
 from dinofeat.cache.layout import bf16_bits_to_float32
 from dinofeat.cache.objects import Files, LocalFiles, RemoteFiles, open_files
-from dinofeat.cache.shardcache import ShardCache
+from dinofeat.cache.shardcache import ShardCache, keep_metadata, kept_metadata
 from dinofeat.cache.shardfile import HandlePool
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
@@ -52,7 +52,9 @@ class FeatureCache(CacheFacts):
     kept (in `max_open_files` shards' worth of LRU). With `local_cache` (a folder), each shard is fetched whole the
     first time a row of it is read and served from that folder afterwards (shared by DataLoader workers, ranks and
     caches). `local_cache_bytes` caps the folder: least recently opened shards are removed to make room (shards
-    readers hold open still take their space until closed). Credentials: the object store's usual environment."""
+    readers hold open still take their space until closed). Once the folder holds every shard, DataLoader workers
+    of later epochs ask the store nothing (array metadata is kept there too, checked against its recorded
+    checksums; docs/format.md). Credentials: the object store's usual environment."""
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class FeatureCache(CacheFacts):
         if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
             cache_id = str(st.meta.get("cache_id", "unknown"))
             self._files.shard_cache = ShardCache(self._local_cache, cache_id, local_cache_bytes)
+            keep_metadata(self._local_cache, self._files.location, st.meta)  # what this reader's workers check
         g = open_generation(st)
         self.meta, self.arrays, self.serving_last_sealed = g.meta, g.arrays, g.serving_last_sealed
         self._bucket_plans, self._expected, self._failures = g.bucket_plans, g.expected, g.failures
@@ -112,8 +115,7 @@ class FeatureCache(CacheFacts):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pin()
-        now = Store(self._files).meta.get("cache_id")
-        if now != self.meta.get("cache_id"):
+        if self._cache_id_now() != self.meta.get("cache_id"):
             if self._root_fd is not None:
                 os.close(self._root_fd)
             self._root_fd = None
@@ -121,6 +123,17 @@ class FeatureCache(CacheFacts):
                 f"{self.path} is no longer the cache this reader opened (it was rebuilt with --overwrite); "
                 "open a new FeatureCache"
             )
+
+    def _cache_id_now(self) -> object:
+        """The cache_id at this reader's path now. A remote cache read through a local shard cache: as the last
+        reader that opened it kept it there, so that DataLoader workers of later epochs never ask the store (a
+        rebuild is seen once a reader opens the cache again; shards are kept per cache_id, and a shard of another
+        generation fetched meanwhile fails its row checksums). Otherwise: from the cache itself."""
+        if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
+            kept = kept_metadata(self._local_cache, self._files.location)
+            if kept is not None:
+                return kept.get("cache_id")
+        return Store(self._files).meta.get("cache_id")
 
     def __del__(self) -> None:
         self.close()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from dinofeat.errors import ConfigError
-from dinofeat.paths import is_url, local_path
+from dinofeat.paths import is_url, key_for, local_path
 from dinofeat.sources.archive import Member, is_parquet, is_tar_source, list_images, shard_paths, shard_stem
 
 IMAGE_EXTENSIONS = frozenset(
@@ -43,16 +43,6 @@ class Source:
             {k: v for k, v in self.renamed.items() if k in wanted},
             {k: v for k, v in self.members.items() if k in wanted},
         )
-
-
-def key_for(name: str) -> str:
-    """A UTF-8 key for a file name. Names the OS gave us with undecodable bytes (surrogate escapes) spell those
-    bytes as `\\xNN`, so one odd name never stops a run; every other name is its own key."""
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def is_image_name(name: str) -> bool:
