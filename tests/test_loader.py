@@ -21,8 +21,9 @@ def _job(start: int, n: int, folder) -> BatchJob:
     ("sizes", "workers", "want"),
     [
         ([7], 0, None),  # inline decoding: whole batches
-        ([127, 127, 46], 15, 4),  # GPU batches on 15 workers: tasks of 4
-        ([8, 8], 4, 2),  # small batches: no more tasks than workers per batch
+        ([127, 127, 46], 15, 9),  # GPU batches on 15 workers: every worker takes a part of each batch
+        ([8, 8], 4, 2),
+        ([23], 2, 12),
         ([3], 8, 1),
         ([], 2, None),
     ],
@@ -63,7 +64,11 @@ def test_a_failed_image_inside_a_task_keeps_its_row(tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_with_decode_tasks_give_the_cache_of_inline_decoding(tmp_path, dinov3_path):
+def test_workers_with_decode_tasks_give_the_cache_of_inline_decoding(tmp_path, dinov3_path, monkeypatch):
+    """Decode tasks joined into batches (what a CUDA run does), forced on the CPU: the same cache, byte for byte."""
+    from dinofeat.extraction import loop
+
+    monkeypatch.setattr(loop, "SPLIT_BATCHES", True)
     imgs = tmp_path / "imgs"
     write_images(imgs, [(64, 48)] * 13 + [(48, 64)] * 6)
     opts = {**FAST, "model": str(dinov3_path), "area": 64, "shard_mb": 0.004, "batch_size": 5}

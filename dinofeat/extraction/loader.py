@@ -139,16 +139,17 @@ def batches(
         raise RuntimeError("the decode tasks ended inside a batch")  # cannot happen: tasks cover whole jobs
 
 
-TASK_IMAGES = 4  # images per decode task: small enough to keep every worker busy, large enough to amortise the IPC
-
-
 def task_images(jobs: Sequence[BatchJob], num_workers: int) -> int | None:
-    """Images per decode task: None (whole batches) when decoding inline; else a few, fewer when the batches are
-    small beside the workers (a batch of 8 on 4 workers: tasks of 2)."""
+    """Images per decode task: None (whole batches) when decoding inline; else the largest batch split evenly over
+    the workers, so every worker takes a part of every batch and the first batch arrives after one part's decode
+    (ViT-S/16 at 512 on 15 workers: tasks of 9 images, not one worker on 127). Not smaller: each task costs the
+    main process a hand-over (receiving its shared-memory tensor, and joining the batch), which on a small machine
+    competes with the workers for the cores (2 cores, 2 workers: tasks of 4 of a batch of 23 decoded 0.6x as fast;
+    benchmarks/loader.py)."""
     if num_workers == 0 or not jobs:
         return None
     largest = max(len(j.paths) for j in jobs)
-    return max(1, min(TASK_IMAGES, -(-largest // num_workers)))
+    return max(1, -(-largest // num_workers))
 
 
 def _facts_now(path: str | Member) -> Facts | None:
@@ -164,13 +165,20 @@ def _identity(x: DecodedBatch) -> DecodedBatch:
 
 
 def make_loader(
-    jobs: Sequence[BatchJob], recipe: Recipe, num_workers: int, pin_memory: bool, timeout_s: float = 0
+    jobs: Sequence[BatchJob],
+    recipe: Recipe,
+    num_workers: int,
+    pin_memory: bool,
+    timeout_s: float = 0,
+    split: bool = True,
 ) -> DataLoader:
     """In-order loader of decode tasks (the tasks of a batch, and the batches of a shard, arrive consecutively),
-    enough tasks ahead per worker for about two of the largest batches in flight. `timeout_s` turns a worker stuck
-    on one file (a hung network mount) into an error instead of a silent stall: the run stops, finished shards are
-    kept, and a rerun resumes."""
-    per_task = task_images(jobs, num_workers)
+    enough tasks ahead per worker for about two of the largest batches in flight. `split`: batches are split into
+    tasks (`task_images`); a CUDA run splits (its tasks are joined on the device, after asynchronous copies), a CPU
+    run does not (the join would be a host copy in the main process: 2 ms of its CPU per image at 512^2 on a 2-core
+    VM, taken from the workers, benchmarks/loader.py). `timeout_s` turns a worker stuck on one file (a hung network
+    mount) into an error instead of a silent stall: the run stops, finished shards are kept, and a rerun resumes."""
+    per_task = task_images(jobs, num_workers) if split else None
     largest = max((len(j.paths) for j in jobs), default=1)
     ahead = max(4, -(-2 * largest // (max(1, num_workers) * (per_task or largest))))
     return DataLoader(
