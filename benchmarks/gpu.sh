@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issues 25 and 31: everything a lent GPU machine has to run, in two device calls that fit a 15-minute lease.
 #
-#   bash benchmarks/gpu.sh main    # ONE call, at most 7 minutes: env (device, peak, SDPA kernel); ViT-L/16 at 1024 on
+#   bash benchmarks/gpu.sh main    # ONE call, about 7 minutes: env (device, peak, SDPA kernel); ViT-L/16 at 1024 on
 #                                  # 300 JPEGs of 2-12 MP: model-only, end to end with the new writer, the pipeline's
 #                                  # ceiling (stub encoder, writes and dropped); ViT-S/16 and ViT-B/16 at 512 with CPU
 #                                  # and with GPU decode; a profile of the eager ViT-L forward (matmul/attention/other)
@@ -13,8 +13,7 @@
 #
 # Every step has its own time box (`timeout`) and writes its own file under $OUT as soon as it ends, so a call that
 # runs out of time still brings back what finished. At most 8 files come back from a call: main writes gpu.log,
-# results-gpu-env.json, results-gpu-vitl16-1024.json, results-gpu-pipeline.json, results-gpu-small.json,
-# results-gpu-profile.json; extra writes gpu-extra.log, pytest-gpu.log, results-gpu-compile.json,
+# results-gpu-env.json, results-gpu-vitl16-1024.json, results-gpu-small.json, results-gpu-profile.json; extra writes gpu-extra.log, pytest-gpu.log, results-gpu-compile.json,
 # results-gpu-hf-compare.json.
 #
 # The device machine has torch (CUDA), transformers, accelerate, torchvision, pytest; it lacks zarr and its
@@ -65,18 +64,17 @@ extract_one() {  # limit model area out [more extract.py options]
     --device "$DEVICE" --json "$OUT/$out" "$@"
 }
 
-part_main() {  # time boxes: 15 + 40 + 45 + 120 + 45 + 4 x 30 + 30 s = 6.9 minutes at most
+part_main() {  # time boxes: 15 + 30 + 45 + 150 + 4 x 40 + 25 s = 7.1 minutes at most
   step 15 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
-  step 40 python3 benchmarks/gpu_env.py --device "$DEVICE" --json "$OUT/results-gpu-env.json"
+  step 30 python3 benchmarks/gpu_env.py --device "$DEVICE" --json "$OUT/results-gpu-env.json"
   images
-  extract_one 120 "$MAIN" "$AREA_L" results-gpu-vitl16-1024.json --naive-count 0
-  step 45 python3 benchmarks/pipeline.py --images "$IMAGES" --count "$COUNT" --model "random:$MAIN" --area "$AREA_L" \
-    --device "$DEVICE" --workers "$(( $(nproc) - 1 ))" --json "$OUT/results-gpu-pipeline.json"
+  # bench: model-only, end to end, and the pipeline's ceiling (a stub encoder, with and without writes) in one file
+  extract_one 150 "$MAIN" "$AREA_L" results-gpu-vitl16-1024.json --naive-count 0
   local small="$OUT/results-gpu-small" decodes="cpu"
   [ "$DEVICE" = cuda ] && decodes="cpu gpu"
   for m in vits16 vitb16; do
     for d in $decodes; do
-      extract_one 30 "$m" "$AREA_S" "results-gpu-small-$m-$d.json" --naive-count 0 --decode "$d"
+      extract_one 40 "$m" "$AREA_S" "results-gpu-small-$m-$d.json" --naive-count 0 --decode "$d"
     done
   done
   python3 - "$small" <<'PY' 2>&1 | tee -a "$LOG"   # one file for the four (at most 8 files come back)
@@ -89,7 +87,7 @@ for f in found:
     f.unlink()
 print(f"results-gpu-small.json: {sorted(parts)}")
 PY
-  step 30 python3 benchmarks/profile_model.py --model "random:$MAIN" --area "$AREA_L" --batch 15 --device "$DEVICE" \
+  step 25 python3 benchmarks/profile_model.py --model "random:$MAIN" --area "$AREA_L" --batch 15 --device "$DEVICE" \
     --dtype "$([ "$DEVICE" = cuda ] && echo fp16 || echo fp32)" --steps "$([ "$QUICK" = 1 ] && echo 1 || echo 3)" \
     --json "$OUT/results-gpu-profile.json"
 }
