@@ -109,3 +109,6 @@ def test_random_weights_are_drawn_once_then_loaded_bit_identical(tmp_path, monke
     (saved / "model.safetensors").write_bytes(b"damaged")
     again = model_module.random_model("random:vits16").state_dict()
     assert all(torch.equal(drawn[k], again[k]) for k in drawn)
+    assert (saved / "model.safetensors").read_bytes() != b"damaged"  # the damaged copy was replaced
+    reloaded = model_module.random_model("random:vits16").state_dict()
+    assert all(torch.equal(drawn[k], reloaded[k]) for k in drawn)

@@ -170,6 +170,15 @@ NAME_CASES = [  # (name in the header block, planned name or key, agrees)
     ("000002.png", f"{LONG_DIR}/000002", True),  # bsdtar drops folders that do not fit
     ("000003.png", f"{LONG_DIR}/000002", False),
     ("x" + "y" * 99, "y" * 110 + ".png", False),
+    # another member, not a shortening (a review's cases: subsequences of the planned name)
+    ("猫_002.png", "猫_0012.png", False),
+    ("?_002.png", "猫_0012.png", False),
+    ("?_1.jpg", "犬_123.jpg", False),
+    ("0.jpg", f"{LONG_DIR}/000123.jpg", False),
+    ("img_12.jpg", "p" * 90 + "/img_123.jpg", False),
+    ("??.jpg", "猫猫猫.jpg", False),
+    ("?" * 10, "ü" * 60 + ".png", False),  # too short to be a cut at the block's length
+    ("b?b?", "bébé.png", False),
 ]
 
 

@@ -93,15 +93,19 @@ def test_statistics_from_device_moments_equal_the_writers_own(tmp_path, images, 
         np.testing.assert_allclose(sb[name][1], sa[name][1], rtol=1e-5)  # std
 
 
-def test_channel_stats_from_moments_equal_direct():
-    x = np.random.default_rng(0).standard_normal((3, 700, 16)).astype(np.float16)
-    direct = ChannelStats.of(x)
-    rows = torch.from_numpy(x)
-    m = assemble.row_moments(rows).numpy()
-    via = ChannelStats.from_moments(x.shape[0] * x.shape[1], m[0].sum(0), m[1].sum(0))
-    assert via.count == direct.count
-    np.testing.assert_allclose(via.mean, direct.mean, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(via.std, direct.std, rtol=1e-6)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("offset", [0.0, 1000.0, 3000.0])  # channels whose mean dwarfs their spread (DINO has some)
+def test_statistics_from_row_moments_equal_the_float64_ones(dtype, offset):
+    x = (torch.randn(6, 1000, 16, dtype=torch.float64) * 2 + offset).to(dtype)
+    ref = x.double().reshape(-1, 16)
+    m = assemble.row_moments(x).numpy()
+    via = ChannelStats.merge_rows(m, 1000)
+    assert via.count == 6000
+    np.testing.assert_allclose(via.mean, ref.mean(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(via.std, ref.std(0, correction=0).numpy(), rtol=1e-5)
+    direct = ChannelStats.of(x.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else x.numpy(),
+                             bf16=dtype == torch.bfloat16)  # fmt: skip
+    np.testing.assert_allclose(direct.std, ref.std(0, correction=0).numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("cap", [None, 1, 7, 100])  # bytes one writev call writes at most (None: the kernel's)
@@ -172,3 +176,22 @@ def test_a_write_error_stops_the_run_and_every_buffer_comes_back(tmp_path, image
     monkeypatch.undo()
     s = extract(images, tmp_path / "c", model=str(dinov3_path), **OPTS)  # the rerun finishes what is left
     assert s.sealed and s.done == 17
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_its_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    from dinofeat.cache.objects import LocalFiles
+
+    files = LocalFiles(tmp_path)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(objects.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        files.write_parts("a/b.bin", [b"x" * 10, memoryview(b"y" * 5)])
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == []
+    monkeypatch.undo()
+    files.write_parts("a/b.bin", [b"x" * 10, memoryview(b"y" * 5)])
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"x" * 10 + b"y" * 5

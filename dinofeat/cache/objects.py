@@ -222,11 +222,15 @@ class LocalFiles(Files):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # writer threads write different files
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            writev_all(fd, parts)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            try:
+                writev_all(fd, parts)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a disk-full write leaves no temp file behind
+            raise
         fsync_path(path.parent)  # the rename itself survives a power cut
 
     def create(self, rel: str, data: bytes) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from dinofeat.cache.checksum import crc32c
+from dinofeat.cache.layout import bf16_bits_to_float32
 
 BLOCK = 512  # vectors converted to float64 at a time: 4 MiB at 1024 channels, so the block stays in the CPU's cache
 
@@ -30,25 +31,36 @@ class ChannelStats:
         return cls(0, np.zeros(dim), np.zeros(dim))
 
     @classmethod
-    def of(cls, x: np.ndarray) -> ChannelStats:
-        """Statistics of the vectors in x [..., D] (all leading axes are samples)."""
+    def of(cls, x: np.ndarray, bf16: bool = False) -> ChannelStats:
+        """Statistics of the vectors in x [..., D] (all leading axes are samples); `bf16`: x holds bfloat16 bit
+        patterns (uint16), converted a block at a time."""
         dim = x.shape[-1]
         flat = x.reshape(-1, dim)
         total, sq = np.zeros(dim), np.zeros(dim)
         for a in range(0, len(flat), BLOCK):
-            block = flat[a : a + BLOCK].astype(np.float64)
+            block = flat[a : a + BLOCK]
+            block = (bf16_bits_to_float32(block) if bf16 else block).astype(np.float64)
             total += block.sum(0)
             sq += np.einsum("ij,ij->j", block, block)
         return cls.from_moments(len(flat), total, sq)
 
     @classmethod
     def from_moments(cls, count: int, total: np.ndarray, sq: np.ndarray) -> ChannelStats:
-        """From the per-channel sum and sum of squares of `count` vectors (what the extraction loop accumulates
-        per row on the device, before the copy to the host)."""
+        """From the per-channel sum and sum of squares of `count` vectors (float64)."""
         if count == 0:
             return cls.empty(len(total))
         mean = total / count
         return cls(count, mean, np.maximum(sq - count * mean * mean, 0.0))
+
+    @classmethod
+    def merge_rows(cls, rows: np.ndarray, per_row: int) -> ChannelStats:
+        """From rows of (mean, M2) ([k, 2, D]: what the extraction loop takes per row on the device), each over
+        `per_row` vectors: Chan et al.'s merge of k equal-sized parts, in float64."""
+        if len(rows) == 0:
+            return cls.empty(rows.shape[-1])
+        means, m2 = rows[:, 0], rows[:, 1]
+        mean = means.mean(0)
+        return cls(len(rows) * per_row, mean, m2.sum(0) + per_row * ((means - mean) ** 2).sum(0))
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         if other.count == 0:
@@ -77,21 +89,23 @@ def merge_all(parts: Iterable[ChannelStats], dim: int) -> ChannelStats:
     return out
 
 
-def shard_stats(arrays: dict[str, np.ndarray], done: np.ndarray, names: tuple[str, ...]) -> dict[str, ChannelStats]:
-    """Statistics of the done rows (`done` is a bool mask over the shard's rows) of each named array (float
-    values; bf16 bit patterns must be converted first)."""
+def shard_stats(
+    arrays: dict[str, np.ndarray], done: np.ndarray, names: tuple[str, ...], bf16: bool = False
+) -> dict[str, ChannelStats]:
+    """Statistics of the done rows (`done` is a bool mask over the shard's rows) of each named array (float values,
+    or with `bf16` their bit patterns)."""
     every = bool(done.all())  # the usual case: no copy of the shard
-    return {n: ChannelStats.of(arrays[n] if every else arrays[n][done]) for n in names if n in arrays}
+    return {n: ChannelStats.of(arrays[n] if every else arrays[n][done], bf16) for n in names if n in arrays}
 
 
 def pooled_shard_stats(
-    arrays: dict[str, np.ndarray], done: np.ndarray, stat_names: list[str], flip_suffix: str
+    arrays: dict[str, np.ndarray], done: np.ndarray, stat_names: list[str], flip_suffix: str, bf16: bool = False
 ) -> dict[str, ChannelStats]:
-    """One shard's statistics as stored: of the done rows of every named array (float values), a layer's
-    mirrored-image features (`<name><flip_suffix>`) pooled with the original's. What the writer records for a new
-    shard, and what --prune records again for a shard some of whose rows it dropped."""
+    """One shard's statistics as stored: of the done rows of every named array (float values, or with `bf16` their
+    bit patterns), a layer's mirrored-image features (`<name><flip_suffix>`) pooled with the original's. What the
+    writer records for a new shard, and what --prune records again for a shard some of whose rows it dropped."""
     wanted = (*stat_names, *(n + flip_suffix for n in stat_names))
-    stats = shard_stats(arrays, done, tuple(n for n in wanted if n in arrays))
+    stats = shard_stats(arrays, done, tuple(n for n in wanted if n in arrays), bf16)
     return {n: stats[n].merge(stats[n + flip_suffix]) if n + flip_suffix in stats else stats[n] for n in stat_names}
 
 

@@ -47,8 +47,8 @@ class ShardAssembler:
             shard = self.open.get(u) or self._open(u, s1 - s0, outputs, moments)
             for name, t in outputs.items():
                 shard.arrays[name][a - s0 : z - s0].copy_(t[a - start : z - start], non_blocking=True)
-            for name, m in moments.items():
-                shard.moments[name][:, a - s0 : z - s0].copy_(m[:, a - start : z - start], non_blocking=True)
+            for name, m in moments.items():  # [rows, 2, D]: a batch's rows are one contiguous slice, copied async
+                shard.moments[name][a - s0 : z - s0].copy_(m[a - start : z - start], non_blocking=True)
             shard.failed.update({r: why for r, why in failed.items() if a <= r < z})
             shard.changed.update({r: f for r, f in changed.items() if a <= r < z and r not in failed})
             shard.filled += z - a
@@ -60,7 +60,7 @@ class ShardAssembler:
         dtype = STORE_TORCH[self.store_dtype]
         shard = _OpenShard(
             {n: take((rows, *t.shape[1:]), dtype) for n, t in outputs.items()},
-            {n: take((2, rows, m.shape[-1]), torch.float64) for n, m in moments.items()},
+            {n: take((rows, 2, m.shape[-1]), torch.float64) for n, m in moments.items()},
         )
         self.open[u] = shard
         return shard
@@ -72,9 +72,12 @@ class ShardAssembler:
             event = torch.cuda.Event()
             event.record()  # after every copy into this shard was queued
 
-        def build() -> dict[str, np.ndarray]:
+        def landed() -> None:
             if event is not None:
-                event.synchronize()  # device->host copies of this shard have landed
+                event.synchronize()  # device->host copies of this shard have landed (idempotent)
+
+        def build() -> dict[str, np.ndarray]:
+            landed()
             out = {name: _to_numpy(t, dtype) for name, t in shard.arrays.items()}
             for arr in out.values():
                 for r in shard.failed:
@@ -82,7 +85,8 @@ class ShardAssembler:
             return out
 
         def moments() -> dict[str, np.ndarray]:
-            return {name: m.numpy() for name, m in shard.moments.items()}  # build() waited for them
+            landed()
+            return {name: m.numpy() for name, m in shard.moments.items()}
 
         def release() -> None:
             for t in (*shard.arrays.values(), *shard.moments.values()):
@@ -121,7 +125,11 @@ def moments_on_device(device: torch.device) -> bool:
 
 
 def row_moments(t: torch.Tensor) -> torch.Tensor:
-    """[B, ..., D] -> [2, B, D] float64: each row's per-channel sum and sum of squares of its vectors, in float32
-    from the values as stored. On the device, before the copy to the host: the writer then only sums rows."""
-    x = t.reshape(t.shape[0], -1, t.shape[-1]).float()
-    return torch.stack([x.sum(1), (x * x).sum(1)]).double()
+    """[B, ..., D] -> [B, 2, D] float64: each row's per-channel mean and sum of squared deviations (M2) over its
+    vectors, from the values as stored. Means are summed in float64, deviations squared in float32 around them: no
+    cancellation where a channel's mean is large beside its spread (`sq - n mean^2` in float32 lost 3-10% of such a
+    channel's std). On the device, before the copy to the host: the writer then merges rows (`merge_rows`)."""
+    x = t.reshape(t.shape[0], -1, t.shape[-1])
+    mean = x.sum(1, dtype=torch.float64) / x.shape[1]
+    dev = x.float() - mean.float()[:, None, :]
+    return torch.stack([mean, (dev * dev).sum(1, dtype=torch.float64)], dim=1)

@@ -121,8 +121,8 @@ def decode_into(
         if chw is None:
             try:
                 pixels[r] = torch.from_numpy(load_resized(rows[r].data, size, recipe)).to(pixels.device)
-            except ImageError as e:
-                failed[r] = str(e)
+            except Exception as e:  # as in the workers: one bad file is a failed image, not the run's end
+                failed[r] = str(e) if isinstance(e, ImageError) else f"decode error: {type(e).__name__}: {e}"
                 pixels[r] = 0
             continue
         pixels[r] = resize_on_device(orient(chw, rows[r].orientation), size)

@@ -33,16 +33,22 @@ from dinofeat.sources.discover import Facts, Source
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
 
 
-# torch.compile takes ~20 s per bucket shape for ViT-L/16 at 1024 on an H200 and then saves ~4 ms per image (53 ->
+# torch.compile takes ~20 s per input shape for ViT-L/16 at 1024 on an H200 and then saves ~4 ms per image (53 ->
 # 68 img/s model-only, docs/benchmarks.md): it pays from ~5,000 images per shape; 20,000 leaves room for slower
 # compiles and smaller gains (ViT-S saves less per image)
 AUTO_COMPILE_IMAGES_PER_SHAPE = 20_000
 
 
 def should_compile(device: torch.device, images: int, shapes: int) -> bool:
-    """Whether a run compiles the encoder when not told: on CUDA, with enough images per bucket shape to pay for
-    compiling each shape. Never on a CPU (the model's own kernels are what a CPU run waits on)."""
+    """Whether a run compiles the encoder when not told: on CUDA, with enough images per input shape to pay for
+    compiling each one. Never on a CPU (the model's own kernels are what a CPU run waits on)."""
     return device.type == "cuda" and shapes > 0 and images >= AUTO_COMPILE_IMAGES_PER_SHAPE * shapes
+
+
+def input_shapes(jobs: list[BatchJob]) -> int:
+    """The input shapes the encoder sees: a bucket's full batches and its last, shorter one are two graphs to a
+    compiled (dynamic=False) encoder, each compiled once."""
+    return len({(j.size, len(j.paths)) for j in jobs})
 
 
 def default_workers(device: torch.device) -> int:
@@ -85,7 +91,7 @@ def run_shards(
         return LoopResult(0, 0.0, 0, 0, {})
     arrays = prep.arrays
     make_encoder = StubEncoder if _CEILING["stub"] else Encoder
-    shapes = len({j.size for j in jobs})
+    shapes = input_shapes(jobs)
     compiled = (
         cfg.compile if cfg.compile is not None else should_compile(prep.device, sum(len(j.paths) for j in jobs), shapes)
     )
@@ -102,7 +108,12 @@ def run_shards(
     timings, on_device = writer.timings, assemble.moments_on_device(prep.device)
     t0 = time.perf_counter()
     try:
-        with tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar:
+        # on CUDA the run's device is the current one: the events that tell the writers a shard's copies have landed
+        # are recorded on its stream (`--device cuda:1` in one process would otherwise record them on cuda:0's)
+        with (
+            torch.cuda.device(prep.device) if cuda else contextlib.nullcontext(),
+            tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar,
+        ):
             for batch in _timed(batches(loader, prep.device, cfg.recipe), timings):
                 job, b = batch.job, buckets[batch.job.bucket]
                 with timings.stage("encode"):

@@ -307,11 +307,11 @@ def random_model(spec: str) -> torch.nn.Module:
     cfg = _random_config(spec)
     cfg._attn_implementation = "sdpa"
     folder = random_weights_dir() / _random_key(cfg)
-    if (folder / "config.json").is_file():
+    if folder.exists():
         try:
             return AutoModel.from_pretrained(folder, attn_implementation="sdpa", local_files_only=True)
-        except Exception:  # a damaged copy: draw again (and save a fresh one)
-            pass
+        except Exception:  # a damaged or partial copy: draw again, and save a fresh one in its place
+            shutil.rmtree(folder, ignore_errors=True)
     state = torch.random.get_rng_state()
     torch.manual_seed(RANDOM_SEED)
     try:
@@ -339,13 +339,19 @@ def _random_key(cfg: Any) -> str:
 
 
 def _save_quietly(model: torch.nn.Module, folder: Path) -> None:
-    """Saved into a temp folder renamed into place (a concurrent saver's rename wins; a reader sees all or none);
-    a cache that cannot be written (read-only home, full disk) only costs the next run its draw again."""
+    """Saved into a temp folder, fsynced, renamed into place (a concurrent saver's rename wins; a reader sees all or
+    none); a cache that cannot be written (read-only home, full disk) only costs the next run its draw again."""
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     try:
         model.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, folder)
-    except OSError:
+    except Exception:  # never the run's failure: the weights in memory are the ones drawn
         shutil.rmtree(tmp, ignore_errors=True)
 
 

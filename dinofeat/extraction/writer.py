@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinofeat.cache.arrays import FLIP_SUFFIX
-from dinofeat.cache.layout import bf16_bits_to_float32
 from dinofeat.cache.stats import ChannelStats, pooled_shard_stats
 from dinofeat.cache.store import Store
 from dinofeat.sources.discover import Facts
@@ -30,8 +29,8 @@ WRITER_THREADS = 2
 @dataclass
 class ShardResult:
     """One shard's rows [start, stop). `build` gives the arrays (it first waits for the device copies); `moments`,
-    when the device computed them, gives each statistics array's per-row [sum, sum of squares] ([2, rows, D],
-    float64); `release` hands the shard's host buffers back once it is written or dropped."""
+    when the device computed them, gives each statistics array's per-row (mean, M2) ([rows, 2, D], float64);
+    `release` hands the shard's host buffers back once it is written or dropped."""
 
     bucket: str
     shard: int
@@ -124,23 +123,18 @@ class ShardWriter:
         done[[r - item.start for r in item.failed]] = False
         if item.moments is not None:
             return self._stats_from_moments(item.moments(), arrays, done)
-        wanted = {*self._stat_names, *(n + FLIP_SUFFIX for n in self._stat_names)}
-        as_float = {n: bf16_bits_to_float32(a) if self._bf16 else a for n, a in arrays.items() if n in wanted}
-        return pooled_shard_stats(as_float, done, self._stat_names, FLIP_SUFFIX)
+        return pooled_shard_stats(arrays, done, self._stat_names, FLIP_SUFFIX, self._bf16)
 
     def _stats_from_moments(
         self, moments: dict[str, np.ndarray], arrays: dict[str, np.ndarray], done: np.ndarray
     ) -> dict[str, ChannelStats]:
-        """The same statistics from per-row sums: a layer's mirrored-image rows pooled with the original's."""
+        """The same statistics from each row's (mean, M2): a layer's mirrored-image rows pooled with the original's."""
         out = {}
         for name in self._stat_names:
-            variants = [n for n in (name, name + FLIP_SUFFIX) if n in moments]
-            if not variants:
-                continue
-            per_row = int(np.prod(arrays[name].shape[1:-1]))  # vectors in one row: 1 (cls) or h*w (patches)
-            total = sum(moments[n][0][done].sum(0) for n in variants)
-            sq = sum(moments[n][1][done].sum(0) for n in variants)
-            out[name] = ChannelStats.from_moments(int(done.sum()) * per_row * len(variants), total, sq)
+            rows = [moments[n][done] for n in (name, name + FLIP_SUFFIX) if n in moments]
+            if rows:
+                per_row = int(np.prod(arrays[name].shape[1:-1]))  # vectors in one row: 1 (cls) or h*w (patches)
+                out[name] = ChannelStats.merge_rows(np.concatenate(rows), per_row)
         return out
 
     def _check(self) -> None:

@@ -24,10 +24,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failed image, n
 _ROTATING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-Source = str | os.PathLike[str] | Member | bytes  # a file, an archive member, or a file's bytes already read
+ImageSource = str | os.PathLike[str] | Member | bytes  # a file, an archive member, or a file's bytes already read
 
 
-def open_image(path: Source, max_pixels: int = DEFAULT_MAX_PIXELS, header_only: bool = False) -> Image.Image:
+def open_image(path: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, header_only: bool = False) -> Image.Image:
     """Open lazily (header only) and refuse bombs before any pixel is decoded. An archive member is read whole into
     memory, or, with `header_only`, only as far as the header parser asks."""
     try:
@@ -118,7 +118,7 @@ def check_planned_size(im: Image.Image, planned: tuple[int, int]) -> None:
 
 
 def decode_rgb(
-    path: Source,
+    path: ImageSource,
     draft_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = BACKGROUND,

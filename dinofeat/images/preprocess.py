@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dinofeat.images.decode import Source, decode_rgb
+from dinofeat.images.decode import ImageSource, decode_rgb
 from dinofeat.images.recipe import Recipe
 from dinofeat.images.resize import resize_uint8
 
@@ -12,7 +12,7 @@ DEFAULT_RECIPE = Recipe()
 
 
 def load_resized(
-    path: Source, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE, planned: tuple[int, int] | None = None
+    path: ImageSource, size: tuple[int, int], recipe: Recipe = DEFAULT_RECIPE, planned: tuple[int, int] | None = None
 ) -> np.ndarray:
     """HxWx3 uint8 of the whole image resized to `size` = (width, height). Raises ImageError for a bad file, and
     ImageChangedError when `planned` (the displayed size its bucket was chosen for) is not the image's size now."""

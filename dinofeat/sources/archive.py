@@ -221,30 +221,38 @@ def _parse_header(block: bytes) -> tarfile.TarInfo | None:
 
 
 VERBATIM_NAME = 80  # planned names (or keys) this short and ASCII are stored in the header as they are, by any writer
+CUT_AT = 90  # a stored name this long (UTF-8 bytes) may have been cut at the block's 100 bytes (bsdtar cuts at 98)
 
 
 def names_agree(stored: str, planned: str) -> bool:
     """Whether a header block's own name field (`stored`) names the planned member (its full name, or its sample
     key when the plan is read from the index). A name that does not fit the block (over 100 bytes with its suffix,
-    or not ASCII) lives in a pax or GNU extended header, and the block holds the writer's own shortening of it:
-    tarfile truncates it and writes '?' for each non-ASCII character, GNU tar truncates, bsdtar drops directories
-    and cuts the middle. Such a name agrees when the stored one's sample key is a shortening of it: its characters
-    in order, '?' (or a cut UTF-8 byte) standing for one non-ASCII character."""
+    or not ASCII) lives in a pax or GNU extended header, and the block holds the writer's shortening of it:
+    tarfile writes '?' for each non-ASCII character and cuts at 100 characters, GNU tar cuts at 100 bytes (maybe
+    inside a character), bsdtar drops whole leading folders or cuts at 98 bytes. Such a name agrees when, character
+    by character, it spells the planned name or one of its trailing paths ('?' or a cut byte standing for exactly
+    one non-ASCII character), and either ends where that name (or its key) ends, or was cut at the block's length."""
     if planned in (stored, sample_key(stored)):
         return True
     if planned.isascii() and len(planned) <= VERBATIM_NAME:
         return False
-    return _shortens(sample_key(stored), planned)
+    cut = len(stored.encode("utf-8", "surrogateescape")) >= CUT_AT
+    spelled = stored
+    while cut and spelled and "\udc80" <= spelled[-1] <= "\udcff":
+        spelled = spelled[:-1]  # the bytes of a character cut at the limit spell nothing
+    parts = planned.split("/")
+    return any(_spells(spelled, "/".join(parts[i:]), cut) for i in range(len(parts)))
 
 
-def _shortens(short: str, long: str) -> bool:
-    rest = iter(long)
-    return bool(short) and all(any(c == x or (_stands_in(c) and not x.isascii()) for x in rest) for c in short)
-
-
-def _stands_in(c: str) -> bool:
-    """'?' (tarfile's ASCII replacement) or a byte of a UTF-8 character cut at the block's 100 bytes."""
-    return c == "?" or "\udc80" <= c <= "\udcff"
+def _spells(stored: str, planned: str, cut: bool) -> bool:
+    """`stored` is `planned` written by a writer: equal characters, '?' for a non-ASCII one; it may stop early only
+    when `cut`, and go on past a planned key only with the key's suffix ('.jpg')."""
+    for i, c in enumerate(stored):
+        if i == len(planned):
+            return c == "."  # the planned name is a key: the stored name goes on with its suffix
+        if c != planned[i] and not (c == "?" and not planned[i].isascii()):
+            return False
+    return len(stored) == len(planned) or cut
 
 
 def shard_paths(source: str) -> list[str]:
