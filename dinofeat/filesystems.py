@@ -18,18 +18,21 @@ _RETRIES_SET: list[Any] = []  # the retry settings this module last put into fss
 
 
 def s3_retries() -> dict[str, Any]:
-    """botocore's retry settings for every S3 filesystem of this process: "standard" mode (AWS_RETRY_MODE to
-    change) retries connection errors, timeouts, 5xx and throttling with full-jitter exponential backoff
-    (rand * min(2^n, 20) s) and a retry quota that stops retry storms; DINOFEAT_STORE_ATTEMPTS (else
-    AWS_MAX_ATTEMPTS, else 6) attempts bound a request that keeps failing to ~30 s of backoff."""
+    """botocore's retry settings for every S3 filesystem of this process: DINOFEAT_STORE_ATTEMPTS (else
+    AWS_MAX_ATTEMPTS, else 6) attempts per request, the first included, full-jitter exponential backoff
+    (rand * 2^n s: at most 31 s, ~15 s on average, for 6 attempts) on connection errors, timeouts, 5xx and
+    throttling. "legacy" mode (AWS_RETRY_MODE to change), not "standard": standard mode's retry quota is one per
+    client (500 units, 5 per retry), so the 32 requests validate or a reader's fetch threads have in flight during
+    an outage use it up in about three rounds of retries (2-3 s), and from then on every request fails at its first
+    error (issue 32.9). Legacy mode backs off the same way, per request, with no shared quota."""
     attempts = os.environ.get("DINOFEAT_STORE_ATTEMPTS") or os.environ.get("AWS_MAX_ATTEMPTS") or STORE_ATTEMPTS
     try:
-        max_attempts = max(1, int(attempts))
+        total = max(1, int(attempts))
     except ValueError:
         raise ConfigError(
             f"DINOFEAT_STORE_ATTEMPTS (or AWS_MAX_ATTEMPTS) must be a number of attempts: {attempts!r}"
         ) from None
-    return {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
+    return {"total_max_attempts": total, "mode": os.environ.get("AWS_RETRY_MODE") or "legacy"}
 
 
 def _set_retry_defaults(scheme: str) -> None:

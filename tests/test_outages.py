@@ -400,3 +400,50 @@ def test_info_and_validate_end_in_one_line_when_the_store_is_down(s3, bucket, im
     via_proxy.cut_on = f"/{bucket}/feats/buckets/".encode()  # cut as validate reads the cache's arrays
     one_line(lambda: validate(url, progress=False))
     assert via_proxy.cut_on is None, "validate never read an array"
+
+
+@pytest.fixture(scope="module")
+def many_shards(images, dinov3_path, tmp_path_factory) -> Path:
+    """A local cache of 40 one-image shards: 40 done markers, more than validate fetches at once (32)."""
+    src = tmp_path_factory.mktemp("outage-many-images")
+    write_images(src, [(64, 64)] * 40)
+    cache = tmp_path_factory.mktemp("outage-many") / "c"
+    assert extract(src, cache, **FAST, model=str(dinov3_path), area=64, shard_mb=0.002, batch_size=8).sealed
+    return cache
+
+
+def _upload(s3: S3Server, local: Path, bucket: str, prefix: str) -> str:
+    """A local cache's files under a prefix: a valid remote cache (docs/format.md)."""
+    client = s3.client()
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture
+def even_backoff(monkeypatch) -> None:
+    """botocore's backoff without its jitter: 0.1 x 2^n s (0.1, 0.2, 0.4, ...). The schedule the tests rely on is
+    the same, in a fraction of the time, and every request keeps to it (no request runs out of attempts early)."""
+    import types
+
+    import botocore.retryhandler
+
+    monkeypatch.setattr(botocore.retryhandler, "random", types.SimpleNamespace(random=lambda: 0.1))
+
+
+def test_validate_rides_out_an_outage_while_reading_the_markers(s3, bucket, via_proxy, many_shards, even_backoff):
+    """Issue 32.9: the store goes down as validate fetches the done markers (32 at a time) and stays down until the
+    proxy refused 300 connections: each request retries with its own backoff (10 attempts here) and the report is
+    clean. Before, botocore's standard mode shared one retry quota per client (100 retries of connection errors):
+    the parallel requests used it up (at most 280 refused connections for 40 markers) and every request then
+    failed at its first error."""
+    from dinofeat.inspection.validate import validate
+
+    url = _upload(s3, many_shards, bucket, "feats")
+    via_proxy.restore_when = lambda refused: len(refused) >= 300
+    via_proxy.cut_on = f"/{bucket}/{MARKERS}".encode()  # the first GET of a done marker
+    os.environ["DINOFEAT_STORE_ATTEMPTS"] = "10"  # via_proxy's monkeypatch restores it
+    report = validate(url, progress=False)
+    assert via_proxy.restored.is_set() and via_proxy.cut_on is None, "the outage never happened"
+    assert report.ok, report.problems
+    assert all(MARKERS in r for r in via_proxy.refused), "validate read something else during the outage"
