@@ -6,6 +6,7 @@ Made on first use in each process, so a forked DataLoader worker never uses its 
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -49,6 +50,20 @@ def _set_retry_defaults(scheme: str) -> None:
         _RETRIES_SET[:] = [config["retries"]]
 
 
+CLIENT_LOGGERS = {"gs": "gcsfs", "gcs": "gcsfs"}  # clients that log their own failures with tracebacks
+
+
+def _quiet_client_log(scheme: str) -> None:
+    """gcsfs logs every request that runs out of retries with `logger.exception`, and logging prints what no handler
+    takes to stderr: an outage printed 137 lines of tracebacks before dinofeat's one line (issue 32.10). A
+    NullHandler on its logger keeps them out of a process that configured no logging; a process that did (a root
+    handler) still gets them."""
+    name = CLIENT_LOGGERS.get(scheme)
+    log = logging.getLogger(name) if name else None
+    if log is not None and not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+
+
 def filesystem(scheme_or_url: str) -> Any:
     """This process's fsspec filesystem for a scheme ('s3') or a URL's scheme: made on first use in each process,
     so a forked DataLoader worker never uses its parent's connections. No listing cache: done markers, metadata and
@@ -61,6 +76,7 @@ def filesystem(scheme_or_url: str) -> Any:
         import fsspec
 
         _set_retry_defaults(scheme)
+        _quiet_client_log(scheme)
         try:
             cls = fsspec.get_filesystem_class(scheme)
         except ValueError:

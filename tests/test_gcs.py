@@ -5,7 +5,10 @@ on: only S3 gets conditional writes (this server ignores GCS's preconditions); e
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -58,8 +61,6 @@ def test_gs_dataloader_with_two_workers(tmp_path, gcs, dinov3_path, image_dir):
 
 def test_parquet_on_gs_gives_the_same_cache_as_local(tmp_path, gcs, dinov3_path):
     pytest.importorskip("pyarrow", reason="parquet sources need pyarrow (the test extra installs it)")
-    import fsspec
-
     make_parquet(tmp_path / "pq", tmp_path / "folder", "hf", files=2)
     fs = fsspec.filesystem("gs", skip_instance_cache=True)
     prefix = f"{BUCKET}/{os.getpid()}/pq"
@@ -70,3 +71,42 @@ def test_parquet_on_gs_gives_the_same_cache_as_local(tmp_path, gcs, dinov3_path)
     b = extract(f"gs://{prefix}/part-{{00000..00001}}.parquet", tmp_path / "from-gs", **kw)
     assert (b.done, b.failed) == (a.done, a.failed) == (8, 2)
     assert_same_caches(FeatureCache(tmp_path / "from-local"), FeatureCache(tmp_path / "from-gs"))
+
+
+# the command, with gcsfs's retry sleeps (1, 2, 4, 8, 16 s: it has no setting for them) 50 times shorter
+_FAST_RETRIES = (
+    "import asyncio, sys, types, gcsfs.retry as r; "
+    "r.asyncio = types.SimpleNamespace(sleep=lambda s: asyncio.sleep(s / 50)); "
+    "from dinofeat.cli import main; sys.argv[0] = 'dinofeat'; main()"
+)
+
+
+def test_an_outage_mid_run_ends_in_one_line(tmp_path, gcs, dinov3_path):
+    """Issue 32.10: the store goes down as the run writes its first done marker and stays down past gcsfs's retries.
+    The run prints dinofeat's one line, exit 1 (before, gcsfs logged each request out of retries with its
+    traceback: 137 lines before it), and releases its lock once the store answers again."""
+    from tests.cutproxy import CutProxy
+    from tests.helpers import write_images
+
+    write_images(tmp_path / "images", [(64, 64)] * 6)
+    url = f"gs://{BUCKET}/{os.getpid()}/outage"
+    proxy = CutProxy(gcs.port)
+    proxy.cut_on = b"_dinofeat/done/64x64/0.json"  # in the first marker's upload (the emulator serves one request
+    # at a time: watching the run through it would stall it)
+    proxy.restore_when = lambda refused: "outage.dinofeat-lock" in refused[-1]  # the run is releasing its lock
+    args = ["precompute", str(tmp_path / "images"), url, "--model", str(dinov3_path), "--area", "64", "--json",
+            "--dtype", "fp32", "--workers", "0", "--shard-mb", "0.002", "--batch-size", "1"]  # fmt: skip
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": proxy.endpoint, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _FAST_RETRIES, *args], env=env, capture_output=True, timeout=180)
+        restored = proxy.restored.is_set()
+    finally:
+        proxy.close()
+    text = (done.stdout + done.stderr).decode()
+    assert done.returncode == 1 and proxy.cut_on is None and restored, text
+    assert text.strip().splitlines() == [
+        f"error: object store {url} failed: ClientOSError: [Errno 104] Connection reset by peer; finished shards "
+        "are kept: rerun the same command to resume"
+    ], text
+    fs = fsspec.filesystem("gs", skip_instance_cache=True)
+    assert not fs.exists(f"{BUCKET}/{os.getpid()}/outage.dinofeat-lock"), "the lock was not released"
