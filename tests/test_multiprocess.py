@@ -193,3 +193,20 @@ def test_manual_split_incremental_run_waits_for_the_extension(setup, tmp_path):
         # depend on the batch shape: equal to fp16 storage precision, not bit for bit (that is tested with fixed
         # batches in test_incremental.py)
         np.testing.assert_allclose(a[k].patches, b[k].patches, atol=2e-3, rtol=0, err_msg=k)
+
+
+def test_a_refusal_by_the_lock_is_one_line_on_every_rank(setup):
+    """Issue 32.10: rank 0 is refused by the lock while rank 1 waits for its plan. Rank 0 hands rank 1 its error,
+    so each process ends in the same one line (before, rank 1 was cut off: gloo's RuntimeError traceback, or
+    torchrun's SIGTERM). What is left is torchrun's own report of failed workers, whose traceback is its own."""
+    from dinofeat.cache.lock import CacheLock
+
+    imgs, cfg, ref = setup
+    with CacheLock(ref, what="holder"):
+        out = cli(*LAUNCHERS["torchrun"], *cli_args(imgs, ref, cfg))
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    refusal = f"error: {ref} is in use by another dinofeat run (holder: pid "
+    assert sum(line.startswith(refusal) for line in text.splitlines()) == 2, text
+    assert "interrupted" not in text and "gloo" not in text, text
+    assert not [line for line in text.splitlines() if line.strip().startswith('File "') and "dinofeat" in line], text

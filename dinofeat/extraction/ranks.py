@@ -14,16 +14,17 @@ Shards are dealt `ordinal % world_size == rank` either way, so no two processes 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from dinofeat.errors import ConfigError
+from dinofeat.errors import ConfigError, DinofeatError
 
 T = TypeVar("T")
 PLAN_TIMEOUT = datetime.timedelta(hours=12)  # rank 0 may probe millions of headers while the others wait
@@ -49,14 +50,16 @@ class Group:
 
     def barrier(self) -> None:
         if self.connected:
-            torch.distributed.barrier()
+            with self._peers():
+                torch.distributed.barrier()
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's `obj` on every rank (picklable objects, exceptions included)."""
         if not self.connected:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
+        with self._peers():
+            torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -64,8 +67,22 @@ class Group:
         if not self.connected:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
+        with self._peers():
+            torch.distributed.all_gather_object(out, obj)
         return out
+
+    @contextlib.contextmanager
+    def _peers(self) -> Iterator[None]:
+        """A process of the run that stopped (its own error says why) breaks the others' collectives with gloo's or
+        nccl's RuntimeError, whose traceback filled a rank's output (issue 32.10): one line instead."""
+        try:
+            yield
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise DinofeatError(
+                f"rank {self.rank}: another process of this run stopped ({first}); its own error says why. "
+                "Finished shards are kept: rerun the same command"
+            ) from None
 
 
 def launched() -> bool:
