@@ -1,12 +1,14 @@
 """Caches and sources on gs://, against a real Google Cloud Storage API server (gcp-storage-emulator, its own
 process, 127.0.0.1), reached by gcsfs through STORAGE_EMULATOR_HOST. The second object store the cache is tested
-on: only S3 gets conditional writes (this server ignores GCS's preconditions); everything else is the same code."""
+on. The emulator ignores GCS's generation preconditions, so the tests' server adds the one upload precondition
+dinofeat uses (tests/s3server.py): the tests prove what dinofeat sends and how it takes a refusal, not GCS itself."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 
 import fsspec
 import numpy as np
@@ -17,6 +19,10 @@ pytest.importorskip("gcsfs", reason="gs:// needs gcsfs (the test extra installs 
 pytest.importorskip("gcp_storage_emulator", reason="the GCS test server comes from the test extra")
 
 from dinofeat import FeatureCache, extract
+from dinofeat.cache.lock import ObjectLock
+from dinofeat.cache.objects import RemoteFiles
+from dinofeat.cache.store import Store
+from dinofeat.errors import CacheConflictError, CacheLockedError
 from dinofeat.inspection.info import info
 from dinofeat.inspection.validate import validate
 from dinofeat.read.dataset import FeatureDataset
@@ -28,7 +34,7 @@ BUCKET = "dinofeat-test"
 
 @pytest.fixture(scope="module")
 def gcs():
-    yield from serve(GCSServer((BUCKET,)))
+    yield from serve(GCSServer((BUCKET,), preconditions=True))  # GCS's ifGenerationMatch, which the emulator lacks
 
 
 def test_gs_cache_reads_back_bit_identical_and_resumes(tmp_path, gcs, dinov3_path, image_dir):
@@ -110,3 +116,50 @@ def test_an_outage_mid_run_ends_in_one_line(tmp_path, gcs, dinov3_path):
     ], text
     fs = fsspec.filesystem("gs", skip_instance_cache=True)
     assert not fs.exists(f"{BUCKET}/{os.getpid()}/outage.dinofeat-lock"), "the lock was not released"
+
+
+def _take_at_once(files: RemoteFiles) -> list[str]:
+    """Two runs take the lock at the same moment: what each got. A holder lets go once both have tried."""
+    start, tried, outcomes = threading.Barrier(2), threading.Barrier(2), []
+
+    def take(name: str) -> None:
+        lock = ObjectLock(files, name)
+        start.wait()
+        try:
+            lock.__enter__()
+        except CacheLockedError:
+            outcomes.append("refused")
+            tried.wait()
+            return
+        outcomes.append("held")
+        tried.wait()
+        lock.__exit__(None, None, None)
+
+    threads = [threading.Thread(target=take, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return sorted(outcomes)
+
+
+def test_two_runs_that_take_the_lock_at_once_never_both_get_it(gcs):
+    """Issue 32.11: two runs create the lock object at the same moment, 12 times: each time exactly one holds it
+    and the other is refused (before, a check followed by a write let both through in 1 of 3 tries)."""
+    files = RemoteFiles("gs", BUCKET, f"{os.getpid()}/race")
+    for attempt in range(12):
+        assert _take_at_once(files) == ["held", "refused"], f"try {attempt}"
+
+
+def test_a_metadata_write_from_a_stale_generation_is_refused_by_the_store(gcs, dinov3_path, image_dir):
+    """The metadata's compare-and-swap is GCS's own: a write conditional on a generation that is no longer the
+    object's is refused by the store (412), so two writers that both passed the generation check cannot both write."""
+    url = f"gs://{BUCKET}/{os.getpid()}/cas"
+    extract(image_dir, url, **{**FAST, "model": str(dinov3_path), "area": 64})
+    a, b = Store(url, mode="r+"), Store(url, mode="r+")
+    _, stale = b.files.read_versioned("zarr.json")
+    a.metafile.update(note="a")
+    assert b.files.replace("zarr.json", b"{}", stale) is None
+    with pytest.raises(CacheConflictError):
+        b.metafile.update(note="b")
+    assert Store(url).meta["note"] == "a"
