@@ -6,6 +6,7 @@ Made on first use in each process, so a forked DataLoader worker never uses its 
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,18 +19,21 @@ _RETRIES_SET: list[Any] = []  # the retry settings this module last put into fss
 
 
 def s3_retries() -> dict[str, Any]:
-    """botocore's retry settings for every S3 filesystem of this process: "standard" mode (AWS_RETRY_MODE to
-    change) retries connection errors, timeouts, 5xx and throttling with full-jitter exponential backoff
-    (rand * min(2^n, 20) s) and a retry quota that stops retry storms; DINOFEAT_STORE_ATTEMPTS (else
-    AWS_MAX_ATTEMPTS, else 6) attempts bound a request that keeps failing to ~30 s of backoff."""
+    """botocore's retry settings for every S3 filesystem of this process: DINOFEAT_STORE_ATTEMPTS (else
+    AWS_MAX_ATTEMPTS, else 6) attempts per request, the first included, full-jitter exponential backoff
+    (rand * 2^n s: at most 31 s, ~15 s on average, for 6 attempts) on connection errors, timeouts, 5xx and
+    throttling. "legacy" mode (AWS_RETRY_MODE to change), not "standard": standard mode's retry quota is one per
+    client (500 units, 5 per retry), so the 32 requests validate or a reader's fetch threads have in flight during
+    an outage use it up in about three rounds of retries (2-3 s), and from then on every request fails at its first
+    error (issue 32.9). Legacy mode backs off the same way, per request, with no shared quota."""
     attempts = os.environ.get("DINOFEAT_STORE_ATTEMPTS") or os.environ.get("AWS_MAX_ATTEMPTS") or STORE_ATTEMPTS
     try:
-        max_attempts = max(1, int(attempts))
+        total = max(1, int(attempts))
     except ValueError:
         raise ConfigError(
             f"DINOFEAT_STORE_ATTEMPTS (or AWS_MAX_ATTEMPTS) must be a number of attempts: {attempts!r}"
         ) from None
-    return {"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}
+    return {"total_max_attempts": total, "mode": os.environ.get("AWS_RETRY_MODE") or "legacy"}
 
 
 def _set_retry_defaults(scheme: str) -> None:
@@ -46,6 +50,20 @@ def _set_retry_defaults(scheme: str) -> None:
         _RETRIES_SET[:] = [config["retries"]]
 
 
+CLIENT_LOGGERS = {"gs": "gcsfs", "gcs": "gcsfs"}  # clients that log their own failures with tracebacks
+
+
+def _quiet_client_log(scheme: str) -> None:
+    """gcsfs logs every request that runs out of retries with `logger.exception`, and logging prints what no handler
+    takes to stderr: an outage printed 137 lines of tracebacks before dinofeat's one line (issue 32.10). A
+    NullHandler on its logger keeps them out of a process that configured no logging; a process that did (a root
+    handler) still gets them."""
+    name = CLIENT_LOGGERS.get(scheme)
+    log = logging.getLogger(name) if name else None
+    if log is not None and not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+
+
 def filesystem(scheme_or_url: str) -> Any:
     """This process's fsspec filesystem for a scheme ('s3') or a URL's scheme: made on first use in each process,
     so a forked DataLoader worker never uses its parent's connections. No listing cache: done markers, metadata and
@@ -58,6 +76,7 @@ def filesystem(scheme_or_url: str) -> Any:
         import fsspec
 
         _set_retry_defaults(scheme)
+        _quiet_client_log(scheme)
         try:
             cls = fsspec.get_filesystem_class(scheme)
         except ValueError:

@@ -113,14 +113,27 @@ def store_message(e: BaseException, location: str, after: str = RESUME) -> str:
 
 
 @contextlib.contextmanager
-def store_errors(location: Any, after: str = RESUME) -> Iterator[None]:
-    """Raise a store client's failure inside as one StoreError line naming `location` (a cache's URL or path)."""
+def store_errors(location: Any, after: str = RESUME, chained: bool = True) -> Iterator[None]:
+    """Raise a store client's failure inside as one StoreError line naming `location` (a cache's URL or path).
+    `chained=False` leaves the client's exception out of the traceback (readers: see `as_store_error`)."""
     try:
         yield
     except DinofeatError:
         raise
     except Exception as e:
-        if not is_store_failure(e):
+        error = as_store_error(e, location, after)
+        if error is None:
             raise
-        notes = getattr(e, "__notes__", ())  # what was left behind (a lock object that could not be released)
-        raise StoreError("\n".join([store_message(e, str(location), after), *notes])) from e
+        if chained:
+            raise error from e
+        raise error from None
+
+
+def as_store_error(e: BaseException, location: Any, after: str = NO_CHANGE) -> StoreError | None:
+    """The StoreError line for a store client's failure `e` (None for anything else). Readers raise it without the
+    client's exception chained: in a DataLoader worker, torch sends the worker's whole traceback as the error's
+    text, and the client's chain (aiohttp, botocore) made that a hundred lines around dinofeat's one."""
+    if isinstance(e, DinofeatError) or not is_store_failure(e):
+        return None
+    notes = getattr(e, "__notes__", ())  # what was left behind (a lock object that could not be released)
+    return StoreError("\n".join([store_message(e, str(location), after), *notes]))

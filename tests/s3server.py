@@ -134,15 +134,45 @@ class S3Server(_ServerProcess):
         return name
 
 
+# GCS's documented upload precondition (`ifGenerationMatch`: 412 unless the object is at that generation, 0 = absent),
+# which gcp-storage-emulator ignores: added to its upload handler. The emulator serves one request at a time, so the
+# check and the write are one step, as they are on GCS. It proves what dinofeat sends and how it takes a 412, not
+# that GCS itself honours the precondition (its documentation says it does).
+_PRECONDITIONS = """
+from http import HTTPStatus
+import gcp_storage_emulator.handlers.objects as objects
+from gcp_storage_emulator.exceptions import NotFound
+_insert = objects.insert
+def insert(request, response, storage, *args, **kwargs):
+    want = request.query.get("ifGenerationMatch")
+    if want:
+        name = request.query["name"][0] if "name" in request.query else request.data["meta"].get("name")
+        try:
+            have = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+        except NotFound:
+            have = "0"
+        if have != want[0]:
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+            return None
+    return _insert(request, response, storage, *args, **kwargs)
+objects.insert = insert
+"""
+
+
 class GCSServer(_ServerProcess):
     """gcp-storage-emulator (a Google Cloud Storage JSON API server, in memory), reached by gcsfs through
-    STORAGE_EMULATOR_HOST as it would reach GCS. It ignores generation preconditions, like our non-S3 path does."""
+    STORAGE_EMULATOR_HOST as it would reach GCS. It ignores generation preconditions; `preconditions=True` adds
+    the upload precondition dinofeat's conditional writes use (see _PRECONDITIONS)."""
 
     name = "GCS emulator"
 
-    def __init__(self, buckets: tuple[str, ...] = ("dinofeat-test",), timeout: float = 30.0) -> None:
+    def __init__(
+        self, buckets: tuple[str, ...] = ("dinofeat-test",), timeout: float = 30.0, preconditions: bool = False
+    ) -> None:
         super().__init__(timeout)
         self.buckets = buckets
+        self.preconditions = preconditions
 
     @property
     def env(self) -> dict[str, str]:
@@ -150,6 +180,8 @@ class GCSServer(_ServerProcess):
 
     def command(self) -> list[str]:
         code = "import sys; from gcp_storage_emulator.__main__ import main; sys.exit(main(sys.argv[1:]))"
+        if self.preconditions:
+            code = _PRECONDITIONS + code
         args = ["start", "-H", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"]
         return [sys.executable, "-c", code, *args, "--default-bucket", self.buckets[0]]
 

@@ -193,3 +193,71 @@ def test_manual_split_incremental_run_waits_for_the_extension(setup, tmp_path):
         # depend on the batch shape: equal to fp16 storage precision, not bit for bit (that is tested with fixed
         # batches in test_incremental.py)
         np.testing.assert_allclose(a[k].patches, b[k].patches, atol=2e-3, rtol=0, err_msg=k)
+
+
+def test_a_refusal_by_the_lock_is_one_line_on_every_rank(setup):
+    """Issue 32.10: rank 0 is refused by the lock while rank 1 waits for its plan. Rank 0 hands rank 1 its error,
+    so each process ends in the same one line (before, rank 1 was cut off: gloo's RuntimeError traceback, or
+    torchrun's SIGTERM). What is left is torchrun's own report of failed workers, whose traceback is its own."""
+    from dinofeat.cache.lock import CacheLock
+
+    imgs, cfg, ref = setup
+    with CacheLock(ref, what="holder"):
+        out = cli(*LAUNCHERS["torchrun"], *cli_args(imgs, ref, cfg))
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    refusal = f"error: {ref} is in use by another dinofeat run (holder: pid "
+    assert sum(line.startswith(refusal) for line in text.splitlines()) == 2, text
+    assert "interrupted" not in text and "gloo" not in text, text
+    assert not [line for line in text.splitlines() if line.strip().startswith('File "') and "dinofeat" in line], text
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_workers_stop_when_their_launcher_is_killed(tmp_path, dinov3_path):
+    """Issue 32.11: torchrun starts each worker in a session of its own, so killing the launcher's process group
+    left them running (some finished the cache, some waited forever). Now each worker notices its launcher is gone
+    and stops as on Ctrl-C, long before the cache could be finished."""
+    import os
+    import signal
+    import time
+
+    write_images(tmp_path / "imgs", [(64, 64)] * 100)
+    cfg = ExtractConfig(model=str(dinov3_path), area=64, shard_mb=0.002, batch_size=1, **FAST)
+    cache = tmp_path / "c"
+    args = [sys.executable, *LAUNCHERS["torchrun"], *cli_args(tmp_path / "imgs", cache, cfg)]
+    launcher = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not list((cache / "_dinofeat" / "done").rglob("*.json")):  # polling for the run's first shard
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run never marked a shard"
+        time.sleep(0.05)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2, workers
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's group: torchrun itself, not its workers' sessions
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while any(_running(w) for w in workers):  # polling the orphans' state
+        assert time.monotonic() < deadline, "the workers outlived their launcher by a minute"
+        time.sleep(0.1)
+    assert Store(cache).meta["state"] != "sealed", "the workers finished the cache instead of stopping"

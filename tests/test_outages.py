@@ -11,10 +11,7 @@ import json
 import os
 import re
 import signal
-import socket
-import struct
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,124 +24,12 @@ from dinofeat import FeatureCache, extract, filesystems
 from dinofeat.cache.lock import ObjectLock
 from dinofeat.cache.objects import RemoteFiles
 from dinofeat.errors import DinofeatError
+from tests.cutproxy import CutProxy
 from tests.helpers import FAST, assert_same_caches, run_cli, write_images
 from tests.s3server import S3Server, serve
 
 LOCK = "feats.dinofeat-lock"
 MARKERS = "feats/_dinofeat/done/"
-
-
-class CutProxy:
-    """A TCP proxy on 127.0.0.1 to moto's port. `cut()` resets every open connection, and, until `restore()`,
-    every new one once its request line is read: `refused` lists those lines (what the client kept trying), and
-    `restore_when(refused)`, checked after each, restores the proxy from inside it (no sleeping test). `cut_on`
-    cuts it from inside too, as soon as a client sends those bytes (a request for a given key)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.refused: list[str] = []
-        self.restore_when: Callable[[list[str]], bool] | None = None
-        self.cut_on: bytes | None = None
-        self.restored = threading.Event()
-        self._cut = threading.Event()
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, name="cut-proxy", daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def cut(self) -> None:
-        self.restored.clear()
-        self._cut.set()
-        with self._lock:
-            for s in self._open:
-                _reset(s)
-            self._open.clear()
-
-    def restore(self) -> None:
-        self._cut.clear()
-        self.restored.set()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        if self._cut.is_set():
-            self._refuse(client)
-            return
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        except OSError:
-            _reset(client)
-            return
-        with self._lock:
-            if self._cut.is_set():  # cut while this one was connecting
-                _reset(client)
-                _reset(upstream)
-                return
-            self._open |= {client, upstream}
-        pumps = [2]  # the second pump to end closes both sockets: a long run through the proxy keeps no descriptors
-        threading.Thread(target=self._pump, args=(client, upstream, True, pumps), daemon=True).start()
-        threading.Thread(target=self._pump, args=(upstream, client, False, pumps), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool, pumps: list[int]) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if from_client and self.cut_on is not None and self.cut_on in data:
-                    self.cut_on = None
-                    self.cut()  # this connection too, before the request reaches the server
-                    return
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        with self._lock:
-            pumps[0] -= 1
-            last = pumps[0] == 0
-            if last:
-                self._open -= {src, dst}
-        if last:
-            src.close()
-            dst.close()
-
-    def _refuse(self, client: socket.socket) -> None:
-        client.settimeout(5)
-        head = b""
-        with contextlib.suppress(OSError):
-            while b"\r\n" not in head and len(head) < 65536:
-                data = client.recv(65536)
-                if not data:
-                    break
-                head += data
-        _reset(client)
-        with self._lock:
-            self.refused.append(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-            if self.restore_when is not None and self.restore_when(self.refused):
-                self.restore()
-
-
-def _reset(s: socket.socket) -> None:
-    """Close with a TCP reset, as a stopped server's host answers. The shutdown wakes a pump blocked reading it
-    (a plain close would leave the connection open until that read returns)."""
-    with contextlib.suppress(OSError):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    with contextlib.suppress(OSError):
-        s.shutdown(socket.SHUT_RD)
-    with contextlib.suppress(OSError):
-        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -433,3 +318,76 @@ def test_later_epochs_from_a_local_shard_cache_need_no_store(
         p.relative_to(tmp_path / "shards" / ".meta").as_posix() for p in (tmp_path / "shards").rglob(".meta/**/*.json")
     ]
     assert any(p.endswith("/patches/zarr.json") for p in kept) and any(p.startswith("locations/") for p in kept)
+
+
+@pytest.fixture(scope="module")
+def many_shards(images, dinov3_path, tmp_path_factory) -> Path:
+    """A local cache of 40 one-image shards: 40 done markers, more than validate fetches at once (32)."""
+    src = tmp_path_factory.mktemp("outage-many-images")
+    write_images(src, [(64, 64)] * 40)
+    cache = tmp_path_factory.mktemp("outage-many") / "c"
+    assert extract(src, cache, **FAST, model=str(dinov3_path), area=64, shard_mb=0.002, batch_size=8).sealed
+    return cache
+
+
+def _upload(s3: S3Server, local: Path, bucket: str, prefix: str) -> str:
+    """A local cache's files under a prefix: a valid remote cache (docs/format.md)."""
+    client = s3.client()
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture
+def even_backoff(monkeypatch) -> None:
+    """botocore's backoff without its jitter: 0.1 x 2^n s (0.1, 0.2, 0.4, ...). The schedule the tests rely on is
+    the same, in a fraction of the time, and every request keeps to it (no request runs out of attempts early)."""
+    import types
+
+    import botocore.retryhandler
+
+    monkeypatch.setattr(botocore.retryhandler, "random", types.SimpleNamespace(random=lambda: 0.1))
+
+
+def test_validate_rides_out_an_outage_while_reading_the_markers(s3, bucket, via_proxy, many_shards, even_backoff):
+    """Issue 32.9: the store goes down as validate fetches the done markers (32 at a time) and stays down until the
+    proxy refused 300 connections: each request retries with its own backoff (10 attempts here) and the report is
+    clean. Before, botocore's standard mode shared one retry quota per client (100 retries of connection errors):
+    the parallel requests used it up (at most 280 refused connections for 40 markers) and every request then
+    failed at its first error."""
+    from dinofeat.inspection.validate import validate
+
+    url = _upload(s3, many_shards, bucket, "feats")
+    via_proxy.restore_when = lambda refused: len(refused) >= 300
+    via_proxy.cut_on = f"/{bucket}/{MARKERS}".encode()  # the first GET of a done marker
+    os.environ["DINOFEAT_STORE_ATTEMPTS"] = "10"  # via_proxy's monkeypatch restores it
+    report = validate(url, progress=False)
+    assert via_proxy.restored.is_set() and via_proxy.cut_on is None, "the outage never happened"
+    assert report.ok, report.problems
+    assert all(MARKERS in r for r in via_proxy.refused), "validate read something else during the outage"
+
+
+def test_readers_in_dataloader_workers_raise_one_store_error(s3, bucket, images, dinov3_path, via_proxy):
+    """Issue 32.10: the store goes down as DataLoader workers read rows. Training gets dinofeat's StoreError, whose
+    text (torch sends the worker's traceback as the text) ends in dinofeat's one line and holds none of the client's
+    chained tracebacks; before, it got botocore's error with aiohttp's and botocore's chain."""
+    import torch
+
+    from dinofeat.errors import StoreError
+    from dinofeat.read.dataset import FeatureDataset
+
+    url = f"s3://{bucket}/feats"
+    assert extract(images, url, **FAST, model=str(dinov3_path), area=64, shard_mb=0.002).sealed
+    via_proxy.cut_on = f"/{bucket}/feats/buckets/".encode()  # the first row a worker reads
+    loader = torch.utils.data.DataLoader(FeatureDataset(url), batch_size=4, num_workers=2)
+    with pytest.raises(StoreError) as err:
+        list(loader)
+    text = str(err.value)
+    assert via_proxy.cut_on is None, "no worker read a row"
+    assert "DataLoader worker" in text  # torch's wrapping, with the worker's own traceback
+    assert text.splitlines()[-1].startswith(f"dinofeat.errors.StoreError: object store {url} failed: "), text
+    assert not any(client in text for client in ("botocore", "aiohttp", "s3fs", "fsspec")), text
+    via_proxy.restore()
+    via_proxy.cut()
+    with pytest.raises(StoreError, match=r"rerun once the store answers again$"):
+        FeatureDataset(url)  # in this process too, when it opens

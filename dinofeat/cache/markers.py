@@ -16,6 +16,7 @@ import numpy as np
 
 from dinofeat.cache.checksum import RowCrcs, crc32c, expected_checksums
 from dinofeat.cache.layout import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED, Plan
+from dinofeat.storeerrors import is_store_failure
 
 if TYPE_CHECKING:
     from dinofeat.cache.store import Store
@@ -162,7 +163,9 @@ class Markers:
         def load(rel: str) -> dict[str, Any] | None:
             try:
                 return json.loads(files.read(rel))
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
+                if is_store_failure(e):  # an outage is no proof a shard is not done: the caller ends in one line
+                    raise
                 return None  # unreadable marker = shard not done; it will be redone
 
         rels = [w[2] for w in wanted]

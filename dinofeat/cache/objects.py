@@ -15,8 +15,9 @@ that is slower per request, and the request latency that matters on real S3 is t
 both share; throughput comes from concurrency (`FeatureDataset.fetch_threads`). fsspec also reaches every store it has a
 filesystem for (gcsfs, adlfs, ...). Credentials come from each filesystem's usual environment and config (for s3fs:
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, AWS_ENDPOINT_URL for
-S3-compatible servers, instance roles); dinofeat never stores or prints them. Conditional writes (If-None-Match,
-If-Match) are S3's; on other stores they are a check followed by a write (not atomic). Tested: s3:// and gs://.
+S3-compatible servers, instance roles); dinofeat never stores or prints them. Conditional writes are S3's
+(If-None-Match, If-Match) and GCS's (ifGenerationMatch, dinofeat.cache.gcs); on other stores they are a check
+followed by a write (not atomic). Tested: s3:// and gs://.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, ParamSpec, TypeAlias, TypeVar
 
+from dinofeat.cache import gcs
 from dinofeat.cache.shardcache import ShardCache
 from dinofeat.errors import ConfigError, StoreError
 from dinofeat.filesystems import filesystem
@@ -360,8 +362,10 @@ class RemoteFiles(Files):
 
     def __init__(self, scheme: str, bucket: str, prefix: str, shard_cache: ShardCache | None = None) -> None:
         self.scheme, self.bucket, self.prefix = scheme, bucket, prefix.strip("/")
-        # S3 has conditional PUTs (If-None-Match, If-Match); elsewhere they are a check, then a write (not atomic)
-        self.conditional = scheme in ("s3", "s3a")
+        # S3 has conditional PUTs (If-None-Match, If-Match), GCS generation preconditions; elsewhere they are a check,
+        # then a write (not atomic)
+        self.gcs = scheme in gcs.SCHEMES
+        self.conditional = scheme in ("s3", "s3a") or self.gcs
         self.location = f"{scheme}://{bucket}/{self.prefix}".rstrip("/")
         self.shard_cache = shard_cache
 
@@ -421,10 +425,11 @@ class RemoteFiles(Files):
     def read_versioned(self, rel: str) -> tuple[bytes, Any]:
         """The bytes and their ETag: the ETag is read before and after the bytes, and must not change between."""
         key = self._key(rel)
+        version = gcs.version_of if self.gcs else _version_of  # GCS: the generation its preconditions compare
         for _ in range(5):
-            etag = _version_of(self.fs.info(key, refresh=True))
+            etag = version(self.fs.info(key, refresh=True))
             data = bytes(self.fs.cat_file(key))
-            if _version_of(self.fs.info(key, refresh=True)) == etag:
+            if version(self.fs.info(key, refresh=True)) == etag:
                 return data, etag
         raise OSError(f"{key} changed five times while being read")
 
@@ -432,6 +437,8 @@ class RemoteFiles(Files):
         self.fs.pipe_file(self._key(rel), data)
 
     def create(self, rel: str, data: bytes) -> Any:
+        if self.gcs:
+            return gcs.put(self.fs, self._key(rel), data, "0")
         if not self.conditional:
             if self.exists(rel):
                 return None
@@ -447,6 +454,8 @@ class RemoteFiles(Files):
             raise
 
     def replace(self, rel: str, data: bytes, version: Any) -> Any:
+        if self.gcs:
+            return gcs.put(self.fs, self._key(rel), data, str(version))
         if not self.conditional:
             if self.read_versioned(rel)[1] != version:
                 return None

@@ -14,16 +14,19 @@ Shards are dealt `ordinal % world_size == rank` either way, so no two processes 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from dinofeat.errors import ConfigError
+from dinofeat.errors import ConfigError, DinofeatError
 
 T = TypeVar("T")
 PLAN_TIMEOUT = datetime.timedelta(hours=12)  # rank 0 may probe millions of headers while the others wait
@@ -49,14 +52,16 @@ class Group:
 
     def barrier(self) -> None:
         if self.connected:
-            torch.distributed.barrier()
+            with self._peers():
+                torch.distributed.barrier()
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's `obj` on every rank (picklable objects, exceptions included)."""
         if not self.connected:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
+        with self._peers():
+            torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -64,8 +69,22 @@ class Group:
         if not self.connected:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
+        with self._peers():
+            torch.distributed.all_gather_object(out, obj)
         return out
+
+    @contextlib.contextmanager
+    def _peers(self) -> Iterator[None]:
+        """A process of the run that stopped (its own error says why) breaks the others' collectives with gloo's or
+        nccl's RuntimeError, whose traceback filled a rank's output (issue 32.10): one line instead."""
+        try:
+            yield
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise DinofeatError(
+                f"rank {self.rank}: another process of this run stopped ({first}); its own error says why. "
+                "Finished shards are kept: rerun the same command"
+            ) from None
 
 
 def launched() -> bool:
@@ -83,6 +102,7 @@ def join(rank: int, world_size: int, device: str | None) -> Group:
         return Group(rank, world_size)
     if world_size != 1 or rank != 0:
         raise ConfigError("--rank/--world-size are for manual splits; under a launcher the launcher sets them")
+    watch_launcher()
     from accelerate import PartialState
 
     # accelerate warns (once per process) and sets 1 thread when OMP_NUM_THREADS is unset; each process's share of
@@ -91,6 +111,33 @@ def join(rank: int, world_size: int, device: str | None) -> Group:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // max(1, local_world))))
     PartialState(cpu=_on_cpu(device), timeout=PLAN_TIMEOUT)
     return _from_torch(device)
+
+
+LAUNCHER_POLL_S = 1.0  # how often a launched process checks that its launcher is alive
+LAUNCHER_GRACE_S = 30.0  # after the SIGTERM, how long it may take to stop (a collective stuck on a dead peer)
+_WATCHING: list[int] = []  # the pid whose launcher is watched (one watcher per process)
+
+
+def watch_launcher(poll_s: float = LAUNCHER_POLL_S, grace_s: float = LAUNCHER_GRACE_S) -> None:
+    """Stop this process when its launcher dies (issue 32.11). torchrun (and accelerate launch, which runs it) starts
+    each worker in a session of its own, so killing the launcher's process group (a job step cancelled, Ctrl-C
+    sent to the group, `kill -9 -PGID`) left the workers running: some finished the cache, others waited forever
+    for peers and a rendezvous store that were gone. A daemon thread notices the parent change (the orphan is
+    adopted by init or a subreaper) and sends this process SIGTERM, which precompute handles as Ctrl-C (finished
+    shards kept, the lock released); one still alive `grace_s` later (stuck in a collective) exits."""
+    if os.getpid() in _WATCHING:
+        return
+    _WATCHING[:] = [os.getpid()]
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)  # polling the parent: no event tells a child its parent died
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dinofeat-launcher-watch", daemon=True).start()
 
 
 def _on_cpu(device: str | None) -> bool:

@@ -159,13 +159,19 @@ def _extract(
     group = ranks.join(config.rank, config.world_size, config.device)
     prep = prepare(config, group)
     refuse_meaningless(cache, config, prep.model, overwrite)
-    if group.is_leader and not dry_run and housekeeping.exists(cache):
-        _refuse_if_locked(cache, group)  # in seconds, not after listing 100M files (the real lock is taken below)
-    # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan. The
-    # whole listing, even under --limit: what is present decides what is removed, pruned or moved; the plan is capped
-    src = discover(source) if group.is_leader or not group.connected or dry_run else None
-    if src is not None and not src.keys:
-        raise ConfigError(no_images(source))
+    try:
+        if group.is_leader and not dry_run and housekeeping.exists(cache):
+            _refuse_if_locked(cache, group)  # in seconds, not after listing 100M files (the real lock is taken below)
+        # in a process group only rank 0 lists the source (100M files or tar headers); the others read the plan. The
+        # whole listing, even under --limit: what is present decides what is removed, pruned or moved; the plan is
+        # capped
+        src = discover(source) if group.is_leader or not group.connected or dry_run else None
+        if src is not None and not src.keys:
+            raise ConfigError(no_images(source))
+    except Exception as e:
+        if group.is_leader and group.connected and not dry_run:  # the others wait for the plan (_open_on_every_rank)
+            group.broadcast(e)  # they stop with this error, not with gloo's when this process ends (issue 32.10)
+        raise
     summary = Summary(cache=given, dry_run=dry_run, world_size=group.world_size, rank=group.rank, inherited=taken)
     if dry_run:
         assert src is not None

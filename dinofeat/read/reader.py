@@ -18,6 +18,7 @@ from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
 from dinofeat.read.facts import CacheFacts
 from dinofeat.read.generation import open_generation
 from dinofeat.read.rows import row_reader
+from dinofeat.storeerrors import NO_CHANGE, as_store_error, store_errors
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,14 @@ class FeatureCache(CacheFacts):
         self._pool = HandlePool(max_open_files)  # one fd (or shard index) budget for every bucket and array
         self._root_fd: int | None = None
         self._pin()
-        st = Store(self._files)
-        self._check_same_directory()
-        if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
-            cache_id = str(st.meta.get("cache_id", "unknown"))
-            self._files.shard_cache = ShardCache(self._local_cache, cache_id, local_cache_bytes)
-            keep_metadata(self._local_cache, self._files.location, st.meta)  # what this reader's workers check
-        g = open_generation(st)
+        with store_errors(self.path, NO_CHANGE, chained=False):  # an outage ends in dinofeat's one line, in any process
+            st = Store(self._files)
+            self._check_same_directory()
+            if isinstance(self._files, RemoteFiles) and self._local_cache is not None:
+                cache_id = str(st.meta.get("cache_id", "unknown"))
+                self._files.shard_cache = ShardCache(self._local_cache, cache_id, local_cache_bytes)
+                keep_metadata(self._local_cache, self._files.location, st.meta)  # what this reader's workers check
+            g = open_generation(st)
         self.meta, self.arrays, self.serving_last_sealed = g.meta, g.arrays, g.serving_last_sealed
         self._bucket_plans, self._expected, self._failures = g.bucket_plans, g.expected, g.failures
         self._keys, self._bucket, self._row = g.keys, g.bucket, g.row
@@ -115,7 +117,9 @@ class FeatureCache(CacheFacts):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._pin()
-        if self._cache_id_now() != self.meta.get("cache_id"):
+        with store_errors(self.path, NO_CHANGE, chained=False):  # a DataLoader worker's own connections
+            now = self._cache_id_now()
+        if now != self.meta.get("cache_id"):
             if self._root_fd is not None:
                 os.close(self._root_fd)
             self._root_fd = None
@@ -219,6 +223,11 @@ class FeatureCache(CacheFacts):
         except ChecksumError as e:
             why = f"{self.key(i)!r} ({name}): {e}. Run `dinofeat validate` to list every damaged row"
             raise ChecksumError(why) from None
+        except Exception as e:
+            error = as_store_error(e, self.path)
+            if error is None:
+                raise
+            raise error from None
 
     def __getitem__(self, i: int | str) -> Features:
         return self.get(i)
