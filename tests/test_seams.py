@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from unittest.mock import ANY
 
@@ -182,42 +184,69 @@ def test_a_run_that_reached_the_folder_by_another_path_holds_it(sealed):
 
 
 # ---- issue 32.6: temp files of a stopped run --------------------------------------------------------------------
-def _disk_full_at_shard_write(monkeypatch, nth: int) -> list[str]:
-    """The disk fills while the `nth` shard file's temp copy is being made durable (its fsync fails with ENOSPC, as
-    a full disk's delayed allocation does): the run stops with that shard's temp file written. Returns its path."""
-    real, seen, failed = os.fsync, [], []
+_KILLED_AT_SHARD_WRITE = """
+import os, sys
+from pathlib import Path
+from dinofeat.extraction.run import extract
+real, seen = os.fsync, []
+def fsync(fd):
+    name = os.readlink(f"/proc/self/fd/{fd}")
+    if "/buckets/" in name and name.endswith(".tmp"):
+        seen.append(name)
+        if len(seen) == 3:  # the third shard file's temp copy is written, not yet renamed: killed here
+            print(name, flush=True)
+            os._exit(137)
+    real(fd)
+os.fsync = fsync
+extract(Path(sys.argv[1]), Path(sys.argv[2]), **eval(sys.argv[3]))
+"""
+
+
+def test_a_run_killed_mid_write_leaves_a_temp_file_that_validate_names_and_the_next_run_removes(tmp_path, dinov3_path):
+    """A process killed while a shard's temp copy is on disk (kill -9, an OOM kill, a lost node) cannot clean up:
+    validate names the file and the next run removes it (issue 32.6)."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 6 + [(48, 64)] * 4)
+    cache = tmp_path / "c"
+    run = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_SHARD_WRITE, str(imgs), str(cache), repr(kw(dinov3_path))],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 137, run.stderr
+    temp = Path(run.stdout.strip())
+    assert temp.is_file() and temp.name.endswith(".tmp") and cache in temp.parents
+    r = validate(cache, progress=False)
+    named = [p for p in r.problems if p.check == "orphan"]
+    left = sorted(p.relative_to(cache).as_posix() for p in cache.rglob(".*.tmp"))  # the other writer thread's too
+    assert temp.relative_to(cache).as_posix() in left and sorted(p.where for p in named) == left, r.problems
+    assert all("rerun the same precompute command" in p.reason for p in named)
+    assert extract(imgs, cache, **kw(dinov3_path)).sealed
+    assert not temp.exists() and not list(cache.rglob("*.tmp"))
+    assert validate(cache, progress=False).ok
+
+
+def test_a_disk_full_stop_leaves_no_temp_file_and_a_rerun_finishes(tmp_path, dinov3_path, monkeypatch):
+    """The disk fills while a shard's temp copy is made durable (its fsync fails with ENOSPC, as a full disk's
+    delayed allocation does): the run stops in one line and removes the temp copy itself; a rerun finishes."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 6 + [(48, 64)] * 4)
+    cache = tmp_path / "c"
+    real, seen = os.fsync, []
 
     def fsync(fd: int) -> None:
         name = os.readlink(f"/proc/self/fd/{fd}")
-        if "/c/" in name and name.endswith(".tmp") and not failed:
+        if "/buckets/" in name and name.endswith(".tmp"):
             seen.append(name)
-            if len(seen) == nth:
-                failed.append(name)
+            if len(seen) == 3:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    return failed
-
-
-def test_a_disk_full_stop_leaves_a_temp_file_that_validate_names_and_the_next_run_removes(
-    tmp_path, dinov3_path, monkeypatch
-):
-    imgs = tmp_path / "imgs"
-    write_images(imgs, [(64, 48)] * 6 + [(48, 64)] * 4)
-    cache = tmp_path / "c"
-    failed = _disk_full_at_shard_write(monkeypatch, nth=3)
     with pytest.raises(DinofeatError, match="No space left on device"):
         extract(imgs, cache, **kw(dinov3_path))
-    temp = Path(failed[0])
-    assert temp.is_file() and temp.name.endswith(f".{os.getpid()}.tmp")
-    r = validate(cache, progress=False)
-    named = [p for p in r.problems if p.check == "orphan"]
-    assert [p.where for p in named] == [temp.relative_to(cache).as_posix()], r.problems
-    assert "rerun the same precompute command" in named[0].reason
+    assert len(seen) >= 3 and not Path(seen[2]).exists() and not list(cache.rglob("*.tmp"))
     monkeypatch.undo()
     assert extract(imgs, cache, **kw(dinov3_path)).sealed
-    assert not temp.exists() and not list(cache.rglob("*.tmp"))
     assert validate(cache, progress=False).ok
 
 
