@@ -55,3 +55,8 @@ class SourceChangedError(DinofeatError):
 class StoreError(DinofeatError):
     """The object store holding a cache failed after its client's retries (unreachable, no credentials, no such
     bucket, access refused): one line instead of a client's traceback chain. Finished shards are kept."""
+
+
+class PeerStoppedError(DinofeatError):
+    """A collective of a process group broke because another process of the run stopped: that process's own error
+    is the one that says why (`--num-processes` reports it in preference to this one)."""

@@ -18,10 +18,15 @@ def is_url(value: str | os.PathLike[str]) -> bool:
 
 
 def file_url_path(url: str) -> str:
-    """The local path of a `file://` URL (RFC 8089): `file:///data/c` and `file://localhost/data/c` are the folder
-    `/data/c`. Any other host is refused: `file://server/data/c` names a folder on another machine, and reading it
-    as the relative folder `server/data/c` would quietly make a new cache here."""
-    rest = url.split("://", 1)[1]
+    """The local path of a `file:` URL (RFC 8089): `file:///data/c`, `file://localhost/data/c` and the short form
+    `file:/data/c` are the folder `/data/c`. Any other host is refused: `file://server/data/c` names a folder on
+    another machine, and reading it as the relative folder `server/data/c` (or `file:/data/c` as `./file:/data/c`)
+    would quietly make a new cache here."""
+    if url[5:7] != "//":  # the short form: an absolute path right after the scheme
+        if not url[5:].startswith("/") or not url[5:].strip("/"):
+            raise ConfigError(f"{url!r} is a file: URL without an absolute path; give file:///path/to/cache")
+        return url[5:]
+    rest = url[7:]
     host, slash, path = rest.partition("/")
     if host.lower() not in ("", "localhost"):
         raise ConfigError(
@@ -34,13 +39,15 @@ def file_url_path(url: str) -> str:
 
 
 def is_file_url(value: str | os.PathLike[str]) -> bool:
-    return os.fspath(value)[:7].lower() == "file://"
+    """`file://...` or the short `file:/...` (any case); a name starting `file:` is never taken as a relative
+    folder (`Path("file:/data/c")` is `./file:/data/c`)."""
+    return os.fspath(value)[:5].lower() == "file:"
 
 
 def local_path(value: str | os.PathLike[str], what: str) -> Path:
     """`value` as a local Path; a URL (s3://, gs://, http://, file://, ...) raises ConfigError naming `what`."""
     text = os.fspath(value)
-    if is_url(text):
+    if is_url(text) or is_file_url(text):
         raise ConfigError(
             f"{what} {text!r} is a URL; it must be a local path (caches may be s3://bucket/prefix URLs, and tar "
             "shard sources URLs such as s3://bucket/shards/{000000..000099}.tar): mount the bucket (mountpoint-s3, "

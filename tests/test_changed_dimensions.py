@@ -27,7 +27,7 @@ from dinofeat.extraction.run import extract
 from dinofeat.images.probe import Probe
 from dinofeat.inspection.validate import validate
 from dinofeat.read.reader import FeatureCache
-from tests.helpers import FAST, make_shards, noise_image, png_bytes, write_images
+from tests.helpers import FAST, add_member, make_shards, noise_image, png_bytes, write_images
 
 runner = CliRunner()
 LANDSCAPE, PORTRAIT = (64, 48), (48, 64)  # buckets 80x64 and 64x80 at area 64
@@ -269,6 +269,42 @@ def test_a_tar_member_replaced_before_a_repair_is_moved_to_its_bucket(shards, tm
     r = validate(cache, images=shards, progress=False)
     assert r.ok, r.problems
     assert_like_a_fresh_build(cache, shards, dinov3_path, tmp_path / "fresh")
+
+
+def _bmp(size: tuple[int, int], seed: int) -> bytes:
+    out = io.BytesIO()
+    noise_image(*size, seed).save(out, format="BMP")  # uncompressed: 64x48 and 48x64 are the same number of bytes
+    return out.getvalue()
+
+
+def test_a_member_rewritten_with_its_size_and_time_kept_gets_advice_that_works(tmp_path, dinov3_path):
+    """A tar written with fixed member times (reproducible tars, `add_member`) whose uncompressed image is replaced
+    by one of other dimensions and the same byte count: neither stat nor the tar header shows a change, so
+    `--repair` (which compares size and mtime) cannot see it; `validate --recompute` does, and its advice must be
+    the one that fixes it (before: "rerun precompute --repair", which changed nothing, for ever)."""
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tf:
+        add_member(tf, "000000.bmp", _bmp(LANDSCAPE, 1))
+        add_member(tf, "000001.bmp", _bmp((64, 64), 2))
+    cache, key = tmp_path / "c", "shard-000000/000000"
+    assert extract(str(shard), cache, **kw(dinov3_path)).sealed
+    portrait = _bmp(PORTRAIT, 3)
+    assert len(portrait) == len(_bmp(LANDSCAPE, 1))
+    replace_member(shard, "000000.bmp", portrait)  # same name, size, mtime and offset
+    assert validate(cache, images=str(shard), progress=False).ok  # what stat and the header show: nothing
+    found = {p.where: p.reason for p in validate(cache, images=str(shard), recompute=2, progress=False).problems}
+    assert "now 48x64" in found[key] and "write it with a new modification time" in found[key], found
+    assert "rerun precompute --repair" not in found[key].split("which is all")[0], found
+    with tarfile.open(shard) as tf:  # doing what it says: the member written again with the time of writing
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(shard, "w") as tf:
+        for m, data in members:
+            m.mtime = m.mtime + 60 if m.name == "000000.bmp" else m.mtime
+            tf.addfile(m, io.BytesIO(data))
+    assert extract(str(shard), cache, repair=True, **kw(dinov3_path)).sealed
+    assert validate(cache, images=str(shard), recompute=2, progress=False).ok
+    assert_like_a_fresh_build(cache, str(shard), dinov3_path, tmp_path / "fresh")
 
 
 @pytest.mark.slow

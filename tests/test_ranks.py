@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dinofeat.errors import ConfigError
+from dinofeat.errors import CacheFormatError, ConfigError, DinofeatError, PeerStoppedError
 from dinofeat.extraction import ranks
 from dinofeat.extraction.config import ExtractConfig
-from dinofeat.extraction.launch import extract_processes
+from dinofeat.extraction.launch import extract_processes, run_outcome
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,31 @@ def test_wait_until_gives_up_with_a_clear_message():
 def test_num_processes_must_be_positive():
     with pytest.raises(ConfigError, match=">= 1"):
         extract_processes("imgs", "cache", ExtractConfig(), 0)
+
+
+_SUMMARY = object()
+_PEER = PeerStoppedError("rank 0: another process of this run stopped (gloo: Connection closed by peer)")
+_WHY = CacheFormatError("c: _dinofeat/source_names.json fails its checksum")
+_CRASH = RuntimeError("process 1 terminated with signal SIGKILL")
+
+
+@pytest.mark.parametrize(
+    ("reported", "crash", "want"),
+    [
+        ([(0, _SUMMARY), (1, _SUMMARY)], None, _SUMMARY),
+        ([(1, _SUMMARY), (0, _SUMMARY)], None, _SUMMARY),  # reported in any order: rank 0's
+        ([(0, _PEER), (1, _WHY)], None, _WHY),  # the error that says why, not the rank that saw its peer stop
+        ([(1, _WHY), (0, _PEER)], _CRASH, _WHY),
+        ([(0, _PEER)], None, _PEER),
+        ([(0, _PEER)], _CRASH, "a precompute process failed (process 1 terminated with signal SIGKILL)"),
+        ([(0, _SUMMARY), (1, _WHY)], None, _WHY),  # one rank failing fails the run
+        ([(0, _SUMMARY)], _CRASH, "a precompute process failed"),
+        ([], _CRASH, "a precompute process failed"),
+    ],
+)
+def test_the_run_ends_in_the_error_that_says_why(reported, crash, want):
+    got = run_outcome(reported, crash)
+    if isinstance(want, str):
+        assert isinstance(got, DinofeatError) and str(got).startswith(want)
+    else:
+        assert got is want

@@ -293,6 +293,9 @@ def test_an_edited_source_name_map_is_refused_by_name_and_never_recomputed_from(
     r = validate(cache, recompute=4, progress=False)
     assert [(p.check, p.where) for p in r.problems] == [("index", SOURCE_NAMES)], r.problems
     assert "fails its checksum" in r.problems[0].reason and "recompute" not in {p.check for p in r.problems}
+    for how in ({}, {"repair": True}):  # runs that do not follow the map refuse it too: every run, not only some
+        with pytest.raises(CacheFormatError, match=r"source_names\.json fails its checksum"):
+            extract(imgs, cache, **kw(dinov3_path), **how)
     write_images(imgs, [(64, 48)], start_seed=9)  # a new image: the rerun extends the plan and its map
     (imgs / "im_000.png").rename(imgs / "new.png")
     with pytest.raises(CacheFormatError, match=r"source_names\.json fails its checksum"):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dinofeat.cli import app
 from dinofeat.errors import ConfigError
-from dinofeat.paths import is_url, local_path
+from dinofeat.paths import is_file_url, is_url, local_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,7 @@ def test_suite_collects_without_cwd_on_sys_path():
         ("gs://b/x", True),
         ("http://host/x", True),
         ("file:///tmp/x", True),
+        ("file:/tmp/x", True),
         ("/data/feats", False),
         ("relative/s3:/x", False),
         ("C:\\data", False),
@@ -74,7 +75,7 @@ def test_suite_collects_without_cwd_on_sys_path():
     ],
 )
 def test_url_detection(value, url):
-    assert is_url(value) is url
+    assert (is_url(value) or is_file_url(value)) is url
     if url:
         with pytest.raises(ConfigError, match="is a URL"):
             local_path(value, "cache")
@@ -104,9 +105,12 @@ def test_cli_refuses_bad_urls_with_one_line(tmp_path, monkeypatch, args, words):
     assert not list(ROOT.glob("s3:*")) and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("spelling", ["file://{p}", "file://localhost{p}", "FILE://LocalHost{p}", "{p}"])
+@pytest.mark.parametrize(
+    "spelling", ["file://{p}", "file://localhost{p}", "FILE://LocalHost{p}", "file:{p}", "File:{p}", "{p}"]
+)
 def test_a_file_url_with_or_without_localhost_is_the_local_folder(tmp_path, monkeypatch, spelling):
-    """`file://localhost/path` is `/path` (RFC 8089), never the relative folder `./localhost/path`."""
+    """`file://localhost/path` and `file:/path` are `/path` (RFC 8089), never the relative folders
+    `./localhost/path` or `./file:/path`."""
     from dinofeat.cache.objects import cache_location, open_files
 
     monkeypatch.chdir(tmp_path)
@@ -117,7 +121,12 @@ def test_a_file_url_with_or_without_localhost_is_the_local_folder(tmp_path, monk
 
 @pytest.mark.parametrize(
     ("url", "words"),
-    [("file://server/data/feats", "on the machine 'server'"), ("file://", "names no folder")],
+    [
+        ("file://server/data/feats", "on the machine 'server'"),
+        ("file://", "names no folder"),
+        ("file:feats", "without an absolute path"),
+        ("file:/", "without an absolute path"),
+    ],
 )
 def test_a_file_url_of_another_host_is_refused_in_one_line(tmp_path, monkeypatch, url, words):
     monkeypatch.chdir(tmp_path)

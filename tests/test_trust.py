@@ -126,12 +126,18 @@ def test_overwrite_refuses_what_is_not_a_dinofeat_cache(tmp_path, imgs, dinov3_p
 
 
 def test_shard_is_fsynced_before_its_marker(tmp_path, imgs, dinov3_path, monkeypatch):
-    calls: list[str] = []
+    """Per shard (writer threads interleave shards): its files are fsynced, then its done marker is written."""
+    calls: list[tuple[str, str, int]] = []
     sync, mark = Shards.sync, Markers.write
-    monkeypatch.setattr(Shards, "sync", lambda self, *a: (calls.append("sync"), sync(self, *a))[1])
-    monkeypatch.setattr(Markers, "write", lambda self, *a: (calls.append("marker"), mark(self, *a))[1])
-    extract(imgs, tmp_path / "c", **kw(dinov3_path))
-    assert calls and calls[::2] == ["sync"] * (len(calls) // 2) and calls[1::2] == ["marker"] * (len(calls) // 2)
+    monkeypatch.setattr(Shards, "sync", lambda self, b, n: (calls.append(("sync", b, n)), sync(self, b, n))[1])
+    monkeypatch.setattr(
+        Markers, "write", lambda self, b, n, *a: (calls.append(("marker", b, n)), mark(self, b, n, *a))[1]
+    )
+    s = extract(imgs, tmp_path / "c", **kw(dinov3_path))
+    shards = {(b, n) for _, b, n in calls}
+    assert len(shards) == s.shards_written > 1
+    for shard in shards:
+        assert [what for what, *at in calls if tuple(at) == shard] == ["sync", "marker"], (shard, calls)
 
 
 def test_non_utf8_file_name_is_processed(tmp_path, imgs, dinov3_path):

@@ -135,6 +135,7 @@ def open_or_create(cache: Path | str, request: Request, overwrite: bool) -> tupl
         check_fingerprint(st, request.fingerprint)
         if st.meta.get("state") != "planning":
             plan = st.index.plan()
+            st.index.source_names()  # an edited map stops every run on this cache, not only those that follow it
             check_source(st, plan, request)
             return (st, *extend(st, plan, request))
         if st.markers.read():
@@ -299,6 +300,7 @@ def join(
     st = Store(cache, mode="r+")
     check_fingerprint(st, request.fingerprint)
     plan = st.index.plan()
+    st.index.source_names()  # as in `open_or_create`: every rank stops on an edited map
     if wait is not None and set(request.keys) - set(plan.keys):  # rank 0 is adding images
         old = st.index.group
         wait(lambda: ready(after=old), f"rank 0 to add new images to {cache}")

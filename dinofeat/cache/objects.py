@@ -528,9 +528,9 @@ def _precondition_failed(e: OSError) -> bool:
 def open_files(location: str | os.PathLike[str]) -> Files:
     """The Files of a cache at a local path or a URL (URLs with an unsupported scheme raise ConfigError)."""
     text = os.fspath(location)
+    if is_file_url(text):
+        return LocalFiles(Path(os.path.realpath(file_url_path(text))))
     if is_url(text):
-        if is_file_url(text):
-            return LocalFiles(Path(os.path.realpath(file_url_path(text))))
         return RemoteFiles.from_url(text)
     return LocalFiles(Path(os.path.realpath(text)))  # `c`, `./c`, `x/../c` and a link to it are one cache
 

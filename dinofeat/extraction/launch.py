@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from dinofeat.cache.objects import cache_location
-from dinofeat.errors import ConfigError, DinofeatError
+from dinofeat.errors import ConfigError, DinofeatError, PeerStoppedError
 from dinofeat.extraction import ranks
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.prepare import settings_for
@@ -69,12 +69,24 @@ def extract_processes(
     reported = []
     while not results.empty():
         reported.append(results.get())
-    for rank, outcome in sorted(reported, key=lambda r: r[0]):
-        if isinstance(outcome, BaseException):
-            raise outcome
-        if rank == 0:
-            return replace(outcome, inherited=taken)
-    raise DinofeatError(f"a precompute process failed ({crash}); finished shards are kept, rerun to resume")
+    outcome = run_outcome(reported, crash)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return replace(outcome, inherited=taken)
+
+
+def run_outcome(reported: list[tuple[int, Any]], crash: BaseException | None) -> Any:
+    """What the run ends in, from what its processes reported ((rank, summary or error) each) and the exception of
+    one that crashed without reporting: the error that says why (not a rank that only saw its peer stop, whose
+    collective broke), else rank 0's summary, else an error naming the crash."""
+    errors = [e for _, e in sorted(reported, key=lambda r: r[0]) if isinstance(e, BaseException)]
+    why = [e for e in errors if not isinstance(e, PeerStoppedError)]
+    if why or (errors and crash is None):
+        return (why or errors)[0]
+    summary = [s for rank, s in reported if rank == 0 and not isinstance(s, BaseException)]
+    if summary and crash is None:
+        return summary[0]
+    return DinofeatError(f"a precompute process failed ({crash}); finished shards are kept, rerun to resume")
 
 
 STOP_GRACE_S = 10.0  # how long processes get to stop on their own (one failed, or Ctrl-C) before SIGTERM

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from dinofeat.errors import ConfigError, DinofeatError
+from dinofeat.errors import ConfigError, PeerStoppedError
 
 T = TypeVar("T")
 PLAN_TIMEOUT = datetime.timedelta(hours=12)  # rank 0 may probe millions of headers while the others wait
@@ -81,7 +81,7 @@ class Group:
             yield
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise DinofeatError(
+            raise PeerStoppedError(
                 f"rank {self.rank}: another process of this run stopped ({first}); its own error says why. "
                 "Finished shards are kept: rerun the same command"
             ) from None

@@ -556,10 +556,12 @@ def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, see
     worst = 1.0
     for i in picks:
         b = plans[int(ix["bucket"][i])]
+        loc = None
         try:  # the size too: features of an image stored in another image's bucket are wrong however close
-            u8 = load_resized(locate(keys[i]), (b.width, b.height), recipe, (int(ix["src_w"][i]), int(ix["src_h"][i])))
+            loc = locate(keys[i])
+            u8 = load_resized(loc, (b.width, b.height), recipe, (int(ix["src_w"][i]), int(ix["src_h"][i])))
         except ImageChangedError as e:
-            report.add("recompute", keys[i], f"{e} (the index's size is not the source's: rerun precompute --repair)")
+            report.add("recompute", keys[i], f"{e} ({_changed_advice(loc, ix, i)})")
             continue
         except Exception as e:
             report.add("recompute", keys[i], f"cannot read the source image: {e}")
@@ -578,3 +580,22 @@ def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, see
                 )
     report.checked["recomputed"] = len(picks)
     report.checked["recompute_min_cosine_x1e4"] = int(worst * 1e4)
+
+
+def _changed_advice(loc: Any, ix: dict[str, np.ndarray], i: int) -> str:
+    """What fixes an image whose dimensions are not the index's. --repair finds changed images by size and mtime
+    (all a stat or a tar header gives): a file rewritten with both kept (an uncompressed format written into a tar
+    with fixed member times, a copy that preserved the time) is seen only here, and --repair would not act on it."""
+    from dinofeat.sources.discover import is_stale, size_and_mtime
+
+    recorded = (int(ix["file_size"][i]), int(ix["mtime_ns"][i]))
+    try:
+        unseen = loc is not None and not is_stale(size_and_mtime(loc), recorded)
+    except OSError:
+        unseen = False
+    if unseen:
+        return (
+            "its file has the size and modification time the index records, which is all --repair compares: write it "
+            "with a new modification time and rerun precompute --repair, or rebuild with --overwrite"
+        )
+    return "the index's size is not the source's: rerun precompute --repair"
