@@ -241,7 +241,9 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path, dinov3_path):
     import signal
     import time
 
-    write_images(tmp_path / "imgs", [(64, 64)] * 100)
+    # enough work that a run left alone takes many times the watcher's poll (1 s) on a fast 2-core VM (100 images
+    # finished in about a second on one)
+    write_images(tmp_path / "imgs", [(64, 64)] * 800)
     cfg = ExtractConfig(model=str(dinov3_path), area=64, shard_mb=0.002, batch_size=1, **FAST)
     cache = tmp_path / "c"
     args = [sys.executable, *LAUNCHERS["torchrun"], *cli_args(tmp_path / "imgs", cache, cfg)]
