@@ -160,7 +160,7 @@ APPORTION = [
     (2.5, [1], [3]),  # half up
     (0.7, [10, 10, 1], [7, 7, 1]),  # 14.7 -> 15
     (Fraction(1, 3), [2, 1], [1, 0]),
-    (0.3, [10], [3]),  # 0.3 * 10 is 3 exactly (the decimal, not 0.29999...)
+    (0.15, [10], [2]),  # 0.15 * 10 is 1.5 exactly (the decimal, not 1.4999...): half up
 ]
 
 
