@@ -22,6 +22,7 @@ from dinofeat.errors import CacheMismatchError, ConfigError
 from dinofeat.extraction.run import extract
 from dinofeat.read.collate import collate_features
 from dinofeat.read.compatible import check_compatible
+from dinofeat.read.flip import flip_coin
 from dinofeat.read.mixed import MixedFeatureDataset
 from dinofeat.read.mixing import apportion, extra_draw, fill, parse_weights, pooled_stats
 from dinofeat.read.reader import FeatureCache
@@ -283,7 +284,7 @@ def test_dataloader_workers_serve_what_the_main_process_does(caches, context):
     """Workers unpickle the mix; set_epoch reaches persistent workers (the fractional draw and the flip coin)."""
     ds = MixedFeatureDataset([caches["a"], caches["b"]], weights=[1, 0.5], flip="random")
     want = [_served(ds, e) for e in (0, 1)]
-    flips = []
+    flips: list[dict[str, bool]] = []
     sampler = BucketBatchSampler(ds.bucket_ids, 1, seed=1)
     dl = DataLoader(
         ds,
@@ -298,7 +299,9 @@ def test_dataloader_workers_serve_what_the_main_process_does(caches, context):
         ds.set_epoch(epoch)
         batches = list(dl)
         assert [(c, k) for b in batches for c, k in zip(b["cache"], b["key"], strict=True)] == want[epoch]
-        flips.append([bool(f) for b in batches for f in b["flipped"]])
+        got = [(bool(f), k) for b in batches for f, k in zip(b["flipped"], b["key"], strict=True)]
+        assert all(f == flip_coin(0, epoch, k) for f, k in got)  # the epoch's coin, in persistent workers
+        flips.append({k: f for f, k in got})
     assert flips[0] != flips[1]
 
 
