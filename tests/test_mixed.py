@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -37,7 +38,8 @@ SQUARE, WIDE, TALL = (32, 32), (64, 32), (32, 64)
 def caches(tmp_path_factory, tiny_models) -> dict[str, Path]:
     """a: 5 square + 3 wide; b: 4 square + 3 tall (the same buckets at area 64, other images); big: 3 square at area
     128 (other bucket sizes); noflip: a without --flip; dinov2: another model; tied2 and tied4: tied to DiTs with
-    k = 2, the same DINO sizes (64x64 for a square image) but other DiT sizes (128x128 and 256x256)."""
+    k = 2, the same DINO sizes (64x64 for a square image) but other DiT sizes (128x128 and 256x256); moved: the
+    same weights as a's, loaded from another folder."""
     root = tmp_path_factory.mktemp("mixed")
     v3, out = str(tiny_models["dinov3"]), {}
     runs = {
@@ -52,6 +54,8 @@ def caches(tmp_path_factory, tiny_models) -> dict[str, Path]:
             {"model": v3, "area": 256, "dit_scale": "1/4", "dit_token": 32, "multiple": 64, "flip": True},
         ),
     }
+    moved = shutil.copytree(tiny_models["dinov3"], root / "moved-model")  # the same weights at another path
+    runs["moved"] = ([SQUARE] * 2, {"model": str(moved), "area": 64, "flip": True})
     for seed, (name, (sizes, opts)) in enumerate(runs.items()):
         write_images(root / name / "imgs", sizes, start_seed=100 * seed)
         s = extract(root / name / "imgs", root / name / "cache", **opts, **FAST)
@@ -140,6 +144,32 @@ def test_real_caches_are_refused_before_any_sample_is_read(caches, other, field)
         return
     with pytest.raises(CacheMismatchError, match=rf"{re.escape(field)} differs \(cache 0 \(.*/a/cache\): "):
         MixedFeatureDataset([caches["a"], caches[other]])
+
+
+def test_allow_mixes_the_same_weights_saved_at_two_paths(caches):
+    with pytest.raises(CacheMismatchError, match=r"model\.id differs .*/moved-model'"):
+        MixedFeatureDataset([caches["a"], caches["moved"]])
+    assert len(MixedFeatureDataset([caches["a"], caches["moved"]], allow=("model.id",))) == 10
+    with pytest.raises(CacheMismatchError, match=r"model\.config_hash differs"):
+        MixedFeatureDataset([caches["a"], caches["dinov2"]], allow=("model.id",))
+    with pytest.raises(ConfigError, match=r"allow names no field that is compared: \['model'\]"):
+        MixedFeatureDataset([caches["a"], caches["moved"]], allow=("model",))
+
+
+@pytest.mark.parametrize(
+    ("caches_of", "kwargs", "match"),
+    [
+        (lambda c: [], {}, "needs a list of caches"),
+        (lambda c: c["a"], {}, "needs a list of caches"),
+        (lambda c: str(c["a"]), {}, "needs a list of caches"),
+        (lambda c: [c["a"], c["b"]], {"weights": [1]}, "weights has 1 entries for 2 caches"),
+        (lambda c: [c["a"], c["b"]], {"extra": [None]}, "extra has 1 entries for 2 caches"),
+        (lambda c: [c["a"], c["b"]], {"flip": "sometimes"}, "flip must be"),
+    ],
+)
+def test_a_mix_that_cannot_work_is_refused_at_construction(caches, caches_of, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        MixedFeatureDataset(caches_of(caches), **kwargs)
 
 
 @pytest.mark.parametrize("weights", [[0, 1], [-1, 1], [float("nan"), 1], [float("inf"), 1], [True, 1], [1], ["2", 1]])
@@ -279,7 +309,7 @@ def test_set_epoch_changes_the_order_and_the_draw_deterministically(caches):
     assert orders[0] == orders[2] and orders[0] != orders[1]
 
 
-@pytest.mark.parametrize("context", ["fork"])
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_dataloader_workers_serve_what_the_main_process_does(caches, context):
     """Workers unpickle the mix; set_epoch reaches persistent workers (the fractional draw and the flip coin)."""
     ds = MixedFeatureDataset([caches["a"], caches["b"]], weights=[1, 0.5], flip="random")

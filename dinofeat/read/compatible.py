@@ -12,7 +12,7 @@ from typing import Any
 
 from dinofeat.buckets import TiedSpec, load_spec
 from dinofeat.cache.arrays import ArraySet
-from dinofeat.errors import CacheMismatchError
+from dinofeat.errors import CacheMismatchError, ConfigError
 
 
 def _recipe(field: str) -> Callable[[dict[str, Any]], Any]:
@@ -44,10 +44,16 @@ FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-def check_compatible(metas: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
+def check_compatible(metas: Sequence[dict[str, Any]], names: Sequence[str], allow: Sequence[str] = ()) -> None:
     """Raise CacheMismatchError naming the first field in which a cache differs from the first one, with both
-    values, before any sample is read."""
+    values, before any sample is read. `allow`: fields the caller vouches for (the same weights saved at two local
+    paths differ in `model.id`)."""
+    unknown = sorted(set(allow) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"allow names no field that is compared: {unknown}; the fields are {list(FIELDS)}")
     for field, read in FIELDS.items():
+        if field in allow:
+            continue
         want = read(metas[0])
         for meta, name in zip(metas[1:], names[1:], strict=True):
             got = read(meta)

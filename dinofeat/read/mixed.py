@@ -24,7 +24,8 @@ class MixedFeatureDataset(Dataset):
     the sample came from (keys are unique only within a cache: `(sample["cache"], sample["key"])` names an image).
 
     Caches are refused (CacheMismatchError naming the field and both values) unless they share the model, the
-    preprocessing and the feature layout (dinofeat.read.compatible); their bucket specs may differ. `weights` (one
+    preprocessing and the feature layout (dinofeat.read.compatible; `allow` names fields you vouch for, such as
+    `model.id` for the same weights at two local paths); their bucket specs may differ. `weights` (one
     per cache, > 0, default 1): an epoch holds round(w * n) samples of a cache of n images (half up), apportioned
     to its buckets by largest remainder; within a bucket of n images and s samples every image appears s // n
     times and s % n distinct images, a seeded choice per (seed, epoch, cache, bucket), once more. An integer w is
@@ -49,11 +50,13 @@ class MixedFeatureDataset(Dataset):
         seed: int = 0,
         layers: Sequence[int] | None = None,
         fetch_threads: int | None = None,
+        allow: Sequence[str] = (),
     ) -> None:
         if isinstance(caches, (str, os.PathLike, FeatureCache)) or not caches:
             raise ConfigError("MixedFeatureDataset needs a list of caches (FeatureDataset reads one)")
         self.caches = [c if isinstance(c, FeatureCache) else FeatureCache(c) for c in caches]
-        check_compatible([c.meta for c in self.caches], [f"cache {i} ({c.path})" for i, c in enumerate(self.caches)])
+        names = [f"cache {i} ({c.path})" for i, c in enumerate(self.caches)]
+        check_compatible([c.meta for c in self.caches], names, allow)
         self.weights = parse_weights(weights, len(self.caches))
         if extra is not None and len(extra) != len(self.caches):
             raise ConfigError(f"extra has {len(extra)} entries for {len(self.caches)} caches: give one (or None) each")
@@ -99,7 +102,7 @@ class MixedFeatureDataset(Dataset):
         self.buckets: list[tuple[Any, ...]] = list(sizes)
         self._part, self._members, self._slots = np.array(part, int), members, np.array(slots, np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._slots)]).astype(np.int64)
-        self._bucket_ids = np.repeat(np.array(bucket, np.int64), self._slots)
+        self._bucket_ids = np.repeat(np.array(bucket, np.int32), self._slots)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
