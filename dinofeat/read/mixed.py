@@ -54,10 +54,10 @@ class MixedFeatureDataset(Dataset):
     ) -> None:
         if isinstance(caches, (str, os.PathLike, FeatureCache)) or not caches:
             raise ConfigError("MixedFeatureDataset needs a list of caches (FeatureDataset reads one)")
+        self.weights = parse_weights(weights, len(caches))  # a bad weight is refused before any cache is opened
         self.caches = [c if isinstance(c, FeatureCache) else FeatureCache(c) for c in caches]
         names = [f"cache {i} ({c.path})" for i, c in enumerate(self.caches)]
         check_compatible([c.meta for c in self.caches], names, allow)
-        self.weights = parse_weights(weights, len(self.caches))
         if extra is not None and len(extra) != len(self.caches):
             raise ConfigError(f"extra has {len(extra)} entries for {len(self.caches)} caches: give one (or None) each")
         self.parts = [
