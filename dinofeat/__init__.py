@@ -18,6 +18,7 @@ _LAZY = {
     "Recipe": "dinofeat.images.recipe",
     "FeatureCache": "dinofeat.read.reader",
     "FeatureDataset": "dinofeat.read.dataset",
+    "MixedFeatureDataset": "dinofeat.read.mixed",
     "BucketBatchSampler": "dinofeat.read.sampler",
     "collate_features": "dinofeat.read.collate",
     "flip_coin": "dinofeat.read.flip",

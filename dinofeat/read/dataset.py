@@ -16,6 +16,19 @@ from dinofeat.read.flip import flip_coin
 from dinofeat.read.reader import FeatureCache
 
 Extra = Mapping[str, Any] | Callable[[str], Any]
+Norm = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def norm_tensors(stats: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Norm:
+    """{name: (mean, std)} as tensors, std floored at 1e-6 so that a constant channel does not divide by zero."""
+    return {n: (torch.from_numpy(m), torch.from_numpy(np.maximum(s, 1e-6))) for n, (m, s) in stats.items()}
+
+
+def normalize_sample(sample: dict[str, Any], norm: Norm) -> None:
+    """(x - mean) / std in float32, in place, for every array of `sample` that `norm` has statistics of."""
+    for name, (mean, std) in norm.items():
+        if name in sample:
+            sample[name] = (sample[name].float() - mean) / std
 
 
 class FeatureDataset(Dataset):
@@ -68,7 +81,7 @@ class FeatureDataset(Dataset):
                 )
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.grid_factor = self.cache.grid_factor
-        self.norm: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.norm: Norm | None = None
         if normalize:
             stats = self.cache.channel_stats
             if stats is None:
@@ -76,7 +89,7 @@ class FeatureDataset(Dataset):
                     f"{self.cache.path} records no channel statistics (written by dinofeat < 0.3); rebuild it with "
                     "--overwrite to use normalize=True"
                 )
-            self.norm = {n: (torch.from_numpy(m), torch.from_numpy(np.maximum(s, 1e-6))) for n, (m, s) in stats.items()}
+            self.norm = norm_tensors(stats)
         self.extra = extra
         self.registers = registers
         positions = np.arange(len(self.cache))
@@ -139,9 +152,7 @@ class FeatureDataset(Dataset):
             sample["dit_bucket"], sample["grid_factor"] = dit, self.grid_factor
         sample |= {name: torch.from_numpy(x) for name, x in f.layers.items()}
         if self.norm is not None:
-            for name, (mean, std) in self.norm.items():
-                if name in sample:
-                    sample[name] = (sample[name].float() - mean) / std
+            normalize_sample(sample, self.norm)
         if self.registers:
             if f.registers is None:
                 raise ConfigError(f"{self.cache.path} stores no registers (precompute with --keep-registers)")
