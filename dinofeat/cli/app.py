@@ -86,8 +86,8 @@ def buckets(
         render.bucket_table(spec, doc)
     if out is not None:
         typer.echo(
-            f"wrote {out}: {len(doc['buckets'])} buckets, spec hash {spec.hash} (buckets.load_spec({str(out)!r}) "
-            "rebuilds the spec)",
+            f"wrote {out}: {len(doc['buckets'])} buckets, spec hash {spec.hash} "
+            f"(dinofeat.buckets.load_spec({str(out)!r}) rebuilds the spec)",
             err=as_json,
         )
 
