@@ -107,6 +107,9 @@ def _notes(s: Any, repair_asked: bool) -> list[str]:
     return out
 
 
+_CHECKED = {"value_shards": "value shards", "recompute_min_cosine": "min cosine"}  # report.checked's keys, as read
+
+
 def report(r: Any, cache: str) -> None:
     """validate's report: an unfinished cache's summary first, then each problem, warning and fix."""
     first = [p for p in r.problems if p.check == "complete" and p.where == "cache"]
@@ -116,7 +119,7 @@ def report(r: Any, cache: str) -> None:
         typer.secho(f"warn {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.YELLOW)
     for line in r.advice():
         typer.echo(f"fix: {line}")
-    checked = ", ".join(f"{k} {v}" for k, v in r.checked.items())
+    checked = ", ".join(f"{_CHECKED.get(k, k)} {v}" for k, v in r.checked.items())
     typer.echo(
         f"{'OK' if r.ok else 'FAILED'}: {cache} ({checked + '; ' if checked else ''}"
         f"{len(r.problems)} problems, {len(r.warnings)} warnings)"
