@@ -200,6 +200,13 @@ def tied_table(spec, doc: dict) -> None:
         )
 
 
+def failed_images(failed: list[tuple[str, str]]) -> None:
+    """`info --failures`: one line per failed image, key and reason split by a tab (`cut -f1` gives the keys); the
+    reason is one line (a reason's own line breaks and tabs become spaces)."""
+    for key, reason in failed:
+        typer.echo(f"{key}\t{' '.join(reason.split())}")
+
+
 def info(d: dict[str, Any]) -> None:
     m = d["model"]
     counts = f"{d['done']} done, {d['failed']} failed" + "".join(
@@ -234,6 +241,8 @@ def info(d: dict[str, Any]) -> None:
         )
     for reason, n in sorted(d["failures_by_reason"].items()):
         typer.echo(f"failed ({reason}): {n}")
+    if d["failed"]:
+        typer.echo(f"  (dinofeat info {d['cache']} --failures lists each failed image with its reason)")
     cs = d["channel_stats"]
     if cs.get("images"):
         mean, std = cs["mean"], cs["std"]

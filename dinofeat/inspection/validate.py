@@ -38,6 +38,7 @@ from dinofeat.cache.objects import on_store_errors, open_files
 from dinofeat.cache.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.cache.store import Store
 from dinofeat.errors import CHANGED_SINCE_PLANNED, CacheFormatError, ConfigError, DinofeatError, ImageChangedError
+from dinofeat.inspection.info import failed_list
 from dinofeat.paths import local_path
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.storeerrors import is_store_failure
@@ -171,8 +172,10 @@ def validate(
     sample: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    failures: bool = False,
 ) -> Report:
-    """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked).
+    """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked). With
+    `failures`, each failed image is named with its reason, as a warning: failed images are data, not damage.
 
     Never raises on a damaged cache: every kind of damage is a named problem in the report (a configuration error,
     such as an image folder that does not exist, still raises)."""
@@ -188,7 +191,7 @@ def validate(
     _refuse_non_cache(files, cache)
     report = Report(str(cache))
     try:
-        _run_checks(cache, images, recompute, sample, seed, progress, report)
+        _run_checks(cache, images, recompute, sample, seed, progress, report, failures)
     except CacheFormatError as e:
         report.add("damaged", str(cache), str(e))
     except DinofeatError:
@@ -212,7 +215,9 @@ def _refuse_non_cache(files, cache) -> None:
         raise ConfigError(f"{cache} is not a dinofeat cache (no zarr.json, no cache files)")
 
 
-def _run_checks(cache, images, recompute: int, sample: float, seed: int, progress: bool, report: Report) -> None:
+def _run_checks(
+    cache, images, recompute: int, sample: float, seed: int, progress: bool, report: Report, name_failed: bool = False
+) -> None:
     try:
         st = Store(cache)
     except CacheFormatError as e:
@@ -245,6 +250,10 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
         )
     keys = plan.keys
     _check_structure(st, meta, ix, status, keys, plan.buckets, markers, report)
+    if name_failed:
+        reasons = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
+        for k, why in failed_list(keys, status, reasons):
+            report.warn("failed", k, why)
     _check_vacant(plan, markers, report)
     _check_values(st, plan, status, markers, sample, seed, progress, report)
     _check_stats(st, plan, markers, report)
