@@ -128,6 +128,9 @@ def report(r: Any, cache: str) -> None:
 
 def bench(r: Any, eta_images: int) -> None:
     typer.echo(f"{r.model} at area {r.area}, {r.device} {r.dtype}, {r.images} images in {r.buckets} buckets")
+    if r.failed:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(r.failures_by_reason.items()))
+        typer.echo(f"  skipped {count(r.failed, 'unreadable image')}, as precompute skips them ({reasons})")
     typer.echo(
         f"  model-only  {r.model_only_img_s:8.2f} img/s  ({r.gflop_per_image:.1f} GFLOP/img = {r.model_tflops:.2f} "
         f"TFLOP/s, {r.utilization:.0%} of the measured {r.peak_tflops:.2f} TFLOP/s matmul peak)"
