@@ -27,6 +27,7 @@ _LAZY = {
     "ConfigError": "dinofeat.errors",
     "CacheMismatchError": "dinofeat.errors",
     "CacheFormatError": "dinofeat.errors",
+    "StoreError": "dinofeat.errors",  # an object store that fails, in one line (no credentials, no bucket, an outage)
 }
 
 __all__ = ["__version__", *_LAZY]

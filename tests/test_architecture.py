@@ -151,3 +151,27 @@ def test_a_cache_written_before_and_after_the_move_is_byte_identical(tmp_path, d
     assert sorted(before) == sorted(after)
     different = [rel for rel in before if before[rel] != after[rel]]
     assert not different, different
+
+
+def test_the_wheel_installs_only_dinofeat(tmp_path):
+    """Issue 30.6: a top-level `buckets` (or `cli`) in site-packages would clash with a user's `buckets.py` or another
+    distribution's package of that name. The repository's buckets/ and cli.py serve a checkout; the wheel holds
+    `dinofeat` and its dist-info, nothing else. Built from a copy, offline, with the build backend installed here."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "tests"))
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("dinofeat-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        top = {name.split("/")[0] for name in z.namelist()}
+        names = set(z.namelist())
+    assert {t for t in top if not t.endswith(".dist-info")} == {"dinofeat"}, sorted(top)
+    assert {"dinofeat/buckets/__init__.py", "dinofeat/cli/app.py"} <= names  # the code those names re-export

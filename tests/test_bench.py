@@ -78,3 +78,48 @@ def test_bench_command(dinov3_path, tmp_path):
     assert "with a stub model" in out.output and "write + fsync" in out.output
     bad = CliRunner().invoke(app, ["bench", "--model", "random:nope"])
     assert bad.exit_code == 1 and "unknown random model" in bad.output
+
+
+def _folder_with_bad_files(d):
+    """Four good images, a truncated JPEG (its header reads, its pixels do not) and a .png that is no image."""
+    from tests.helpers import write_images
+
+    write_images(d, [(64, 48)] * 3 + [(48, 64)])
+    (full,) = write_images(d / "tmp", [(256, 192)], fmt="jpg")  # its header, but not its pixels, in the first half
+    data = full.read_bytes()
+    (d / "cut.jpg").write_bytes(data[: len(data) // 2])
+    full.unlink()
+    (d / "tmp").rmdir()
+    (d / "notes.png").write_bytes(b"not an image at all")
+    return d
+
+
+def test_bench_skips_and_counts_bad_files_as_precompute_does(dinov3_path, tmp_path):
+    """Issue 30.5: a truncated JPEG among good ones ended bench in a traceback (its model-only pass decoded every
+    planned image). Now both are skipped and counted, with precompute's reasons, and the good ones are timed."""
+    imgs = _folder_with_bad_files(tmp_path / "imgs")
+    lines: list[str] = []
+    r = bench(
+        str(dinov3_path), area=64, device="cpu", dtype="fp32", images=imgs, workers=0, progress=False, say=lines.append
+    )
+    assert r.images == 4 and r.failed == 2, r
+    assert r.failures_by_reason == {"corrupt or truncated": 1, "not an image (unidentified format)": 1}
+    assert r.model_only_img_s > 0 and r.end_to_end_img_s > 0
+    # the up-front estimate says how rough it is; a measured one follows the warm-up pass
+    assert "rough guess" in lines[0] and any(line.startswith("bench: measured: the rest takes about") for line in lines)
+
+    args = ["bench", "--model", str(dinov3_path), "--area", "64", "--device", "cpu", "--dtype", "fp32"]
+    out = CliRunner().invoke(app, [*args, "--images", str(imgs), "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    assert "skipped 2 unreadable images, as precompute skips them (corrupt or truncated 1, not an image" in out.output
+    assert "Traceback" not in out.output
+
+
+def test_bench_on_a_folder_of_only_bad_files_says_so(dinov3_path, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"no image")
+    data = _folder_with_bad_files(tmp_path / "other")
+    (d / "cut.jpg").write_bytes((data / "cut.jpg").read_bytes())
+    out = CliRunner().invoke(app, ["bench", "--model", str(dinov3_path), "--area", "64", "--images", str(d)])
+    assert out.exit_code == 1 and "none of the 2 images could be read (2 unreadable)" in out.output, out.output

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
 import shlex
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,91 @@ def test_documented_commands_parse(where, code):
         sub = group.commands.get(args[0])
         assert sub is not None, f"{where}: no command {args[0]!r}"
         sub.make_context(args[0], list(args[1:]))  # raises on an unknown option or a value of the wrong type
+
+
+_DOTTED = re.compile(r"(?<![\w./-])dinofeat((?:\.[A-Za-z_]\w*)+)(\()?")
+
+
+def dotted_references(text: str) -> list[tuple[str, bool]]:
+    """Every `dinofeat.a.b` name the text gives (in prose, inline code or any block), and whether it is called
+    (followed by `(`)."""
+    return [("dinofeat" + m.group(1), m.group(2) is not None) for m in _DOTTED.finditer(text)]
+
+
+def resolve(dotted: str) -> object:
+    """The object a dotted name stands for after `import dinofeat`, as Python evaluates it: each part an attribute
+    (a package's `assign` is the function its __init__ exports), else the submodule of that name (imported)."""
+    parts = dotted.split(".")
+    obj: object = importlib.import_module(parts[0])
+    for i, attr in enumerate(parts[1:], 2):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            if not isinstance(obj, types.ModuleType):
+                raise
+            obj = importlib.import_module(".".join(parts[:i]))
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("text", "refs"),
+    [
+        ("`dinofeat.inspection.bench(...)`", [("dinofeat.inspection.bench", True)]),
+        ("`dinofeat.bench(...)` and dinofeat.cache.gcs", [("dinofeat.bench", True), ("dinofeat.cache.gcs", False)]),
+        ("python -m dinofeat precompute, dinofeat.", []),
+        ("tests/dinofeat.x, pkg.dinofeat.y(", []),
+    ],
+)
+def test_dotted_references_are_found(text, refs):
+    assert dotted_references(text) == refs
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_named_python_objects_exist_and_calls_are_callable(doc):
+    """Issue 30.7: the README called `dinofeat.inspection.bench(...)`, a module (TypeError): every dotted name the
+    docs give must exist, and one written as a call must be callable (a function or a class), not a module."""
+    bad = []
+    for name, called in dotted_references(doc.read_text()):
+        try:
+            obj = resolve(name)
+        except (ImportError, AttributeError) as e:
+            bad.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if called and not callable(obj):
+            bad.append(f"{name}(...): a {type(obj).__name__}, not callable")
+    assert not bad, f"{doc.relative_to(ROOT)}: {bad}"
+
+
+def unmade_tar_targets(code: str) -> list[str]:
+    """The folders a block's `tar ... -C DIR` extracts into without a `mkdir -p DIR` before it (tar refuses a
+    folder that does not exist)."""
+    made, out = set(), []
+    for words in (shlex.split(part, comments=True) for part in re.split(r"&&|\||;|\n", re.sub(r"\\\n", " ", code))):
+        if words[:2] == ["mkdir", "-p"]:
+            made |= set(words[2:])
+        elif words[:1] == ["tar"] and "-C" in words[:-1]:
+            target = words[words.index("-C") + 1]
+            if target not in made:
+                out.append(target)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("code", "unmade"),
+    [
+        ("aws s3 cp s3://b/0.tar - | tar -xf - -C /tmp/sample && ls", ["/tmp/sample"]),
+        ("mkdir -p /tmp/sample && aws s3 cp s3://b/0.tar - | tar -xf - -C /tmp/sample", []),
+        ("tar -xf x.tar", []),
+    ],
+)
+def test_unmade_tar_targets(code, unmade):
+    assert unmade_tar_targets(code) == unmade
+
+
+@pytest.mark.parametrize(("where", "code"), PARSED, ids=[w for w, _ in PARSED])
+def test_documented_tar_targets_are_made_first(where, code):
+    """Issue 30.7: scale-out.md extracted a shard with `tar -C /tmp/sample`, a folder nothing had made."""
+    assert not unmade_tar_targets(code), f"{where}: make these folders first (mkdir -p): {unmade_tar_targets(code)}"
 
 
 # ---- the runnable blocks -----------------------------------------------------------------------------------------
@@ -150,3 +238,28 @@ def test_remote_reading_example_runs_against_a_real_s3_server(tmp_path, dinov3_p
             assert len(ns["ds"]) == 5 and len(ns["loader"]) >= 2
         finally:
             restore_env(old)
+
+
+@pytest.mark.slow
+def test_the_training_recipe_runs_on_two_cpu_processes_as_documented(tmp_path):
+    """Issue 30.7: docs/dit-integration.md's recipe, saved as recipe.py, and its shell block run as written (the
+    cache made by the CLI, the recipe under torchrun): two processes, each served its half."""
+    doc = ROOT / "docs" / "dit-integration.md"
+    recipe = next(c for _, m, lang, c in _blocks_of(doc) if lang == "python" and m == "run" and "def ddp_loader" in c)
+    shell = next(c for _, m, lang, c in _blocks_of(doc) if lang == "bash" and m == "run" and "torchrun" in c)
+    (tmp_path / "recipe.py").write_text(recipe)
+    (tmp_path / "docs").symlink_to(ROOT / "docs")  # the block names the repository's example images
+    # this checkout's dinofeat and torch, whatever the console scripts on PATH point at
+    prelude = f'dinofeat() {{ "{sys.executable}" -m dinofeat "$@"; }}\n'
+    prelude += f'torchrun() {{ "{sys.executable}" -m torch.distributed.run "$@"; }}\nset -e\n'
+    r = subprocess.run(
+        ["bash", "-c", prelude + shell],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    shares = sorted(re.findall(r"^process (\d) of (\d): (\d+) samples$", r.stdout, re.M))
+    assert shares == [("0", "2", "16"), ("1", "2", "16")], r.stdout

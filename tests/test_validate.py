@@ -61,7 +61,7 @@ def test_clean_cache_passes_everything(copy):
     imgs, cache = copy
     r = run_validate(cache, images=imgs, recompute=3, progress=False)
     assert r.ok, r.problems
-    assert r.checked["recomputed"] == 3 and r.checked["recompute_min_cosine_x1e4"] >= 9990
+    assert r.checked["recomputed"] == 3 and 0.999 <= r.checked["recompute_min_cosine"] <= 1
     res = runner.invoke(app, ["validate", str(cache), "--images", str(imgs), "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["ok"] is True
 

@@ -85,8 +85,25 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
         if isinstance(a, dict) and isinstance(b, dict):
             out += fingerprint_diff(a, b, f"{prefix}{k}.")
         elif a != b:
-            out.append(f"{prefix}{k}: cache has {a!r}, this run wants {b!r}")
+            out.append(f"{prefix}{k}: cache has {_shown(a)}, this run wants {_shown(b)}")
     return out
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a refusal prints it: `none` rather than Python's None."""
+    return "none" if value is None else repr(value)
+
+
+def with_features(fingerprint: dict[str, Any], arrays: ArraySet) -> dict[str, Any]:
+    """`fingerprint` with its feature set spelled out. A fingerprint leaves out the default one (the last block,
+    final norm, no flip: all dinofeat <= 0.3 stored), so a cache made without --flip compared with a run with it
+    would read `features: cache has None, this run wants {...}`; filled in, the diff names the one leaf that
+    differs (`features.flip: cache has False, this run wants True`)."""
+    if "features" in fingerprint:
+        return fingerprint
+    return fingerprint | {
+        "features": {"layers": list(arrays.layers), "layer_norm": arrays.layer_norm, "flip": arrays.flip}
+    }
 
 
 def _diff_hint(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -111,6 +128,10 @@ def check_fingerprint(st: Store, fingerprint: dict[str, Any]) -> None:
     old = dict(st.meta.get("fingerprint", {}))
     if isinstance(old.get("model_id"), str):  # caches before 0.6.1 recorded a model folder as typed
         old["model_id"] = model_ref(old["model_id"])
+    if ("features" in old) != ("features" in fingerprint):  # one side has the default feature set: spell it out
+        last = int(st.meta.get("model", {}).get("config", {}).get("num_hidden_layers", 1))  # ArraySet.from_meta's
+        default = ArraySet((last,), False, False, True)
+        old, fingerprint = with_features(old, default), with_features(fingerprint, default)
     diff = fingerprint_diff(old, fingerprint)
     if diff:
         raise CacheMismatchError(

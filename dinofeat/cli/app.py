@@ -86,8 +86,8 @@ def buckets(
         render.bucket_table(spec, doc)
     if out is not None:
         typer.echo(
-            f"wrote {out}: {len(doc['buckets'])} buckets, spec hash {spec.hash} (buckets.load_spec({str(out)!r}) "
-            "rebuilds the spec)",
+            f"wrote {out}: {len(doc['buckets'])} buckets, spec hash {spec.hash} "
+            f"(dinofeat.buckets.load_spec({str(out)!r}) rebuilds the spec)",
             err=as_json,
         )
 
@@ -223,12 +223,15 @@ def validate(
     recompute: Annotated[int, typer.Option(help="Re-extract K random images and compare (cosine per patch).")] = 0,
     sample: Annotated[float, typer.Option(help="Fraction of shards whose values are checked.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for --sample and --recompute.")] = 0,
+    failures: Annotated[
+        bool, typer.Option(help="Also name each failed image and its reason (warnings: failed images are data).")
+    ] = False,
     as_json: o.AsJson = False,
 ) -> None:
     """Check a cache is complete and correct; exit 0 only when every check passes."""
     from dinofeat.inspection.validate import validate as run_validate
 
-    report = _call(run_validate, cache, images, recompute, sample, seed, progress=not as_json)
+    report = _call(run_validate, cache, images, recompute, sample, seed, progress=not as_json, failures=failures)
     if as_json:
         typer.echo(json.dumps({"dinofeat": __version__, **report.to_dict()}, indent=2))
     else:
@@ -237,11 +240,25 @@ def validate(
 
 
 @app.command()
-def info(cache: o.Cache, as_json: o.AsJson = False) -> None:
+def info(
+    cache: o.Cache,
+    failures: Annotated[
+        bool,
+        typer.Option(
+            help="List each failed image instead: one 'KEY<tab>REASON' line each, sorted by key (with --json: the "
+            "whole summary, the list under 'failures')."
+        ),
+    ] = False,
+    as_json: o.AsJson = False,
+) -> None:
     """Model, dtypes, per-bucket counts, failures by reason, size on disk, per-channel feature statistics."""
+    from dinofeat.inspection.info import failed_images
     from dinofeat.inspection.info import info as run_info
 
-    d = _call(run_info, cache)
+    if failures and not as_json:
+        render.failed_images(_call(failed_images, cache))
+        return
+    d = _call(run_info, cache, failures=failures)
     typer.echo(json.dumps(d, indent=2)) if as_json else render.info(d)
 
 

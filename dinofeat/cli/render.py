@@ -107,6 +107,9 @@ def _notes(s: Any, repair_asked: bool) -> list[str]:
     return out
 
 
+_CHECKED = {"value_shards": "value shards", "recompute_min_cosine": "min cosine"}  # report.checked's keys, as read
+
+
 def report(r: Any, cache: str) -> None:
     """validate's report: an unfinished cache's summary first, then each problem, warning and fix."""
     first = [p for p in r.problems if p.check == "complete" and p.where == "cache"]
@@ -116,7 +119,7 @@ def report(r: Any, cache: str) -> None:
         typer.secho(f"warn {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.YELLOW)
     for line in r.advice():
         typer.echo(f"fix: {line}")
-    checked = ", ".join(f"{k} {v}" for k, v in r.checked.items())
+    checked = ", ".join(f"{_CHECKED.get(k, k)} {v}" for k, v in r.checked.items())
     typer.echo(
         f"{'OK' if r.ok else 'FAILED'}: {cache} ({checked + '; ' if checked else ''}"
         f"{len(r.problems)} problems, {len(r.warnings)} warnings)"
@@ -125,6 +128,9 @@ def report(r: Any, cache: str) -> None:
 
 def bench(r: Any, eta_images: int) -> None:
     typer.echo(f"{r.model} at area {r.area}, {r.device} {r.dtype}, {r.images} images in {r.buckets} buckets")
+    if r.failed:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(r.failures_by_reason.items()))
+        typer.echo(f"  skipped {count(r.failed, 'unreadable image')}, as precompute skips them ({reasons})")
     typer.echo(
         f"  model-only  {r.model_only_img_s:8.2f} img/s  ({r.gflop_per_image:.1f} GFLOP/img = {r.model_tflops:.2f} "
         f"TFLOP/s, {r.utilization:.0%} of the measured {r.peak_tflops:.2f} TFLOP/s matmul peak)"
@@ -197,6 +203,13 @@ def tied_table(spec, doc: dict) -> None:
         )
 
 
+def failed_images(failed: list[tuple[str, str]]) -> None:
+    """`info --failures`: one line per failed image, key and reason split by a tab (`cut -f1` gives the keys); the
+    reason is one line (a reason's own line breaks and tabs become spaces)."""
+    for key, reason in failed:
+        typer.echo(f"{key}\t{' '.join(reason.split())}")
+
+
 def info(d: dict[str, Any]) -> None:
     m = d["model"]
     counts = f"{d['done']} done, {d['failed']} failed" + "".join(
@@ -231,6 +244,8 @@ def info(d: dict[str, Any]) -> None:
         )
     for reason, n in sorted(d["failures_by_reason"].items()):
         typer.echo(f"failed ({reason}): {n}")
+    if d["failed"]:
+        typer.echo(f"  (dinofeat info {d['cache']} --failures lists each failed image with its reason)")
     cs = d["channel_stats"]
     if cs.get("images"):
         mean, std = cs["mean"], cs["std"]

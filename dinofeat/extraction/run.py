@@ -38,7 +38,7 @@ from dinofeat.extraction.prepare import (
     settings_for,
 )
 from dinofeat.extraction.stale import changed_images, resized_done_images, resized_reason
-from dinofeat.paths import check_cache_dir, local_path
+from dinofeat.paths import check_cache_dir, is_url, local_path
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.sources.discover import Source, discover, no_images
 from dinofeat.storeerrors import store_errors
@@ -138,7 +138,10 @@ def extract(
     `inherit` come from the cache's record (default: with no `config`, every stored-number setting not in
     `overrides`, so a rerun needs no options); the summary's `inherited` says which.
     """
-    with store_errors(os.fspath(cache)):  # a source or cache on object storage that fails: one line
+    # a source or cache on object storage that fails: one line, naming the remote one (a local cache's store is its
+    # source's)
+    where = os.fspath(cache) if is_url(os.fspath(cache)) or not is_url(os.fspath(source)) else os.fspath(source)
+    with store_errors(where):
         return _extract(source, cache, config, Actions(overwrite, repair, prune, dry_run), inherit, overrides)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dinofeat.errors import ConfigError
+from dinofeat.errors import ConfigError, ImageError
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.loop import DEFAULT_TOKEN_BUDGET, default_workers, pipeline_ceiling
 from dinofeat.extraction.model import TORCH_DTYPES, Encoder
@@ -61,6 +61,8 @@ class BenchResult:
     pipeline_timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the stub run (writes)
     pipeline_shards: int = 0  # shards the stub run wrote (per-shard writer figures divide by it)
     startup_s: float = 0.0  # the end-to-end call's seconds before its extraction loop: listing, probes, plan, model
+    failed: int = 0  # images of the folder skipped as precompute skips them (unreadable, not an image, too large)
+    failures_by_reason: dict[str, int] = field(default_factory=dict)  # precompute's reason classes
 
     @property
     def model_tflops(self) -> float:
@@ -138,6 +140,9 @@ def _sync(device: torch.device) -> None:
 DEFAULTS = {"cuda": ("random:vitl16", 1024, 256), "cpu": ("random:vits16", 512, 16)}
 PASSES = 3  # the model-only warm-up and timed passes, and the end-to-end run
 MODEL_EFFICIENCY = 0.5  # the share of the matmul peak a ViT forward pass reaches, for the up-front estimate only
+# the up-front guess (from the matmul peak, before any image is decoded) against measured runs: 2-9x too low on a
+# machine whose cores other jobs share, about right on an idle one; the figure after the warm-up pass is measured
+ROUGH = "a rough guess from the matmul peak: up to several times longer on a busy machine"
 
 
 def bench(
@@ -178,7 +183,7 @@ def bench(
     say(
         f"bench: {model} at area {area} on {prep.device} ({prep.dtype}, measured matmul peak {peak:.2f} TFLOP/s), "
         f"{count} {'images' if images else f'synthetic {megapixels:g} MP photos'}: about "
-        f"{_duration(count * PASSES * per_image)} here"
+        f"{_duration(count * PASSES * per_image)} here ({ROUGH}; a measured figure follows the model's warm-up)"
     )
     tmp = Path(tempfile.mkdtemp(prefix="dinofeat-bench-"))
     try:
@@ -191,7 +196,8 @@ def bench(
         plan = build_plan(src, prep, progress=False)
         say(f"bench: model only ({len(plan.buckets)} bucket shapes, decoded up front, a warm-up pass, a timed pass)")
         encoder = Encoder(prep.model, prep.device, prep.dtype, compile, shapes=len(plan.buckets))
-        model_only, flops, warmup = _model_only(encoder, prep, src, plan, progress)
+        measured = _model_only(encoder, prep, src, plan, progress, say)
+        model_only, flops, warmup = measured.img_s, measured.flops, measured.warmup_s
         del encoder
         say("bench: end to end (decode, model, writes into a temporary cache)")
         t0 = time.perf_counter()
@@ -210,7 +216,7 @@ def bench(
         area=area,
         device=str(prep.device),
         dtype=prep.dtype,
-        images=summary.processed,
+        images=summary.done,  # a fresh cache: every done image is this run's; failed ones are skipped, as there
         buckets=len(plan.buckets),
         workers=workers if workers is not None else default_workers(prep.device),
         model_only_img_s=model_only,
@@ -226,6 +232,8 @@ def bench(
         pipeline_timings=ceiling[False].timings,
         pipeline_shards=ceiling[False].shards_written,
         startup_s=max(0.0, elapsed - summary.seconds),
+        failed=summary.failed,
+        failures_by_reason=summary.failures_by_reason,
     )
 
 
@@ -239,31 +247,63 @@ def _duration(seconds: float) -> str:
     )
 
 
-def _model_only(encoder: Encoder, prep: Any, src: Any, plan: Any, progress: bool = False) -> tuple[float, float, float]:
+@dataclass(frozen=True)
+class ModelOnly:
+    img_s: float
+    flops: float  # mean per image
+    warmup_s: float  # the warm-up pass's seconds beyond a warm one
+    unreadable: dict[str, str]  # key -> reason of the planned images whose pixels could not be read (skipped)
+
+
+def _decode(load: Callable[[Any], np.ndarray], path: Any) -> np.ndarray | ImageError:
+    """One image's pixels, or the reason it has none: a bad file is skipped and counted, as precompute does."""
+    try:
+        return load(path)
+    except ImageError as e:
+        return e
+
+
+def _model_only(
+    encoder: Encoder, prep: Any, src: Any, plan: Any, progress: bool = False, say: Callable[[str], None] | None = None
+) -> ModelOnly:
     """Images/s through the encoder on pre-decoded uint8 batches (the pipeline's batching, every shape warmed up
     first: CPU kernels specialise per shape, GPU kernels autotune, compiled encoders compile), the mean FLOPs per
     image, and the seconds the warm-up pass took beyond a warm one. Decoding for it uses every core (threads: PIL
-    releases the GIL), so a 1,000-image folder of 12 MP photos is ready in seconds, not minutes."""
+    releases the GIL), so a 1,000-image folder of 12 MP photos is ready in seconds, not minutes. Images that fail
+    to decode (a truncated JPEG) are left out and returned with their reasons. After the warm-up pass, `say` gets
+    the time the rest of the bench will take, measured: that pass's time and the decoding's."""
     cfg, regs = prep.config, prep.model.num_register_tokens
     budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
     positions = plan.rows_to_keys()
-    batches, flops = [], 0.0
-    n = sum(b.rows for b in plan.buckets)
+    batches, flops, n, unreadable = [], 0.0, 0, {}
+    t0 = time.perf_counter()
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-        tqdm(total=n, desc="decode", unit="img", disable=not progress) as bar,
+        tqdm(total=sum(b.rows for b in plan.buckets), desc="decode", unit="img", disable=not progress) as bar,
     ):
         for b in plan.buckets:
             bs = batch_size_for(b.grid[0] * b.grid[1] + 1 + regs, budget, cfg.batch_size)
-            paths = [src.path(plan.keys[i]) for i in positions[b.name]]
+            keys = [plan.keys[i] for i in positions[b.name] if i >= 0]
             load = functools.partial(load_resized, size=b.size, recipe=cfg.recipe)
             decoded = []
-            for x in pool.map(load, paths):
-                decoded.append(x)
+            for key, x in zip(keys, pool.map(functools.partial(_decode, load), map(src.path, keys)), strict=True):
+                if isinstance(x, ImageError):
+                    unreadable[key] = str(x)
+                else:
+                    decoded.append(x)
                 bar.update(1)
+            if not decoded:
+                continue
             u8 = np.stack(decoded)
             batches += [(b, torch.from_numpy(u8[s : s + bs])) for s in range(0, len(u8), bs)]
-            flops += b.rows * vit_flops(prep.model.config, b.grid, regs)
+            flops += len(decoded) * vit_flops(prep.model.config, b.grid, regs)
+            n += len(decoded)
+    decode_s = time.perf_counter() - t0
+    if not n:
+        raise ConfigError(
+            f"none of the {len(plan.keys)} images could be read ({len(plan.probe_errors) + len(unreadable)} "
+            "unreadable): nothing to time"
+        )
 
     def one_pass(desc: str) -> float:
         t0 = time.perf_counter()
@@ -274,5 +314,7 @@ def _model_only(encoder: Encoder, prep: Any, src: Any, plan: Any, progress: bool
         return time.perf_counter() - t0
 
     first = one_pass("model warm-up")
+    if say is not None:  # the timed pass and the end-to-end model time are at most a warm-up each; decoding 3 times
+        say(f"bench: measured: the rest takes about {_duration(2 * first + 3 * decode_s)} here")
     warm = one_pass("model timed")
-    return n / warm, flops / max(1, n), max(0.0, first - warm)
+    return ModelOnly(n / warm, flops / n, max(0.0, first - warm), unreadable)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,19 +41,43 @@ def channel_stats(st: Store, max_images: int = 256, status: np.ndarray | None = 
     return {"images": len(picks), "tokens": n, "mean": mean.tolist(), "std": std.tolist()}
 
 
+def status_and_failures(st: Store, ix: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, str]]:
+    """Each image's status and the failures' reasons. A cache that is not sealed yet is read from its done markers
+    (what a rerun would seal), not from the status column and failure records, which are written at seal."""
+    if st.meta.get("state") != "sealed":
+        return marker_status(st.index.plan(ix), st.markers.read(), st.index.pruned())
+    return ix["status"], st.index.failures() | st.index.probe_failures()
+
+
+NO_REASON = "no recorded reason"
+
+
+def failed_list(keys: Sequence[str], status: np.ndarray, failures: dict[str, str]) -> list[tuple[str, str]]:
+    """(key, reason) of every image whose status is failed, sorted by key: a reason recorded for an image that is
+    no longer failed (pruned since) is not listed, and a failed image without one says so."""
+    return sorted(
+        (str(k), failures.get(str(k), NO_REASON)) for k, s in zip(keys, status, strict=True) if s == STATUS_FAILED
+    )
+
+
 @on_store_errors  # a store that does not answer: one line, not a client's traceback chain
-def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, Any]:
-    """Everything `dinofeat info` prints. A cache that is not sealed yet is counted from its done markers (what a
-    rerun would seal), not from the status column, which is written at seal."""
+def failed_images(cache: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(key, reason) of each image that failed (unreadable, too large, changed since planned), sorted by key:
+    what `dinofeat info --failures` prints, without the statistics `info` computes."""
+    st = Store(cache)
+    ix = st.index.read()
+    status, failures = status_and_failures(st, ix)
+    return failed_list(list(ix["key"]), status, failures)
+
+
+@on_store_errors  # a store that does not answer: one line, not a client's traceback chain
+def info(cache: str | os.PathLike[str], stats_images: int = 256, failures: bool = False) -> dict[str, Any]:
+    """Everything `dinofeat info` prints; with `failures`, also each failed image and its reason (`failures`:
+    [{key, reason}], sorted by key). A cache that is not sealed yet is counted from its done markers."""
     st = Store(cache)
     meta = st.meta
     ix = st.index.read()
-    status = ix["status"]
-    if meta.get("state") != "sealed":
-        status, marker_failures = marker_status(st.index.plan(ix), st.markers.read(), st.index.pruned())
-        failures = marker_failures
-    else:
-        failures = st.index.failures() | st.index.probe_failures()
+    status, reasons = status_and_failures(st, ix)
     per_bucket = []
     for k, b in enumerate(st.index.bucket_plans()):
         sel = ix["bucket"] == k
@@ -95,12 +120,16 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256) -> dict[str, An
         "pending": int((status == STATUS_PENDING).sum()),
         "pruned": int((status == STATUS_PRUNED).sum()),
         "buckets": per_bucket,
-        "failures_by_reason": dict(Counter(r.split(":", 1)[0] for r in failures.values())),
+        "failures_by_reason": dict(Counter(r.split(":", 1)[0] for r in reasons.values())),
         "disk_bytes": st.files.total_bytes(),
         "created": meta.get("created"),
         "dinofeat_version": meta.get("dinofeat_version"),
         "channel_stats": recorded_stats(meta, done) or channel_stats(st, stats_images, status),
-    }
+    } | (
+        {"failures": [{"key": k, "reason": r} for k, r in failed_list(list(ix["key"]), status, reasons)]}
+        if failures
+        else {}
+    )
 
 
 def recorded_stats(meta: dict[str, Any], done: int) -> dict[str, Any] | None:

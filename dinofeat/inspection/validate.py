@@ -7,6 +7,7 @@ tested with tables of cases; `validate` wires them to a cache.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ from dinofeat.cache.objects import on_store_errors, open_files
 from dinofeat.cache.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.cache.store import Store
 from dinofeat.errors import CHANGED_SINCE_PLANNED, CacheFormatError, ConfigError, DinofeatError, ImageChangedError
+from dinofeat.inspection.info import failed_list
 from dinofeat.paths import local_path
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.storeerrors import is_store_failure
@@ -61,7 +63,7 @@ class Report:
     cache: str
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
-    checked: dict[str, int] = field(default_factory=dict)
+    checked: dict[str, int | float] = field(default_factory=dict)
 
     unfinished: dict[str, int] | None = None  # done / failed / pending / total of a cache that is not sealed yet
 
@@ -93,6 +95,8 @@ class Report:
                 "images changed since extraction keep their old features: rerun the same precompute command with "
                 "--repair to extract their shards again"
             )
+        if "source" in checks:
+            out.append("give --images the source the cache was made from (or leave it out: the cache is checked alone)")
         if not described:
             out.append("the cache's own description is damaged: restore it from a copy, or rebuild with --overwrite")
         return out
@@ -168,8 +172,10 @@ def validate(
     sample: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    failures: bool = False,
 ) -> Report:
-    """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked).
+    """Run every check; `sample` < 1 checks that fraction of shards' values (structure is always checked). With
+    `failures`, each failed image is named with its reason, as a warning: failed images are data, not damage.
 
     Never raises on a damaged cache: every kind of damage is a named problem in the report (a configuration error,
     such as an image folder that does not exist, still raises)."""
@@ -185,7 +191,7 @@ def validate(
     _refuse_non_cache(files, cache)
     report = Report(str(cache))
     try:
-        _run_checks(cache, images, recompute, sample, seed, progress, report)
+        _run_checks(cache, images, recompute, sample, seed, progress, report, failures)
     except CacheFormatError as e:
         report.add("damaged", str(cache), str(e))
     except DinofeatError:
@@ -209,7 +215,9 @@ def _refuse_non_cache(files, cache) -> None:
         raise ConfigError(f"{cache} is not a dinofeat cache (no zarr.json, no cache files)")
 
 
-def _run_checks(cache, images, recompute: int, sample: float, seed: int, progress: bool, report: Report) -> None:
+def _run_checks(
+    cache, images, recompute: int, sample: float, seed: int, progress: bool, report: Report, name_failed: bool = False
+) -> None:
     try:
         st = Store(cache)
     except CacheFormatError as e:
@@ -242,12 +250,17 @@ def _run_checks(cache, images, recompute: int, sample: float, seed: int, progres
         )
     keys = plan.keys
     _check_structure(st, meta, ix, status, keys, plan.buckets, markers, report)
+    if name_failed:
+        reasons = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
+        for k, why in failed_list(keys, status, reasons):
+            report.warn("failed", k, why)
     _check_vacant(plan, markers, report)
     _check_values(st, plan, status, markers, sample, seed, progress, report)
     _check_stats(st, plan, markers, report)
     if images is not None:
         failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
-        _check_folder(str(images), as_read(plan, markers), status, markers, failures, report)
+        recorded = str(meta.get("source_root") or "")
+        _check_folder(str(images), as_read(plan, markers), status, markers, failures, report, recorded)
     if recompute and SOURCE_NAMES not in damaged:  # never recompute from files an edited map names
         source = str(images or meta["source_root"])
         _check_recompute(st, meta, ix, status, keys, plan.buckets, source, recompute, seed, report)
@@ -493,7 +506,7 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
 
 
 def _check_folder(
-    folder: str, plan: Plan, status: np.ndarray, markers, failures: dict[str, str], report: Report
+    folder: str, plan: Plan, status: np.ndarray, markers, failures: dict[str, str], report: Report, recorded: str = ""
 ) -> None:
     """The source against the cache: images missing from either, and done images changed since their features were
     made (files, and archive members that moved: a tar shard or parquet file rewritten, even when every size and
@@ -509,6 +522,15 @@ def _check_folder(
     found = set(src.keys)
     pruned = {keys[i] for i in np.flatnonzero(status == STATUS_PRUNED)}
     planned = set(keys) - pruned
+    if planned and found and not planned & found:  # not one image in common: another folder, not a changed source
+        where = f" (made from {recorded})" if recorded and recorded != folder else ""
+        report.add(
+            "source",
+            folder,
+            f"holds none of the cache's {len(planned)} images: not the source this cache was made from{where}; "
+            f"validate --images takes that source",
+        )
+        return
     for k in sorted(found - set(keys)):
         report.add("missing", k, "image in the source is not in the cache")
     for k in sorted(planned - found):
@@ -579,7 +601,7 @@ def _check_recompute(st, meta, ix, status, keys, plans, source: str, k: int, see
                     "recompute", keys[i], f"recomputed {name} differ: min cosine {cos.min():.4f} < {COSINE_THRESHOLD}"
                 )
     report.checked["recomputed"] = len(picks)
-    report.checked["recompute_min_cosine_x1e4"] = int(worst * 1e4)
+    report.checked["recompute_min_cosine"] = math.floor(worst * 1e4) / 1e4  # rounded down: never reads better
 
 
 def _changed_advice(loc: Any, ix: dict[str, np.ndarray], i: int) -> str:

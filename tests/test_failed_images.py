@@ -1,0 +1,94 @@
+"""Which images failed (issue 30.1): `info --failures` lists each failed image with its reason (and `--json` puts the
+list under one key), `validate --failures` names each as a warning: failed images are data, not damage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dinofeat.cache.layout import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED
+from dinofeat.cli import app
+from dinofeat.extraction.run import extract
+from dinofeat.inspection.info import NO_REASON, failed_images, failed_list, info
+from dinofeat.inspection.validate import validate
+from tests.helpers import FAST, write_images
+
+D, F, P, X = STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED
+
+
+@pytest.mark.parametrize(
+    ("keys", "status", "reasons", "listed"),
+    [
+        (["b", "a", "c"], [F, F, D], {"a": "decode: x", "b": "probe: y"}, [("a", "decode: x"), ("b", "probe: y")]),
+        (["a", "b"], [D, X], {"b": "decode: gone since"}, []),  # a reason left for a pruned image is not listed
+        (["a"], [F], {}, [("a", NO_REASON)]),
+        (["a", "b"], [P, D], {}, []),
+        ([], [], {}, []),
+    ],
+)
+def test_failed_list(keys, status, reasons, listed):
+    assert failed_list(keys, np.array(status, np.int8), reasons) == listed
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """Five good images, a truncated JPEG (its header reads, its pixels do not) and a .png that is no image."""
+    d = tmp_path_factory.mktemp("failures") / "imgs"
+    write_images(d, [(64, 48)] * 3 + [(48, 64)] * 2)
+    write_images(d / "sub", [(64, 48)], fmt="jpg")
+    good = (d / "sub" / "im_000.jpg").read_bytes()
+    (d / "sub" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (d / "sub" / "im_000.jpg").unlink()
+    (d / "notes.png").write_bytes(b"not an image at all")
+    return d
+
+
+@pytest.fixture(scope="module")
+def sealed(source, tmp_path_factory, dinov3_path) -> Path:
+    cache = tmp_path_factory.mktemp("sealed") / "cache"
+    s = extract(source, cache, model=str(dinov3_path), area=64, **FAST)
+    assert s.sealed and s.done == 5 and s.failed == 2
+    return cache
+
+
+def test_info_lists_each_failed_image_with_its_reason(sealed):
+    failed = failed_images(sealed)
+    assert [k for k, _ in failed] == ["notes.png", "sub/cut.jpg"]
+    assert all(reason and reason != NO_REASON for _, reason in failed), failed
+    assert info(sealed, failures=True)["failures"] == [{"key": k, "reason": r} for k, r in failed]
+    assert "failures" not in info(sealed)  # only when asked: a cache of millions may hold many
+
+    out = CliRunner().invoke(app, ["info", str(sealed), "--failures"])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines() == [f"{k}\t{r}" for k, r in failed]
+    doc = json.loads(CliRunner().invoke(app, ["info", str(sealed), "--failures", "--json"]).output)
+    assert doc["failures"] == [{"key": k, "reason": r} for k, r in failed] and doc["failed"] == 2
+    assert "--failures lists each failed image" in CliRunner().invoke(app, ["info", str(sealed)]).output
+
+
+def test_validate_names_failed_images_as_warnings_when_asked(sealed):
+    plain = validate(sealed, progress=False)
+    assert plain.ok and not [w for w in plain.warnings if w.check == "failed"]
+    asked = validate(sealed, progress=False, failures=True)
+    assert asked.ok  # failed images are data, not damage
+    named = [(w.where, w.reason) for w in asked.warnings if w.check == "failed"]
+    assert named == failed_images(sealed)
+    out = CliRunner().invoke(app, ["validate", str(sealed), "--failures"])
+    assert out.exit_code == 0, out.output
+    assert "warn failed     sub/cut.jpg: " in out.output and "warn failed     notes.png: " in out.output
+
+
+def test_an_unfinished_cache_lists_the_failures_its_markers_record(source, tmp_path, dinov3_path):
+    """Not sealed yet: the failure records are written at seal, so the done markers and the probe say."""
+    cache = tmp_path / "cache"
+    s = extract(source, cache, model=str(dinov3_path), area=64, rank=0, world_size=2, shard_mb=0.001, **FAST)
+    assert not s.sealed
+    failed = failed_images(cache)
+    assert ("notes.png" in [k for k, _ in failed]) and failed == sorted(failed)
+    assert len(failed) == info(cache)["failed"] >= 1
+    asked = validate(cache, progress=False, failures=True)
+    assert [(w.where, w.reason) for w in asked.warnings if w.check == "failed"] == failed
