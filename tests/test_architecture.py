@@ -160,6 +160,9 @@ def test_the_wheel_installs_only_dinofeat(tmp_path):
     import shutil
     import zipfile
 
+    setuptools = pytest.importorskip("setuptools", reason="no build backend in this environment (built offline)")
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip(f"setuptools {setuptools.__version__} here; pyproject.toml's build backend needs >= 68")
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "tests"))
     r = subprocess.run(
