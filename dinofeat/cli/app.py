@@ -42,6 +42,12 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _echo_json(doc: dict[str, Any]) -> None:
+    """Every command's --json: its document with the dinofeat that wrote it under one key, "dinofeat" (info's
+    "dinofeat_version" is the release that made the cache)."""
+    typer.echo(json.dumps({"dinofeat": __version__, **doc}, indent=2, default=str))
+
+
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """A library call whose errors of ours (DinofeatError) end in one line and exit 1."""
     from dinofeat.errors import DinofeatError
@@ -79,7 +85,7 @@ def buckets(
     except (BucketSpecError, OSError) as e:
         _fail(e)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        _echo_json(doc)
     elif isinstance(spec, TiedSpec):
         render.tied_table(spec, doc)
     else:
@@ -156,6 +162,7 @@ def precompute(
     repair: o.Repair = False,
     prune: o.Prune = False,
     as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
 ) -> None:
     """Extract CLS + patch-grid features for every image into a sharded zarr cache (rerun to resume)."""
     from dinofeat.extraction.config import FINGERPRINTED, config_from_options
@@ -163,9 +170,11 @@ def precompute(
 
     options = _given_options(ctx)
     given = _given(options)
-    runtime = ("source", "cache", "num_processes", "dry_run", "overwrite", "repair", "prune", "as_json")
+    runtime = (
+        "source", "cache", "num_processes", "dry_run", "overwrite", "repair", "prune", "as_json", "quiet"
+    )  # fmt: skip
     settings = {k: v for k, v in ctx.params.items() if k not in runtime}
-    cfg = _call(config_from_options, settings, options, progress=not as_json)
+    cfg = _call(config_from_options, settings, options, progress=not (as_json or quiet))
     actions = {"overwrite": overwrite, "dry_run": dry_run, "repair": repair, "prune": prune}
     try:
         with _terminate_as_interrupt():
@@ -174,10 +183,10 @@ def precompute(
             )
     except KeyboardInterrupt:
         _interrupted(cache)
-    if s.rank != 0:  # under accelerate launch / torchrun every rank gets here; rank 0 speaks for the run
+    if s.rank != 0 and not s.manual_split:  # under a launcher rank 0 speaks for the run (its summary has every rank)
         return
     if as_json:
-        typer.echo(json.dumps(s.to_dict(), indent=2, default=str))
+        _echo_json(s.to_dict())
         return
     shown = render.as_options(s.inherited)
     if shown:
@@ -224,13 +233,14 @@ def validate(
     sample: Annotated[float, typer.Option(help="Fraction of shards whose values are checked.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for --sample and --recompute.")] = 0,
     as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
 ) -> None:
     """Check a cache is complete and correct; exit 0 only when every check passes."""
     from dinofeat.inspection.validate import validate as run_validate
 
-    report = _call(run_validate, cache, images, recompute, sample, seed, progress=not as_json)
+    report = _call(run_validate, cache, images, recompute, sample, seed, progress=not (as_json or quiet))
     if as_json:
-        typer.echo(json.dumps({"dinofeat": __version__, **report.to_dict()}, indent=2))
+        _echo_json(report.to_dict())
     else:
         render.report(report, cache)
     raise typer.Exit(0 if report.ok else 1)
@@ -242,7 +252,7 @@ def info(cache: o.Cache, as_json: o.AsJson = False) -> None:
     from dinofeat.inspection.info import info as run_info
 
     d = _call(run_info, cache)
-    typer.echo(json.dumps(d, indent=2)) if as_json else render.info(d)
+    _echo_json(d) if as_json else render.info(d)
 
 
 @app.command()
@@ -273,20 +283,21 @@ def bench(
     decode: o.Decode = "cpu",
     eta_images: Annotated[int, typer.Option(help="Print the time this many images would take.")] = 1_000_000,
     as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
 ) -> None:
     """Measure model-only and end-to-end images/s on this machine, next to the device's peak, with an ETA."""
     from dinofeat.inspection.bench import bench as run_bench
 
     if eta_images < 1:
         _fail(ValueError(f"--eta-images is a number of images >= 1, got {eta_images}"))
-    say = None if as_json else (lambda line: typer.echo(line, err=True))
+    progress = not (as_json or quiet)
+    say = (lambda line: typer.echo(line, err=True)) if progress else None
     r = _call(
-        run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=not as_json, say=say,
+        run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=progress, say=say,
         decode=decode,
     )  # fmt: skip
     if as_json:
-        doc = {"dinofeat": __version__, **r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)}
-        typer.echo(json.dumps(doc, indent=2))
+        _echo_json({**r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)})
     else:
         render.bench(r, eta_images)
 

@@ -18,6 +18,9 @@ Cache = Annotated[str, typer.Argument(help=CACHE_HELP)]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars (TQDM_DISABLE=1 does the same); results still print.")
+]
 Workers = Annotated[int | None, typer.Option(help="Decode worker processes.")]
 
 # the bucket table (buckets, precompute)

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from dinofeat.cache.layout import BucketPlan, Plan
 from dinofeat.cache.store import Store
@@ -28,6 +27,7 @@ from dinofeat.extraction.prepare import Prepared
 from dinofeat.extraction.stub import StubEncoder
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.extraction.writer import WRITER_THREADS, ShardResult, ShardWriter, Timings
+from dinofeat.progress import bar as progress_bar
 from dinofeat.sources.discover import Facts, Source
 
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
@@ -112,7 +112,7 @@ def run_shards(
         # are recorded on its stream (`--device cuda:1` in one process would otherwise record them on cuda:0's)
         with (
             torch.cuda.device(prep.device) if cuda else contextlib.nullcontext(),
-            tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar,
+            progress_bar(total=n_pending, desc="extract", unit="img", enabled=progress, smoothing=0.05) as bar,
         ):
             for batch in _timed(batches(loader, prep.device, cfg.recipe), timings):
                 job, b = batch.job, buckets[batch.job.bucket]
