@@ -106,12 +106,21 @@ _BUCKET_FIELDS = (
 
 
 def _given_options(ctx: typer.Context) -> set[str]:
-    """The options this command line gives (not left at their defaults)."""
+    """The options this command line or its --config file gives (not left at their defaults)."""
     return {  # by name: typer may bring its own copy of click's ParameterSource
-        name
-        for name in ctx.params
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
     }
+
+
+def _config_file(ctx: typer.Context, path: Path | None) -> Path | None:
+    """--config: the file's options become this command's defaults (click's default_map), so an option given on the
+    command line wins and one left out takes the file's value."""
+    if path is not None:
+        from dinofeat.runfile import read_options
+
+        values = _call(read_options, path, o.file_options(ctx.command, precompute, skip={"config", "help"}))
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
 
 
 def _given(options: set[str]) -> set[str]:
@@ -127,6 +136,9 @@ def precompute(
     ctx: typer.Context,
     source: o.Source,
     cache: o.CacheToMake,
+    config: Annotated[
+        Path | None, typer.Option(help=o.CONFIG_HELP, is_eager=True, callback=_config_file, dir_okay=False)
+    ] = None,
     model: o.Model = "facebook/dinov3-vitl16-pretrain-lvd1689m",
     revision: o.Revision = None,
     area: o.Area = 1024,
@@ -171,7 +183,7 @@ def precompute(
     options = _given_options(ctx)
     given = _given(options)
     runtime = (
-        "source", "cache", "num_processes", "dry_run", "overwrite", "repair", "prune", "as_json", "quiet"
+        "source", "cache", "config", "num_processes", "dry_run", "overwrite", "repair", "prune", "as_json", "quiet"
     )  # fmt: skip
     settings = {k: v for k, v in ctx.params.items() if k not in runtime}
     cfg = _call(config_from_options, settings, options, progress=not (as_json or quiet))
