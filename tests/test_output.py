@@ -130,3 +130,37 @@ def test_every_json_names_the_version(made, tmp_path):
         out = CliRunner().invoke(app, [*cmd, "--json"])
         assert out.exit_code == 0, (name, out.output)
         assert json.loads(out.stdout)["dinofeat"] == __version__, name
+
+
+def test_each_rank_of_a_manual_split_says_what_it_did(tmp_path, tiny_models):
+    """Issue 30.2: rank 0 of a `--rank/--world-size` split ends first here (rank 1 printed nothing at all, and rank 0
+    said "pending" of a cache rank 1 then sealed): each rank names its own images, failures and shards; the rank that
+    ends first says the rest is in the other ranks' shards."""
+    import re
+
+    from dinofeat.cache.store import Store
+    from tests.helpers import bad_files
+
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 64)] * 6 + [(96, 48)] * 3, fmt="jpg")
+    data = (imgs / "im_001.jpg").read_bytes()
+    (imgs / "im_001.jpg").write_bytes(data[: len(data) * 2 // 3])  # header intact: fails at decode, inside a shard
+    bad_files(imgs)  # and failures of the plan (the probe), which are no rank's
+    args = ["precompute", str(imgs), str(tmp_path / "c"), "--model", str(tiny_models["dinov3"]), "--area", "64"]
+    args += ["--shard-mb", "0.002", "--workers", "0", "--device", "cpu", "--dtype", "fp32", "--world-size", "2", "-q"]
+    said, work = [], []
+    for rank in (0, 1):
+        out = CliRunner().invoke(app, [*args, "--rank", str(rank)])
+        assert out.exit_code == 0, out.output
+        said.append(out.stdout)
+        m = re.search(rf"rank {rank} of 2: (\d+) images? \((\d+) failed\), (\d+) shards? written", out.stdout)
+        assert m, out.stdout
+        work.append(tuple(map(int, m.groups())))
+    st = Store(tmp_path / "c")
+    assert st.meta["state"] == "sealed"
+    decode_failures = len(st.index.failures()) - len(st.index.plan().probe_errors)  # inside shards: the ranks'
+    assert sum(w[0] for w in work) == 9 and sum(w[1] for w in work) == decode_failures >= 1
+    assert sum(w[2] for w in work) == len(st.markers.read()) and all(w[2] for w in work)
+    assert "pending" not in said[0] and "in the other ranks' shards" in said[0] and "sealed" not in said[0]
+    assert "; sealed" in said[1] and not re.search(r"[1-9]\d* pending", said[1])
+    assert "by 2 processes" not in said[0] + said[1]  # each counts its own images

@@ -27,7 +27,7 @@ from dinofeat.errors import ConfigError, DinofeatError
 from dinofeat.extraction import ranks
 from dinofeat.extraction.config import FINGERPRINTED, ExtractConfig
 from dinofeat.extraction.locate import moved_members, refuse_missing, source_from_plan
-from dinofeat.extraction.loop import PRUNED, run_shards
+from dinofeat.extraction.loop import run_shards
 from dinofeat.extraction.plan import projected_bytes
 from dinofeat.extraction.prepare import (
     Prepared,
@@ -202,8 +202,9 @@ def _extract(
         ran = run_shards(st, plan, src, prep, pending, progress, st.index.pruned())
         summary.processed, summary.seconds, summary.bytes_written = ran.images, ran.seconds, ran.bytes_written
         summary.timings, summary.shards_written = ran.timings, ran.shards
+        own = RankWork(group.rank, ran.images, ran.failed, ran.shards, ran.seconds)
         group.barrier()  # every rank's shards are marked before anyone seals
-        _finish(st, plan, group, summary, repaired=repair, mine=pending)
+        _finish(st, plan, group, summary, repaired=repair, own=own)
         if summary.sealed and group.is_leader:
             housekeeping.purge_retired(cache)  # an --overwrite's old generation, kept for its readers until now
     return summary
@@ -264,18 +265,8 @@ def _pending_shards(st: Store, plan: Plan, src: Source, group: ranks.Group, summ
     return pending
 
 
-def _finish(
-    st: Store, plan: Plan, group: ranks.Group, summary: Summary, repaired: bool, mine: Collection[tuple[str, int]]
-) -> None:
+def _finish(st: Store, plan: Plan, group: ranks.Group, summary: Summary, repaired: bool, own: RankWork) -> None:
     """Every rank's counts summed, the cache sealed once nothing is pending, and the run's outcome counted."""
-    markers = st.markers.read()
-    own = RankWork(
-        group.rank,
-        summary.processed,
-        sum(why != PRUNED for s in mine if s in markers for why in markers[s]["failed"].values()),
-        summary.shards_written,
-        summary.seconds,
-    )
     summary.ranks = group.gather(own)
     if group.connected:
         parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
