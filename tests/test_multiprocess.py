@@ -84,6 +84,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     imgs, cfg, ref = setup
     s = extract_processes(imgs, tmp_path / "c", cfg, 2)
     assert s.world_size == 2 and s.sealed and s.processed == s.done and s.failed == 1
+    assert [r.rank for r in s.ranks] == [0, 1] and sum(r.images for r in s.ranks) == s.processed  # what each did
     markers = {m["shard"] for m in Store(tmp_path / "c").markers.read().values()}
     assert len(markers) > 2
     assert_same_cache(ref, tmp_path / "c")
