@@ -299,7 +299,7 @@ def _raise_recompile_limits(shapes: int) -> None:
 @contextlib.contextmanager
 def _no_loading_bar() -> Iterator[None]:
     """transformers 5 draws a bar of its own while it copies weights into the model (not a download: those bars are
-    huggingface_hub's and stay). It ignored --quiet and wrote `\r` frames into batch logs; dinofeat's own bars
+    huggingface_hub's and stay). It ignored --quiet and wrote `\\r` frames into batch logs; dinofeat's own bars
     (dinofeat.progress) say where a run is."""
     from transformers.utils import logging as hf_logging
 
