@@ -16,7 +16,7 @@ from tests.helpers import comparable_files, old_tree
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dinofeat"
 
-BASE = {"errors", "paths", "filesystems", "storeerrors", "buckets", "__init__", "__version__"}
+BASE = {"errors", "paths", "filesystems", "storeerrors", "progress", "runfile", "buckets", "__init__", "__version__"}
 # layer -> the layers it may import (besides itself and the base)
 ALLOWED = {
     "base": set(),
@@ -36,6 +36,7 @@ HOMES = {
     "click": ("dinofeat.cli",),
     "pyarrow": ("dinofeat.sources.parquet",),
     "torchvision": ("dinofeat.extraction.devicedecode",),
+    "tqdm": ("dinofeat.progress",),  # one place decides how progress is shown
 }
 
 

@@ -263,3 +263,27 @@ def test_the_training_recipe_runs_on_two_cpu_processes_as_documented(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     shares = sorted(re.findall(r"^process (\d) of (\d): (\d+) samples$", r.stdout, re.M))
     assert shares == [("0", "2", "16"), ("1", "2", "16")], r.stdout
+
+
+def test_config_file_example_runs(tmp_path, monkeypatch):
+    """README's `--config docs/examples/precompute.toml` commands, as written, in a copy of docs/examples (the
+    example's cache is made in the current directory)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dinofeat.cache.store import Store
+    from dinofeat.cli import app
+
+    shutil.copytree(ROOT / "docs" / "examples", tmp_path / "docs" / "examples")
+    monkeypatch.chdir(tmp_path)
+    code = next(c for _, m, _, c in _blocks_of(ROOT / "README.md") if m == "run" and "--config" in c)
+    commands = dinofeat_commands(code)
+    assert len(commands) == 2
+    areas = []
+    for args in commands:
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0, out.output
+        assert "; sealed" in out.stdout and "\r" not in out.output and "extract:" not in out.output  # quiet = true
+        areas.append(Store(tmp_path / "example-features").meta["fingerprint"]["bucket_spec"]["area"])
+    assert areas == [64, 128]  # the file's area, then the flag's

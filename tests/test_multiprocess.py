@@ -3,6 +3,7 @@ a manual SLURM-style split all give exactly the single-process result; a resume 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     imgs, cfg, ref = setup
     s = extract_processes(imgs, tmp_path / "c", cfg, 2)
     assert s.world_size == 2 and s.sealed and s.processed == s.done and s.failed == 1
+    assert [r.rank for r in s.ranks] == [0, 1] and sum(r.images for r in s.ranks) == s.processed  # what each did
     markers = {m["shard"] for m in Store(tmp_path / "c").markers.read().values()}
     assert len(markers) > 2
     assert_same_cache(ref, tmp_path / "c")
@@ -116,6 +118,7 @@ def test_accelerate_launch_and_torchrun_equal_one_process(setup, tmp_path, launc
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("sealed") == 1, "only rank 0 prints the summary"
     assert "by 2 processes" in out.stdout, out.stdout
+    assert "rank 0 of 2: " in out.stdout and "rank 1 of 2: " in out.stdout, out.stdout  # what each process did
     assert_same_cache(ref, tmp_path / "c")
 
 
@@ -132,8 +135,9 @@ def test_manual_split_then_resume_with_another_process_count(setup, tmp_path):
     assert_same_cache(ref, cache)
 
 
-def run_split_rank_1_first(args: list[str]) -> None:
-    """A 2-rank manual split whose rank 1 starts before rank 0; both must finish cleanly."""
+def run_split_rank_1_first(args: list[str]) -> tuple[str, str]:
+    """A 2-rank manual split whose rank 1 starts before rank 0; both must finish cleanly. Returns what each printed
+    (rank 0's, rank 1's)."""
     early = subprocess.Popen(
         [sys.executable, "-m", "dinofeat", *args, "--rank", "1", "--world-size", "2"],
         cwd=ROOT,
@@ -144,14 +148,25 @@ def run_split_rank_1_first(args: list[str]) -> None:
     leader = cli("-m", "dinofeat", *args, "--rank", "0", "--world-size", "2")
     text = early.communicate(timeout=300)[0]
     assert leader.returncode == 0 and early.returncode == 0, leader.stdout + leader.stderr + text
+    return leader.stdout, text
 
 
 def test_manual_split_ranks_wait_for_rank_0s_plan(setup, tmp_path):
     imgs, cfg, ref = setup
     cache = tmp_path / "c"
     args = cli_args(imgs, cache, cfg)
-    run_split_rank_1_first(args)
+    said = run_split_rank_1_first(args)
     assert_same_cache(ref, cache)
+    # issue 30.2: each rank says what it did itself (rank 1 printed nothing), and the rank that finished first, while
+    # the other still ran, says the rest is that rank's share, not "pending" on a cache that ends sealed
+    shards = 0
+    for rank, text in enumerate(said):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"rank {rank} of 2: "))
+        assert "images (" in line and "failed)" in line, line
+        shards += int(line.split("), ")[1].split()[0])
+        assert not re.search(r"[1-9]\d* pending", text), text
+    assert shards == len(Store(cache).markers.read())
+    assert sum("; sealed" in text for text in said) >= 1
 
 
 def test_errors_reach_the_caller_from_every_process(setup, tmp_path):

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dinofeat.cache.arrays import FLIP_SUFFIX
 from dinofeat.cache.checksum import RowCrcs, expected_checksums
@@ -29,6 +28,7 @@ from dinofeat.cache.shardfile import HandlePool, ShardReader
 from dinofeat.cache.stats import pooled_shard_stats
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ConfigError
+from dinofeat.progress import bar as progress_bar
 
 Markers = dict[tuple[str, int], dict[str, Any]]
 
@@ -70,7 +70,7 @@ def find_damage(st: Store, plan: Plan, markers: Markers, sealed: bool, progress:
     expected = expected_checksums(markers, plan.buckets)
     out: list[Damage] = []
     shards = [(b, u) for b in plan.buckets for u in range(b.num_shards)]
-    for b, u in tqdm(shards, desc="repair: check", unit="shard", disable=not progress):
+    for b, u in progress_bar(shards, desc="repair: check", unit="shard", enabled=progress):
         m = markers.get((b.name, u))
         if m is None:
             if sealed:

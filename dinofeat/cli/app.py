@@ -42,6 +42,12 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _echo_json(doc: dict[str, Any]) -> None:
+    """Every command's --json: its document with the dinofeat that wrote it under one key, "dinofeat" (info's
+    "dinofeat_version" is the release that made the cache)."""
+    typer.echo(json.dumps({"dinofeat": __version__, **doc}, indent=2, default=str))
+
+
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """A library call whose errors of ours (DinofeatError) end in one line and exit 1."""
     from dinofeat.errors import DinofeatError
@@ -79,7 +85,7 @@ def buckets(
     except (BucketSpecError, OSError) as e:
         _fail(e)
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        _echo_json(doc)
     elif isinstance(spec, TiedSpec):
         render.tied_table(spec, doc)
     else:
@@ -100,12 +106,21 @@ _BUCKET_FIELDS = (
 
 
 def _given_options(ctx: typer.Context) -> set[str]:
-    """The options this command line gives (not left at their defaults)."""
+    """The options this command line or its --config file gives (not left at their defaults)."""
     return {  # by name: typer may bring its own copy of click's ParameterSource
-        name
-        for name in ctx.params
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
     }
+
+
+def _config_file(ctx: typer.Context, path: Path | None) -> Path | None:
+    """--config: the file's options become this command's defaults (click's default_map), so an option given on the
+    command line wins and one left out takes the file's value."""
+    if path is not None:
+        from dinofeat.runfile import read_options
+
+        values = _call(read_options, path, o.file_options(ctx.command, precompute, skip={"config", "help"}))
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
 
 
 def _given(options: set[str]) -> set[str]:
@@ -121,6 +136,9 @@ def precompute(
     ctx: typer.Context,
     source: o.Source,
     cache: o.CacheToMake,
+    config: Annotated[
+        Path | None, typer.Option(help=o.CONFIG_HELP, is_eager=True, callback=_config_file, dir_okay=False)
+    ] = None,
     model: o.Model = "facebook/dinov3-vitl16-pretrain-lvd1689m",
     revision: o.Revision = None,
     area: o.Area = 1024,
@@ -156,6 +174,7 @@ def precompute(
     repair: o.Repair = False,
     prune: o.Prune = False,
     as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
 ) -> None:
     """Extract CLS + patch-grid features for every image into a sharded zarr cache (rerun to resume)."""
     from dinofeat.extraction.config import FINGERPRINTED, config_from_options
@@ -163,9 +182,11 @@ def precompute(
 
     options = _given_options(ctx)
     given = _given(options)
-    runtime = ("source", "cache", "num_processes", "dry_run", "overwrite", "repair", "prune", "as_json")
+    runtime = (
+        "source", "cache", "config", "num_processes", "dry_run", "overwrite", "repair", "prune", "as_json", "quiet"
+    )  # fmt: skip
     settings = {k: v for k, v in ctx.params.items() if k not in runtime}
-    cfg = _call(config_from_options, settings, options, progress=not as_json)
+    cfg = _call(config_from_options, settings, options, progress=not (as_json or quiet))
     actions = {"overwrite": overwrite, "dry_run": dry_run, "repair": repair, "prune": prune}
     try:
         with _terminate_as_interrupt():
@@ -174,10 +195,10 @@ def precompute(
             )
     except KeyboardInterrupt:
         _interrupted(cache)
-    if s.rank != 0:  # under accelerate launch / torchrun every rank gets here; rank 0 speaks for the run
+    if s.rank != 0 and not s.manual_split:  # under a launcher rank 0 speaks for the run (its summary has every rank)
         return
     if as_json:
-        typer.echo(json.dumps(s.to_dict(), indent=2, default=str))
+        _echo_json(s.to_dict())
         return
     shown = render.as_options(s.inherited)
     if shown:
@@ -227,13 +248,16 @@ def validate(
         bool, typer.Option(help="Also name each failed image and its reason (warnings: failed images are data).")
     ] = False,
     as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
 ) -> None:
     """Check a cache is complete and correct; exit 0 only when every check passes."""
     from dinofeat.inspection.validate import validate as run_validate
 
-    report = _call(run_validate, cache, images, recompute, sample, seed, progress=not as_json, failures=failures)
+    report = _call(
+        run_validate, cache, images, recompute, sample, seed, progress=not (as_json or quiet), failures=failures
+    )
     if as_json:
-        typer.echo(json.dumps({"dinofeat": __version__, **report.to_dict()}, indent=2))
+        _echo_json(report.to_dict())
     else:
         render.report(report, cache)
     raise typer.Exit(0 if report.ok else 1)
@@ -259,7 +283,7 @@ def info(
         render.failed_images(_call(failed_images, cache))
         return
     d = _call(run_info, cache, failures=failures)
-    typer.echo(json.dumps(d, indent=2)) if as_json else render.info(d)
+    _echo_json(d) if as_json else render.info(d)
 
 
 @app.command()
@@ -290,20 +314,21 @@ def bench(
     decode: o.Decode = "cpu",
     eta_images: Annotated[int, typer.Option(help="Print the time this many images would take.")] = 1_000_000,
     as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
 ) -> None:
     """Measure model-only and end-to-end images/s on this machine, next to the device's peak, with an ETA."""
     from dinofeat.inspection.bench import bench as run_bench
 
     if eta_images < 1:
         _fail(ValueError(f"--eta-images is a number of images >= 1, got {eta_images}"))
-    say = None if as_json else (lambda line: typer.echo(line, err=True))
+    progress = not (as_json or quiet)
+    say = (lambda line: typer.echo(line, err=True)) if progress else None
     r = _call(
-        run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=not as_json, say=say,
+        run_bench, model, area, device, dtype, images, count, megapixels, workers, progress=progress, say=say,
         decode=decode,
     )  # fmt: skip
     if as_json:
-        doc = {"dinofeat": __version__, **r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)}
-        typer.echo(json.dumps(doc, indent=2))
+        _echo_json({**r.to_dict(), "eta_images": eta_images, "eta_s": r.eta_s(eta_images)})
     else:
         render.bench(r, eta_images)
 

@@ -3,10 +3,14 @@ the bucket table's settings, --json) and each command's own."""
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from dinofeat.runfile import FileOption
 
 CACHE_HELP = (
     "Cache directory, or s3://bucket/prefix (gs://, az://; credentials from the usual AWS_*/GOOGLE_*/AZURE_* "
@@ -18,6 +22,9 @@ Cache = Annotated[str, typer.Argument(help=CACHE_HELP)]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars (TQDM_DISABLE=1 does the same); results still print.")
+]
 Workers = Annotated[int | None, typer.Option(help="Decode worker processes.")]
 
 # the bucket table (buckets, precompute)
@@ -92,6 +99,10 @@ Limit = Annotated[int | None, typer.Option(help="Only the first N images (discov
 NumProcesses = Annotated[int, typer.Option(help="Local processes in one process group (one per GPU; gloo on CPU).")]
 Rank = Annotated[int, typer.Option(help="This process's rank for a manual split (SLURM).")]
 WorldSize = Annotated[int, typer.Option(help="Number of processes in a manual split.")]
+CONFIG_HELP = (
+    'A TOML file of these options (keys as the options are named: area = 512, shard-mb = 256, source = "imgs"); '
+    "options given here override it. Example: docs/examples/precompute.toml."
+)
 DryRun = Annotated[bool, typer.Option(help="Plan only: bucket histogram and projected size; writes nothing.")]
 Overwrite = Annotated[bool, typer.Option(help="Delete an existing cache and start over.")]
 Repair = Annotated[
@@ -100,3 +111,19 @@ Repair = Annotated[
 Prune = Annotated[
     bool, typer.Option(help="Drop the cached images that are gone from the source (no longer served or counted).")
 ]
+
+
+def file_options(command: Any, fn: Callable[..., Any], skip: Collection[str] = ()) -> dict[str, FileOption]:
+    """The keys a --config file may set for `command` (made from `fn`): each option by its long name without the
+    dashes (`shard-mb`), each argument by its name (`source`), with the type `fn` declares for it."""
+    hints = typing.get_type_hints(fn)
+    out = {}
+    for p in command.params:
+        if p.name is None or p.name in skip:
+            continue
+        longs = [s[2:] for s in p.opts if s.startswith("--")]
+        key = longs[0] if longs else p.name.replace("_", "-")
+        kinds = [t for t in typing.get_args(hints[p.name]) or (hints[p.name],) if t is not type(None)]
+        kind = kinds[0] if kinds and kinds[0] in (bool, int, float) else str
+        out[key] = FileOption(key, p.name, kind)
+    return out

@@ -55,16 +55,33 @@ def dry_run(s: Any) -> None:
 
 def summary(s: Any, repair_asked: bool) -> None:
     """A run's outcome: counts, speed, and every note that asks the user to do something."""
+    if s.manual_split and s.pending:  # this rank finished first: the rest is the other ranks' share, still running
+        left = f" of {s.total}, {s.pending} in the other ranks' shards (the last rank to finish seals the cache)"
+    else:
+        left = f", {s.pending} pending of {s.total}"
+    by = f" by {s.world_size} processes" if s.world_size > 1 and not s.manual_split else ""
     typer.echo(
-        f"{s.cache}: {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}; "
-        f"this run {count(s.processed, 'image')} in {s.seconds:.1f}s ({s.images_per_s:.1f} img/s"
-        f"{f' by {s.world_size} processes' if s.world_size > 1 else ''}), "
-        f"{gb(s.bytes_written)} written{'; sealed' if s.sealed else ''}"
+        f"{s.cache}: {s.done} done, {s.failed} failed{left}; "
+        f"{'this rank' if s.manual_split else 'this run'} {count(s.processed, 'image')} in {s.seconds:.1f}s "
+        f"({s.images_per_s:.1f} img/s{by}), {gb(s.bytes_written)} written{'; sealed' if s.sealed else ''}"
     )
+    for line in rank_lines(s):
+        typer.echo(f"  {line}")
     for reason, n in sorted(s.failures_by_reason.items()):
         typer.echo(f"  failed ({reason}): {n}")
     for line in _notes(s, repair_asked):
         typer.echo(f"  {line}")
+
+
+def rank_lines(s: Any) -> list[str]:
+    """What each process of a split run did itself (none for a run of one process)."""
+    if s.world_size == 1:
+        return []
+    return [
+        f"rank {r.rank} of {s.world_size}: {count(r.images, 'image')} ({r.failed} failed), "
+        f"{count(r.shards, 'shard')} written in {r.seconds:.1f}s"
+        for r in s.ranks
+    ]
 
 
 def count(n: int, noun: str) -> str:

@@ -11,9 +11,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from dinofeat.cache.layout import BucketPlan, Plan
+from dinofeat.cache.layout import VACANT, BucketPlan, Plan
 from dinofeat.cache.store import Store
 from dinofeat.errors import DinofeatError, SourceChangedError
 from dinofeat.extraction import assemble
@@ -28,6 +27,7 @@ from dinofeat.extraction.prepare import Prepared
 from dinofeat.extraction.stub import StubEncoder
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.extraction.writer import WRITER_THREADS, ShardResult, ShardWriter, Timings
+from dinofeat.progress import bar as progress_bar
 from dinofeat.sources.discover import Facts, Source
 
 DEFAULT_TOKEN_BUDGET = {"cuda": 131072, "cpu": 8192}
@@ -106,18 +106,21 @@ def run_shards(
     gone = _pruned_rows(plan, pruned)
     n_pending = sum(_rows_in(b, mine[b.name], 0, b.rows) for b in plan.buckets)
     timings, on_device = writer.timings, assemble.moments_on_device(prep.device)
-    t0 = time.perf_counter()
+    t0, n_failed = time.perf_counter(), 0
     try:
         # on CUDA the run's device is the current one: the events that tell the writers a shard's copies have landed
         # are recorded on its stream (`--device cuda:1` in one process would otherwise record them on cuda:0's)
         with (
             torch.cuda.device(prep.device) if cuda else contextlib.nullcontext(),
-            tqdm(total=n_pending, desc="extract", unit="img", disable=not progress, smoothing=0.05) as bar,
+            progress_bar(total=n_pending, desc="extract", unit="img", enabled=progress, smoothing=0.05) as bar,
         ):
             for batch in _timed(batches(loader, prep.device, cfg.recipe), timings):
                 job, b = batch.job, buckets[batch.job.bucket]
                 with timings.stage("encode"):
                     outputs, moments = _encode(encoder, batch, b, prep, device_moments=on_device)
+                n_failed += sum(  # a batch may span other ranks' shards; a vacant row holds no image
+                    why != VACANT and r // b.shard_rows in mine[b.name] for r, why in batch.failed.items()
+                )
                 failed = batch.failed | {r: PRUNED for r in gone.get(b.name, ()) if job.start <= r < job.stop}
                 with timings.stage("host_copy"):  # includes waiting on the writers when a shard is handed over
                     assemblers[job.bucket].add(job.start, outputs, moments, failed, batch.changed)
@@ -131,7 +134,12 @@ def run_shards(
         raise err from (None if isinstance(e, SourceChangedError) else e)
     writer.close()
     return LoopResult(
-        n_pending, time.perf_counter() - t0, writer.bytes_written, writer.shards_written, dict(timings.seconds)
+        n_pending,
+        time.perf_counter() - t0,
+        writer.bytes_written,
+        writer.shards_written,
+        dict(timings.seconds),
+        n_failed,
     )
 
 
@@ -175,6 +183,7 @@ class LoopResult:
     bytes_written: int
     shards: int
     timings: dict[str, float]
+    failed: int = 0  # images among `images` that could not be read or decoded
 
 
 def _timed(loader: Iterable[DecodedBatch], timings: Timings) -> Iterator[DecodedBatch]:

@@ -6,11 +6,13 @@ weights on a device in eval mode and turns uint8 batches into `last_hidden_state
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -294,6 +296,24 @@ def _raise_recompile_limits(shapes: int) -> None:
         setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), want))
 
 
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers 5 draws a bar of its own while it copies weights into the model (not a download: those bars are
+    huggingface_hub's and stay). It ignored --quiet and wrote `\\r` frames into batch logs; dinofeat's own bars
+    (dinofeat.progress) say where a run is."""
+    from transformers.utils import logging as hf_logging
+
+    hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5
+    if hook is None:
+        yield
+        return
+    previous = hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        hook(previous)
+
+
 RANDOM_CACHE_MAX_PARAMS = 500_000_000  # random weights kept on disk up to ViT-L/H size (2 GB in fp32), not 7B
 
 
@@ -406,6 +426,10 @@ class Encoder:
         return hook
 
     def _build(self) -> torch.nn.Module:
+        with _no_loading_bar():
+            return self._load()
+
+    def _load(self) -> torch.nn.Module:
         from transformers import AutoModel
 
         if self.info.random:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from dinofeat import __version__
 from dinofeat.buckets import AnySpec, BucketSpecError, TiedSpec, make_buckets, spec_for
@@ -29,6 +28,7 @@ from dinofeat.extraction.devicedecode import check_device_decode
 from dinofeat.extraction.model import ModelInfo, load_model_info, resolve_device, resolve_dtype
 from dinofeat.extraction.plan import make_plan
 from dinofeat.images.probe import probe_many
+from dinofeat.progress import bar as progress_bar
 from dinofeat.sources.discover import Source
 
 
@@ -147,7 +147,7 @@ def check_bucket_pixels(spec: AnySpec, max_pixels: int) -> None:
 
 def build_plan(src: Source, prep: Prepared, progress: bool, part: int = 0) -> Plan:
     paths = [src.path(k) for k in src.keys]
-    with tqdm(total=len(paths), desc="probe", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(paths), desc="probe", unit="img", enabled=progress) as bar:
         probes = probe_many(paths, prep.config.recipe.max_pixels, prep.config.probe_threads, bar.update)
     shard_bytes = int(prep.config.shard_mb * 2**20)
     return make_plan(

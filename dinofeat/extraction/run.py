@@ -44,6 +44,17 @@ from dinofeat.sources.discover import Source, discover, no_images
 from dinofeat.storeerrors import store_errors
 
 
+@dataclass(frozen=True)
+class RankWork:
+    """What one process of a run did itself: every rank of a split says it (a manual split's rank printed nothing)."""
+
+    rank: int
+    images: int  # extracted by this process, failed ones included
+    failed: int  # of those, the images that failed (decode errors and the like)
+    shards: int  # written by this process
+    seconds: float
+
+
 @dataclass
 class Summary:
     """What a run did; the CLI prints it, the Python API returns it."""
@@ -76,6 +87,8 @@ class Summary:
     timings: dict[str, float] = field(default_factory=dict)  # this process's seconds per stage (loop.LoopResult)
     shards_written: int = 0  # by this process
     version: str = __version__
+    manual_split: bool = False  # a --rank/--world-size split: this summary is one rank's, the others run on their own
+    ranks: list[RankWork] = field(default_factory=list)  # each process's own work (a manual split: this one's)
 
     @property
     def images_per_s(self) -> float:
@@ -176,6 +189,7 @@ def _extract(
             group.broadcast(e)  # they stop with this error, not with gloo's when this process ends (issue 32.10)
         raise
     summary = Summary(cache=given, dry_run=dry_run, world_size=group.world_size, rank=group.rank, inherited=taken)
+    summary.manual_split = group.world_size > 1 and not group.connected
     if dry_run:
         assert src is not None
         return _dry_run(cache, src, prep, summary, overwrite)
@@ -191,8 +205,9 @@ def _extract(
         ran = run_shards(st, plan, src, prep, pending, progress, st.index.pruned())
         summary.processed, summary.seconds, summary.bytes_written = ran.images, ran.seconds, ran.bytes_written
         summary.timings, summary.shards_written = ran.timings, ran.shards
+        own = RankWork(group.rank, ran.images, ran.failed, ran.shards, ran.seconds)
         group.barrier()  # every rank's shards are marked before anyone seals
-        _finish(st, plan, group, summary, repaired=repair)
+        _finish(st, plan, group, summary, repaired=repair, own=own)
         if summary.sealed and group.is_leader:
             housekeeping.purge_retired(cache)  # an --overwrite's old generation, kept for its readers until now
     return summary
@@ -253,14 +268,17 @@ def _pending_shards(st: Store, plan: Plan, src: Source, group: ranks.Group, summ
     return pending
 
 
-def _finish(st: Store, plan: Plan, group: ranks.Group, summary: Summary, repaired: bool) -> None:
+def _finish(st: Store, plan: Plan, group: ranks.Group, summary: Summary, repaired: bool, own: RankWork) -> None:
     """Every rank's counts summed, the cache sealed once nothing is pending, and the run's outcome counted."""
+    summary.ranks = group.gather(own)
     if group.connected:
         parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
         summary.processed = sum(p[0] for p in parts)
         summary.seconds = max(p[1] for p in parts)
         summary.bytes_written = sum(p[2] for p in parts)
     status, failures, complete = lifecycle.finalize(st, plan, seal_it=group.is_leader or not group.connected)
+    if summary.manual_split and not complete:  # another rank may have marked its last shard since: count again
+        status, failures, complete = lifecycle.finalize(st, plan)
     group.barrier()  # the seal is on disk before any rank returns
     summary.total = len(plan)
     summary.done = int((status == STATUS_DONE).sum())

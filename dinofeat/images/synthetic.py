@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+
+from dinofeat.progress import bar as progress_bar
 
 ASPECTS = [(4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3), (21, 9), (1, 3)]
 
@@ -42,7 +43,7 @@ def make_images(
     out.mkdir(parents=True, exist_ok=True)
     cycle = aspects or ASPECTS
     paths = []
-    for i in tqdm(range(count), desc="synthetic photos", unit="img", disable=not progress):
+    for i in progress_bar(range(count), desc="synthetic photos", unit="img", enabled=progress):
         aw, ah = cycle[i % len(cycle)]
         scale = (megapixels * 1e6 / (aw * ah)) ** 0.5
         w, h = max(16, int(aw * scale)), max(16, int(ah * scale))

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dinofeat.errors import ConfigError, ImageError
 from dinofeat.extraction.config import ExtractConfig
@@ -36,6 +35,7 @@ from dinofeat.extraction.tokens import split_tokens
 from dinofeat.images.preprocess import load_resized
 from dinofeat.images.recipe import Recipe
 from dinofeat.images.synthetic import make_images
+from dinofeat.progress import bar as progress_bar
 from dinofeat.sources.discover import discover
 
 
@@ -279,7 +279,7 @@ def _model_only(
     t0 = time.perf_counter()
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-        tqdm(total=sum(b.rows for b in plan.buckets), desc="decode", unit="img", disable=not progress) as bar,
+        progress_bar(total=sum(b.rows for b in plan.buckets), desc="decode", unit="img", enabled=progress) as bar,
     ):
         for b in plan.buckets:
             bs = batch_size_for(b.grid[0] * b.grid[1] + 1 + regs, budget, cfg.batch_size)
@@ -307,7 +307,7 @@ def _model_only(
 
     def one_pass(desc: str) -> float:
         t0 = time.perf_counter()
-        for b, x in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        for b, x in progress_bar(batches, desc=desc, unit="batch", enabled=progress):
             hidden = encoder.encode_uint8(x, cfg.recipe.mean, cfg.recipe.std)
             split_tokens(hidden, regs, b.grid)[2].to(TORCH_DTYPES[cfg.store_dtype]).cpu()
         _sync(prep.device)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dinofeat.cache import housekeeping, metadata
 from dinofeat.cache.arrays import ArraySet
@@ -40,6 +39,7 @@ from dinofeat.cache.store import Store
 from dinofeat.errors import CHANGED_SINCE_PLANNED, CacheFormatError, ConfigError, DinofeatError, ImageChangedError
 from dinofeat.inspection.info import failed_list
 from dinofeat.paths import local_path
+from dinofeat.progress import bar as progress_bar
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.storeerrors import is_store_failure
 
@@ -403,7 +403,7 @@ def _check_values(st, plan: Plan, status, markers, sample, seed, progress, repor
     expected = expected_checksums(markers, plans)
     norms, norm_keys = [], []
     unchecked = 0
-    for k, b, u in tqdm(todo, desc="validate", unit="shard", disable=not progress):
+    for k, b, u in progress_bar(todo, desc="validate", unit="shard", enabled=progress):
         s0, s1 = b.shard_range(u)
         positions = by_bucket[k][s0:s1]
         done = (positions >= 0) & (status[positions] == STATUS_DONE)
