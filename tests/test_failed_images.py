@@ -92,3 +92,33 @@ def test_an_unfinished_cache_lists_the_failures_its_markers_record(source, tmp_p
     assert len(failed) == info(cache)["failed"] >= 1
     asked = validate(cache, progress=False, failures=True)
     assert [(w.where, w.reason) for w in asked.warnings if w.check == "failed"] == failed
+
+
+def test_counts_by_reason_agree_with_the_list_after_a_prune(source, tmp_path, dinov3_path):
+    """A failed image gone from the source and pruned keeps its recorded reason; info counts only what --failures
+    lists (before: 2 reasons counted, 1 image listed)."""
+    import shutil
+
+    imgs = tmp_path / "imgs"
+    shutil.copytree(source, imgs)
+    cache = tmp_path / "c"
+    extract(imgs, cache, model=str(dinov3_path), area=64, **FAST)
+    (imgs / "notes.png").unlink()
+    assert extract(imgs, cache, model=str(dinov3_path), area=64, prune=True, **FAST).pruned_now == 1
+    d = info(cache, failures=True)
+    assert [f["key"] for f in d["failures"]] == ["sub/cut.jpg"] and d["failed"] == 1 and d["pruned"] == 1
+    assert sum(d["failures_by_reason"].values()) == 1, d["failures_by_reason"]
+
+
+def test_a_key_with_a_tab_or_line_break_stays_one_line(tmp_path, dinov3_path):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 2)
+    (imgs / "tab\there.png").write_bytes(b"no image")
+    (imgs / "two\nlines.png").write_bytes(b"no image either")
+    cache = tmp_path / "c"
+    extract(imgs, cache, model=str(dinov3_path), area=64, **FAST)
+    out = CliRunner().invoke(app, ["info", str(cache), "--failures"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["tab\\there.png", "two\\nlines.png"], lines
+    assert all(ln.count("\t") == 1 for ln in lines), lines

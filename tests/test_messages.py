@@ -69,11 +69,52 @@ def test_validate_images_of_another_folder_says_it_is_not_the_source(made, tmp_p
     write_images(other / "sub", [(32, 32)] * 4)
     r = validate(cache, other, progress=False)
     assert [(p.check, p.where) for p in r.problems] == [("source", str(other))], r.problems
-    assert "holds none of the cache's 5 images: not the source this cache was made from" in r.problems[0].reason
+    assert "lacks 5 of the cache's 5 images: not the source this cache was made from" in r.problems[0].reason
     assert str(imgs) in r.problems[0].reason
     assert not any("--prune" in line for line in r.advice()), r.advice()
     out = CliRunner().invoke(app, ["validate", str(cache), "--images", str(other)]).output
     assert "not the source this cache was made from" in out and "--prune" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("folder", "recorded", "planned", "lacking", "says"),
+    [
+        ("/data/b", "/data/a", 10, 10, "lacks 10 of the cache's 10 images: not the source"),
+        ("/data/b", "/data/a", 10, 9, "lacks 9 of the cache's 10 images: not the source"),  # one name in common
+        ("/data/b", "/data/a", 10, 5, ""),  # half present: a moved source, compared image by image
+        ("/data/b", "/data/a", 10, 0, ""),
+        ("/data/a", "/data/a", 10, 10, "holds none of the cache's 10 images any more"),  # emptied or renamed
+        ("/data/a/", "/data/a", 10, 10, "holds none of the cache's 10 images any more"),
+        ("/data/a", "/data/a", 10, 9, ""),  # its own source, mostly gone: --prune is the right advice
+        ("s3://b/shards/{0..9}.tar", "s3://b/shards/{0..9}.tar", 10, 10, "holds none"),
+        ("/data/b", "", 10, 10, "not the source this cache was made from;"),
+        ("/data/b", "/data/a", 0, 0, ""),
+    ],
+)
+def test_when_a_folder_is_not_the_caches_source(folder, recorded, planned, lacking, says):
+    from dinofeat.inspection.validate import _not_the_source
+
+    got = _not_the_source(folder, recorded, planned, lacking)
+    assert (says in got) if says else got == "", got
+    if "not the source" in got:
+        assert "--prune" not in got
+
+
+def test_validate_images_of_an_emptied_or_renamed_source_says_so(tmp_path, dinov3_path):
+    imgs = tmp_path / "imgs"
+    write_images(imgs, SIZES)
+    cache = tmp_path / "c"
+    dinofeat.extract(imgs, cache, model=str(dinov3_path), area=64, **FAST)
+    for f in imgs.iterdir():
+        f.rename(f.with_name("renamed_" + f.name))  # the same folder, every file under another name
+    r = validate(cache, imgs, progress=False)
+    assert [p.check for p in r.problems] == ["source"], r.problems
+    assert "holds none of the cache's 5 images any more" in r.problems[0].reason
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = validate(cache, empty, progress=False)  # another, empty folder: not "--prune every image"
+    assert [p.check for p in r.problems] == ["source"] and "not the source" in r.problems[0].reason, r.problems
+    assert not any("--prune" in line for line in r.advice())
 
 
 def test_validate_images_of_its_own_source_is_clean(made):

@@ -172,10 +172,31 @@ def test_a_mix_that_cannot_work_is_refused_at_construction(caches, caches_of, kw
         MixedFeatureDataset(caches_of(caches), **kwargs)
 
 
-@pytest.mark.parametrize("weights", [[0, 1], [-1, 1], [float("nan"), 1], [float("inf"), 1], [True, 1], [1], ["2", 1]])
+@pytest.mark.parametrize(
+    "weights", [[0, 1], [-1, 1], [float("nan"), 1], [float("inf"), 1], [True, 1], [1], ["2", 1], [10**20, 1]]
+)
 def test_bad_weights_are_refused(weights):
     with pytest.raises(ConfigError):
         parse_weights(weights, 2)
+
+
+@pytest.mark.parametrize(
+    ("weight", "want"),
+    [
+        (np.float32(0.25), Fraction(1, 4)),
+        (np.float64(0.15), Fraction(15, 100)),
+        (np.int64(3), Fraction(3)),
+        (torch.tensor(0.5), Fraction(1, 2)),
+        (Fraction(1, 3), Fraction(1, 3)),
+    ],
+)
+def test_numpy_and_torch_scalars_are_weights(weight, want):
+    assert parse_weights([weight], 1) == (want,)
+
+
+def test_a_weight_that_leaves_a_cache_out_is_refused(caches):
+    with pytest.raises(ConfigError, match=r"cache 1 \(.*\) would give no sample: weight 0.01 x 7 images rounds to 0"):
+        MixedFeatureDataset([caches["a"], caches["b"]], weights=[1, 0.01])
 
 
 # ---- the exact counts ------------------------------------------------------------------------------------------------

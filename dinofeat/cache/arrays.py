@@ -133,5 +133,9 @@ class ArraySet:
         rec = meta.get("arrays")
         if rec:
             return cls(tuple(rec["layers"]), bool(rec["flip"]), bool(rec["registers"]), bool(rec["layer_norm"]))
-        last = int(meta.get("model", {}).get("config", {}).get("num_hidden_layers", 1))
-        return cls((last,), False, bool(meta.get("registers_stored")), True)
+        return cls((cls.last_layer(meta),), False, bool(meta.get("registers_stored")), True)
+
+    @staticmethod
+    def last_layer(meta: dict[str, Any]) -> int:
+        """The model's last block: the one layer a cache holds by default."""
+        return int(meta.get("model", {}).get("config", {}).get("num_hidden_layers", 1))

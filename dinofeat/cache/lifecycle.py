@@ -129,8 +129,7 @@ def check_fingerprint(st: Store, fingerprint: dict[str, Any]) -> None:
     if isinstance(old.get("model_id"), str):  # caches before 0.6.1 recorded a model folder as typed
         old["model_id"] = model_ref(old["model_id"])
     if ("features" in old) != ("features" in fingerprint):  # one side has the default feature set: spell it out
-        last = int(st.meta.get("model", {}).get("config", {}).get("num_hidden_layers", 1))  # ArraySet.from_meta's
-        default = ArraySet((last,), False, False, True)
+        default = ArraySet((ArraySet.last_layer(st.meta),), False, False, True)
         old, fingerprint = with_features(old, default), with_features(fingerprint, default)
     diff = fingerprint_diff(old, fingerprint)
     if diff:

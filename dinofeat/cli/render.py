@@ -222,9 +222,14 @@ def tied_table(spec, doc: dict) -> None:
 
 def failed_images(failed: list[tuple[str, str]]) -> None:
     """`info --failures`: one line per failed image, key and reason split by a tab (`cut -f1` gives the keys); the
-    reason is one line (a reason's own line breaks and tabs become spaces)."""
+    reason is one line (a reason's own line breaks and tabs become spaces), and a key's tab or line break is written
+    `\\t`, `\\n`, `\\r`, as keys spell other bytes of a file name (`--json` has the keys as they are)."""
     for key, reason in failed:
-        typer.echo(f"{key}\t{' '.join(reason.split())}")
+        typer.echo(f"{_escaped(key)}\t{' '.join(reason.split())}")
+
+
+def _escaped(key: str) -> str:
+    return key.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def info(d: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinofeat.errors import ConfigError, ImageError
+from dinofeat.errors import ConfigError
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.loop import DEFAULT_TOKEN_BUDGET, default_workers, pipeline_ceiling
 from dinofeat.extraction.model import TORCH_DTYPES, Encoder
@@ -239,7 +239,9 @@ def bench(
 
 def _duration(seconds: float) -> str:
     return (
-        f"{seconds:.0f} s"
+        "under a second"
+        if seconds < 1
+        else f"{seconds:.0f} s"
         if seconds < 120
         else f"{seconds / 60:.0f} min"
         if seconds < 7200
@@ -252,14 +254,14 @@ class ModelOnly:
     img_s: float
     flops: float  # mean per image
     warmup_s: float  # the warm-up pass's seconds beyond a warm one
-    unreadable: dict[str, str]  # key -> reason of the planned images whose pixels could not be read (skipped)
 
 
-def _decode(load: Callable[[Any], np.ndarray], path: Any) -> np.ndarray | ImageError:
-    """One image's pixels, or the reason it has none: a bad file is skipped and counted, as precompute does."""
+def _decode(load: Callable[[Any], np.ndarray], path: Any) -> np.ndarray | Exception:
+    """One image's pixels, or why it has none: a bad file is skipped, as precompute skips it (any decoder error
+    there too: one decoder's bug must not end the run; the end-to-end pass counts it with its reason)."""
     try:
         return load(path)
-    except ImageError as e:
+    except Exception as e:
         return e
 
 
@@ -275,7 +277,7 @@ def _model_only(
     cfg, regs = prep.config, prep.model.num_register_tokens
     budget = cfg.token_budget or DEFAULT_TOKEN_BUDGET.get(prep.device.type, 8192)
     positions = plan.rows_to_keys()
-    batches, flops, n, unreadable = [], 0.0, 0, {}
+    batches, flops, n, unreadable = [], 0.0, 0, 0
     t0 = time.perf_counter()
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
@@ -286,9 +288,9 @@ def _model_only(
             keys = [plan.keys[i] for i in positions[b.name] if i >= 0]
             load = functools.partial(load_resized, size=b.size, recipe=cfg.recipe)
             decoded = []
-            for key, x in zip(keys, pool.map(functools.partial(_decode, load), map(src.path, keys)), strict=True):
-                if isinstance(x, ImageError):
-                    unreadable[key] = str(x)
+            for x in pool.map(functools.partial(_decode, load), map(src.path, keys)):
+                if isinstance(x, Exception):
+                    unreadable += 1
                 else:
                     decoded.append(x)
                 bar.update(1)
@@ -301,7 +303,7 @@ def _model_only(
     decode_s = time.perf_counter() - t0
     if not n:
         raise ConfigError(
-            f"none of the {len(plan.keys)} images could be read ({len(plan.probe_errors) + len(unreadable)} "
+            f"none of the {len(plan.keys)} images could be read ({len(plan.probe_errors) + unreadable} "
             "unreadable): nothing to time"
         )
 
@@ -317,4 +319,4 @@ def _model_only(
     if say is not None:  # the timed pass and the end-to-end model time are at most a warm-up each; decoding 3 times
         say(f"bench: measured: the rest takes about {_duration(2 * first + 3 * decode_s)} here")
     warm = one_pass("model timed")
-    return ModelOnly(n / warm, flops / n, max(0.0, first - warm), unreadable)
+    return ModelOnly(n / warm, flops / n, max(0.0, first - warm))

@@ -93,6 +93,7 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256, failures: bool 
             | ({"dit_size": list(b.dit)} if b.dit else {})
         )
     done = int((status == STATUS_DONE).sum())
+    failed = failed_list(list(ix["key"]), status, reasons)  # what --failures lists: the counts must agree with it
     return {
         "cache": str(cache),
         "dinofeat": __version__,  # this build; the cache records the one that created it in dinofeat_version
@@ -120,16 +121,12 @@ def info(cache: str | os.PathLike[str], stats_images: int = 256, failures: bool 
         "pending": int((status == STATUS_PENDING).sum()),
         "pruned": int((status == STATUS_PRUNED).sum()),
         "buckets": per_bucket,
-        "failures_by_reason": dict(Counter(r.split(":", 1)[0] for r in reasons.values())),
+        "failures_by_reason": dict(Counter(r.split(":", 1)[0] for _, r in failed)),
         "disk_bytes": st.files.total_bytes(),
         "created": meta.get("created"),
         "dinofeat_version": meta.get("dinofeat_version"),
         "channel_stats": recorded_stats(meta, done) or channel_stats(st, stats_images, status),
-    } | (
-        {"failures": [{"key": k, "reason": r} for k, r in failed_list(list(ix["key"]), status, reasons)]}
-        if failures
-        else {}
-    )
+    } | ({"failures": [{"key": k, "reason": r} for k, r in failed]} if failures else {})
 
 
 def recorded_stats(meta: dict[str, Any], done: int) -> dict[str, Any] | None:

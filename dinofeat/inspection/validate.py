@@ -38,7 +38,7 @@ from dinofeat.cache.shardfile import HandlePool, ShardReader, read_layout
 from dinofeat.cache.store import Store
 from dinofeat.errors import CHANGED_SINCE_PLANNED, CacheFormatError, ConfigError, DinofeatError, ImageChangedError
 from dinofeat.inspection.info import failed_list
-from dinofeat.paths import local_path
+from dinofeat.paths import is_url, local_path
 from dinofeat.progress import bar as progress_bar
 from dinofeat.sources.archive import is_archive_source
 from dinofeat.storeerrors import is_store_failure
@@ -250,15 +250,14 @@ def _run_checks(
         )
     keys = plan.keys
     _check_structure(st, meta, ix, status, keys, plan.buckets, markers, report)
+    failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
     if name_failed:
-        reasons = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
-        for k, why in failed_list(keys, status, reasons):
+        for k, why in failed_list(keys, status, failures):
             report.warn("failed", k, why)
     _check_vacant(plan, markers, report)
     _check_values(st, plan, status, markers, sample, seed, progress, report)
     _check_stats(st, plan, markers, report)
     if images is not None:
-        failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
         recorded = str(meta.get("source_root") or "")
         _check_folder(str(images), as_read(plan, markers), status, markers, failures, report, recorded)
     if recompute and SOURCE_NAMES not in damaged:  # never recompute from files an edited map names
@@ -505,6 +504,34 @@ def _read_checked(reader: ShardReader, s0: int, s1: int) -> tuple[np.ndarray, di
     return np.stack(rows), damaged
 
 
+def _not_the_source(folder: str, recorded: str, planned: int, lacking: int) -> str:
+    """Why `folder` cannot be compared image by image with the cache ('' when it can). A folder that is not where
+    the cache was made and lacks most of its images is another dataset (numbered file names often overlap); the
+    place it was made that holds none of them was emptied or renamed. Either way, listing every image as "extra"
+    would advise `--prune`, which drops them all. A source moved as a whole (precompute accepts it) holds them."""
+    if not planned or (lacking * 2 <= planned and lacking < planned):
+        return ""
+    same = bool(recorded) and _same_place(folder, recorded)
+    if same and lacking == planned:
+        return (
+            f"holds none of the cache's {planned} images any more (emptied, or every file renamed): rerun "
+            "precompute with --prune to drop them all, or --overwrite to rebuild from what it holds now"
+        )
+    if same:
+        return ""
+    where = f" (made from {recorded})" if recorded else ""
+    return (
+        f"lacks {lacking} of the cache's {planned} images: not the source this cache was made from{where}; "
+        "validate --images takes that source"
+    )
+
+
+def _same_place(folder: str, recorded: str) -> bool:
+    if is_url(folder) or is_url(recorded):
+        return folder.rstrip("/") == recorded.rstrip("/")
+    return os.path.realpath(folder) == os.path.realpath(recorded)
+
+
 def _check_folder(
     folder: str, plan: Plan, status: np.ndarray, markers, failures: dict[str, str], report: Report, recorded: str = ""
 ) -> None:
@@ -522,14 +549,9 @@ def _check_folder(
     found = set(src.keys)
     pruned = {keys[i] for i in np.flatnonzero(status == STATUS_PRUNED)}
     planned = set(keys) - pruned
-    if planned and found and not planned & found:  # not one image in common: another folder, not a changed source
-        where = f" (made from {recorded})" if recorded and recorded != folder else ""
-        report.add(
-            "source",
-            folder,
-            f"holds none of the cache's {len(planned)} images: not the source this cache was made from{where}; "
-            f"validate --images takes that source",
-        )
+    why = _not_the_source(folder, recorded, len(planned), len(planned - found))
+    if why:  # another folder, or one emptied: `--prune` (what "extra" images advise) would drop the cache's images
+        report.add("source", folder, why)
         return
     for k in sorted(found - set(keys)):
         report.add("missing", k, "image in the source is not in the cache")

@@ -84,6 +84,13 @@ class MixedFeatureDataset(Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._lay_out()
         self._draws: dict[tuple[int, int], np.ndarray] = {}
+        for c, n in enumerate(self.samples_per_cache):  # a cache silently left out of every epoch is a mistake
+            if n == 0:
+                images = len(self.parts[c])
+                raise ConfigError(
+                    f"cache {c} ({self.caches[c].path}) would give no sample: weight {float(self.weights[c]):g} x "
+                    f"{images} images rounds to 0; give it a weight of at least {0.5 / max(images, 1):g}"
+                )
 
     def _lay_out(self) -> None:
         """Sample indices, cache by cache and bucket by bucket: each (cache, bucket) group holds its fixed count."""

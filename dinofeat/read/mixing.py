@@ -26,10 +26,14 @@ def parse_weights(weights: Sequence[float | int | Fraction] | None, n: int) -> t
         raise ConfigError(f"weights has {len(weights)} entries for {n} caches: give one per cache")
     out = []
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w <= 0:
-            raise ConfigError(f"a cache's weight must be a finite number > 0, got {w!r}")
-        out.append(w if isinstance(w, Fraction) else Fraction(str(w)) if isinstance(w, float) else Fraction(w))
+        w = w.item() if hasattr(w, "item") and getattr(w, "ndim", None) == 0 else w  # numpy and torch scalars
+        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or not 0 < w <= MAX_WEIGHT:
+            raise ConfigError(f"a cache's weight must be a finite number > 0 and at most {MAX_WEIGHT}, got {w!r}")
+        out.append(w if isinstance(w, Fraction) else Fraction(w) if isinstance(w, int) else Fraction(str(float(w))))
     return tuple(out)
+
+
+MAX_WEIGHT = 10**6  # a repeat count beyond this is a typo, and would make an epoch too large to index
 
 
 def cache_samples(weight: Fraction, images: int) -> int:
