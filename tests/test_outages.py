@@ -165,14 +165,30 @@ def test_an_outage_past_the_retries_ends_in_one_line_releases_the_lock_and_the_r
     assert LOCK not in _keys(s3, bucket)
 
 
+@pytest.fixture
+def even_backoff_env(tmp_path) -> dict[str, str]:
+    """`even_backoff` for a dinofeat process the test starts: a sitecustomize on its PYTHONPATH takes the jitter out
+    of botocore's backoff (0.1 x 2^n s), so waiting out 8 attempts takes seconds, not up to a minute."""
+    site = tmp_path / "even-backoff"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import types\nimport botocore.retryhandler\n"
+        "botocore.retryhandler.random = types.SimpleNamespace(random=lambda: 0.1)\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.mark.slow
-def test_an_outage_shorter_than_the_retries_is_waited_out(s3, bucket, proxy, images, reference, dinov3_path):
+def test_an_outage_shorter_than_the_retries_is_waited_out(
+    s3, bucket, proxy, images, reference, dinov3_path, even_backoff_env
+):
     """Cut mid-run until one request has been refused 11 times: past botocore's default (5 attempts, and aiohttp
     tries each attempt's connection twice: 10), within the attempts the run is given (8 here; 6 by default). The
     run waits it out and seals a cache bit-identical to a local run."""
     url = f"s3://{bucket}/feats"
     proxy.restore_when = lambda refused: max(Counter(refused).values()) >= 11
-    proc = _precompute(images, url, dinov3_path, _through(proxy, s3, DINOFEAT_STORE_ATTEMPTS="8"))
+    env = _through(proxy, s3, DINOFEAT_STORE_ATTEMPTS="8", **even_backoff_env)
+    proc = _precompute(images, url, dinov3_path, env)
     _cut_at_the_first_marker(s3, bucket, proxy, proc)
     text = _output(proc, timeout=180)
     assert proc.returncode == 0, text
