@@ -31,6 +31,18 @@ class FileOption:
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
+# what a file may not hold: actions for one run (a rerun of the same file must resume, never start over, prune or
+# repair again: `overwrite = true` would delete a crashed run's finished work) and what differs per process
+COMMAND_LINE_ONLY = {
+    "overwrite": "an action for one run (a rerun of the same file would delete the finished work)",
+    "dry-run": "an action for one run",
+    "repair": "an action for one run",
+    "prune": "an action for one run",
+    "rank": "different for each process of a split",
+    "world-size": "part of a manual split, given with --rank",
+}
+
+
 def read_options(path: str | Path, known: Mapping[str, FileOption]) -> dict[str, Any]:
     """The options a TOML file sets, as {parameter name: value}. `known` maps each key (dashed) to its option."""
     try:
@@ -50,6 +62,8 @@ def options_from(doc: Mapping[str, Any], known: Mapping[str, FileOption], where:
     seen: dict[str, str] = {}
     for raw, value in doc.items():
         key = raw.replace("_", "-")
+        if key in COMMAND_LINE_ONLY and key in known:
+            raise ConfigError(f"{where}: {raw!r} is {COMMAND_LINE_ONLY[key]}: give --{key} on the command line")
         option = known.get(key)
         if option is None:
             near = difflib.get_close_matches(key, list(known), n=2, cutoff=0.7)

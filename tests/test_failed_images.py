@@ -122,3 +122,6 @@ def test_a_key_with_a_tab_or_line_break_stays_one_line(tmp_path, dinov3_path):
     lines = out.output.splitlines()
     assert [ln.split("\t")[0] for ln in lines] == ["tab\\there.png", "two\\nlines.png"], lines
     assert all(ln.count("\t") == 1 for ln in lines), lines
+    out = CliRunner().invoke(app, ["validate", str(cache), "--failures"])
+    warned = [ln for ln in out.output.splitlines() if ln.startswith("warn")]
+    assert len(warned) == 2 and "two\\nlines.png: " in warned[1], out.output  # one line each, like info's

@@ -25,7 +25,15 @@ from dinofeat.read.collate import collate_features
 from dinofeat.read.compatible import check_compatible
 from dinofeat.read.flip import flip_coin
 from dinofeat.read.mixed import MixedFeatureDataset
-from dinofeat.read.mixing import apportion, extra_draw, fill, parse_weights, pooled_stats
+from dinofeat.read.mixing import (
+    apportion,
+    cache_samples,
+    extra_draw,
+    fill,
+    least_weight,
+    parse_weights,
+    pooled_stats,
+)
 from dinofeat.read.reader import FeatureCache
 from dinofeat.read.sampler import BucketBatchSampler, plan_batches
 from tests.helpers import FAST, write_images
@@ -194,9 +202,20 @@ def test_numpy_and_torch_scalars_are_weights(weight, want):
     assert parse_weights([weight], 1) == (want,)
 
 
-def test_a_weight_that_leaves_a_cache_out_is_refused(caches):
-    with pytest.raises(ConfigError, match=r"cache 1 \(.*\) would give no sample: weight 0.01 x 7 images rounds to 0"):
+def test_a_weight_that_leaves_a_cache_out_is_refused_with_advice_that_works(caches):
+    refusal = r"cache 1 \(.*\) would give no sample: weight 0.01 x 7 images rounds to 0"
+    with pytest.raises(ConfigError, match=refusal) as e:
         MixedFeatureDataset([caches["a"], caches["b"]], weights=[1, 0.01])
+    advised = float(str(e.value).rsplit(" ", 1)[-1])
+    assert MixedFeatureDataset([caches["a"], caches["b"]], weights=[1, advised]).samples_per_cache == [8, 1]
+
+
+@pytest.mark.parametrize("images", [1, 3, 6, 7, 12, 1000, 999_999])
+def test_the_least_weight_advised_gives_a_sample_and_is_the_least(images):
+    advised = least_weight(images)
+    assert cache_samples(parse_weights([float(advised)], 1)[0], images) == 1
+    least = Fraction(1, 2 * images)
+    assert least <= Fraction(advised) < least * (1 + Fraction(1, 10**5))  # at most the 6th digit above the least
 
 
 # ---- the exact counts ------------------------------------------------------------------------------------------------

@@ -88,3 +88,14 @@ def test_the_run_ends_in_the_error_that_says_why(reported, crash, want):
         assert isinstance(got, DinofeatError) and str(got).startswith(want)
     else:
         assert got is want
+
+
+def test_a_waiting_rank_says_so_once():
+    """A manual-split rank started before rank 0 planned said nothing for up to the wait (hours): now one line."""
+    heard: list[str] = []
+    answers = iter([False, False, False, True])
+    ranks.wait_until(lambda: next(answers), "rank 0 to plan c", timeout_s=7200, poll_s=0.0, say=heard.append)
+    assert heard == ["waiting for rank 0 to plan c (up to 2 h; it lists and probes the source first)"]
+    heard.clear()
+    ranks.wait_until(lambda: True, "rank 0 to plan c", timeout_s=60, say=heard.append)
+    assert heard == []  # ready at once: nothing to say

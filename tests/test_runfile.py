@@ -58,6 +58,13 @@ def test_keys_and_values(doc, want):
         ({"model": {"id": "x"}}, r"model must be a string, got a table"),
         ({"layers": [4, 8]}, r"layers must be a string, got \[4, 8\] \(list\)"),
         ({"shard-mb": 1, "shard_mb": 2}, r"'shard_mb' and 'shard-mb' set the same option; keep one"),
+        # actions for one run and per-process settings: a rerun of the same file must resume, not start over
+        ({"overwrite": True}, r"'overwrite' is an action for one run \(a rerun of the same file would delete"),
+        ({"dry_run": True}, r"'dry_run' is an action for one run: give --dry-run on the command line"),
+        ({"repair": True}, r"'repair' is an action for one run: give --repair on the command line"),
+        ({"prune": True}, r"'prune' is an action for one run"),
+        ({"rank": 1}, r"'rank' is different for each process of a split: give --rank on the command line"),
+        ({"world-size": 2}, r"'world-size' is part of a manual split"),
     ],
 )
 def test_refusals_name_the_key(doc, error):
@@ -138,3 +145,13 @@ def test_a_bad_file_is_one_line_before_any_work(images, tmp_path):
     assert "area must be a whole number" in out.output and not (tmp_path / "c").exists()
     out = run(tmp_path, {"model": model, "are": 64}, [str(imgs), str(tmp_path / "c")])
     assert out.exit_code == 1 and "unknown option 'are'; did you mean area?" in out.output
+
+
+@pytest.mark.parametrize("flag", ["--no-quiet", "--no-fit", "--no-json"])
+def test_every_switch_a_file_can_set_the_command_line_can_unset(flag):
+    """A file's `quiet = true` (the example sets it) or `fit = true` must yield to the command line, as the docs
+    say: every bool option has its --no- form."""
+    command = typer.main.get_command(app).commands["precompute"]
+    switches = [p for p in command.params if getattr(p, "is_flag", False) and p.name != "help"]
+    assert switches and all(p.secondary_opts for p in switches), [p.name for p in switches if not p.secondary_opts]
+    assert flag in {o for p in switches for o in p.secondary_opts}

@@ -19,11 +19,14 @@ CACHE_HELP = (
 MODEL_HELP = "Hub id, local directory, or random:vits16|vitb16|vitl16|..."
 
 Cache = Annotated[str, typer.Argument(help=CACHE_HELP)]
-AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AsJson = Annotated[bool, typer.Option("--json/--no-json", help="Machine-readable output.")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: auto|fp16|bf16|fp32.")]
 Quiet = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress bars (TQDM_DISABLE=1 does the same); results still print.")
+    bool,
+    typer.Option(
+        "--quiet/--no-quiet", "-q", help="No progress bars (TQDM_DISABLE=1 does the same); results still print."
+    ),
 ]
 Workers = Annotated[int | None, typer.Option(help="Decode worker processes.")]
 
@@ -53,7 +56,7 @@ CacheToMake = Annotated[str, typer.Argument(help=CACHE_HELP + " Created, or resu
 Model = Annotated[str, typer.Option(help=MODEL_HELP)]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
 Multiple = Annotated[int | None, typer.Option(help="Side multiple (default: the model's patch size).")]
-Fit = Annotated[bool, typer.Option("--fit", help="Per-image sizes (keep aspect, fit area) instead of a list.")]
+Fit = Annotated[bool, typer.Option("--fit/--no-fit", help="Per-image sizes (keep aspect, fit area) instead of a list.")]
 BucketSpecFile = Annotated[
     Path | None, typer.Option(help="Buckets from a `dinofeat buckets --out` file (instead of the bucket options).")
 ]

@@ -97,8 +97,8 @@ def _notes(s: Any, repair_asked: bool) -> list[str]:
         out.append(f"{count(s.new_files, 'image')} in the source but not in the plan (outside --limit, or pruned)")
     if s.removed_files:
         out.append(
-            f"{count(s.removed_files, 'cached image')} gone from the source (still served; rerun with --prune to drop "
-            "them), e.g. " + ", ".join(s.removed_examples)
+            f"{count(s.removed_files, 'planned image')} gone from the source (those stored are still served; rerun "
+            "with --prune to drop them), e.g. " + ", ".join(map(_escaped, s.removed_examples))
         )
     if s.pruned_now:
         out.append(
@@ -131,9 +131,9 @@ def report(r: Any, cache: str) -> None:
     """validate's report: an unfinished cache's summary first, then each problem, warning and fix."""
     first = [p for p in r.problems if p.check == "complete" and p.where == "cache"]
     for p in first + [p for p in r.problems if p not in first]:
-        typer.secho(f"FAIL {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.RED)
+        typer.secho(f"FAIL {p.check:<10} {_escaped(p.where)}: {p.reason}", fg=typer.colors.RED)
     for p in r.warnings:
-        typer.secho(f"warn {p.check:<10} {p.where}: {p.reason}", fg=typer.colors.YELLOW)
+        typer.secho(f"warn {p.check:<10} {_escaped(p.where)}: {p.reason}", fg=typer.colors.YELLOW)
     for line in r.advice():
         typer.echo(f"fix: {line}")
     checked = ", ".join(f"{_CHECKED.get(k, k)} {v}" for k, v in r.checked.items())

@@ -168,10 +168,23 @@ def device_for(group: Group, device: str | None) -> str | None:
     return device
 
 
-def wait_until(ready: Callable[[], bool], what: str, timeout_s: float, poll_s: float = 2.0) -> None:
-    """Manual splits have no process group: poll the filesystem until rank 0 is done planning."""
+def wait_until(
+    ready: Callable[[], bool],
+    what: str,
+    timeout_s: float,
+    poll_s: float = 2.0,
+    say: Callable[[str], None] | None = None,
+) -> None:
+    """Manual splits have no process group: poll the filesystem until rank 0 is done planning. `say` hears once
+    that this rank is waiting (a log that stays silent for hours reads as a hung job)."""
     deadline = time.monotonic() + timeout_s
+    if say is not None and not ready():
+        say(f"waiting for {what} (up to {_span(timeout_s)}; it lists and probes the source first)")
     while not ready():
         if time.monotonic() > deadline:
             raise ConfigError(f"gave up after {timeout_s:.0f}s waiting for {what}; is rank 0 running?")
         time.sleep(poll_s)
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:.0f} s"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -313,7 +314,7 @@ def _open_on_every_rank(
             raise outcome
         if manual:
             held.enter_context(cache_lock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
-        wait = None if group.connected else _waiter(prep.config.wait_s)
+        wait = None if group.connected else _waiter(prep.config.wait_s, group.rank)
         request = request_for(src, prep, False) if src is not None else _join_request(prep)
         st, plan = lifecycle.join(cache, request, wait)
         if src is None:
@@ -374,9 +375,13 @@ def _maintain(
     return plan
 
 
-def _waiter(timeout_s: float) -> Any:
-    """How a rank of a manual split waits for rank 0 (no process group: it polls the cache)."""
-    return lambda ready, what: ranks.wait_until(ready, what, timeout_s)
+def _waiter(timeout_s: float, rank: int) -> Any:
+    """How a rank of a manual split waits for rank 0 (no process group: it polls the cache), saying so on stderr."""
+
+    def say(line: str) -> None:
+        print(f"rank {rank}: {line}", file=sys.stderr, flush=True)
+
+    return lambda ready, what: ranks.wait_until(ready, what, timeout_s, say=say)
 
 
 def _join_request(prep: Prepared) -> lifecycle.Request:

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from dinofeat.errors import ConfigError
 from dinofeat.read.compatible import check_compatible
 from dinofeat.read.dataset import Extra, FeatureDataset, Norm, norm_tensors, normalize_sample
-from dinofeat.read.mixing import apportion, extra_draw, fill, parse_weights, pooled_stats
+from dinofeat.read.mixing import apportion, extra_draw, fill, least_weight, parse_weights, pooled_stats
 from dinofeat.read.reader import FeatureCache
 
 
@@ -89,7 +89,7 @@ class MixedFeatureDataset(Dataset):
                 images = len(self.parts[c])
                 raise ConfigError(
                     f"cache {c} ({self.caches[c].path}) would give no sample: weight {float(self.weights[c]):g} x "
-                    f"{images} images rounds to 0; give it a weight of at least {0.5 / max(images, 1):g}"
+                    f"{images} images rounds to 0; give it a weight of at least {least_weight(images)}"
                 )
 
     def _lay_out(self) -> None:

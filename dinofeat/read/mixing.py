@@ -7,6 +7,7 @@ it exactly as it deals one cache); only which images fill the fractional part of
 
 from __future__ import annotations
 
+import decimal
 import math
 from collections.abc import Sequence
 from fractions import Fraction
@@ -39,6 +40,15 @@ MAX_WEIGHT = 10**6  # a repeat count beyond this is a typo, and would make an ep
 def cache_samples(weight: Fraction, images: int) -> int:
     """Samples of a cache of `images` images per epoch: weight * images, rounded half up."""
     return math.floor(weight * images + Fraction(1, 2))
+
+
+def least_weight(images: int) -> str:
+    """The smallest weight, written as a decimal of 6 significant digits rounded up, that gives a cache of `images`
+    images a sample per epoch (round(w * n) >= 1, half up: w >= 1 / 2n): what a refusal can advise and be taken
+    at its word (1/12 printed as 0.0833333 is below 1/12 and would be refused again)."""
+    with decimal.localcontext() as ctx:
+        ctx.prec, ctx.rounding = 6, decimal.ROUND_CEILING
+        return format(+(decimal.Decimal(1) / (2 * max(images, 1))), "g")
 
 
 def apportion(weight: Fraction, counts: Sequence[int]) -> list[int]:
