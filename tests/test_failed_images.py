@@ -125,3 +125,34 @@ def test_a_key_with_a_tab_or_line_break_stays_one_line(tmp_path, dinov3_path):
     out = CliRunner().invoke(app, ["validate", str(cache), "--failures"])
     warned = [ln for ln in out.output.splitlines() if ln.startswith("warn")]
     assert len(warned) == 2 and "two\\nlines.png: " in warned[1], out.output  # one line each, like info's
+
+
+@pytest.mark.parametrize("how", ["decode", "probe"])
+def test_a_failed_image_replaced_by_a_good_one_is_extracted_by_a_plain_rerun(tmp_path, dinov3_path, how):
+    """A corrupt image is recorded as failed and skipped; once the user replaces the file, the same command extracts
+    it (planned again into its bucket: its failed row stays vacant), and then resumes with nothing to do. A failed
+    image left as it was is not retried. The result serves what a fresh build of the fixed folder serves."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 3 + [(48, 64)] * 2)
+    good = (imgs / "im_004.png").read_bytes()
+    bad = good[: len(good) // 2] if how == "decode" else b"not an image"  # a truncated PNG fails at decode
+    (imgs / "im_004.png").write_bytes(bad)
+    (imgs / "other.png").write_bytes(b"also no image")  # stays broken
+    cache, kw = tmp_path / "c", {"model": str(dinov3_path), "area": 64, **FAST}
+    s = extract(imgs, cache, **kw)
+    assert s.sealed and s.failed == 2, s
+    assert extract(imgs, cache, **kw).processed == 0  # nothing changed: nothing retried
+    (imgs / "im_004.png").write_bytes(good)
+    s = extract(imgs, cache, **kw)
+    assert s.sealed and s.processed == 1, s
+    assert [k for k, _ in failed_images(cache)] == ["other.png"]
+    assert extract(imgs, cache, **kw).processed == 0
+    assert validate(cache, imgs, progress=False).ok
+    fresh = tmp_path / "fresh"
+    extract(imgs, fresh, **kw)
+    from dinofeat.read.reader import FeatureCache
+
+    a, b = FeatureCache(cache), FeatureCache(fresh)
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in b.keys():  # noqa: SIM118 (a FeatureCache is no dict)
+        np.testing.assert_allclose(a[k].patches, b[k].patches, rtol=1e-3, atol=1e-3, err_msg=k)

@@ -69,6 +69,8 @@ class Request:
     store_dtype: str
     limit: int | None = None
     source_root: str = ""
+    # whether a key's bytes in the source now differ from the (size, mtime) given: a failed image replaced since
+    changed: Callable[[str, int, int], bool] | None = None
 
     def capped(self, keys: tuple[str, ...], planned: int) -> tuple[str, ...]:
         """`keys` cut to what the limit leaves room for beside `planned` images."""
@@ -199,12 +201,13 @@ def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = (
     rewritten; removed images are kept.
 
     Planned again in the same part (moved): images that failed as changed since planned (a decode worker found
-    other dimensions than the plan's) and are in the source, and the `resized` ones (done images whose source now
+    other dimensions than the plan's) and are in the source, failed images whose file changed since they failed (a
+    corrupt or truncated image replaced: a rerun extracts it), and the `resized` ones (done images whose source now
     has other dimensions: --repair). Each keeps its key's place in the index; its old row becomes vacant."""
     planned = set(plan.keys)
     # source order: parquet rows stay in group order
     added = request.capped(tuple(k for k in request.keys if k not in planned), len(planned))
-    moved = set(resized) | changed_since_planned(st, plan)
+    moved = set(resized) | changed_since_planned(st, plan, request)
     again = tuple(k for k in request.keys if k in moved) if moved else ()  # those still in the source, in its order
     if not added and not again:
         return plan, 0
@@ -215,14 +218,27 @@ def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = (
     return plan, len(added)
 
 
-def changed_since_planned(st: Store, plan: Plan) -> set[str]:
-    """Keys whose latest decode failed because the image no longer had its planned dimensions (not pruned). A
-    sealed cache's failures are one file; the done markers (one read each) only while it is not sealed."""
+def changed_since_planned(st: Store, plan: Plan, request: Request | None = None) -> set[str]:
+    """Failed images to plan again (not pruned): those whose latest decode failed because the image no longer had
+    its planned dimensions, and (with `request.changed`) those whose file changed since the bytes that failed were
+    read. A sealed cache's failures are one file each (decode, probe); the done markers (one read each) only while
+    it is not sealed. Only failed images are looked at: a stat each, or nothing for tar members."""
+    pruned = st.index.pruned()
     if st.meta.get("state") == "sealed":
-        failures = st.index.failures()
+        failures, read = {**st.index.failures(), **st.index.probe_failures()}, plan
     else:
-        _, failures = marker_status(plan, st.markers.read(), st.index.pruned())
-    return {k for k, why in failures.items() if why.startswith(CHANGED_SINCE_PLANNED)}
+        markers = st.markers.read()
+        _, failures = marker_status(plan, markers, pruned)
+        read = as_read(plan, markers)  # the facts of the bytes that failed, where not the planned ones
+    again = {k for k, why in failures.items() if why.startswith(CHANGED_SINCE_PLANNED)}
+    failed = {k for k in failures if k not in pruned and k not in again}
+    if request is None or request.changed is None or not failed:
+        return again
+    present = failed.intersection(request.keys)
+    for i, k in enumerate(read.keys):
+        if k in present and request.changed(k, int(read.file_size[i]), int(read.mtime_ns[i])):
+            again.add(k)
+    return again
 
 
 def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidden: int, registers: int,

@@ -29,7 +29,7 @@ from dinofeat.extraction.model import ModelInfo, load_model_info, resolve_device
 from dinofeat.extraction.plan import make_plan
 from dinofeat.images.probe import probe_many
 from dinofeat.progress import bar as progress_bar
-from dinofeat.sources.discover import Source
+from dinofeat.sources.discover import Source, is_stale, size_and_mtime
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,16 @@ def request_for(src: Source, prep: Prepared, progress: bool) -> Request:
         store_dtype=prep.config.store_dtype,
         limit=prep.config.limit,
         source_root=str(src.root),
+        changed=lambda key, size, mtime: _changed(src, key, size, mtime),
     )
+
+
+def _changed(src: Source, key: str, size: int, mtime: int) -> bool:
+    """Whether the image at `key` is no longer the bytes of that size and mtime (gone since the listing: no)."""
+    try:
+        return is_stale(size_and_mtime(src.path(key)), (size, mtime))
+    except OSError:
+        return False
 
 
 def settings_for(
