@@ -54,7 +54,7 @@ class PackedKeys:
 def pack(keys: Sequence[str] | np.ndarray) -> PackedKeys:
     """Pack `keys` (a list of str or any numpy string column: the index's comes as numpy's variable-width
     StringDType). Vectorised, a block of keys at a time, so packing 10^6 keys takes about a second and the transient
-    fixed-width copy is one block's, padded to that block's longest key."""
+    fixed-width copy is one block's, padded to that block's longest key (the index column itself is the peak)."""
     column = keys if isinstance(keys, np.ndarray) else _unicode_column(keys)
     n = len(column)
     if n == 0:
@@ -67,7 +67,7 @@ def pack(keys: Sequence[str] | np.ndarray) -> PackedKeys:
     return PackedKeys(data, offsets, order)
 
 
-_BLOCK = 1 << 16
+_BLOCK = 1 << 13  # keys per block: a few MB of transient arrays, however many keys
 
 
 def _encode(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +76,8 @@ def _encode(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cps = np.ascontiguousarray(u).view(np.uint32).reshape(n, width)
     length = np.strings.str_len(u).astype(np.int64)  # trailing NULs are not part of a numpy str
     cp = cps[np.arange(width) < length[:, None]]  # row-major: key by key, character by character
+    if not (cp >= 0x80).any():  # ASCII: a byte per character
+        return cp.astype(np.uint8), length
     data, at = _utf8(cp)
     chars = np.zeros(n + 1, np.int64)
     np.cumsum(length, out=chars[1:])
@@ -114,11 +116,9 @@ def _unicode_column(keys: Sequence[str] | np.ndarray) -> np.ndarray:
 
 def _utf8(cp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """UTF-8 bytes of code points `cp` (lone surrogates as their 3-byte form, as 'surrogatepass' writes them), and
-    where each code point's bytes start (one more entry: the end). ASCII costs one pass; only the other code points
-    go through the multi-byte arithmetic."""
+    where each code point's bytes start (one more entry: the end). Only the non-ASCII code points go through the
+    multi-byte arithmetic."""
     wide = cp >= 0x80
-    if not wide.any():
-        return cp.astype(np.uint8), np.arange(len(cp) + 1, dtype=np.int64)
     size = 1 + wide.astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
     at = np.zeros(len(cp) + 1, np.int64)
     np.cumsum(size, out=at[1:])
