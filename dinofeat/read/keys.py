@@ -1,8 +1,8 @@
 """A cache's keys as a reader keeps them: one packed UTF-8 column (bytes + offsets) and the permutation that sorts
 it, all numpy. No Python object per key, so forked DataLoader workers share these pages without copying them (a
 `{key: row}` dict's entries are copied page by page as workers touch their reference counts), and a 200-character
-key costs its own bytes, not every key's (a fixed-width unicode column pads every key to the longest, 4 bytes a
-character). A key is decoded on demand; a lookup by key is a binary search over the sorted permutation."""
+key costs its own bytes, not every key's (a fixed-width column would pad every key to the longest). A key is
+decoded on demand; a lookup by key is a binary search over the sorted permutation."""
 
 from __future__ import annotations
 
@@ -26,10 +26,6 @@ class PackedKeys:
 
     def __len__(self) -> int:
         return len(self.order)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes + self.offsets.nbytes + self.order.nbytes)
 
     def encoded(self, i: int) -> bytes:
         """Key i's UTF-8 bytes."""
