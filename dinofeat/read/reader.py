@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
 from dinofeat.read.facts import CacheFacts
 from dinofeat.read.generation import open_generation
+from dinofeat.read.keys import PackedKeys, pack
 from dinofeat.read.rows import row_reader
 from dinofeat.storeerrors import NO_CHANGE, as_store_error, store_errors
 
@@ -86,12 +88,13 @@ class FeatureCache(CacheFacts):
             g = open_generation(st)
         self.meta, self.arrays, self.serving_last_sealed = g.meta, g.arrays, g.serving_last_sealed
         self._bucket_plans, self._expected, self._failures = g.bucket_plans, g.expected, g.failures
-        self._keys, self._bucket, self._row = g.keys, g.bucket, g.row
+        # every per-image column is numpy (keys packed, dinofeat.read.keys): forked workers share its pages
+        self._keys: PackedKeys = pack(g.keys)
+        self._bucket, self._row = g.bucket, g.row
         # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
         self._sizes = list(dict.fromkeys(b.size for b in self._bucket_plans))
         self._size_of_group = np.array([self._sizes.index(b.size) for b in self._bucket_plans], np.int32)
         self._bucket_ids = self._size_of_group[self._bucket]
-        self._lookup: dict[str, int] | None = None
         self._readers: dict[tuple[int, str], Any] = {}
 
     def _pin(self) -> None:
@@ -110,7 +113,6 @@ class FeatureCache(CacheFacts):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_readers"] = {}
-        state["_lookup"] = None
         state["_root_fd"] = None
         return state
 
@@ -175,21 +177,19 @@ class FeatureCache(CacheFacts):
         return len(self._keys)
 
     def keys(self) -> list[str]:
-        return [str(k) for k in self._keys]
+        """Every key, in position order (a new list each call: the reader itself keeps them packed)."""
+        return list(self._keys)
 
     def key(self, i: int) -> str:
-        return str(self._keys[i])
+        return self._keys.key(operator.index(i))
 
     def index_of(self, key: str) -> int:
-        if self._lookup is None:
-            self._lookup = {str(k): i for i, k in enumerate(self._keys)}
-        try:
-            return self._lookup[key]
-        except KeyError:
-            why = self._failures.get(key)
-            raise KeyError(
-                f"{key!r} failed during precompute: {why}" if why else f"{key!r} is not in the cache"
-            ) from None
+        """The position of `key`: a binary search of the packed keys (no dict of every key is built)."""
+        i = self._keys.find(key) if isinstance(key, str) else -1
+        if i < 0:
+            why = self._failures.get(key) if isinstance(key, str) else None
+            raise KeyError(f"{key!r} failed during precompute: {why}" if why else f"{key!r} is not in the cache")
+        return i
 
     def __contains__(self, key: str) -> bool:
         try:

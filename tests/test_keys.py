@@ -1,0 +1,129 @@
+"""The reader's packed key column (dinofeat.read.keys): every key decodes back, lookups agree with a {key: position}
+dict, and a FeatureCache keeps no Python object per key after lookups by key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.dtypes import StringDType
+
+from dinofeat.extraction.run import extract
+from dinofeat.read import keys as keys_module
+from dinofeat.read.keys import PackedKeys, find, pack
+from dinofeat.read.reader import FeatureCache
+from tests.helpers import FAST, write_images
+
+CASES = {
+    "empty": [],
+    "one": ["a.png"],
+    "one empty key": [""],
+    "unsorted ascii": ["b/2.jpg", "a/10.jpg", "a/9.jpg", "c.png"],
+    "unicode": ["日本/猫.png", "café.jpg", "emoji-😀.png", "Ω", "z"],
+    "escaped non-UTF-8 names": ["caf\\xe9.png", "caf\\xe9", "cafe.png", "caf\\xe9.png.txt"],
+    "prefixes of each other": ["a", "ab", "abc", "", "abcd", "b", "a/b", "a/"],
+    "embedded NUL": ["a\0b", "a", "a\0c"],
+    "lone surrogate": ["\ud800x", "\udcff", "\U0010ffff", "\uffff"],
+    "every UTF-8 length": ["\x7f", "\x80", "\u07ff", "\u0800", "\uffff", "\U00010000", "\U0010ffff"],
+    "one long key among short ones": ["a", "b" * 300, "c"],
+}
+
+
+@pytest.mark.parametrize("keys", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("as_array", [False, True], ids=["list", "StringDType column"])
+def test_pack_round_trips_and_finds_every_key(keys, as_array):
+    column = np.array(keys, dtype=StringDType()) if as_array and "\ud800x" not in keys else keys
+    p = pack(column)
+    assert len(p) == len(keys) and list(p) == keys
+    assert [p.key(i) for i in range(-len(keys), 0)] == keys
+    assert p.data.dtype == np.uint8 and p.offsets.dtype == np.int64 and p.order.dtype == np.int32
+    assert p.data.nbytes == sum(len(k.encode("utf-8", "surrogatepass")) for k in keys), "not packed"
+    assert [p.find(k) for k in keys] == list(range(len(keys)))
+    assert sorted(keys) == [keys[j] for j in p.order]
+
+
+ABSENT = {
+    "empty cache": ([], ["", "a"]),
+    "before every key": (["b", "c"], ["a", ""]),
+    "after every key": (["b", "c"], ["d", "cc"]),
+    "between keys": (["a", "c"], ["b", "a0"]),
+    "a prefix of a key": (["abc", "abd"], ["ab", "a", "abcd"]),
+    "escaped spelling vs the character": (["caf\\xe9.png"], ["café.png", "caf\\xe9", "caf\\\\xe9.png"]),
+    "a key in another normalisation": (["café"], ["cafe\u0301"]),
+}
+
+
+@pytest.mark.parametrize(("keys", "absent"), ABSENT.values(), ids=ABSENT.keys())
+def test_absent_keys_are_not_found(keys, absent):
+    p = pack(keys)
+    assert [find(p, k) for k in absent] == [-1] * len(absent)
+
+
+DUPLICATES = {
+    "twice": (["a", "b", "a"], {"a": 2, "b": 1}),
+    "three times, spread": (["x", "y", "x", "z", "x"], {"x": 4, "y": 1, "z": 3}),
+    "an empty key twice": (["", "q", ""], {"": 2, "q": 1}),
+}
+
+
+@pytest.mark.parametrize(("keys", "want"), DUPLICATES.values(), ids=DUPLICATES.keys())
+def test_a_repeated_key_finds_its_last_position_as_a_dict_did(keys, want):
+    assert {k: pack(keys).find(k) for k in want} == want == {k: i for i, k in enumerate(keys) if k in want}
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_packing_block_by_block_equals_packing_at_once(monkeypatch, block):
+    rng = np.random.default_rng(block)
+    alphabet = list("ab/é日😀\\x0")
+    keys = ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(200)]
+    whole = pack(np.array(keys, dtype=StringDType()))
+    monkeypatch.setattr(keys_module, "_BLOCK", block)
+    parts = pack(np.array(keys, dtype=StringDType()))
+    for a, b in ((whole.data, parts.data), (whole.offsets, parts.offsets), (whole.order, parts.order)):
+        np.testing.assert_array_equal(a, b)
+    reference = {k: i for i, k in enumerate(keys)}
+    assert list(parts) == keys
+    assert {k: parts.find(k) for k in reference} == reference
+    assert parts.find("never a key: too long to be drawn") == -1
+
+
+def test_key_outside_the_column_raises_index_error():
+    p = pack(["a", "b"])
+    for i in (2, -3):
+        with pytest.raises(IndexError):
+            p.key(i)
+
+
+def _strings_held(obj: object, seen: set[int] | None = None) -> set[str]:
+    """Every str reachable from `obj` through containers and objects' __dict__ (numpy arrays hold none)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return set()
+    seen.add(id(obj))
+    if isinstance(obj, str):
+        return {obj}
+    if isinstance(obj, dict):
+        items = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = list(vars(obj).values())
+    else:
+        return set()
+    return set().union(*(_strings_held(x, seen) for x in items)) if items else set()
+
+
+def test_feature_cache_keeps_no_python_object_per_key(tmp_path, tiny_models):
+    """After a lookup by key of every key, the reader holds its keys only as numpy columns: no dict or list of
+    them (which forked DataLoader workers would copy page by page) and no padded unicode column."""
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 5 + [(48, 64)] * 4)
+    s = extract(imgs, tmp_path / "c", model=str(tiny_models["dinov3"]), area=64, **FAST)
+    assert s.done == 9
+    fc = FeatureCache(tmp_path / "c")
+    keys = fc.keys()
+    assert [fc.index_of(k) for k in keys] == list(range(9)) and all(k in fc for k in keys)
+    assert fc["" + keys[3]].key == keys[3] and "nope.png" not in fc and 5 not in fc
+    assert isinstance(fc._keys, PackedKeys)
+    assert not set(keys) & _strings_held(fc.__dict__), "a per-key str is kept after lookups"
+    per_image = [a for a in vars(fc).values() if isinstance(a, np.ndarray) and a.shape == (len(fc),)]
+    assert per_image and all(a.dtype.kind in "iu" for a in per_image)
