@@ -54,6 +54,7 @@ class RankWork:
     failed: int  # of those, the images that failed (decode errors and the like)
     shards: int  # written by this process
     seconds: float
+    bytes_written: int = 0
 
 
 @dataclass
@@ -206,7 +207,7 @@ def _extract(
         ran = run_shards(st, plan, src, prep, pending, progress, st.index.pruned())
         summary.processed, summary.seconds, summary.bytes_written = ran.images, ran.seconds, ran.bytes_written
         summary.timings, summary.shards_written = ran.timings, ran.shards
-        own = RankWork(group.rank, ran.images, ran.failed, ran.shards, ran.seconds)
+        own = RankWork(group.rank, ran.images, ran.failed, ran.shards, ran.seconds, ran.bytes_written)
         group.barrier()  # every rank's shards are marked before anyone seals
         _finish(st, plan, group, summary, repaired=repair, own=own)
         if summary.sealed and group.is_leader:
@@ -271,12 +272,11 @@ def _pending_shards(st: Store, plan: Plan, src: Source, group: ranks.Group, summ
 
 def _finish(st: Store, plan: Plan, group: ranks.Group, summary: Summary, repaired: bool, own: RankWork) -> None:
     """Every rank's counts summed, the cache sealed once nothing is pending, and the run's outcome counted."""
-    summary.ranks = group.gather(own)
+    summary.ranks = group.gather(own)  # one collective: the run's totals are the ranks' sums
     if group.connected:
-        parts = group.gather((summary.processed, summary.seconds, summary.bytes_written))
-        summary.processed = sum(p[0] for p in parts)
-        summary.seconds = max(p[1] for p in parts)
-        summary.bytes_written = sum(p[2] for p in parts)
+        summary.processed = sum(r.images for r in summary.ranks)
+        summary.seconds = max(r.seconds for r in summary.ranks)
+        summary.bytes_written = sum(r.bytes_written for r in summary.ranks)
     status, failures, complete = lifecycle.finalize(st, plan, seal_it=group.is_leader or not group.connected)
     if summary.manual_split and not complete:  # another rank may have marked its last shard since: count again
         status, failures, complete = lifecycle.finalize(st, plan)

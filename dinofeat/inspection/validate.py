@@ -250,7 +250,9 @@ def _run_checks(
         )
     keys = plan.keys
     _check_structure(st, meta, ix, status, keys, plan.buckets, markers, report)
-    failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
+    failures: dict[str, str] = {}
+    if name_failed or images is not None:  # one read of the failures' reasons, only when a check needs them
+        failures = marker_status(plan, markers)[1] if meta.get("state") != "sealed" else _recorded_failures(st)
     if name_failed:
         for k, why in failed_list(keys, status, failures):
             report.warn("failed", k, why)
