@@ -22,7 +22,6 @@ docs/benchmarks.md). Both writers above write 100-row groups, which keeps that s
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -216,11 +215,10 @@ class _Reader:
             del self.group_bytes[key]
 
     def _file_lock(self, location: str) -> Any:
-        """A remote file is one fsspec file object (seek, then read): two threads reading row groups of it at once
-        race on its position (seen as a crash inside pyarrow over gcsfs), so its reads take turns. A local file is
-        read by pyarrow's own positioned reads, which need no lock."""
-        if not is_url(location):
-            return contextlib.nullcontext()
+        """One ParquetFile is not safe to read from two threads at once: local or remote, two row groups read
+        together sometimes fail inside pyarrow ("ReadRangeCache did not find matching cache entry", seen under load
+        with the prober's 16 threads, a good image then recorded as failed), and a remote file is one fsspec file
+        object whose position two readers race on. So the reads of one file take turns; other files go on."""
         with self.lock:
             return self.file_locks.setdefault(location, threading.Lock())
 
