@@ -1,4 +1,4 @@
-"""The reader's packed key column (dinofeat.read.keys): every key decodes back, lookups agree with a {key: position}
+"""The reader's packed key column (dinofeat.keys): every key decodes back, lookups agree with a {key: position}
 dict, and a FeatureCache keeps no Python object per key after lookups by key."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from numpy.dtypes import StringDType
 
+from dinofeat import keys as keys_module
 from dinofeat.extraction.run import extract
-from dinofeat.read import keys as keys_module
-from dinofeat.read.keys import PackedKeys, find, pack
+from dinofeat.keys import PackedKeys, find, pack
 from dinofeat.read.reader import FeatureCache
 from tests.helpers import FAST, write_images
 
@@ -127,3 +127,63 @@ def test_feature_cache_keeps_no_python_object_per_key(tmp_path, tiny_models):
     assert not set(keys) & _strings_held(fc.__dict__), "a per-key str is kept after lookups"
     per_image = [a for a in vars(fc).values() if isinstance(a, np.ndarray) and a.shape == (len(fc),)]
     assert per_image and all(a.dtype.kind in "iu" for a in per_image)
+
+
+@pytest.mark.parametrize("keys", CASES.values(), ids=CASES.keys())
+def test_packed_keys_are_a_sequence_of_str(keys):
+    """What code written for a list of keys does with them: index, slice, iterate, test membership, compare."""
+    p = pack(keys)
+    assert list(p) == keys and p == keys and p == tuple(keys) and len(p) == len(keys)
+    assert [p[i] for i in range(-len(keys), len(keys))] == keys + keys
+    for sl in (slice(None, 2), slice(1, None), slice(None, None, -1), slice(0, 0)):
+        part = p[sl]
+        assert isinstance(part, PackedKeys) and list(part) == keys[sl]
+        assert sorted(keys[sl]) == [keys[sl][j] for j in part.order]
+        assert [part.find(k) for k in keys[sl]] == [len(keys[sl]) - 1 - keys[sl][::-1].index(k) for k in keys[sl]]
+    assert all(k in p for k in keys) and "never a key" not in p and 3 not in p
+    assert p != [*keys, "x"] and p == pack(list(keys))
+    if keys and "\ud800x" not in keys:
+        assert list(p.column()) == keys
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [[], [0], [2, 0, 1], [1, 2], [0, 0], [-1], [3, 1]],
+)
+def test_take_keeps_the_keys_at_the_positions_and_sorts_them(positions):
+    keys = ["d", "b", "日本", "a"]
+    p = pack(keys).take(positions)
+    want = [keys[i] for i in positions]
+    assert list(p) == want
+    assert [want[j] for j in p.order] == sorted(want)
+    assert [p.find(k) for k in want] == [len(want) - 1 - want[::-1].index(k) for k in want]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [["a", "b"], ["c", "d"]],  # shards in order: no sort
+        [["c", "d"], ["a", "b"]],  # out of order
+        [["a", "c"], ["b"]],  # interleaved
+        [[], ["b"], []],
+        [["a/x"], ["a-b/x"]],  # '-' sorts before '/': the second shard's stem is longer, its keys smaller
+        [["\ud800x"], ["a"]],  # a lone surrogate (a tar member named in another encoding) in an unsorted join
+    ],
+)
+def test_joined_keys_are_in_part_order_and_sorted_for_lookups(parts):
+    from dinofeat.keys import joined
+
+    j = joined([pack(p, presorted=p == sorted(p)) for p in parts])
+    want = [k for p in parts for k in p]
+    assert list(j) == want
+    assert [want[i] for i in j.order] == sorted(want)
+    assert all(want[j.find(k)] == k for k in want)
+
+
+def test_a_key_holding_a_nul_is_found_in_an_index_column():
+    """The index's key column comes as StringDType, whose stable sort misorders keys holding a NUL (numpy 2.4):
+    packing sorts the bytes instead, so every key is found. (A trailing NUL is lost by numpy's fixed-width columns;
+    no file or tar member name can hold a NUL.)"""
+    keys = ["a\0c", "a", "a\0b", "b"]
+    p = pack(np.array(keys, dtype=StringDType()))
+    assert [p.find(k) for k in keys] == list(range(len(keys)))

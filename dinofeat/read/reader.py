@@ -16,9 +16,9 @@ from dinofeat.cache.shardcache import ShardCache, keep_metadata, kept_metadata
 from dinofeat.cache.shardfile import HandlePool
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
+from dinofeat.keys import PackedKeys, pack
 from dinofeat.read.facts import CacheFacts
 from dinofeat.read.generation import open_generation
-from dinofeat.read.keys import PackedKeys, pack
 from dinofeat.read.rows import row_reader
 from dinofeat.storeerrors import NO_CHANGE, as_store_error, store_errors
 
@@ -88,7 +88,7 @@ class FeatureCache(CacheFacts):
             g = open_generation(st)
         self.meta, self.arrays, self.serving_last_sealed = g.meta, g.arrays, g.serving_last_sealed
         self._bucket_plans, self._expected, self._failures = g.bucket_plans, g.expected, g.failures
-        # every per-image column is numpy (keys packed, dinofeat.read.keys): forked workers share its pages
+        # every per-image column is numpy (keys packed, dinofeat.keys): forked workers share its pages
         self._keys: PackedKeys = pack(g.keys)
         self._bucket, self._row = g.bucket, g.row
         # bucket ids group by size, so images added by incremental runs batch with the older ones of their size

@@ -1,0 +1,231 @@
+"""Keys as dinofeat keeps them, from the listing to the reader: one packed UTF-8 column (bytes + offsets) and the
+permutation that sorts it, all numpy. No Python object per key: 10^8 keys of 25 bytes are 3.7 GB, not the ~10 GB
+of a list of str; forked DataLoader workers share these pages without copying them (a `{key: row}` dict's entries
+are copied page by page as workers touch their reference counts); a 200-character key costs its own bytes, not
+every key's (a fixed-width column would pad every key to the longest). A key is decoded on demand; a lookup by key
+is a binary search over the sorted permutation. `PackedKeys` is a `Sequence[str]`, so code written for a list of
+keys reads it unchanged (and pays a decode per key it touches)."""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import overload
+
+import numpy as np
+
+# Keys are str that may hold lone surrogates in principle; surrogatepass round-trips any str (as keys_checksum does)
+_ERRORS = "surrogatepass"
+
+
+@dataclass(frozen=True, eq=False)
+class PackedKeys(Sequence[str]):
+    """n keys: key i is `data[offsets[i]:offsets[i + 1]]` (UTF-8); `order` lists positions in ascending key order
+    (code point order, which is UTF-8 byte order), equal keys by position."""
+
+    data: np.ndarray  # uint8 [total bytes]
+    offsets: np.ndarray  # int64 [n + 1]
+    order: np.ndarray  # int32 (int64 past 2**31 keys) [n]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def encoded(self, i: int) -> bytes:
+        """Key i's UTF-8 bytes."""
+        return self.data[int(self.offsets[i]) : int(self.offsets[i + 1])].tobytes()
+
+    def key(self, i: int) -> str:
+        """Key at position i (negative positions count from the end, as for a list)."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self.encoded(i % n if i < 0 else i).decode("utf-8", _ERRORS)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> PackedKeys: ...
+    def __getitem__(self, i: int | slice) -> str | PackedKeys:
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        return self.key(operator.index(i))
+
+    def __iter__(self) -> Iterator[str]:
+        data, offsets = self.data.tobytes(), self.offsets.tolist()  # one copy of the bytes, not a slice per key
+        return (data[offsets[i] : offsets[i + 1]].decode("utf-8", _ERRORS) for i in range(len(self)))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.find(key) >= 0
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another PackedKeys, a list or a tuple holding the same keys in the same order."""
+        if isinstance(other, PackedKeys):
+            return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.data, other.data)
+        if isinstance(other, list | tuple):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def take(self, positions: np.ndarray | Sequence[int]) -> PackedKeys:
+        """The keys at `positions`, in that order, packed anew (vectorised: no key is decoded). The order of a
+        subset taken in ascending positions comes from this one's order; any other subset is sorted again."""
+        pos = np.asarray(positions, np.int64).reshape(-1)
+        if len(pos) and (pos.min() < -len(self) or pos.max() >= len(self)):
+            raise IndexError("position out of range")
+        pos = pos % max(1, len(self))
+        starts, lengths = self.offsets[pos], np.diff(self.offsets)[pos]
+        offsets = np.zeros(len(pos) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # byte j of the result comes from starts[k] + (j - offsets[k]) for the key k it falls in
+        owner = np.repeat(np.arange(len(pos)), lengths)
+        data = self.data[starts[owner] + (np.arange(len(owner)) - offsets[owner])] if len(owner) else self.data[:0]
+        if len(pos) and (np.diff(pos) > 0).all():  # ascending: keep the relative order of this one's sort
+            new = np.full(len(self), -1, np.int64)
+            new[pos] = np.arange(len(pos))
+            kept = new[self.order]
+            order = kept[kept >= 0]
+        else:
+            order = None
+        return _with_order(np.ascontiguousarray(data, np.uint8), offsets, order)
+
+    def column(self) -> np.ndarray:
+        """Every key as a numpy StringDType column (what the cache's index stores), built a block at a time."""
+        from numpy.dtypes import StringDType
+
+        out = np.empty(len(self), StringDType())
+        for s in range(0, len(self), _BLOCK):
+            out[s : s + _BLOCK] = [self.key(i) for i in range(s, min(s + _BLOCK, len(self)))]
+        return out
+
+    def positions(self, keys: Iterable[str]) -> np.ndarray:
+        """The position of each of `keys` (-1 for an absent one), by binary search."""
+        return np.fromiter((self.find(k) for k in keys), np.int64)
+
+    def is_sorted(self) -> bool:
+        return bool((self.order == np.arange(len(self))).all())
+
+    def find(self, key: str) -> int:
+        """The position of `key` (the last one if it appears more than once, as a `{key: position}` dict holds),
+        -1 if absent."""
+        return find(self, key)
+
+
+def pack(keys: Sequence[str] | np.ndarray, presorted: bool = False) -> PackedKeys:
+    """Pack `keys` (a list of str or any numpy string column: the index's comes as numpy's variable-width
+    StringDType). Vectorised, a block of keys at a time, so packing 10^6 keys takes about a second and the transient
+    fixed-width copy is one block's, padded to that block's longest key; the sort works on the packed bytes
+    (`byte_order`). `presorted`: the caller knows `keys` are in ascending order (a sorted listing): no sort."""
+    n = len(keys)
+    if n == 0:
+        return PackedKeys(np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.int32))
+    blocks = [_encode(_unicode_column(keys[s : s + _BLOCK])) for s in range(0, n, _BLOCK)]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.concatenate([size for _, size in blocks]), out=offsets[1:])
+    data = np.concatenate([d for d, _ in blocks])
+    return _with_order(data, offsets, np.arange(n) if presorted else None)
+
+
+def joined(parts: Sequence[PackedKeys]) -> PackedKeys:
+    """The keys of `parts` one after the other. Sorted parts that follow each other in order (a listing's shards)
+    need no sort; any other join is sorted again."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pack([])
+    if len(parts) == 1:
+        return parts[0]
+    starts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+    offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)])
+    data = np.concatenate([p.data for p in parts])
+    in_order = all(p.is_sorted() for p in parts) and all(
+        a.encoded(len(a) - 1) <= b.encoded(0) for a, b in itertools.pairwise(parts)
+    )
+    return _with_order(data, offsets, np.arange(len(offsets) - 1) if in_order else None)
+
+
+def byte_order(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The stable permutation that sorts packed UTF-8 keys (byte order is code point order): a fixed-width bytes
+    column (one byte per byte of the longest key, a moment) sorted with the lengths breaking ties, since such a
+    column pads with NULs and would take 'a' and 'a\0' for equal. No key is decoded. (numpy's stable sort of a
+    StringDType column misorders keys holding a NUL; a '<U' one costs 4 bytes a character.)"""
+    lengths = np.diff(offsets)
+    n, width = len(lengths), max(1, int(lengths.max(initial=0)))
+    grid = np.zeros((n, width), np.uint8)
+    owner = np.repeat(np.arange(n), lengths)
+    grid[owner, np.arange(len(owner)) - offsets[owner]] = data[: len(owner)]
+    return np.lexsort((lengths, grid.view(f"S{width}").reshape(n)))
+
+
+def _with_order(data: np.ndarray, offsets: np.ndarray, order: np.ndarray | None) -> PackedKeys:
+    """PackedKeys of packed bytes; `order` None: sorted here."""
+    n = len(offsets) - 1
+    if order is None:
+        order = byte_order(data, offsets)
+    return PackedKeys(data, offsets, np.asarray(order).astype(np.int32 if n < 2**31 else np.int64))
+
+
+_BLOCK = 1 << 13  # keys per block: a few MB of transient arrays, however many keys
+
+
+def _encode(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of a unicode column's keys, one after the other, and each key's length in bytes."""
+    n, width = len(u), u.dtype.itemsize // 4
+    cps = np.ascontiguousarray(u).view(np.uint32).reshape(n, width)
+    length = np.strings.str_len(u).astype(np.int64)  # trailing NULs are not part of a numpy str
+    cp = cps[np.arange(width) < length[:, None]]  # row-major: key by key, character by character
+    if not (cp >= 0x80).any():  # ASCII: a byte per character
+        return cp.astype(np.uint8), length
+    data, at = _utf8(cp)
+    chars = np.zeros(n + 1, np.int64)
+    np.cumsum(length, out=chars[1:])
+    return data, np.diff(at[chars])  # key i's characters are cp[chars[i]:chars[i + 1]]
+
+
+def find(keys: PackedKeys, key: str) -> int:
+    """Binary search of `key` in the sorted permutation (about log2(n) slices compared as bytes); -1 if absent."""
+    want = key.encode("utf-8", _ERRORS)
+    # memoryviews: plain ints and bytes slices at C speed, the arrays' pages only read
+    order, offsets, data = memoryview(keys.order), memoryview(keys.offsets), memoryview(keys.data)
+    lo, hi = 0, len(order)
+    while lo < hi:  # bisect_right: past the last key <= want
+        mid = (lo + hi) // 2
+        j = order[mid]
+        if want < bytes(data[offsets[j] : offsets[j + 1]]):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == 0:
+        return -1
+    j = order[lo - 1]
+    return j if data[offsets[j] : offsets[j + 1]] == want else -1
+
+
+def _unicode_column(keys: Sequence[str] | np.ndarray) -> np.ndarray:
+    """A fixed-width numpy unicode ('<U') column of `keys`, as wide as its longest key."""
+    if isinstance(keys, np.ndarray) and keys.dtype.kind == "U":
+        return keys
+    if not len(keys):
+        return np.zeros(0, dtype="<U1")
+    if isinstance(keys, np.ndarray) and keys.dtype.kind == "T":  # StringDType: cast to the width this block needs
+        return keys.astype(f"<U{max(1, int(np.strings.str_len(keys).max()))}")
+    return np.array(list(keys), dtype=str)
+
+
+def _utf8(cp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of code points `cp` (lone surrogates as their 3-byte form, as 'surrogatepass' writes them), and
+    where each code point's bytes start (one more entry: the end). Only the non-ASCII code points go through the
+    multi-byte arithmetic."""
+    wide = cp >= 0x80
+    size = 1 + wide.astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+    at = np.zeros(len(cp) + 1, np.int64)
+    np.cumsum(size, out=at[1:])
+    out = np.empty(int(at[-1]), np.uint8)
+    out[at[:-1][~wide]] = cp[~wide]
+    start, c, k = at[:-1][wide], cp[wide].astype(np.int64), size[wide]
+    out[start] = (np.array([0, 0, 0xC0, 0xE0, 0xF0], np.int64)[k] | (c >> (6 * (k - 1)))).astype(np.uint8)
+    for j in (1, 2, 3):  # continuation bytes: 6 bits each, most significant first
+        sel = k > j
+        out[start[sel] + j] = (0x80 | ((c[sel] >> (6 * (k[sel] - 1 - j))) & 0x3F)).astype(np.uint8)
+    return out, at
