@@ -101,8 +101,16 @@ class PackedKeys(Sequence[str]):
         return out
 
     def positions(self, keys: Iterable[str]) -> np.ndarray:
-        """The position of each of `keys` (-1 for an absent one), by binary search."""
-        return np.fromiter((self.find(k) for k in keys), np.int64)
+        """The position of each of `keys` (-1 for an absent one; the last one of a key held twice). Many keys at
+        once are matched vectorised (a sorted search over fixed-width byte columns); a few by binary search."""
+        if keys is self:
+            return np.arange(len(self))
+        if not isinstance(keys, PackedKeys):
+            keys = list(keys)
+            if len(keys) < 1024:
+                return np.fromiter((self.find(k) for k in keys), np.int64, len(keys))
+            keys = pack(keys, presorted=True)  # only its bytes are read below: no sort needed
+        return _match(self, keys)
 
     def is_sorted(self) -> bool:
         return bool((self.order == np.arange(len(self))).all())
@@ -121,11 +129,20 @@ def pack(keys: Sequence[str] | np.ndarray, presorted: bool = False) -> PackedKey
     n = len(keys)
     if n == 0:
         return PackedKeys(np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.int32))
-    blocks = [_encode(_unicode_column(keys[s : s + _BLOCK])) for s in range(0, n, _BLOCK)]
+    column = isinstance(keys, np.ndarray)
+    blocks = [
+        (_encode(_unicode_column(keys[s : s + _BLOCK])) if column else _encode_strs(keys[s : s + _BLOCK]))
+        for s in range(0, n, _BLOCK)
+    ]
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(np.concatenate([size for _, size in blocks]), out=offsets[1:])
     data = np.concatenate([d for d, _ in blocks])
     return _with_order(data, offsets, np.arange(n) if presorted else None)
+
+
+def packed(keys: Sequence[str]) -> PackedKeys:
+    """`keys` packed (as they are when they already are)."""
+    return keys if isinstance(keys, PackedKeys) else pack(list(keys))
 
 
 def joined(parts: Sequence[PackedKeys]) -> PackedKeys:
@@ -151,11 +168,30 @@ def byte_order(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     column pads with NULs and would take 'a' and 'a\0' for equal. No key is decoded. (numpy's stable sort of a
     StringDType column misorders keys holding a NUL; a '<U' one costs 4 bytes a character.)"""
     lengths = np.diff(offsets)
-    n, width = len(lengths), max(1, int(lengths.max(initial=0)))
-    grid = np.zeros((n, width), np.uint8)
+    return np.lexsort((lengths, _grid(data, offsets, int(lengths.max(initial=0)))))
+
+
+def _grid(data: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+    """Packed keys as a fixed-width bytes column ('S<width>', NUL-padded): what numpy sorts and searches at C speed."""
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    grid = np.zeros((n, max(1, width)), np.uint8)
     owner = np.repeat(np.arange(n), lengths)
     grid[owner, np.arange(len(owner)) - offsets[owner]] = data[: len(owner)]
-    return np.lexsort((lengths, grid.view(f"S{width}").reshape(n)))
+    return grid.view(f"S{max(1, width)}").reshape(n)
+
+
+def _match(have: PackedKeys, wanted: PackedKeys) -> np.ndarray:
+    """For each key of `wanted`, its position in `have` (-1 if absent)."""
+    if not len(have) or not len(wanted):
+        return np.full(len(wanted), -1, np.int64)
+    lh, lw = np.diff(have.offsets), np.diff(wanted.offsets)
+    width = int(max(lh.max(), lw.max()))
+    ch, cw = _grid(have.data, have.offsets, width), _grid(wanted.data, wanted.offsets, width)
+    at = np.searchsorted(ch[have.order], cw, side="right") - 1
+    cand = have.order[np.maximum(at, 0)].astype(np.int64)
+    hit = (at >= 0) & (ch[cand] == cw) & (lh[cand] == lw)
+    return np.where(hit, cand, -1)
 
 
 def _with_order(data: np.ndarray, offsets: np.ndarray, order: np.ndarray | None) -> PackedKeys:
@@ -167,6 +203,13 @@ def _with_order(data: np.ndarray, offsets: np.ndarray, order: np.ndarray | None)
 
 
 _BLOCK = 1 << 13  # keys per block: a few MB of transient arrays, however many keys
+
+
+def _encode_strs(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of a block of str keys and their lengths, by Python's encoder (exact: a trailing NUL is kept,
+    where a numpy fixed-width column drops it)."""
+    encoded = [k.encode("utf-8", _ERRORS) for k in keys]
+    return np.frombuffer(b"".join(encoded), np.uint8), np.fromiter(map(len, encoded), np.int64, len(encoded))
 
 
 def _encode(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,18 @@ from tests.helpers import comparable_files, old_tree
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dinofeat"
 
-BASE = {"errors", "paths", "filesystems", "storeerrors", "progress", "runfile", "keys", "buckets", "__init__", "__version__"}
+BASE = {
+    "errors",
+    "paths",
+    "filesystems",
+    "storeerrors",
+    "progress",
+    "runfile",
+    "keys",
+    "buckets",
+    "__init__",
+    "__version__",
+}
 # layer -> the layers it may import (besides itself and the base)
 ALLOWED = {
     "base": set(),

@@ -187,3 +187,14 @@ def test_a_key_holding_a_nul_is_found_in_an_index_column():
     keys = ["a\0c", "a", "a\0b", "b"]
     p = pack(np.array(keys, dtype=StringDType()))
     assert [p.find(k) for k in keys] == list(range(len(keys)))
+
+
+@pytest.mark.parametrize("keys", CASES.values(), ids=CASES.keys())
+def test_positions_of_many_keys_agree_with_a_dict(keys):
+    p = pack(keys)
+    asked = [*keys, "never", "", "a\0", *(k + "x" for k in keys)] * 300  # over the vectorised threshold
+    want = {k: i for i, k in enumerate(keys)}
+    expect = [want.get(k, -1) for k in asked]
+    assert p.positions(asked).tolist() == expect
+    assert p.positions(asked[:5]).tolist() == expect[:5]  # by binary search
+    assert p.positions(p).tolist() == [want[k] for k in keys]

@@ -14,6 +14,8 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from dinofeat.keys import PackedKeys
+
 
 def crc32c(data: np.ndarray | bytes) -> int:
     """crc32c of an array's bytes (C order), without copying a contiguous array."""
@@ -25,7 +27,16 @@ def crc32c(data: np.ndarray | bytes) -> int:
 
 
 def keys_checksum(keys: Sequence[str] | np.ndarray) -> int:
-    """crc32c of the key column: NUL-separated UTF-8 (NUL cannot occur in a file name)."""
+    """crc32c of the key column: NUL-separated UTF-8 (NUL cannot occur in a file name). Packed keys are already
+    that UTF-8: the separators are put between their bytes, no key is decoded."""
+    if isinstance(keys, PackedKeys):
+        n, data = len(keys), keys.data
+        if n == 0:
+            return crc32c(b"")
+        joined = np.zeros(len(data) + n - 1, np.uint8)  # NULs where no byte of a key goes
+        owner = np.repeat(np.arange(n), np.diff(keys.offsets))
+        joined[np.arange(len(data)) + owner] = data
+        return crc32c(joined)
     return crc32c("\0".join(str(k) for k in keys).encode("utf-8", "surrogatepass"))
 
 

@@ -5,6 +5,7 @@ generation, each column checked against the crc32c the metadata records; and the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from zarr.codecs import Crc32cCodec
 from dinofeat.cache.checksum import column_checksums, crc32c, mismatched_columns
 from dinofeat.cache.layout import INDEX_COLUMNS, SOURCE_COLUMNS, BucketPlan, Plan
 from dinofeat.errors import CacheFormatError
+from dinofeat.keys import PackedKeys, pack
 from dinofeat.paths import key_for
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = N
     idx = root.create_group(group, overwrite=True)
     n = len(plan)
     cols: dict[str, np.ndarray] = {
-        "key": np.array(plan.keys, dtype=str) if n else np.zeros(0, dtype=str),
+        "key": _key_column(plan.keys),
         "bucket": plan.bucket,
         "row": plan.row,
         "src_w": plan.src_w,
@@ -44,6 +46,7 @@ def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = N
     if plan.archive is not None:
         cols |= {"archive": plan.archive, "offset": plan.offset}
     cols["status"] = np.zeros(n, np.int8) if status is None else status
+    sums = column_checksums({**cols, "key": plan.keys if isinstance(plan.keys, PackedKeys) else cols["key"]})
     for name, values in cols.items():
         a = idx.create_array(
             name,
@@ -55,7 +58,17 @@ def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = N
         )
         if n:
             a[:] = values
-    return column_checksums(cols)
+    return sums
+
+
+def _key_column(keys: Sequence[str]) -> np.ndarray:
+    """The key column as zarr stores it: numpy's variable-width strings (a fixed-width one pads every key)."""
+    if isinstance(keys, PackedKeys) and len(keys):
+        try:
+            return keys.column()
+        except UnicodeEncodeError:  # a lone surrogate (a tar name in another encoding): StringDType refuses it
+            pass
+    return np.array(list(keys), dtype=str) if len(keys) else np.zeros(0, dtype=str)
 
 
 def bucket_plans(meta: dict[str, Any]) -> tuple[BucketPlan, ...]:
@@ -131,8 +144,9 @@ class Index:
     def plan(self, ix: dict[str, np.ndarray] | None = None) -> Plan:
         """The plan as the index records it (`ix`: the index, when the caller has just read it)."""
         ix = self.read() if ix is None else ix
-        keys = [str(k) for k in ix["key"]]
-        pos = {k: i for i, k in enumerate(keys)}
+        keys = pack(ix["key"])
+        failed = self.probe_failures()
+        pos = dict(zip(failed, keys.positions(list(failed)).tolist(), strict=True))
         return Plan(
             keys=keys,
             bucket=ix["bucket"],
@@ -142,7 +156,7 @@ class Index:
             distortion=ix["distortion"],
             file_size=ix["file_size"],
             mtime_ns=ix["mtime_ns"],
-            probe_errors={pos[k]: r for k, r in self.probe_failures().items() if k in pos},
+            probe_errors=dict(sorted((pos[k], r) for k, r in failed.items() if pos[k] >= 0)),
             buckets=self.bucket_plans(),
             archive=ix.get("archive"),
             offset=ix.get("offset"),

@@ -4,13 +4,14 @@ stores and reads them; neither needs the other's code for it."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from dinofeat.cache.arrays import base_of
+from dinofeat.keys import joined, packed
 
 # 2: incremental parts (bucket arrays "WxH_k"), index group named in metadata.index_group
 # 3: crc32c per stored chunk (shard inner codec) recorded in done markers, crc32c per index column in the metadata,
@@ -101,7 +102,7 @@ class ShardRef:
 class Plan:
     """Where every image goes. Arrays are parallel to `keys` (discovery order); failed probes have bucket -1."""
 
-    keys: list[str]
+    keys: Sequence[str]  # packed (dinofeat/keys.py) when planned or read from the index; tests may give a list
     bucket: np.ndarray  # int32 index into `buckets`, -1 when the header probe failed
     row: np.ndarray  # int64 row inside the bucket, -1 when failed
     src_w: np.ndarray
@@ -187,18 +188,19 @@ def extend_plan(old: Plan, new: Plan, moved: Collection[str] = ()) -> Plan:
 
     `moved`: keys of `old` that `new` plans again (their image changed dimensions): each keeps its place in the
     index and takes `new`'s bucket, row, size and source facts; the row it held in `old` becomes vacant."""
-    again = set(old.keys) & set(new.keys)
-    if not again <= set(moved):
+    old_keys, new_keys = packed(old.keys), packed(new.keys)
+    at_old = old_keys.positions(new_keys)  # each new key's place in old, -1 for a key old does not hold
+    again_mask = at_old >= 0
+    if again_mask.any() and not {new_keys[int(j)] for j in np.flatnonzero(again_mask)} <= set(moved):
         raise ValueError("an extension may only add keys, or plan again the keys it is told to move")
     if {b.part for b in new.buckets} & {b.part for b in old.buckets}:
         raise ValueError("an extension needs a part number of its own")
     both = _appended(old, new)
-    if not again:
+    if not again_mask.any():
         return both
-    at = {k: i for i, k in enumerate(old.keys)}
-    keep = np.array([*range(len(old)), *(len(old) + j for j, k in enumerate(new.keys) if k not in again)], np.int64)
-    src = np.array([len(old) + j for j, k in enumerate(new.keys) if k in again], np.int64)
-    dst = np.array([at[k] for k in new.keys if k in again], np.int64)
+    keep = np.concatenate([np.arange(len(old)), len(old) + np.flatnonzero(~again_mask)])
+    src = len(old) + np.flatnonzero(again_mask)
+    dst = at_old[again_mask]
     columns = {}
     for name in ("bucket", "row", "src_w", "src_h", "distortion", "file_size", "mtime_ns", "archive", "offset"):
         col = getattr(both, name)
@@ -206,16 +208,20 @@ def extend_plan(old: Plan, new: Plan, moved: Collection[str] = ()) -> Plan:
             col = col.copy()
             col[dst] = col[src]
             columns[name] = col[keep]
-    why = {both.keys[i]: r for i, r in sorted(both.probe_errors.items()) if i >= len(old) or old.keys[i] not in again}
-    keys = [both.keys[i] for i in keep]
-    return replace(both, keys=keys, probe_errors={j: why[k] for j, k in enumerate(keys) if k in why}, **columns)
+    moved_old = set(dst.tolist())  # old positions planned again: their old probe error (if any) no longer holds
+    why = {i: r for i, r in both.probe_errors.items() if i >= len(old) or i not in moved_old}
+    why |= {int(d): both.probe_errors[int(s)] for s, d in zip(src, dst, strict=True) if int(s) in both.probe_errors}
+    new_pos = np.full(len(both), -1, np.int64)
+    new_pos[keep] = np.arange(len(keep))
+    errors = {int(new_pos[i]): r for i, r in why.items() if new_pos[i] >= 0}
+    return replace(both, keys=packed(both.keys).take(keep), probe_errors=dict(sorted(errors.items())), **columns)
 
 
 def _appended(old: Plan, new: Plan) -> Plan:
     """Every key of `new` after those of `old`, bucket ids and archive indices remapped into the union."""
     offset = len(old.buckets)
     return Plan(
-        keys=[*old.keys, *new.keys],
+        keys=joined([packed(old.keys), packed(new.keys)]),
         bucket=np.concatenate([old.bucket, np.where(new.bucket >= 0, new.bucket + offset, -1)]).astype(np.int32),
         row=np.concatenate([old.row, new.row]).astype(np.int64),
         src_w=np.concatenate([old.src_w, new.src_w]).astype(np.int32),

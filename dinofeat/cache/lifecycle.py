@@ -49,6 +49,7 @@ from dinofeat.errors import (
     CacheMismatchError,
     ConfigError,
 )
+from dinofeat.keys import joined, packed
 from dinofeat.paths import model_ref
 
 
@@ -179,12 +180,18 @@ def check_source(st: Store, plan: Plan, request: Request) -> None:
     old = st.meta.get("source_root")
     if not request.source_root or old is None or str(old) == request.source_root:
         return
-    expected = set(plan.keys) - st.index.pruned()
-    found = len(expected.intersection(request.keys))
-    if found < MOVED_SOURCE_SHARE * len(expected):
+    pruned = st.index.pruned()
+    keys = packed(plan.keys)
+    kept = np.ones(len(keys), bool)
+    if pruned:
+        at = keys.positions(sorted(pruned))
+        kept[at[at >= 0]] = False
+    expected = int(kept.sum())
+    found = int((kept & (packed(request.keys).positions(keys) >= 0)).sum())
+    if found < MOVED_SOURCE_SHARE * expected:
         raise CacheMismatchError(
             f"{st.path} was made from {str(old)!r}, and {request.source_root!r} holds only {found} of its "
-            f"{len(expected)} images: name the cache's own source, or start over with --overwrite"
+            f"{expected} images: name the cache's own source, or start over with --overwrite"
         )
     st.metafile.update(source_root=request.source_root)
 
@@ -204,15 +211,16 @@ def extend(st: Store, plan: Plan, request: Request, resized: Collection[str] = (
     other dimensions than the plan's) and are in the source, failed images whose file changed since they failed (a
     corrupt or truncated image replaced: a rerun extracts it), and the `resized` ones (done images whose source now
     has other dimensions: --repair). Each keeps its key's place in the index; its old row becomes vacant."""
-    planned = set(plan.keys)
-    # source order: parquet rows stay in group order
-    added = request.capped(tuple(k for k in request.keys if k not in planned), len(planned))
+    keys = packed(request.keys)
+    # in source order (parquet rows stay in group order); matched as columns, no set of every key
+    added = request.capped(keys.take(np.flatnonzero(packed(plan.keys).positions(keys) < 0)), len(plan))
     moved = set(resized) | changed_since_planned(st, plan, request)
-    again = tuple(k for k in request.keys if k in moved) if moved else ()  # those still in the source, in its order
-    if not added and not again:
+    at = keys.positions(sorted(moved)) if moved else np.zeros(0, np.int64)
+    again = keys.take(np.sort(at[at >= 0]))  # those still in the source, in its order
+    if not len(added) and not len(again):
         return plan, 0
     part = 1 + max((b.part for b in plan.buckets), default=0)
-    plan = extend_plan(plan, request.plan(again + added, part), again)
+    plan = extend_plan(plan, request.plan(joined([again, added]), part), again)
     renamed = {**st.index.source_names(), **request.renamed}
     add_part(st, plan, request.hidden, request.registers, request.store_dtype, renamed)
     return plan, len(added)
@@ -234,9 +242,10 @@ def changed_since_planned(st: Store, plan: Plan, request: Request | None = None)
     failed = {k for k in failures if k not in pruned and k not in again}
     if request is None or request.changed is None or not failed:
         return again
-    present = failed.intersection(request.keys)
-    for i, k in enumerate(read.keys):
-        if k in present and request.changed(k, int(read.file_size[i]), int(read.mtime_ns[i])):
+    names = sorted(failed)
+    listed, at = packed(request.keys).positions(names), packed(read.keys).positions(names)
+    for k, there, i in zip(names, listed.tolist(), at.tolist(), strict=True):
+        if there >= 0 and i >= 0 and request.changed(k, int(read.file_size[i]), int(read.mtime_ns[i])):
             again.add(k)
     return again
 
@@ -337,7 +346,7 @@ def join(
     check_fingerprint(st, request.fingerprint)
     plan = st.index.plan()
     st.index.source_names()  # as in `open_or_create`: every rank stops on an edited map
-    if wait is not None and set(request.keys) - set(plan.keys):  # rank 0 is adding images
+    if wait is not None and (packed(plan.keys).positions(packed(request.keys)) < 0).any():  # rank 0 adds images
         old = st.index.group
         wait(lambda: ready(after=old), f"rank 0 to add new images to {cache}")
         st = Store(cache, mode="r+")

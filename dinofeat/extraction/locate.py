@@ -7,20 +7,18 @@ import numpy as np
 
 from dinofeat.cache.layout import Plan
 from dinofeat.errors import ConfigError
+from dinofeat.keys import PackedKeys, pack
 from dinofeat.sources.archive import Member
 from dinofeat.sources.discover import Facts, Source, source_root
+from dinofeat.sources.members import Members
 
 
-def planned_members(plan: Plan) -> dict[str, Member]:
-    """Each archive image's location as the plan recorded it (tar: byte range; parquet: row)."""
-    members: dict[str, Member] = {}
-    if plan.archive is not None and plan.offset is not None:
-        for i in np.flatnonzero(plan.archive >= 0):
-            key = plan.keys[i]
-            archive = plan.archives[int(plan.archive[i])]
-            sample = key.split("/", 1)[1]  # keys are <file stem>/<sample key or row>
-            members[key] = Member(archive, sample, int(plan.offset[i]), int(plan.file_size[i]), int(plan.mtime_ns[i]))
-    return members
+def planned_members(plan: Plan) -> Members | None:
+    """Each image's location as the plan recorded it (tar: byte range; parquet: row), as columns; None when the
+    plan's images are files. The plan's own arrays, not copies."""
+    if plan.archive is None or plan.offset is None:
+        return None
+    return Members(plan.archives, plan.archive, plan.offset, plan.file_size, plan.mtime_ns)
 
 
 def planned_facts(plan: Plan, i: int) -> Facts:
@@ -34,27 +32,38 @@ def planned_facts(plan: Plan, i: int) -> Facts:
 def moved_members(plan: Plan, src: Source) -> dict[str, Member]:
     """Planned archive images that are somewhere else now (a tar shard or parquet file rewritten since it was
     planned): key -> where rank 0's listing found it in this run. The other ranks of a process group locate
-    images from the plan, so rank 0 hands them these corrections; images that stayed put are not sent."""
-    if not src.members:
+    images from the plan, so rank 0 hands them these corrections; images that stayed put are not sent. Compared
+    column by column: no object per image."""
+    was = planned_members(plan)
+    now = src.members
+    if now is None or was is None:
         return {}
-    planned = planned_members(plan)
-    out = {}
-    for key, now in src.members.items():
-        was = planned.get(key)
-        if was is None:
-            continue
-        resized = was.size >= 0 and now.size >= 0 and was.size != now.size  # a parquet row's size: -1 until read
-        if resized or (was.archive, was.offset, was.mtime_ns) != (now.archive, now.offset, now.mtime_ns):
-            out[key] = now
-    return out
+    at = plan.keys.positions(src.keys) if isinstance(plan.keys, PackedKeys) else pack(plan.keys).positions(src.keys)
+    listed = np.flatnonzero((at >= 0) & (was.archive[np.maximum(at, 0)] >= 0))
+    p = at[listed]
+    was_archive = np.array([*was.archives, ""], dtype=object)[was.archive[p]]
+    now_archive = np.array([*now.archives, ""], dtype=object)[now.archive[listed]]
+    size_was, size_now = was.size[p], now.size[listed]
+    resized = (size_was >= 0) & (size_now >= 0) & (size_was != size_now)  # a parquet row's size: -1 until read
+    differs = (
+        resized
+        | (was_archive != now_archive)
+        | (was.offset[p] != now.offset[listed])
+        | (was.mtime_ns[p] != now.mtime_ns[listed])
+    )
+    return {src.keys[int(i)]: src.location(int(i)) for i in listed[differs]}
 
 
 def source_from_plan(plan: Plan, root: str, renamed: dict[str, str], moved: dict[str, Member] | None = None) -> Source:
     """What a rank other than rank 0 reads images from: the plan's keys and, for archives, each image's location as
     recorded in the index, corrected by what rank 0 found `moved` in this run, so only rank 0 ever lists the
     source and every rank reads what rank 0 checked."""
-    members = planned_members(plan) | dict(moved or {})
-    return Source(source_root(root), tuple(plan.keys), dict(renamed), members)
+    keys = plan.keys if isinstance(plan.keys, PackedKeys) else pack(list(plan.keys))
+    members = planned_members(plan)
+    if members is not None and moved:
+        at = keys.positions(list(moved))
+        members = members.with_changes({int(i): m for i, m in zip(at, moved.values(), strict=True) if i >= 0})
+    return Source(source_root(root), keys, dict(renamed), members)
 
 
 def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]]) -> list[str]:

@@ -13,8 +13,10 @@ import numpy as np
 
 from dinofeat.buckets import AnySpec, TiedSpec, assign, make_buckets
 from dinofeat.cache.layout import BucketPlan, Plan, extend_plan  # noqa: F401  (extend_plan: planning's API)
-from dinofeat.images.probe import Probe
+from dinofeat.images.probe import Probe, Probes
+from dinofeat.keys import PackedKeys
 from dinofeat.sources.archive import Member
+from dinofeat.sources.members import Members
 
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -41,56 +43,56 @@ def make_plan(
     registers_stored: int = 0,
     part: int = 0,
     copies: int = 1,
+    members: Members | None = None,
 ) -> Plan:
     """Assign every probed image to a bucket and a row. Rows follow discovery order inside each bucket. `part`
-    names the arrays of an incremental run (see BucketPlan)."""
+    names the arrays of an incremental run (see BucketPlan). `members`: where each image of an archive source is
+    (else taken from the probes' paths, when they are Members). Vectorised over the columns: a size is assigned
+    its bucket once, however many images share it; `keys` are kept as given (packed ones are not copied)."""
     if len(keys) != len(probes):
         raise ValueError("keys and probes differ in length")
+    pr = probes if isinstance(probes, Probes) else Probes.of(probes)
     n = len(keys)
-    sizes = np.zeros((n, 2), np.int64)
-    distortion = np.zeros(n, np.float32)
-    probe_errors: dict[int, str] = {}
-    chosen: list[tuple[int, int] | None] = []
-    for i, p in enumerate(probes):
-        if p.error is not None:
-            probe_errors[i] = p.error
-            chosen.append(None)
-            continue
-        a = assign(spec, p.width, p.height)
-        chosen.append((a.bucket.width, a.bucket.height))
-        distortion[i] = a.distortion
-        sizes[i] = (p.width, p.height)
-    used = sorted({c for c in chosen if c is not None}, key=lambda wh: (wh[0] / wh[1], wh[0]))
+    ok = np.ones(n, bool)
+    ok[list(pr.errors)] = False
+    wh = np.stack([pr.width, pr.height], axis=1).astype(np.int64)[ok]
+    sizes, which = np.unique(wh, axis=0, return_inverse=True)
+    assigned = [assign(spec, int(w), int(h)) for w, h in sizes]
+    chosen = np.array([(a.bucket.width, a.bucket.height) for a in assigned], np.int64).reshape(-1, 2)
+    used = sorted({(int(w), int(h)) for w, h in chosen}, key=lambda b: (b[0] / b[1], b[0]))
     if spec.mode == "list":  # keep the table's order
         order = {(b.width, b.height): k for k, b in enumerate(make_buckets(spec))}
-        used.sort(key=lambda wh: order[wh])
-    index_of = {wh: k for k, wh in enumerate(used)}
+        used.sort(key=lambda b: order[b])
+    index_of = {b: k for k, b in enumerate(used)}
+    size_bucket = np.array([index_of[(int(w), int(h))] for w, h in chosen], np.int32)
     bucket = np.full(n, -1, np.int32)
+    bucket[ok] = size_bucket[which.reshape(-1)]
+    distortion = np.zeros(n, np.float32)
+    distortion[ok] = np.array([a.distortion for a in assigned], np.float32)[which.reshape(-1)]
+    counts = np.bincount(bucket[ok], minlength=len(used))
     row = np.full(n, -1, np.int64)
-    counts = [0] * len(used)
-    for i, c in enumerate(chosen):
-        if c is None:
-            continue
-        k = index_of[c]
-        bucket[i] = k
-        row[i] = counts[k]
-        counts[k] += 1
+    held = np.flatnonzero(ok)
+    by_bucket = held[np.argsort(bucket[held], kind="stable")]  # each bucket's images, in discovery order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    row[by_bucket] = np.arange(len(by_bucket)) - starts[bucket[by_bucket]]
     plans = []
-    for (w, h), rows in zip(used, counts, strict=True):
+    for (w, h), rows in zip(used, counts.tolist(), strict=True):
         per = bytes_per_image((h // patch, w // patch), hidden, store_dtype, registers_stored, copies)
         dit = spec.dit_size(w, h) if isinstance(spec, TiedSpec) else None
         plans.append(BucketPlan(w, h, patch, rows, shard_rows_for(per, shard_bytes, rows), part, dit))
-    archive, offset, archives = member_locations(probes)
+    archive, offset, archives = (
+        compact_locations(members) if members is not None else member_locations([p.path for p in probes])
+    )
     return Plan(
-        keys=list(keys),
+        keys=keys if isinstance(keys, PackedKeys) else list(keys),
         bucket=bucket,
         row=row,
-        src_w=sizes[:, 0].astype(np.int32),
-        src_h=sizes[:, 1].astype(np.int32),
+        src_w=np.where(ok, pr.width, 0).astype(np.int32),
+        src_h=np.where(ok, pr.height, 0).astype(np.int32),
         distortion=distortion,
-        file_size=np.array([p.file_size for p in probes], np.int64),
-        mtime_ns=np.array([p.mtime_ns for p in probes], np.int64),
-        probe_errors=probe_errors,
+        file_size=pr.file_size.astype(np.int64),
+        mtime_ns=pr.mtime_ns.astype(np.int64),
+        probe_errors=dict(sorted(pr.errors.items())),
         buckets=tuple(plans),
         archive=archive,
         offset=offset,
@@ -98,16 +100,28 @@ def make_plan(
     )
 
 
-def member_locations(probes: Sequence[Probe]) -> tuple[np.ndarray | None, np.ndarray | None, tuple[str, ...]]:
-    """(archive index, byte offset) of every probed archive member, and the archives in first-seen order; Nones
-    when no image comes from an archive."""
+def compact_locations(members: Members) -> tuple[np.ndarray | None, np.ndarray | None, tuple[str, ...]]:
+    """(archive index, offset) of every image and the archives it uses, in first-seen order (as a plan records
+    them: an archive no image of this plan comes from is left out)."""
+    if not len(members):
+        return None, None, ()
+    used, first = np.unique(members.archive, return_index=True)
+    by_first = used[np.argsort(first)]
+    remap = np.full(len(members.archives), -1, np.int32)
+    remap[by_first] = np.arange(len(by_first))
+    return remap[members.archive], members.offset.astype(np.int64), tuple(members.archives[a] for a in by_first)
+
+
+def member_locations(paths: Sequence[object]) -> tuple[np.ndarray | None, np.ndarray | None, tuple[str, ...]]:
+    """(archive index, byte offset) of every image whose location is an archive Member, and the archives in
+    first-seen order; Nones when no image comes from an archive."""
     names: dict[str, int] = {}
-    archive = np.full(len(probes), -1, np.int32)
-    offset = np.full(len(probes), -1, np.int64)
-    for i, p in enumerate(probes):
-        if isinstance(p.path, Member):
-            archive[i] = names.setdefault(p.path.archive, len(names))
-            offset[i] = p.path.offset
+    archive = np.full(len(paths), -1, np.int32)
+    offset = np.full(len(paths), -1, np.int64)
+    for i, p in enumerate(paths):
+        if isinstance(p, Member):
+            archive[i] = names.setdefault(p.archive, len(names))
+            offset[i] = p.offset
     if not names:
         return None, None, ()
     return archive, offset, tuple(names)

@@ -146,12 +146,13 @@ def check_bucket_pixels(spec: AnySpec, max_pixels: int) -> None:
 
 
 def build_plan(src: Source, prep: Prepared, progress: bool, part: int = 0) -> Plan:
-    paths = [src.path(k) for k in src.keys]
-    with progress_bar(total=len(paths), desc="probe", unit="img", enabled=progress) as bar:
-        probes = probe_many(paths, prep.config.recipe.max_pixels, prep.config.probe_threads, bar.update)
+    """Probe every image of `src` and plan them (what the planning rank does): columns throughout, the keys
+    packed, no object per image kept."""
+    with progress_bar(total=len(src.keys), desc="probe", unit="img", enabled=progress) as bar:
+        probes = probe_many(src.locations(), prep.config.recipe.max_pixels, prep.config.probe_threads, bar.update)
     shard_bytes = int(prep.config.shard_mb * 2**20)
     return make_plan(
-        list(src.keys),
+        src.keys,
         probes,
         prep.spec,
         prep.model.patch_size,
@@ -161,6 +162,7 @@ def build_plan(src: Source, prep: Prepared, progress: bool, part: int = 0) -> Pl
         prep.registers_stored,
         part,
         prep.arrays.copies,
+        src.members,
     )
 
 
@@ -191,7 +193,7 @@ def request_for(src: Source, prep: Prepared, progress: bool) -> Request:
     their headers), the metadata of a new cache, the stored features' shape."""
 
     def plan(keys: tuple[str, ...], part: int) -> Plan:
-        return build_plan(src if keys == src.keys else src.subset(keys), prep, progress, part)
+        return build_plan(src.subset(keys), prep, progress, part)
 
     return Request(
         fingerprint=prep.fingerprint(),

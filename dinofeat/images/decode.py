@@ -21,7 +21,7 @@ BACKGROUND = (255, 255, 255)  # alpha is composited on white: documented in docs
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb threshold; ours fails cleanly instead of warning
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failed image, not a grey-bottomed one
-_ROTATING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+ROTATING = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 ImageSource = str | os.PathLike[str] | Member | bytes  # a file, an archive member, or a file's bytes already read
@@ -84,7 +84,7 @@ def orientation(im: Image.Image) -> int:
 def oriented_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) as displayed, i.e. after EXIF rotation."""
     w, h = im.size
-    return (h, w) if orientation(im) in _ROTATING else (w, h)
+    return (h, w) if orientation(im) in ROTATING else (w, h)
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
@@ -139,7 +139,7 @@ def decode_rgb(
             im.seek(0)
         if draft_size is not None and im.format == "JPEG":
             tw, th = draft_size
-            if orientation(im) in _ROTATING:
+            if orientation(im) in ROTATING:
                 tw, th = th, tw
             im.draft("RGB", (tw, th))
         im.load()

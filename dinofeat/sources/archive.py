@@ -18,8 +18,11 @@ import io
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 from dinofeat.errors import ConfigError, SourceChangedError
 from dinofeat.filesystems import filesystem
@@ -80,37 +83,60 @@ def is_archive_source(source: str) -> bool:
 
 def sample_key(member_name: str) -> str:
     """webdataset's rule: directory kept, basename cut at its first dot."""
-    p = PurePosixPath(member_name)
+    if "//" not in member_name and "/." not in "/" + member_name and not member_name.endswith("/"):
+        head, _, base = member_name.rpartition("/")  # the common name: string operations (a listing's hot loop)
+        stem = base.split(".", 1)[0]
+        return f"{head}/{stem}" if head else stem
+    p = PurePosixPath(member_name)  # './a.jpg', 'a//b.jpg', hidden folders: as PurePosixPath normalises them
     stem = p.name.split(".", 1)[0]
     return (p.parent / stem).as_posix() if str(p.parent) != "." else stem
 
 
 def list_images(archive: str, extensions: frozenset[str]) -> dict[str, Member]:
-    """Image members of one tar by sample key, from its headers only (tarfile seeks over the data). A sample with
-    several image members keeps the first by name; unreadable shards raise ConfigError before any work.
+    """Image members of one tar by sample key (see `list_members`), as Member objects."""
+    found: dict[str, Member] = {}
+    for key, name, offset, size, mtime in _scan(archive, extensions):
+        if key not in found or name < found[key].name:
+            found[key] = Member(archive, name, offset, size, mtime)
+    return found
 
-    A member's size and mtime are taken from its own 512-byte header block (the one just before its data), the
-    block every later read checks: pax and GNU writers keep the exact values in extended headers before it and
-    put a rounded mtime (Python's tarfile, hence webdataset) or a truncated one (GNU tar, bsdtar) in the block, so
-    the listing must read the same field the read-time check does, whatever the writer."""
-    out: dict[str, Member] = {}
+
+def list_members(archive: str, extensions: frozenset[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Image members of one tar as columns: sample keys in ascending order, and each one's data offset, size and
+    modification time (ns). A sample with several image members keeps the first by name; unreadable shards raise
+    ConfigError before any work."""
+    best: dict[str, tuple[str, int, int, int]] = {}
+    for key, name, offset, size, mtime in _scan(archive, extensions):
+        if key not in best or name < best[key][0]:
+            best[key] = (name, offset, size, mtime)
+    keys = sorted(best)
+    cols = [np.fromiter((best[k][j] for k in keys), np.int64, len(keys)) for j in (1, 2, 3)]
+    return keys, cols[0], cols[1], cols[2]
+
+
+def _scan(archive: str, extensions: frozenset[str]) -> Iterator[tuple[str, str, int, int, int]]:
+    """(sample key, name, data offset, size, mtime ns) of every image member, from the tar headers only (tarfile
+    seeks over the data).
+
+    A member's mtime is taken from its own 512-byte header block (the one just before its data), the block every
+    later read checks: pax writers keep the exact value in an extended header before it and put a rounded one
+    (Python's tarfile, hence webdataset) or a truncated one (bsdtar) in the block, so the listing must read the
+    same field the read-time check does, whatever the writer. Without a pax mtime the block's is the member's."""
     try:
         with _open_archive(archive) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             for info in tf:
                 if not info.isreg() or os.path.splitext(info.name)[1].lower() not in extensions:
                     continue
-                if PurePosixPath(info.name).name.startswith("."):
+                if info.name.rpartition("/")[2].startswith("."):
                     continue
-                key = sample_key(info.name)
-                f.seek(info.offset_data - tarfile.BLOCKSIZE)  # just read by tarfile: in the stream's buffer
-                own = _parse_header(f.read(tarfile.BLOCKSIZE))
-                mtime = own.mtime if own is not None else int(info.mtime)
-                m = Member(archive, info.name, info.offset_data, info.size, int(mtime) * 1_000_000_000)
-                if key not in out or info.name < out[key].name:
-                    out[key] = m
+                mtime = info.mtime
+                if "mtime" in info.pax_headers:
+                    f.seek(info.offset_data - tarfile.BLOCKSIZE)  # just read by tarfile: in the stream's buffer
+                    own = _parse_header(f.read(tarfile.BLOCKSIZE))
+                    mtime = own.mtime if own is not None else mtime
+                yield sample_key(info.name), info.name, info.offset_data, info.size, int(mtime) * 1_000_000_000
     except (OSError, tarfile.TarError) as e:
         raise ConfigError(f"cannot read the tar shard {archive}: {e}") from e
-    return out
 
 
 LISTING_READAHEAD = 8 * 2**20

@@ -3,46 +3,95 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from dinofeat.errors import ConfigError
+from dinofeat.keys import PackedKeys, joined, pack
 from dinofeat.paths import is_url, key_for, local_path
-from dinofeat.sources.archive import Member, is_parquet, is_tar_source, list_images, shard_paths, shard_stem
+from dinofeat.sources.archive import Member, is_parquet, is_tar_source, list_members, shard_paths, shard_stem
+from dinofeat.sources.members import Members, from_mapping, members_of
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Source:
-    """An image source: `root` + sorted relative `keys` (POSIX). `path(key)` is the file to open, or the archive
-    member (tar shards: `root` is then the shard pattern, and `members` maps each key to its byte range).
+    """An image source: `root` + sorted relative `keys` (POSIX), packed (dinofeat/keys.py). `path(key)` is the file
+    to open, or the archive member (tar shards and parquet files: `root` is then the file pattern, and `members`
+    holds each image's location as columns parallel to the keys).
 
     `renamed` maps the keys of files whose names are not valid UTF-8 (the cache stores keys as UTF-8) to their
-    real relative names: the key spells each undecodable byte as `\\xNN` (see `key_for`)."""
+    real relative names: the key spells each undecodable byte as `\\xNN` (see `key_for`). Keys may be given as any
+    sequence of str, and members as a `{key: Member}` mapping: both are packed into columns."""
 
     root: Path | str  # a URL pattern for remote tar shards
-    keys: tuple[str, ...]
-    renamed: dict[str, str] = field(default_factory=dict, compare=False)
-    members: dict[str, Member] = field(default_factory=dict, compare=False)
+    keys: PackedKeys
+    renamed: dict[str, str] = field(default_factory=dict)
+    members: Members | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keys, PackedKeys):
+            object.__setattr__(self, "keys", pack(list(self.keys)))
+        if isinstance(self.members, Mapping):
+            object.__setattr__(self, "members", from_mapping(self.keys, self.members) if self.members else None)
 
     def path(self, key: str) -> str | Member:
-        if self.members:
-            return self.members[key]
+        if self.members is not None:
+            i = self.keys.find(key)
+            if i < 0:
+                raise KeyError(key)
+            return self.members.member(i, key)
         return str(self.root / self.renamed.get(key, key))
 
-    def subset(self, keys: tuple[str, ...]) -> Source:
-        wanted = set(keys)
-        return Source(
-            self.root,
-            keys,
-            {k: v for k, v in self.renamed.items() if k in wanted},
-            {k: v for k, v in self.members.items() if k in wanted},
-        )
+    def location(self, i: int) -> str | Member:
+        """What to open for the image at position i."""
+        key = self.keys[i]
+        if self.members is not None:
+            return self.members.member(i, key)
+        return str(self.root / self.renamed.get(key, key))
+
+    def locations(self) -> Sequence[str | Member]:
+        """Every image's location, made one at a time as it is asked for (no list of them is kept)."""
+        return _Locations(self)
+
+    def take(self, positions: np.ndarray) -> Source:
+        """The images at `positions` (ascending keeps the keys sorted)."""
+        keys = self.keys.take(positions)
+        renamed = {k: v for k, v in self.renamed.items() if k in keys} if self.renamed else {}
+        members = self.members.take(positions) if self.members is not None else None
+        return Source(self.root, keys, renamed, members)
+
+    def head(self, n: int) -> Source:
+        return self if n >= len(self.keys) else self.take(np.arange(max(0, n)))
+
+    def subset(self, keys: Sequence[str]) -> Source:
+        """The images of `keys` (each must be in this source), in that order."""
+        if keys is self.keys:
+            return self
+        pos = self.keys.positions(keys)
+        if (pos < 0).any():
+            raise KeyError(keys[int(np.flatnonzero(pos < 0)[0])])
+        return self.take(pos)
+
+
+class _Locations(Sequence):
+    def __init__(self, src: Source) -> None:
+        self.src = src
+
+    def __len__(self) -> int:
+        return len(self.src.keys)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        if isinstance(i, slice):
+            return [self.src.location(j) for j in range(*i.indices(len(self)))]
+        return self.src.location(i)
 
 
 def is_image_name(name: str) -> bool:
@@ -112,19 +161,26 @@ def discover(source: str | os.PathLike[str], root: str | os.PathLike[str] | None
         raise ConfigError(f"image source {str(src)!r} does not exist")
     if limit is not None:
         keys = keys[:limit]
-    return Source(base, tuple(keys), renamed)
+    return Source(base, pack(keys, presorted=True), renamed)
 
 
 def discover_tars(source: str, limit: int | None = None) -> Source:
     """Image members of every shard (local paths or URLs), keyed `<shard stem>/<sample key>`; only tar headers are
-    read."""
-    members: dict[str, Member] = {}
+    read. Each shard's listing is packed as it comes (its keys sorted), so nothing per image is kept as a Python
+    object; shards whose keys follow each other in order (zero-padded stems) need no sort of the whole."""
+    keys, found = [], []
     for shard in shard_paths(source):
         stem = shard_stem(shard)
-        for key, m in list_images(shard, IMAGE_EXTENSIONS).items():
-            members[f"{stem}/{key}"] = m
-    keys = sorted(members)[:limit] if limit is not None else sorted(members)
-    return Source(source_root(source), tuple(keys), {}, {k: members[k] for k in keys})
+        samples, offsets, sizes, mtimes = list_members(shard, IMAGE_EXTENSIONS)
+        keys.append(pack([f"{stem}/{k}" for k in samples], presorted=True))
+        found.append((shard, offsets, sizes, mtimes))
+    src = _sorted(Source(source_root(source), joined(keys), {}, members_of(found)))
+    return src if limit is None else src.head(limit)
+
+
+def _sorted(src: Source) -> Source:
+    """`src` with its images in key order (a no-op for a listing that is sorted already)."""
+    return src if src.keys.is_sorted() else src.take(src.keys.order)
 
 
 def discover_parquet(source: str, limit: int | None = None, threads: int = 16) -> Source:
@@ -151,14 +207,15 @@ def discover_parquet(source: str, limit: int | None = None, threads: int = 16) -
             if p  # a row without a path names no file
         ]
         keys = keys_under(base, entries, source)
-        return Source(base, tuple(keys[:limit] if limit is not None else keys))
-    members: dict[str, Member] = {}
+        return Source(base, pack(keys[:limit] if limit is not None else keys))
+    keys, found = [], []
     for f, x in zip(files, listings, strict=True):
         stem = shard_stem(f)
-        for row, k in enumerate(x.keys):
-            members[f"{stem}/{k}"] = Member(f, k, row, -1, x.mtime_ns)
-    keys = list(members)[:limit] if limit is not None else list(members)
-    return Source(source_root(source), tuple(keys), {}, {k: members[k] for k in keys})
+        n = len(x.keys)
+        keys.append(pack([f"{stem}/{k}" for k in x.keys]))
+        found.append((f, np.arange(n), np.full(n, -1), np.full(n, x.mtime_ns)))
+    src = Source(source_root(source), joined(keys), {}, members_of(found))
+    return src if limit is None else src.head(limit)
 
 
 def no_images(source: str | os.PathLike[str]) -> str:
@@ -185,7 +242,7 @@ def locator(source: str, renamed: dict[str, str] | None = None) -> Callable[[str
         return discover_parquet(source).path
     if is_tar_source(source):
         return discover_tars(source).path
-    return Source(local_path(source, "image source"), (), dict(renamed or {})).path
+    return Source(local_path(source, "image source"), pack([]), dict(renamed or {})).path
 
 
 # what an image was read from: (size, mtime_ns, archive or None, byte offset or -1)
