@@ -267,3 +267,35 @@ def test_new_readers_get_the_last_sealed_generation_during_an_incremental_run(tm
     after = FeatureCache(cache)
     assert not after.serving_last_sealed and len(after) == 13
     assert validate(cache, imgs, progress=False).ok
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_a_ranks_share_of_the_index_is_exactly_its_shards_images(sealed, world):
+    """Issue 29.3: a rank of a process group reads only the images of its shards (ordinal % world == rank) from the
+    index, every column checked whole as it is read and then cut; together the ranks hold every planned image."""
+    st = Store(sealed)
+    full = st.index.plan()
+    ordinal = {(r.bucket, r.shard): r.ordinal for r in full.shards()}
+    seen: list[str] = []
+    for rank in range(world):
+        part = st.index.plan(share=(rank, world))
+        want = [i for i in range(len(full)) if full.bucket[i] >= 0 and ordinal[full.shard_of(i)] % world == rank]
+        assert list(part.keys) == [full.keys[i] for i in want]
+        for col in ("bucket", "row", "src_w", "src_h", "distortion", "file_size", "mtime_ns"):
+            np.testing.assert_array_equal(getattr(part, col), getattr(full, col)[want], err_msg=col)
+        assert part.buckets == full.buckets and part.probe_errors == {}
+        for b in part.buckets:  # each of its shards' rows names the same image as in the whole plan
+            held, whole = part.rows_to_keys()[b.name], full.rows_to_keys()[b.name]
+            mine = [r for r in range(b.rows) if ordinal[(b.name, r // b.shard_rows)] % world == rank]
+            assert [part.keys[int(held[r])] for r in mine] == [full.keys[int(whole[r])] for r in mine]
+        seen += list(part.keys)
+    assert sorted(seen) == sorted(full.keys[i] for i in range(len(full)) if full.bucket[i] >= 0)
+
+
+@pytest.mark.parametrize("column", ["key", "row", "mtime_ns"])
+def test_a_damaged_column_is_refused_when_a_rank_reads_its_share(cache, column):
+    f = cache / "index" / column / "c" / "0"
+    flip_bit(f, len(f.read_bytes()) // 2, 3)
+    for share in (None, (1, 2)):
+        with pytest.raises(CacheFormatError, match="index"):
+            Store(cache).index.plan(share=share)

@@ -85,9 +85,19 @@ def test_two_processes_equal_one(setup, tmp_path):
     s = extract_processes(imgs, tmp_path / "c", cfg, 2)
     assert s.world_size == 2 and s.sealed and s.processed == s.done and s.failed == 1
     assert [r.rank for r in s.ranks] == [0, 1] and sum(r.images for r in s.ranks) == s.processed  # what each did
+    # rank 1 read from the index only the images of its shards (issue 29.3); rank 0 planned and holds them all
+    held = Store(tmp_path / "c").index.plan(share=(1, 2))
+    assert s.ranks[0].plan_images == s.total and s.ranks[1].plan_images == len(held) < s.total - s.failed
+    assert len(held) > 0 and all(o % 2 == 1 for o in _ordinals(held))
     markers = {m["shard"] for m in Store(tmp_path / "c").markers.read().values()}
     assert len(markers) > 2
     assert_same_cache(ref, tmp_path / "c")
+
+
+def _ordinals(plan) -> list[int]:
+    """The shard ordinal of every image a plan holds (see Plan.shards)."""
+    ordinal = {(r.bucket, r.shard): r.ordinal for r in plan.shards()}
+    return [ordinal[plan.shard_of(i)] for i in range(len(plan))]
 
 
 LAUNCHERS = {

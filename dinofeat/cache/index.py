@@ -5,7 +5,7 @@ generation, each column checked against the crc32c the metadata records; and the
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,8 @@ from dinofeat.paths import key_for
 
 if TYPE_CHECKING:
     from dinofeat.cache.store import Store
+
+Selector = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (bucket, row) columns -> the positions to keep
 
 PROBE_FAILURES = "_dinofeat/probe_failures.json"
 FAILURES = "_dinofeat/failures.json"
@@ -94,15 +96,29 @@ class Index:
     def __init__(self, store: Store) -> None:
         self.store = store
 
+    def _check(self, group: str, cols: dict[str, np.ndarray], sums: dict[str, Any]) -> None:
+        """CacheFormatError when a recorded column read here (or not found) fails its checksum."""
+        bad = mismatched_columns(cols, {n: v for n, v in sums.items() if n in cols or not cols})
+        if bad:
+            raise CacheFormatError(
+                f"{self.store.path}: index column(s) {', '.join(f'{group}/{n}' for n in bad)} fail their "
+                "checksum (damaged, or a chunk is missing); the cache cannot be trusted: rebuild it with "
+                "--overwrite"
+            )
+
     @property
     def group(self) -> str:
         return str(self.store.meta.get("index_group", "index"))
 
-    def read(self, generation: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    def read(self, generation: dict[str, Any] | None = None, select: Selector | None = None) -> dict[str, np.ndarray]:
         """The index columns of the current plan, or of `generation` (a `last_sealed` record), checked against
         their recorded crc32c (format 3). `status` is checked only once sealed: a run writes it just before the
         metadata that vouches for it. If an incremental run switched the index since this store was opened and
-        its group is gone, the metadata is read again and the current index is returned."""
+        its group is gone, the metadata is read again and the current index is returned.
+
+        `select(bucket, row)` -> positions: only those rows are kept (and `positions` added), each column read,
+        checked and cut before the next is read, so a rank that works on part of the plan never holds the whole
+        of it (at most one column at a time)."""
         for attempt in (0, 1):
             meta = self.store.meta
             if generation is not None:
@@ -114,7 +130,18 @@ class Index:
             try:
                 g = self.store.root[group]
                 optional = [n for n in SOURCE_COLUMNS if n in sums or n in g]
-                cols = {name: g[name][:] for name in (*INDEX_COLUMNS, "status", *optional)}
+                names = ("bucket", "row", *(n for n in INDEX_COLUMNS if n not in ("bucket", "row")), "status")
+                cols: dict[str, np.ndarray] = {}
+                pos = None
+                for name in (*names, *optional):
+                    values = g[name][:]
+                    self._check(group, {name: values}, sums)
+                    cols[name] = values
+                    if select is not None and name == "row":
+                        pos = np.asarray(select(cols["bucket"], cols["row"]), np.int64)
+                        cols = {"bucket": cols["bucket"][pos], "row": cols["row"][pos], "positions": pos}
+                    elif pos is not None:
+                        cols[name] = values[pos]
             except (KeyError, FileNotFoundError):
                 if attempt or generation is not None:
                     raise CacheFormatError(
@@ -123,29 +150,30 @@ class Index:
                     ) from None
                 self.store.reload()
                 continue
+            except CacheFormatError:
+                raise
             except Exception as e:  # a damaged chunk or array metadata: zarr's crc32c codec, JSON, UTF-8 errors
                 raise CacheFormatError(
                     f"{self.store.path}: index group {group!r} is damaged ({type(e).__name__}: {e}); run `dinofeat "
                     "validate`, rebuild with --overwrite"
                 ) from None
-            bad = mismatched_columns(cols, sums)
-            if bad:
-                raise CacheFormatError(
-                    f"{self.store.path}: index column(s) {', '.join(f'{group}/{n}' for n in bad)} fail their "
-                    "checksum (damaged, or a chunk is missing); the cache cannot be trusted: rebuild it with "
-                    "--overwrite"
-                )
+            missing = [n for n in sums if n not in cols and n != "positions"]
+            if missing:
+                self._check(group, {}, {n: sums[n] for n in missing})
             return cols
         raise AssertionError("unreachable")
 
     def bucket_plans(self) -> tuple[BucketPlan, ...]:
         return bucket_plans(self.store.meta)
 
-    def plan(self, ix: dict[str, np.ndarray] | None = None) -> Plan:
-        """The plan as the index records it (`ix`: the index, when the caller has just read it)."""
-        ix = self.read() if ix is None else ix
+    def plan(self, ix: dict[str, np.ndarray] | None = None, share: tuple[int, int] | None = None) -> Plan:
+        """The plan as the index records it (`ix`: the index, when the caller has just read it). `share` (rank,
+        world size): only the images of the shards that rank extracts (shard ordinal % world size == rank), each
+        column cut as it is read, renumbered from 0; the buckets are the whole plan's."""
+        if ix is None:
+            ix = self.read(select=None if share is None else self._shard_selector(*share))
         keys = pack(ix["key"])
-        failed = self.probe_failures()
+        failed = self.probe_failures() if share is None else {}  # images no shard holds: rank 0's to record
         pos = dict(zip(failed, keys.positions(list(failed)).tolist(), strict=True))
         return Plan(
             keys=keys,
@@ -162,6 +190,18 @@ class Index:
             offset=ix.get("offset"),
             archives=tuple(self.store.meta.get("source_archives") or ()),
         )
+
+    def _shard_selector(self, rank: int, world: int) -> Selector:
+        buckets = self.bucket_plans()
+        base = np.concatenate([[0], np.cumsum([b.num_shards for b in buckets])]).astype(np.int64)
+        per = np.array([b.shard_rows for b in buckets] + [1], np.int64)
+
+        def select(bucket: np.ndarray, row: np.ndarray) -> np.ndarray:
+            held = bucket >= 0
+            ordinal = base[np.where(held, bucket, 0)] + row // per[np.where(held, bucket, len(buckets))]
+            return np.flatnonzero(held & (ordinal % world == rank))
+
+        return select
 
     # ---- the plan's records -----------------------------------------------------------------------------------
     def _checked_bytes(self, rel: str) -> bytes | None:

@@ -324,11 +324,14 @@ def add_part(st: Store, plan: Plan, hidden: int, registers: int, store_dtype: st
 
 # ---- the other ranks -------------------------------------------------------------------------------------------
 def join(
-    cache: Path | str, request: Request, wait: Callable[[Callable[[], bool], str], None] | None
+    cache: Path | str,
+    request: Request,
+    wait: Callable[[Callable[[], bool], str], None] | None,
+    share: tuple[int, int] | None = None,
 ) -> tuple[Store, Plan]:
     """A non-leader rank opens the cache rank 0 planned: after the barrier (`wait` None), or in a manual split by
     waiting (`wait(ready, what)`) until it is planned and, when its source holds images the plan lacks, until
-    rank 0 has extended it."""
+    rank 0 has extended it. `share` (rank, world size): the plan holds only that rank's images (Index.plan)."""
 
     def meta() -> dict[str, Any]:
         try:
@@ -344,13 +347,13 @@ def join(
         wait(ready, f"rank 0 to plan {cache}")
     st = Store(cache, mode="r+")
     check_fingerprint(st, request.fingerprint)
-    plan = st.index.plan()
+    plan = st.index.plan(share=share)
     st.index.source_names()  # as in `open_or_create`: every rank stops on an edited map
     if wait is not None and (packed(plan.keys).positions(packed(request.keys)) < 0).any():  # rank 0 adds images
         old = st.index.group
         wait(lambda: ready(after=old), f"rank 0 to add new images to {cache}")
         st = Store(cache, mode="r+")
-        plan = st.index.plan()
+        plan = st.index.plan(share=share)
     return st, plan
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from dinofeat.cache.layout import Plan
 from dinofeat.errors import ConfigError
-from dinofeat.keys import PackedKeys, pack
+from dinofeat.keys import PackedKeys, pack, packed
 from dinofeat.sources.archive import Member
 from dinofeat.sources.discover import Facts, Source, source_root
 from dinofeat.sources.members import Members
@@ -66,13 +66,31 @@ def source_from_plan(plan: Plan, root: str, renamed: dict[str, str], moved: dict
     return Source(source_root(root), keys, dict(renamed), members)
 
 
-def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]]) -> list[str]:
-    """Planned images gone from the folder whose shard still has to be extracted (they would stop the run);
-    images gone from finished shards are only reported."""
+def source_changes(plan: Plan, src: Source, pruned: set[str]) -> tuple[int, int, list[str]]:
+    """(images in the source the plan does not hold, planned images gone from the source, the first five of those
+    in key order), pruned images counted as not planned. Matched as columns, no set of every key."""
+    keys = packed(plan.keys)
+    kept = np.ones(len(keys), bool)
+    if pruned:
+        at = keys.positions(sorted(pruned))
+        kept[at[at >= 0]] = False
+    held = keys.positions(src.keys)  # each listed image's place in the plan
+    new = int(((held < 0) | ~kept[np.maximum(held, 0)]).sum()) if len(keys) else len(src.keys)
+    gone = kept & (src.keys.positions(keys) < 0)
+    first = keys.order[gone[keys.order]][:5]  # in key order
+    return new, int(gone.sum()), [keys[int(i)] for i in first]
+
+
+def missing_in_pending(plan: Plan, src: Source, pending: set[tuple[str, int]], pruned: set[str]) -> list[str]:
+    """Planned images gone from the source whose shard still has to be extracted (they would stop the run), pruned
+    ones aside; images gone from finished shards are only reported. Matched as columns; a key is decoded only for
+    an image that is missing."""
+    keys = packed(plan.keys)
+    gone = (plan.bucket >= 0) & (src.keys.positions(keys) < 0)
     out = []
-    for i in np.flatnonzero(plan.bucket >= 0):
-        key = plan.keys[i]
-        if key not in found and plan.shard_of(i) in pending:
+    for i in np.flatnonzero(gone):
+        key = keys[int(i)]
+        if plan.shard_of(int(i)) in pending and key not in pruned:
             out.append(key)
     return out
 
@@ -80,7 +98,7 @@ def missing_in_pending(plan: Plan, found: set[str], pending: set[tuple[str, int]
 def refuse_missing(plan: Plan, src: Source, pending: set[tuple[str, int]], pruned: set[str]) -> None:
     """Rank 0 checks every unfinished shard (before the others start), each rank its own shards again. Pruned
     images are not missing: they are recorded as gone."""
-    missing = [k for k in missing_in_pending(plan, set(src.keys), pending) if k not in pruned]
+    missing = missing_in_pending(plan, src, pending, pruned)
     if missing:
         raise ConfigError(
             f"{len(missing)} planned images of unfinished shards are gone from {src.root} (e.g. {missing[0]!r}); "

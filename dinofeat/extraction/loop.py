@@ -27,6 +27,7 @@ from dinofeat.extraction.prepare import Prepared
 from dinofeat.extraction.stub import StubEncoder
 from dinofeat.extraction.tokens import split_tokens
 from dinofeat.extraction.writer import WRITER_THREADS, ShardResult, ShardWriter, Timings
+from dinofeat.keys import packed
 from dinofeat.progress import bar as progress_bar
 from dinofeat.sources.discover import Facts, Source
 
@@ -248,8 +249,9 @@ def _pruned_rows(plan: Plan, pruned: set[str] | frozenset[str]) -> dict[str, set
     """bucket name -> rows of pruned images."""
     out: dict[str, set[int]] = {}
     if pruned:
-        for i, k in enumerate(plan.keys):
-            if k in pruned and plan.bucket[i] >= 0:
+        at = packed(plan.keys).positions(sorted(pruned))
+        for i in at[at >= 0].tolist():
+            if plan.bucket[i] >= 0:
                 out.setdefault(plan.buckets[int(plan.bucket[i])].name, set()).add(int(plan.row[i]))
     return out
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dinofeat import __version__
 from dinofeat.cache import housekeeping, lifecycle, maintenance
 from dinofeat.cache.layout import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED, Plan
@@ -27,7 +29,7 @@ from dinofeat.cache.store import Store
 from dinofeat.errors import ConfigError, DinofeatError
 from dinofeat.extraction import ranks
 from dinofeat.extraction.config import FINGERPRINTED, ExtractConfig
-from dinofeat.extraction.locate import moved_members, refuse_missing, source_from_plan
+from dinofeat.extraction.locate import moved_members, refuse_missing, source_changes, source_from_plan
 from dinofeat.extraction.loop import run_shards
 from dinofeat.extraction.plan import projected_bytes
 from dinofeat.extraction.prepare import (
@@ -55,6 +57,7 @@ class RankWork:
     shards: int  # written by this process
     seconds: float
     bytes_written: int = 0
+    plan_images: int = 0  # images of the plan this process held: all of them on rank 0, its shards' on the others
 
 
 @dataclass
@@ -207,7 +210,7 @@ def _extract(
         ran = run_shards(st, plan, src, prep, pending, progress, st.index.pruned())
         summary.processed, summary.seconds, summary.bytes_written = ran.images, ran.seconds, ran.bytes_written
         summary.timings, summary.shards_written = ran.timings, ran.shards
-        own = RankWork(group.rank, ran.images, ran.failed, ran.shards, ran.seconds, ran.bytes_written)
+        own = RankWork(group.rank, ran.images, ran.failed, ran.shards, ran.seconds, ran.bytes_written, len(plan))
         group.barrier()  # every rank's shards are marked before anyone seals
         _finish(st, plan, group, summary, repaired=repair, own=own)
         if summary.sealed and group.is_leader:
@@ -258,10 +261,7 @@ def _dry_run(cache: Path | str, src: Source, prep: Prepared, summary: Summary, o
 
 def _pending_shards(st: Store, plan: Plan, src: Source, group: ranks.Group, summary: Summary) -> set[tuple[str, int]]:
     """This rank's unmarked shards, cleaned of what a crash left in them; the source compared with the plan."""
-    found, planned = set(src.keys), set(plan.keys) - st.index.pruned()
-    removed = sorted(planned - found)
-    summary.new_files, summary.removed_files = len(found - planned), len(removed)
-    summary.removed_examples = removed[:5]
+    summary.new_files, summary.removed_files, summary.removed_examples = source_changes(plan, src, st.index.pruned())
     done = set(st.markers.read())
     pending = {(s.bucket, s.shard) for s in plan.shards() if (s.bucket, s.shard) not in done and group.owns(s.ordinal)}
     if not group.is_leader and not group.connected:  # rank 0 checked every shard; a manual split's rank its own
@@ -277,20 +277,40 @@ def _finish(st: Store, plan: Plan, group: ranks.Group, summary: Summary, repaire
         summary.processed = sum(r.images for r in summary.ranks)
         summary.seconds = max(r.seconds for r in summary.ranks)
         summary.bytes_written = sum(r.bytes_written for r in summary.ranks)
-    status, failures, complete = lifecycle.finalize(st, plan, seal_it=group.is_leader or not group.connected)
-    if summary.manual_split and not complete:  # another rank may have marked its last shard since: count again
-        status, failures, complete = lifecycle.finalize(st, plan)
+    counts = None
+    if group.is_leader or not group.connected:  # a rank of a process group holds only its part of the plan
+        status, failures, complete = lifecycle.finalize(st, plan, seal_it=True)
+        if summary.manual_split and not complete:  # another rank may have marked its last shard since: count again
+            status, failures, complete = lifecycle.finalize(st, plan)
+        counts = _Counts.of(status, failures, complete)
+    if group.connected:
+        counts = group.broadcast(counts)  # rank 0's counts of the whole cache, once its seal is on disk
     group.barrier()  # the seal is on disk before any rank returns
-    summary.total = len(plan)
-    summary.done = int((status == STATUS_DONE).sum())
-    summary.failed = int((status == STATUS_FAILED).sum())
-    summary.pending = int((status == STATUS_PENDING).sum())
-    summary.pruned = int((status == STATUS_PRUNED).sum())
-    summary.failures_by_reason = dict(Counter(_reason_class(r) for r in failures.values()))
-    summary.sealed = complete
+    assert counts is not None
+    summary.total, summary.done, summary.failed = counts.total, counts.done, counts.failed
+    summary.pending, summary.pruned, summary.sealed = counts.pending, counts.pruned, counts.sealed
+    summary.failures_by_reason = counts.reasons
     summary.histogram = plan.histogram()
     if group.is_leader and not repaired:  # the cheap check: one listing (bit flips need validate or --repair)
         summary.damaged = [str(d) for d in maintenance.missing_shard_files(st, plan, st.markers.read())]
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """A finished run's counts of the whole cache (rank 0 sends them to the ranks that hold only their part)."""
+
+    total: int
+    done: int
+    failed: int
+    pending: int
+    pruned: int
+    sealed: bool
+    reasons: dict[str, int]
+
+    @staticmethod
+    def of(status: np.ndarray, failures: dict[str, str], sealed: bool) -> _Counts:
+        n = [int((status == s).sum()) for s in (STATUS_DONE, STATUS_FAILED, STATUS_PENDING, STATUS_PRUNED)]
+        return _Counts(len(status), *n, sealed, dict(Counter(_reason_class(r) for r in failures.values())))
 
 
 def _open_on_every_rank(
@@ -316,7 +336,8 @@ def _open_on_every_rank(
             held.enter_context(cache_lock(cache, shared=True, what=f"precompute rank {group.rank}/{group.world_size}"))
         wait = None if group.connected else _waiter(prep.config.wait_s, group.rank)
         request = request_for(src, prep, False) if src is not None else _join_request(prep)
-        st, plan = lifecycle.join(cache, request, wait)
+        # a rank of a process group holds only its shards' images (issue 29.3): rank 0 counts and seals the whole
+        st, plan = lifecycle.join(cache, request, wait, (group.rank, group.world_size) if group.connected else None)
         if src is None:
             src = source_from_plan(plan, str(st.meta["source_root"]), st.index.source_names(), outcome or {})
         return st, plan, src

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -43,19 +43,19 @@ def open_image(path: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, header_o
             src = header_reader(path) if header_only else io.BytesIO(read_member(path))
         else:
             src = path
+    except Exception as e:
+        _raise_as_image_error(e)
+    return open_header(src, max_pixels)
+
+
+def open_header(src: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """PIL's lazy open of a path or a binary file object (read from where it stands), with open_image's errors."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(src)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb: {e}") from e
-    except Image.UnidentifiedImageError as e:
-        raise ImageError("not an image (unidentified format)") from e
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        raise ImageError(f"unreadable: {e}") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # header parse failures: damaged file
-        raise ImageError(f"corrupt or truncated: {e}") from e
+    except Exception as e:
+        _raise_as_image_error(e)
     w, h = im.size
     if w <= 0 or h <= 0:
         im.close()
@@ -64,6 +64,21 @@ def open_image(path: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, header_o
         im.close()
         raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
     return im
+
+
+def _raise_as_image_error(e: Exception) -> NoReturn:
+    """Raise what a failure to open an image is recorded as (an unexpected error as it is)."""
+    if isinstance(e, ImageError):
+        raise e
+    if isinstance(e, Image.DecompressionBombError):
+        raise ImageError(f"decompression bomb: {e}") from e
+    if isinstance(e, Image.UnidentifiedImageError):
+        raise ImageError("not an image (unidentified format)") from e
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+        raise ImageError(f"unreadable: {e}") from e
+    if isinstance(e, OSError | SyntaxError | ValueError | EOFError):  # header parse failures: damaged file
+        raise ImageError(f"corrupt or truncated: {e}") from e
+    raise e
 
 
 def orientation(im: Image.Image) -> int:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import struct
 
-HEAD_BYTES = 1 << 16  # what the probe reads first: a JPEG's header with EXIF and a thumbnail fits in 64 KB
+HEAD_BYTES = 1 << 16  # the most a probe reads for it: a JPEG's header with EXIF and a thumbnail fits in 64 KB
+JPEG = b"\xff\xd8\xff"
 
 _SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
 _SKIPPED = {0xC4, 0xDD, 0xFE}  # DHT, DRI, COM: PIL reads past them
@@ -28,7 +29,7 @@ def jpeg_size(head: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     """(width, height, EXIF orientation 1-8) of the JPEG whose first bytes are `head`, as PIL would report them;
     None when this is not a clean JPEG header wholly inside `head` (PIL decides), or its pixels exceed `max_pixels`
     (PIL's path words that error)."""
-    if not head.startswith(b"\xff\xd8\xff"):
+    if not head.startswith(JPEG):
         return None
     pos, size, exif = 2, None, None
     n = len(head)
@@ -55,9 +56,11 @@ def jpeg_size(head: bytes, max_pixels: int) -> tuple[int, int, int] | None:
                 if exif is not None:
                     return None
                 exif = body[len(_EXIF) :]
-            elif (marker == 0xE1 and body.startswith(_XMP)) or (marker == 0xE2 and body.startswith(b"MPF\0")):
-                return None
-            elif marker == 0xEE and body.startswith(b"Adobe") and len(body) < 7:
+            elif (
+                (marker == 0xE1 and body.startswith(_XMP))
+                or (marker == 0xE2 and body.startswith(b"MPF\0"))
+                or (marker == 0xEE and body.startswith(b"Adobe") and len(body) < 7)
+            ):
                 return None
         elif marker not in _SKIPPED:
             return None

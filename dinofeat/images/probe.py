@@ -12,8 +12,8 @@ from typing import overload
 import numpy as np
 
 from dinofeat.errors import ImageError
-from dinofeat.images.decode import DEFAULT_MAX_PIXELS, ROTATING, open_image, oriented_size
-from dinofeat.images.jpeghead import HEAD_BYTES, jpeg_size
+from dinofeat.images.decode import DEFAULT_MAX_PIXELS, ROTATING, open_header, open_image, oriented_size
+from dinofeat.images.jpeghead import HEAD_BYTES, JPEG, jpeg_size
 from dinofeat.sources.archive import Member, header_reader, read_member
 
 
@@ -34,7 +34,7 @@ def probe(path: str | Member, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     as far as its header parser asks; a parquet row whole (then its size is known)."""
     if isinstance(path, Member):
         try:
-            w, h = _plain_jpeg(path, max_pixels) or _by_pil(path, max_pixels, header_only=True)
+            w, h = _header_size(path, max_pixels) if path.size != 0 else _by_pil(path, max_pixels, True)
             size = path.size if path.size >= 0 else len(read_member(path))  # a parquet row: read once, cached
         except (ImageError, OSError) as e:
             return Probe(path, 0, 0, path.size, path.mtime_ns, str(e))
@@ -46,31 +46,35 @@ def probe(path: str | Member, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     if not stat.S_ISREG(st.st_mode):  # a FIFO or device named *.jpg would block the open forever
         return Probe(path, 0, 0, 0, st.st_mtime_ns, "unreadable: not a regular file")
     try:
-        w, h = _plain_jpeg(path, max_pixels) or _by_pil(path, max_pixels)
+        w, h = _header_size(path, max_pixels) if st.st_size else _by_pil(path, max_pixels)
     except ImageError as e:
         return Probe(path, 0, 0, st.st_size, st.st_mtime_ns, str(e))
     return Probe(path, w, h, st.st_size, st.st_mtime_ns)
 
 
-def _plain_jpeg(path: str | Member, max_pixels: int) -> tuple[int, int] | None:
-    """The displayed size of a plain JPEG from its first bytes (images/jpeghead.py); None for anything else, or
-    when the bytes cannot be read (PIL's path then words the error)."""
+def _header_size(path: str | Member, max_pixels: int) -> tuple[int, int]:
+    """The displayed size from the first bytes: a plain JPEG's by images/jpeghead.py, anything else by PIL from the
+    same open file (its first block is read once). A file that cannot be opened goes to open_image, which words
+    the error as it always has."""
     try:
-        if isinstance(path, Member):
-            if path.size == 0:
-                return None
-            with header_reader(path) as f:
-                head = f.read(HEAD_BYTES)
-        else:
-            with open(path, "rb") as f:
-                head = f.read(HEAD_BYTES)
+        f = header_reader(path) if isinstance(path, Member) else open(path, "rb", buffering=FIRST_BYTES)  # noqa: SIM115 (closed by the with below)
     except OSError:
-        return None
-    found = jpeg_size(head, max_pixels)
-    if found is None:
-        return None
-    w, h, turn = found
-    return (h, w) if turn in ROTATING else (w, h)
+        return _by_pil(path, max_pixels)
+    with f:
+        # peek: one read of the first block, the position left at 0, so PIL parses from the same buffer
+        head = f.peek(FIRST_BYTES)[:FIRST_BYTES] if hasattr(f, "peek") else f.read(FIRST_BYTES)
+        if not head:
+            return _by_pil(path, max_pixels, header_only=True)  # empty: open_image says so
+        found = jpeg_size(head, max_pixels)
+        if found is None and head.startswith(JPEG) and len(head) == FIRST_BYTES:  # a header past the first block
+            f.seek(0)
+            found = jpeg_size(f.read(HEAD_BYTES), max_pixels)
+        if found is not None:
+            w, h, turn = found
+            return (h, w) if turn in ROTATING else (w, h)
+        f.seek(0)
+        with open_header(f, max_pixels) as im:
+            return oriented_size(im)
 
 
 def _by_pil(path: str | Member, max_pixels: int, header_only: bool = False) -> tuple[int, int]:
@@ -123,6 +127,7 @@ class Probes(Sequence[Probe]):
             self.errors[i] = p.error
 
 
+FIRST_BYTES = 16384  # the first read of a header: what PIL's own reads would have fetched (a tar member's buffer)
 CHUNK = 256  # images a probe thread takes at a time: a future per image cost more than a JPEG header's parse
 
 
