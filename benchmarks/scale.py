@@ -22,6 +22,9 @@ malloc_trim (what the process holds, not what its allocator keeps):
   (`step2_s`, against `step1_s` for the same number of images).
 - `index_bytes_per_image`: the plan's columns as the cache's index stores them (`cache/index.py`, zarr with its
   default compression) over the images, written to a temp folder.
+- `rank_reads` (with `--cache DIR`, a sealed cache such as benchmarks/scale_reader.py makes): what a rank holds
+  after reading the plan from the index, whole (`world` 1: rank 0, or every rank before issue 29.3) and as rank 1
+  of 8 (`Index.plan(share=...)`): images held, seconds, bytes per image of the cache held and at the peak.
 """
 
 from __future__ import annotations
@@ -108,6 +111,38 @@ print(json.dumps(out))
 """
 
 
+SHARE = r"""
+import ctypes, gc, json, sys, time
+_libc = ctypes.CDLL("libc.so.6")
+
+def mem():
+    gc.collect()
+    _libc.malloc_trim(0)
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+cache, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+from dinofeat.cache.store import Store
+st = Store(cache)
+st.index.bucket_plans()
+base = mem()
+t = time.perf_counter()
+try:
+    plan = st.index.plan(share=(rank, world)) if world > 1 else st.index.plan()
+except TypeError:  # dinofeat <= 0.7.0: every rank read the whole plan
+    plan = st.index.plan()
+took = time.perf_counter() - t
+after = mem()
+n = int(st.meta["num_images"])
+held, peak = (after["VmRSS"] - base["VmRSS"]) / n, (after["VmHWM"] - base["VmRSS"]) / n
+print(json.dumps({"world": world, "held": len(plan), "read_s": took, "held_per_image": held, "peak_per_image": peak}))
+"""
+
+
 def make_shards(folder: Path, count: int) -> list[Path]:
     """Tar shards of SHARD members (made once; kept in `folder`)."""
     sys.path.insert(0, str(HERE))
@@ -151,12 +186,27 @@ def measure(source: str, warm: str, steps: str, count: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure_share(cache: Path, world: int) -> dict[str, Any]:
+    """A rank's read of the plan from a cache's index (rank 1 of `world`; 1: the whole plan), in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", SHARE, str(cache), "1" if world > 1 else "0", str(world)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=100_000)
     ap.add_argument("--data", type=Path, default=None, help="where the sources are made (kept; default: a temp dir)")
     ap.add_argument("--no-steps", action="store_true", help="skip planning in two steps")
     ap.add_argument("--folder", action="store_true", help="a folder of files instead of tar shards (no steps)")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="also measure a rank's read of this cache's plan (item 3): whole, 1/8"
+    )
     ap.add_argument("--label", default="")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
@@ -177,6 +227,8 @@ def main() -> None:
         steps = "" if a.no_steps or n < 2 else str(data / "tars" / f"{{000000..{n // 2 - 1:06d}}}.tar")
         res |= {"source": "tar", "shards": n}
     res |= measure(source, str(warm[0]), steps, a.count)
+    if a.cache is not None:
+        res["rank_reads"] = [measure_share(a.cache, w) for w in (1, 8)]
     emit(res, a.json)
 
 
