@@ -79,9 +79,11 @@ class PackedKeys(Sequence[str]):
         starts, lengths = self.offsets[pos], np.diff(self.offsets)[pos]
         offsets = np.zeros(len(pos) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        # byte j of the result comes from starts[k] + (j - offsets[k]) for the key k it falls in
-        owner = np.repeat(np.arange(len(pos)), lengths)
-        data = self.data[starts[owner] + (np.arange(len(owner)) - offsets[owner])] if len(owner) else self.data[:0]
+        data = np.empty(int(offsets[-1]), np.uint8)
+        for a in range(0, len(pos), _BLOCK):  # a block of keys at a time: index arrays of one block's bytes
+            b = min(a + _BLOCK, len(pos))
+            at = byte_sources(starts[a:b], lengths[a:b])
+            data[offsets[a] : offsets[b]] = self.data[at]
         if len(pos) and (np.diff(pos) > 0).all():  # ascending: keep the relative order of this one's sort
             new = np.full(len(self), -1, np.int64)
             new[pos] = np.arange(len(pos))
@@ -168,17 +170,34 @@ def byte_order(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     column pads with NULs and would take 'a' and 'a\0' for equal. No key is decoded. (numpy's stable sort of a
     StringDType column misorders keys holding a NUL; a '<U' one costs 4 bytes a character.)"""
     lengths = np.diff(offsets)
-    return np.lexsort((lengths, _grid(data, offsets, int(lengths.max(initial=0)))))
+    column = _grid(data, offsets, int(lengths.max(initial=0)))
+    later, earlier = column[1:], column[:-1]
+    if ((later > earlier) | ((later == earlier) & (lengths[1:] >= lengths[:-1]))).all():
+        return np.arange(len(lengths))  # already in order (a sorted listing's keys): no sort
+    return np.lexsort((lengths, column))
+
+
+def byte_sources(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """For keys starting at `starts` with `lengths` bytes, the index of each of their bytes, one key after the
+    other (what gathers them into a new packed column)."""
+    total = int(lengths.sum())
+    first = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=first[1:])
+    return np.arange(total) + np.repeat(starts - first, lengths)
 
 
 def _grid(data: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
-    """Packed keys as a fixed-width bytes column ('S<width>', NUL-padded): what numpy sorts and searches at C speed."""
+    """Packed keys as a fixed-width bytes column ('S<width>', NUL-padded): what numpy sorts and searches at C speed.
+    Filled a block of keys at a time, so the only whole-size array is the column itself (n x width bytes)."""
     lengths = np.diff(offsets)
-    n = len(lengths)
-    grid = np.zeros((n, max(1, width)), np.uint8)
-    owner = np.repeat(np.arange(n), lengths)
-    grid[owner, np.arange(len(owner)) - offsets[owner]] = data[: len(owner)]
-    return grid.view(f"S{max(1, width)}").reshape(n)
+    n, width = len(lengths), max(1, width)
+    grid = np.zeros((n, width), np.uint8)
+    flat = grid.reshape(-1)
+    for a in range(0, n, _BLOCK):
+        b = min(a + _BLOCK, n)
+        rows = np.arange(a, b, dtype=np.int64) * width  # each key's first byte in the grid
+        flat[byte_sources(rows, lengths[a:b])] = data[offsets[a] : offsets[b]]
+    return grid.view(f"S{width}").reshape(n)
 
 
 def _match(have: PackedKeys, wanted: PackedKeys) -> np.ndarray:

@@ -198,3 +198,12 @@ def test_positions_of_many_keys_agree_with_a_dict(keys):
     assert p.positions(asked).tolist() == expect
     assert p.positions(asked[:5]).tolist() == expect[:5]  # by binary search
     assert p.positions(p).tolist() == [want[k] for k in keys]
+
+
+@pytest.mark.parametrize("keys", CASES.values(), ids=CASES.keys())
+def test_the_key_columns_checksum_is_the_same_from_packed_keys(keys):
+    """The index records the key column's crc32c; a plan's packed keys must give the one its str keys give."""
+    from dinofeat.cache.checksum import keys_checksum
+
+    assert keys_checksum(pack(keys)) == keys_checksum(list(keys))
+    assert keys_checksum(pack(keys * 5000)) == keys_checksum(list(keys) * 5000)  # several blocks

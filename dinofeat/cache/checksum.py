@@ -14,7 +14,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from dinofeat.keys import PackedKeys
+from dinofeat.keys import PackedKeys, byte_sources
 
 
 def crc32c(data: np.ndarray | bytes) -> int:
@@ -34,8 +34,11 @@ def keys_checksum(keys: Sequence[str] | np.ndarray) -> int:
         if n == 0:
             return crc32c(b"")
         joined = np.zeros(len(data) + n - 1, np.uint8)  # NULs where no byte of a key goes
-        owner = np.repeat(np.arange(n), np.diff(keys.offsets))
-        joined[np.arange(len(data)) + owner] = data
+        lengths = np.diff(keys.offsets)
+        for a in range(0, n, 8192):  # a block of keys at a time: index arrays of one block's bytes
+            b = min(a + 8192, n)
+            first = keys.offsets[a:b] + np.arange(a, b)  # key i's first byte, after the i NULs before it
+            joined[byte_sources(first, lengths[a:b])] = data[keys.offsets[a] : keys.offsets[b]]
         return crc32c(joined)
     return crc32c("\0".join(str(k) for k in keys).encode("utf-8", "surrogatepass"))
 
