@@ -131,11 +131,7 @@ def pack(keys: Sequence[str] | np.ndarray, presorted: bool = False) -> PackedKey
     n = len(keys)
     if n == 0:
         return PackedKeys(np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.int32))
-    column = isinstance(keys, np.ndarray)
-    blocks = [
-        (_encode(_unicode_column(keys[s : s + _BLOCK])) if column else _encode_strs(keys[s : s + _BLOCK]))
-        for s in range(0, n, _BLOCK)
-    ]
+    blocks = [_encode_block(keys[s : s + _BLOCK]) for s in range(0, n, _BLOCK)]
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(np.concatenate([size for _, size in blocks]), out=offsets[1:])
     data = np.concatenate([d for d, _ in blocks])
@@ -222,6 +218,14 @@ def _with_order(data: np.ndarray, offsets: np.ndarray, order: np.ndarray | None)
 
 
 _BLOCK = 1 << 13  # keys per block: a few MB of transient arrays, however many keys
+
+
+def _encode_block(keys: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A block's UTF-8 bytes and lengths: a numpy column vectorised, unless a key ends in NUL (a fixed-width copy
+    would drop it); str keys by Python's encoder."""
+    if isinstance(keys, np.ndarray) and not (keys.dtype.kind in "TU" and np.strings.endswith(keys, "\0").any()):
+        return _encode(_unicode_column(keys))
+    return _encode_strs([str(k) for k in keys])
 
 
 def _encode_strs(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

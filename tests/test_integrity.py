@@ -299,3 +299,33 @@ def test_a_damaged_column_is_refused_when_a_rank_reads_its_share(cache, column):
     for share in (None, (1, 2)):
         with pytest.raises(CacheFormatError, match="index"):
             Store(cache).index.plan(share=share)
+
+
+def test_a_key_column_of_many_chunks_reads_back_and_is_checked(tmp_path, tiny_models, monkeypatch):
+    """New caches write the key column in chunks (a reader decodes one at a time): keys in their planned order,
+    unsorted ones included (parquet rows), found by the reader, checked against the column's crc32c."""
+    from dinofeat.cache import index as index_module
+
+    monkeypatch.setattr(index_module, "KEY_CHUNK", 4)
+    imgs = tmp_path / "imgs"
+    write_images(imgs, [(64, 48)] * 7 + [(48, 64)] * 4)
+    cache = tmp_path / "cache"
+    s = extract(imgs, cache, model=str(tiny_models["dinov3"]), area=64, shard_mb=0.004, **FAST)
+    assert s.done == 11 and s.sealed
+    key_array = Store(cache).root[Store(cache).index.group]["key"]
+    assert key_array.chunks == (4,) and key_array.shape == (11,)
+    fc = FeatureCache(cache)
+    assert fc.keys() == sorted(p.name for p in imgs.iterdir()) and all(fc.index_of(k) >= 0 for k in fc.keys())
+    unsorted = index_module.read_keys(_column(tmp_path / "u", ["d", "b", "日本", "a", "c", "a/b", "e"]))
+    assert list(unsorted) == ["d", "b", "日本", "a", "c", "a/b", "e"] and unsorted.find("a/b") == 5
+    flip_bit(cache / "index" / "key" / "c" / "1", 5, 2)  # the second chunk
+    with pytest.raises(CacheFormatError):
+        FeatureCache(cache)
+
+
+def _column(path: Path, keys: list[str]):
+    import zarr
+
+    a = zarr.open_group(path, mode="w").create_array("key", shape=(len(keys),), dtype=str, chunks=(2,))
+    a[:] = np.array(keys, dtype=str)
+    return a

@@ -207,3 +207,13 @@ def test_the_key_columns_checksum_is_the_same_from_packed_keys(keys):
 
     assert keys_checksum(pack(keys)) == keys_checksum(list(keys))
     assert keys_checksum(pack(keys * 5000)) == keys_checksum(list(keys) * 5000)  # several blocks
+
+
+@pytest.mark.parametrize(
+    "keys", [k for k in CASES.values() if "\ud800x" not in k], ids=[i for i, k in CASES.items() if "\ud800x" not in k]
+)
+def test_the_index_columns_checksum_is_computed_without_a_str_per_key(keys):
+    """The key column as zarr gives it back (StringDType) is checksummed through packing; same crc as the str keys."""
+    from dinofeat.cache.checksum import keys_checksum
+
+    assert keys_checksum(np.array(keys * 3000, dtype=StringDType())) == keys_checksum(list(keys) * 3000)

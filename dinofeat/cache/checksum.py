@@ -14,7 +14,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from dinofeat.keys import PackedKeys, byte_sources
+from dinofeat.keys import PackedKeys, byte_sources, pack
 
 
 def crc32c(data: np.ndarray | bytes) -> int:
@@ -40,6 +40,8 @@ def keys_checksum(keys: Sequence[str] | np.ndarray) -> int:
             first = keys.offsets[a:b] + np.arange(a, b)  # key i's first byte, after the i NULs before it
             joined[byte_sources(first, lengths[a:b])] = data[keys.offsets[a] : keys.offsets[b]]
         return crc32c(joined)
+    if isinstance(keys, np.ndarray) and keys.dtype.kind in "TU" and len(keys):
+        return keys_checksum(pack(keys, presorted=True))  # no str object per key
     return crc32c("\0".join(str(k) for k in keys).encode("utf-8", "surrogatepass"))
 
 

@@ -5,7 +5,7 @@ generation, each column checked against the crc32c the metadata records; and the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ from zarr.codecs import Crc32cCodec
 from dinofeat.cache.checksum import column_checksums, crc32c, mismatched_columns
 from dinofeat.cache.layout import INDEX_COLUMNS, SOURCE_COLUMNS, BucketPlan, Plan
 from dinofeat.errors import CacheFormatError
-from dinofeat.keys import PackedKeys, pack
+from dinofeat.keys import PackedKeys, joined, pack, packed
 from dinofeat.paths import key_for
 
 if TYPE_CHECKING:
@@ -30,13 +30,17 @@ PRUNED = "_dinofeat/pruned.json"
 RECORD_CHECKSUMS = "record_checksums"  # metadata: {record path: [crc32c the file may have]} (issue 32)
 
 
+KEY_CHUNK = 1 << 16  # keys per chunk of the key column: what one read decodes at a time (zarr decodes a chunk whole)
+
+
 def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = None) -> dict[str, int]:
     """Write the index columns as group `group` (each chunk with zarr's crc32c codec; `status` all pending unless
-    given); returns each column's crc32c for the metadata."""
+    given); returns each column's crc32c for the metadata. The key column is written a chunk at a time from the
+    packed keys (chunks of KEY_CHUNK keys: any zarr reader reads them, and ours decodes one chunk at a time)."""
     idx = root.create_group(group, overwrite=True)
     n = len(plan)
+    keys = packed(plan.keys)
     cols: dict[str, np.ndarray] = {
-        "key": _key_column(plan.keys),
         "bucket": plan.bucket,
         "row": plan.row,
         "src_w": plan.src_w,
@@ -48,29 +52,37 @@ def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = N
     if plan.archive is not None:
         cols |= {"archive": plan.archive, "offset": plan.offset}
     cols["status"] = np.zeros(n, np.int8) if status is None else status
-    sums = column_checksums({**cols, "key": plan.keys if isinstance(plan.keys, PackedKeys) else cols["key"]})
+    a = idx.create_array("key", shape=(n,), dtype=str, chunks=(max(1, min(n, KEY_CHUNK)),), compressors=[Crc32cCodec()])
+    for start in range(0, n, KEY_CHUNK):
+        a[start : start + KEY_CHUNK] = _key_column(keys[start : start + KEY_CHUNK])
     for name, values in cols.items():
         a = idx.create_array(
             name,
             shape=(n,),
-            dtype=values.dtype if name != "key" else str,
+            dtype=values.dtype,
             chunks=(max(n, 1),),
             fill_value=0 if name == "status" else None,
             compressors=[Crc32cCodec()],
         )
         if n:
             a[:] = values
-    return sums
+    return column_checksums({"key": keys, **cols})
 
 
-def _key_column(keys: Sequence[str]) -> np.ndarray:
-    """The key column as zarr stores it: numpy's variable-width strings (a fixed-width one pads every key)."""
-    if isinstance(keys, PackedKeys) and len(keys):
-        try:
-            return keys.column()
-        except UnicodeEncodeError:  # a lone surrogate (a tar name in another encoding): StringDType refuses it
-            pass
-    return np.array(list(keys), dtype=str) if len(keys) else np.zeros(0, dtype=str)
+def _key_column(keys: PackedKeys) -> np.ndarray:
+    """Keys as zarr stores them: numpy's variable-width strings (a fixed-width column pads every key)."""
+    try:
+        return keys.column()
+    except UnicodeEncodeError:  # a lone surrogate (a tar name in another encoding): StringDType refuses it
+        return np.array(list(keys), dtype=str)
+
+
+def read_keys(array: Any) -> PackedKeys:
+    """The key column, packed, decoded a stored chunk at a time (a cache written before 0.8 has one chunk: read
+    whole, as before)."""
+    n = array.shape[0]
+    step = max(1, array.chunks[0])
+    return joined([pack(array[start : start + step]) for start in range(0, n, step)])
 
 
 def bucket_plans(meta: dict[str, Any]) -> tuple[BucketPlan, ...]:
@@ -134,14 +146,14 @@ class Index:
                 cols: dict[str, np.ndarray] = {}
                 pos = None
                 for name in (*names, *optional):
-                    values = g[name][:]
+                    values = read_keys(g[name]) if name == "key" else g[name][:]
                     self._check(group, {name: values}, sums)
                     cols[name] = values
                     if select is not None and name == "row":
                         pos = np.asarray(select(cols["bucket"], cols["row"]), np.int64)
                         cols = {"bucket": cols["bucket"][pos], "row": cols["row"][pos], "positions": pos}
                     elif pos is not None:
-                        cols[name] = values[pos]
+                        cols[name] = values.take(pos) if isinstance(values, PackedKeys) else values[pos]
             except (KeyError, FileNotFoundError):
                 if attempt or generation is not None:
                     raise CacheFormatError(
@@ -172,7 +184,7 @@ class Index:
         column cut as it is read, renumbered from 0; the buckets are the whole plan's."""
         if ix is None:
             ix = self.read(select=None if share is None else self._shard_selector(*share))
-        keys = pack(ix["key"])
+        keys = packed(ix["key"])
         failed = self.probe_failures() if share is None else {}  # images no shard holds: rank 0's to record
         pos = dict(zip(failed, keys.positions(list(failed)).tolist(), strict=True))
         return Plan(

@@ -14,6 +14,7 @@ from dinofeat.cache.checksum import RowCrcs, expected_checksums
 from dinofeat.cache.layout import STATUS_DONE, BucketPlan
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError
+from dinofeat.keys import PackedKeys
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Generation:
     arrays: ArraySet
     serving_last_sealed: bool
     bucket_plans: tuple[BucketPlan, ...]
-    keys: np.ndarray
+    keys: PackedKeys
     bucket: np.ndarray  # int32 per position: which bucket's arrays hold the row (one group per part)
     row: np.ndarray  # int64 per position
     expected: dict[tuple[str, str], RowCrcs]
@@ -65,7 +66,7 @@ def open_generation(st: Store) -> Generation:
         arrays=ArraySet.from_meta(meta),
         serving_last_sealed=last_sealed,
         bucket_plans=plans,
-        keys=ix["key"][done],
+        keys=ix["key"].take(done),
         bucket=ix["bucket"][done].astype(np.int32),
         row=ix["row"][done].astype(np.int64),
         expected=expected,

@@ -16,7 +16,7 @@ from dinofeat.cache.shardcache import ShardCache, keep_metadata, kept_metadata
 from dinofeat.cache.shardfile import HandlePool
 from dinofeat.cache.store import Store
 from dinofeat.errors import CacheFormatError, ChecksumError, ConfigError
-from dinofeat.keys import PackedKeys, pack
+from dinofeat.keys import PackedKeys, packed
 from dinofeat.read.facts import CacheFacts
 from dinofeat.read.generation import open_generation
 from dinofeat.read.rows import row_reader
@@ -89,7 +89,7 @@ class FeatureCache(CacheFacts):
         self.meta, self.arrays, self.serving_last_sealed = g.meta, g.arrays, g.serving_last_sealed
         self._bucket_plans, self._expected, self._failures = g.bucket_plans, g.expected, g.failures
         # every per-image column is numpy (keys packed, dinofeat.keys): forked workers share its pages
-        self._keys: PackedKeys = pack(g.keys)
+        self._keys: PackedKeys = packed(g.keys)
         self._bucket, self._row = g.bucket, g.row
         # bucket ids group by size, so images added by incremental runs batch with the older ones of their size
         self._sizes = list(dict.fromkeys(b.size for b in self._bucket_plans))
