@@ -315,7 +315,7 @@ def test_a_key_column_of_many_chunks_reads_back_and_is_checked(tmp_path, tiny_mo
     key_array = Store(cache).root[Store(cache).index.group]["key"]
     assert key_array.chunks == (4,) and key_array.shape == (11,)
     fc = FeatureCache(cache)
-    assert fc.keys() == sorted(p.name for p in imgs.iterdir()) and all(fc.index_of(k) >= 0 for k in fc.keys())
+    assert fc.keys() == sorted(p.name for p in imgs.iterdir()) and all(fc.index_of(k) >= 0 for k in fc.keys())  # noqa: SIM118 (a FeatureCache yields features)
     unsorted = index_module.read_keys(_column(tmp_path / "u", ["d", "b", "日本", "a", "c", "a/b", "e"]))
     assert list(unsorted) == ["d", "b", "日本", "a", "c", "a/b", "e"] and unsorted.find("a/b") == 5
     flip_bit(cache / "index" / "key" / "c" / "1", 5, 2)  # the second chunk
