@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 _LAZY = {
     "extract": "dinofeat.extraction.run",
