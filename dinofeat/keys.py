@@ -205,8 +205,11 @@ def _match(have: PackedKeys, wanted: PackedKeys) -> np.ndarray:
     ch, cw = _grid(have.data, have.offsets, width), _grid(wanted.data, wanted.offsets, width)
     at = np.searchsorted(ch[have.order], cw, side="right") - 1
     cand = have.order[np.maximum(at, 0)].astype(np.int64)
-    hit = (at >= 0) & (ch[cand] == cw) & (lh[cand] == lw)
-    return np.where(hit, cand, -1)
+    padded_equal = (at >= 0) & (ch[cand] == cw)
+    out = np.where(padded_equal & (lh[cand] == lw), cand, -1)
+    for i in np.flatnonzero(padded_equal & (lh[cand] != lw)):  # 'k' beside 'k\0': equal once padded, exact here
+        out[i] = have.find(wanted[int(i)])
+    return out
 
 
 def _with_order(data: np.ndarray, offsets: np.ndarray, order: np.ndarray | None) -> PackedKeys:

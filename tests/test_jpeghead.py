@@ -127,8 +127,21 @@ LEFT_TO_PIL = {
     "fill bytes before a marker": None,
     "header past the bytes given": None,
     "not a jpeg": b"\x89PNG\r\n\x1a\n" + b"\0" * 64,
+    # short segments PIL's own parsers index past the end of (found by the hostile pass: PIL refuses these files)
+    "a short JFIF segment": _segment(_jpeg(), 0xE0, b"JFIF\0"),
+    "a short ICC chunk header": _segment(_jpeg(), 0xE2, b"ICC_PROFILE\0\x01"),
+    "a Photoshop resource cut after its code": _segment(_jpeg(), 0xED, b"Photoshop 3.0\x00" + b"8BIM\x04\x04"),
+    "a frame with a partial component entry": None,
     "empty": b"",
 }
+
+
+def _with_frame_bytes(data: bytes, extra: bytes) -> bytes:
+    """`extra` bytes appended to the frame header (SOF) segment, its length field grown to match."""
+    at = next(i for i in range(2, len(data)) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC1, 0xC2))
+    length = data[at + 2] << 8 | data[at + 3]
+    end = at + 2 + length
+    return data[: at + 2] + struct.pack(">H", length + len(extra)) + data[at + 4 : end] + extra + data[end:]
 
 
 def _patched_frame(data: bytes, marker: int | None = None, precision: int | None = None) -> bytes:
@@ -142,6 +155,7 @@ def _patched_frame(data: bytes, marker: int | None = None, precision: int | None
 
 
 LEFT_TO_PIL["a 12-bit frame"] = _patched_frame(_jpeg(), precision=12)
+LEFT_TO_PIL["a frame with a partial component entry"] = _with_frame_bytes(_jpeg(), b"\x01")
 LEFT_TO_PIL["lossless frame"] = _patched_frame(_jpeg(), marker=0xC3)
 LEFT_TO_PIL["fill bytes before a marker"] = _jpeg()[:2] + b"\xff\xff" + _jpeg()[2:]
 LEFT_TO_PIL["header past the bytes given"] = _jpeg(icc_profile=b"\0" * 3000)[:1000]
@@ -193,6 +207,50 @@ def test_damaged_jpegs_agree_with_pil_whenever_answered():
         w, h, turn = found
         assert _pil(data) == ((h, w) if turn in (5, 6, 7, 8) else (w, h)), data[:64]
     assert answered > 300  # the damage left many headers clean: the comparison had something to compare
+
+
+def _structured(rng: random.Random, data: bytes) -> bytes:
+    """A segment of a kind PIL parses inside (JFIF, ICC, Photoshop, Adobe, EXIF, a comment) with a random body
+    length, or a frame header with extra bytes: the damage a byte flip rarely makes, where PIL's parsers fail."""
+    if rng.random() < 0.2:
+        return _with_frame_bytes(data, bytes(rng.randrange(256) for _ in range(rng.randrange(1, 6))))
+    marker, head = rng.choice(
+        [
+            (0xE0, b"JFIF\0"),
+            (0xE2, b"ICC_PROFILE\0"),
+            (0xED, b"Photoshop 3.0\x00"),
+            (0xEE, b"Adobe"),
+            (0xE1, b"Exif\0\0"),
+            (0xFE, b""),
+        ]
+    )
+    body = head
+    if marker == 0xED:
+        for _ in range(rng.randrange(3)):
+            name = bytes(rng.randrange(256) for _ in range(rng.randrange(3)))
+            value = bytes(rng.randrange(256) for _ in range(rng.randrange(20)))
+            body += b"8BIM" + rng.choice([b"\x03\xed", b"\x04\x04"]) + bytes([len(name)]) + name
+            body += (b"\0" if (len(name) + 1) % 2 else b"") + struct.pack(">L", len(value)) + value
+    elif marker == 0xE1:
+        body += _tiff(rng.randrange(10), rng.choice("<>"), [(0x011A, 5, 1, RATIONAL)])
+    body += bytes(rng.randrange(256) for _ in range(rng.randrange(4)))
+    return _segment(data, marker, body[: rng.randrange(len(body) + 1)])
+
+
+def test_segments_pil_parses_inside_agree_with_pil_whenever_answered():
+    """Segments of the kinds PIL's JPEG parser reads into (seeded, cut at random lengths): where the reader answers,
+    PIL opens the file with the same displayed size."""
+    rng = random.Random(7)
+    answered = 0
+    for _ in range(3000):
+        data = _structured(rng, rng.choice(list(CLEAN.values())))
+        found = jpeg_size(data[:HEAD_BYTES], DEFAULT_MAX_PIXELS)
+        if found is None:
+            continue
+        answered += 1
+        w, h, turn = found
+        assert _pil(data) == ((h, w) if turn in (5, 6, 7, 8) else (w, h)), data[:120]
+    assert answered > 1000
 
 
 @pytest.mark.parametrize("name", ["PIL exif orientation 6", "icc profile", "xmp"])

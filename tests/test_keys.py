@@ -217,3 +217,10 @@ def test_the_index_columns_checksum_is_computed_without_a_str_per_key(keys):
     from dinofeat.cache.checksum import keys_checksum
 
     assert keys_checksum(np.array(keys * 3000, dtype=StringDType())) == keys_checksum(list(keys) * 3000)
+
+
+def test_keys_equal_but_for_a_trailing_nul_are_told_apart_by_positions():
+    """A fixed-width byte column pads with NULs, so 'k' and 'k\\0' compare equal there (found by the hostile pass)."""
+    p = pack(["k\0", "k", "j", "k\0\0"])
+    asked = ["k", "k\0", "k\0\0", "k\0\0\0"] * 300
+    assert p.positions(asked).tolist() == [1, 0, 3, -1] * 300

@@ -65,6 +65,20 @@ def _tarfile_add(folder: Path, tar: Path) -> None:
             tf.add(folder / name, arcname=name)
 
 
+def _tarfile_add_dot(folder: Path, tar: Path) -> None:
+    """Names spelled './name', as `tar -C folder -cf x.tar .` writes them (the header block keeps the './')."""
+    with tarfile.open(tar, "w") as tf:
+        for name in NAMES:
+            tf.add(folder / name, arcname=f"./{name}")
+
+
+def _system_tar_dot(*args: str):
+    def write(folder: Path, tar: Path) -> None:
+        subprocess.run([*args, "-cf", str(tar), "-C", str(folder), "."], check=True, capture_output=True)
+
+    return write
+
+
 def _system_tar(*args: str):
     def write(folder: Path, tar: Path) -> None:
         subprocess.run([*args, "-cf", str(tar), "-C", str(folder), *NAMES], check=True, capture_output=True)
@@ -75,6 +89,8 @@ def _system_tar(*args: str):
 WRITERS = {
     "webdataset": _webdataset,
     "tarfile.add": _tarfile_add,
+    "tarfile.add ./names": _tarfile_add_dot,
+    "gnu tar -C folder .": _system_tar_dot("tar", "--format=posix"),
     "gnu tar --format=gnu": _system_tar("tar", "--format=gnu"),
     "gnu tar --format=posix": _system_tar("tar", "--format=posix"),
     "bsdtar": _system_tar("bsdtar"),
@@ -179,6 +195,12 @@ NAME_CASES = [  # (name in the header block, planned name or key, agrees)
     ("??.jpg", "猫猫猫.jpg", False),
     ("?" * 10, "ü" * 60 + ".png", False),  # too short to be a cut at the block's length
     ("b?b?", "bébé.png", False),
+    # './' before the name (tar -C dir .): the planned key never has it (found by the review)
+    ("./" + "y" * 98, "y" * 110, True),
+    ("./b?b?.png", "bébé", True),
+    ("./" + "?" * 60 + ".png", "üü" * 30, True),
+    (".//x/./" + "y" * 93, "x/" + "y" * 110, True),
+    ("./" + "y" * 98, "z" * 110, False),
 ]
 
 

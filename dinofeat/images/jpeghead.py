@@ -44,8 +44,8 @@ def jpeg_size(head: bytes, max_pixels: int) -> tuple[int, int, int] | None:
         if marker == 0xDA:  # start of scan: the header is over (PIL reads this segment too)
             break
         body = head[pos + 4 : end]
-        if marker in _SOF:
-            if size is not None or len(body) < 6 or body[0] != 8 or body[5] not in (1, 3, 4):
+        if marker in _SOF:  # PIL reads the component list 3 bytes at a time: a partial entry fails it
+            if size is not None or len(body) < 6 or (len(body) - 6) % 3 or body[0] != 8 or body[5] not in (1, 3, 4):
                 return None
             size = (body[3] << 8 | body[4], body[1] << 8 | body[2])
         elif marker == 0xDB:
@@ -56,11 +56,7 @@ def jpeg_size(head: bytes, max_pixels: int) -> tuple[int, int, int] | None:
                 if exif is not None:
                     return None
                 exif = body[len(_EXIF) :]
-            elif (
-                (marker == 0xE1 and body.startswith(_XMP))
-                or (marker == 0xE2 and body.startswith(b"MPF\0"))
-                or (marker == 0xEE and body.startswith(b"Adobe") and len(body) < 7)
-            ):
+            elif not _app_reads_in_pil(marker, body):
                 return None
         elif marker not in _SKIPPED:
             return None
@@ -73,6 +69,44 @@ def jpeg_size(head: bytes, max_pixels: int) -> tuple[int, int, int] | None:
         return None
     orientation = 1 if exif is None else _orientation(exif)
     return None if orientation is None else (*size, orientation)
+
+
+def _app_reads_in_pil(marker: int, body: bytes) -> bool:
+    """Whether PIL's APP handler reads this segment as it reads a plain one (so its answer is ours): not XMP (it may
+    carry the orientation) or MPO's MPF (another image class), and none of the short segments PIL's parsers index
+    past the end of (JFIF, Adobe, an ICC chunk header, a Photoshop resource list)."""
+    if (marker == 0xE1 and body.startswith(_XMP)) or (marker == 0xE2 and body.startswith(b"MPF\0")):
+        return False
+    if marker == 0xE0 and body.startswith(b"JFIF"):
+        return len(body) >= 7
+    if marker == 0xEE and body.startswith(b"Adobe"):
+        return len(body) >= 7
+    if marker == 0xE2 and body.startswith(b"ICC_PROFILE\0"):
+        return len(body) >= 14
+    if marker == 0xED and body.startswith(b"Photoshop 3.0\x00"):
+        return _photoshop_reads(body)
+    return True
+
+
+def _photoshop_reads(body: bytes) -> bool:
+    """PIL walks a Photoshop segment's 8BIM resources and stops quietly at a short field, except the name length
+    byte, which it indexes: past the end, the open fails. Walked as PIL walks it."""
+    at = 14
+    while body[at : at + 4] == b"8BIM":
+        at += 4
+        if at + 2 > len(body):
+            return True  # PIL: struct.error, caught
+        at += 2
+        if at >= len(body):
+            return False  # PIL: IndexError, not caught
+        at += 1 + body[at]
+        at += at & 1
+        if at + 4 > len(body):
+            return True
+        size = int.from_bytes(body[at : at + 4], "big")
+        at += 4 + size  # a short ResolutionInfo is a struct.error in PIL: caught
+        at += at & 1
+    return True
 
 
 def _tables_whole(body: bytes) -> bool:

@@ -83,7 +83,7 @@ def is_archive_source(source: str) -> bool:
 
 def sample_key(member_name: str) -> str:
     """webdataset's rule: directory kept, basename cut at its first dot."""
-    if "//" not in member_name and "/." not in "/" + member_name and not member_name.endswith("/"):
+    if "//" not in member_name and "/." not in "/" + member_name and member_name[:1] != "/" and member_name[-1:] != "/":
         head, _, base = member_name.rpartition("/")  # the common name: string operations (a listing's hot loop)
         stem = base.split(".", 1)[0]
         return f"{head}/{stem}" if head else stem
@@ -263,11 +263,20 @@ def names_agree(stored: str, planned: str) -> bool:
     if planned.isascii() and len(planned) <= VERBATIM_NAME:
         return False
     cut = len(stored.encode("utf-8", "surrogateescape")) >= CUT_AT
-    spelled = stored
+    spelled = _normal_path(stored)  # as sample_key reads it: a planned key has no './' or '//' left to spell
     while cut and spelled and "\udc80" <= spelled[-1] <= "\udcff":
         spelled = spelled[:-1]  # the bytes of a character cut at the limit spell nothing
     parts = planned.split("/")
     return any(_spells(spelled, "/".join(parts[i:]), cut) for i in range(len(parts)))
+
+
+def _normal_path(name: str) -> str:
+    """`name` without the spellings PurePosixPath drops: leading './', repeated '/', '/./' inside."""
+    while name.startswith("./"):
+        name = name[2:].lstrip("/")
+    while "//" in name or "/./" in name:
+        name = name.replace("//", "/").replace("/./", "/")
+    return name
 
 
 def _spells(stored: str, planned: str, cut: bool) -> bool:
