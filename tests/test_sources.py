@@ -177,8 +177,9 @@ def test_png_probe_parses_the_header_only(tmp_path, monkeypatch):
 
 
 class _Rank1Of2(__import__("dinofeat.extraction.ranks", fromlist=["Group"]).Group):
-    """Rank 1 of a connected group of 2 whose rank 0 has already planned: collectives are no-ops here, except that
-    rank 0's counts of the finished cache (the broadcast a rank holding only its part waits for) are counted here."""
+    """Rank 1 of a connected group of 2 whose rank 0 has already planned: collectives are no-ops here, and each
+    broadcast returns what rank 0 would send, in order: the images it found moved (none), then its counts of the
+    finished cache (which a rank holding only its part of the plan cannot count)."""
 
     def barrier(self) -> None:
         pass
@@ -186,16 +187,14 @@ class _Rank1Of2(__import__("dinofeat.extraction.ranks", fromlist=["Group"]).Grou
     def broadcast(self, obj):
         from dinofeat.extraction import run
 
-        return run._Counts(0, 0, 0, 0, 0, False, {}) if obj is None and _in_finish() else obj
+        sent = _RANK0_SENDS.pop(0)
+        return run._Counts(0, 0, 0, 0, 0, False, {}) if sent == "counts" else sent
 
     def gather(self, obj):
         return [obj, obj]
 
 
-def _in_finish() -> bool:
-    import inspect
-
-    return any(f.function == "_finish" for f in inspect.stack())
+_RANK0_SENDS: list = []
 
 
 @pytest.mark.parametrize("kind", ["tar", "parquet"])
@@ -233,8 +232,10 @@ def test_only_rank_0_lists_the_source(tmp_path, dinov3_path, monkeypatch, kind):
 
     monkeypatch.setattr(precompute, "discover", no_listing)
     monkeypatch.setattr(ranks, "join", lambda *a: _Rank1Of2(rank=1, world_size=2, connected=True))
+    _RANK0_SENDS[:] = [{}, "counts"]
     s = extract(pattern, tmp_path / "split", **opts)
     assert s.processed > 0 and Store(tmp_path / "split").metafile.disk_state() == "planned"  # sealing is rank 0's
+    assert _RANK0_SENDS == []
     monkeypatch.undo()
     assert extract(pattern, tmp_path / "split", **opts).sealed
     a, b = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "split")

@@ -128,7 +128,7 @@ class Index:
         metadata that vouches for it. If an incremental run switched the index since this store was opened and
         its group is gone, the metadata is read again and the current index is returned.
 
-        `select(bucket, row)` -> positions: only those rows are kept (and `positions` added), each column read,
+        `select(bucket, row)` -> positions: only those rows are kept, each column read,
         checked and cut before the next is read, so a rank that works on part of the plan never holds the whole
         of it (at most one column at a time)."""
         for attempt in (0, 1):
@@ -151,7 +151,7 @@ class Index:
                     cols[name] = values
                     if select is not None and name == "row":
                         pos = np.asarray(select(cols["bucket"], cols["row"]), np.int64)
-                        cols = {"bucket": cols["bucket"][pos], "row": cols["row"][pos], "positions": pos}
+                        cols = {"bucket": cols["bucket"][pos], "row": cols["row"][pos]}
                     elif pos is not None:
                         cols[name] = values.take(pos) if isinstance(values, PackedKeys) else values[pos]
             except (KeyError, FileNotFoundError):
@@ -169,7 +169,7 @@ class Index:
                     f"{self.store.path}: index group {group!r} is damaged ({type(e).__name__}: {e}); run `dinofeat "
                     "validate`, rebuild with --overwrite"
                 ) from None
-            missing = [n for n in sums if n not in cols and n != "positions"]
+            missing = [n for n in sums if n not in cols]
             if missing:
                 self._check(group, {}, {n: sums[n] for n in missing})
             return cols

@@ -80,9 +80,12 @@ def make_plan(
         per = bytes_per_image((h // patch, w // patch), hidden, store_dtype, registers_stored, copies)
         dit = spec.dit_size(w, h) if isinstance(spec, TiedSpec) else None
         plans.append(BucketPlan(w, h, patch, rows, shard_rows_for(per, shard_bytes, rows), part, dit))
-    archive, offset, archives = (
-        compact_locations(members) if members is not None else member_locations([p.path for p in probes])
-    )
+    if members is not None:
+        archive, offset, archives = compact_locations(members)
+    elif isinstance(probes, Probes):  # columns carry no paths: files (an archive source passes its members)
+        archive, offset, archives = None, None, ()
+    else:
+        archive, offset, archives = member_locations([p.path for p in probes])
     return Plan(
         keys=keys if isinstance(keys, PackedKeys) else list(keys),
         bucket=bucket,
