@@ -161,16 +161,35 @@ def joined(parts: Sequence[PackedKeys]) -> PackedKeys:
 
 
 def byte_order(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The stable permutation that sorts packed UTF-8 keys (byte order is code point order): a fixed-width bytes
-    column (one byte per byte of the longest key, a moment) sorted with the lengths breaking ties, since such a
-    column pads with NULs and would take 'a' and 'a\0' for equal. No key is decoded. (numpy's stable sort of a
-    StringDType column misorders keys holding a NUL; a '<U' one costs 4 bytes a character.)"""
+    """The stable permutation that sorts packed UTF-8 keys by their bytes (byte order is code point order; a key
+    before its own extensions, 'a' before 'a\\0'), without decoding a key or padding any to the longest: keys are
+    sorted by their first 16 bytes (two big-endian words) and length, then only the keys still tied, longer than
+    what was compared, by their next 16 bytes, and so on. A listing in order already is checked, not sorted."""
     lengths = np.diff(offsets)
-    column = _grid(data, offsets, int(lengths.max(initial=0)))
-    later, earlier = column[1:], column[:-1]
-    if ((later > earlier) | ((later == earlier) & (lengths[1:] >= lengths[:-1]))).all():
-        return np.arange(len(lengths))  # already in order (a sorted listing's keys): no sort
-    return np.lexsort((lengths, column))
+    n = len(lengths)
+    if _in_order(data, offsets, lengths):
+        return np.arange(n)
+    order = np.arange(n)
+    group = np.zeros(n, np.int64)  # slot of the first key of each slot's run of keys tied so far
+    active = np.arange(n)  # slots of the runs still to sort, ascending (a run's slots are contiguous)
+    start = 0
+    while len(active):
+        idx = order[active]
+        c0, c1 = _word(data, offsets, lengths, idx, start), _word(data, offsets, lengths, idx, start + 8)
+        seen = np.minimum(lengths[idx], start + 17)  # 17: a key ending with the window before a longer one
+        g = group[active]
+        by = np.lexsort((seen, c1, c0, g))  # the runs stay in their slots: sorted by their first slot first
+        order[active] = idx[by]
+        c0, c1, g = c0[by], c1[by], g[by]
+        longer = lengths[idx[by]] > start + 16
+        tied = np.zeros(len(active), bool)
+        tied[1:] = (g[1:] == g[:-1]) & (c0[1:] == c0[:-1]) & (c1[1:] == c1[:-1]) & longer[1:] & longer[:-1]
+        first = np.maximum.accumulate(np.where(tied, 0, active))  # each slot's run: the slot it starts at
+        group[active] = first
+        keep = tied.copy()
+        keep[:-1] |= tied[1:]
+        active, start = active[keep], start + 16
+    return order
 
 
 def byte_sources(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -182,33 +201,100 @@ def byte_sources(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total) + np.repeat(starts - first, lengths)
 
 
-def _grid(data: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
-    """Packed keys as a fixed-width bytes column ('S<width>', NUL-padded): what numpy sorts and searches at C speed.
-    Filled a block of keys at a time, so the only whole-size array is the column itself (n x width bytes)."""
-    lengths = np.diff(offsets)
-    n, width = len(lengths), max(1, width)
-    grid = np.zeros((n, width), np.uint8)
-    flat = grid.reshape(-1)
-    for a in range(0, n, _BLOCK):
-        b = min(a + _BLOCK, n)
-        rows = np.arange(a, b, dtype=np.int64) * width  # each key's first byte in the grid
-        flat[byte_sources(rows, lengths[a:b])] = data[offsets[a] : offsets[b]]
-    return grid.view(f"S{width}").reshape(n)
+def _in_order(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether every key is <= the next (by bytes, a prefix first), a block of neighbours at a time, comparing 16
+    bytes at a time and going on only for neighbours equal so far."""
+    for a in range(0, len(lengths) - 1, 1 << 16):
+        left = np.arange(a, min(a + (1 << 16), len(lengths) - 1))
+        start = 0
+        while len(left):
+            right = left + 1
+            a0, b0 = _word(data, offsets, lengths, left, start), _word(data, offsets, lengths, right, start)
+            a1, b1 = _word(data, offsets, lengths, left, start + 8), _word(data, offsets, lengths, right, start + 8)
+            if ((a0 > b0) | ((a0 == b0) & (a1 > b1))).any():
+                return False
+            same = (a0 == b0) & (a1 == b1)
+            la, lb = lengths[left], lengths[right]
+            both_longer = same & (la > start + 16) & (lb > start + 16)
+            if (same & ~both_longer & (np.minimum(la, start + 17) > np.minimum(lb, start + 17))).any():
+                return False  # equal as far as the shorter goes, the left one longer
+            left, start = left[both_longer], start + 16
+    return True
+
+
+def _word(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, idx: np.ndarray, start: int) -> np.ndarray:
+    """Bytes start..start+7 of keys `idx` as big-endian uint64 (0 past a key's end): compared as numbers, words
+    order like the bytes they hold."""
+    out = np.zeros(len(idx), np.uint64)
+    base, length = offsets[idx] + start, lengths[idx]
+    for k in range(8):
+        has = length > start + k
+        byte = np.zeros(len(idx), np.uint64)
+        byte[has] = data[base[has] + k]
+        out = (out << np.uint64(8)) | byte
+    return out
+
+
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _hashes(keys: PackedKeys) -> np.ndarray:
+    """A 64-bit hash of each key's bytes and length (a polynomial over the bytes, wrapping), a block at a time."""
+    lengths = np.diff(keys.offsets)
+    out = np.zeros(len(keys), np.uint64)
+    longest = int(lengths.max(initial=0))
+    powers = np.cumprod(np.full(max(1, longest), _MULTIPLIER, np.uint64), dtype=np.uint64)
+    for a in range(0, len(keys), _BLOCK):
+        b = min(a + _BLOCK, len(keys))
+        block, lens = keys.data[keys.offsets[a] : keys.offsets[b]], lengths[a:b]
+        if len(block):
+            first = keys.offsets[a:b] - keys.offsets[a]
+            position = np.arange(len(block)) - np.repeat(first, lens)  # each byte's place in its key
+            terms = (block.astype(np.uint64) + np.uint64(1)) * powers[position]
+            held = lens > 0
+            out[a:b][held] = np.add.reduceat(terms, first[held])
+        out[a:b] ^= lens.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+    return out
 
 
 def _match(have: PackedKeys, wanted: PackedKeys) -> np.ndarray:
-    """For each key of `wanted`, its position in `have` (-1 if absent)."""
+    """For each key of `wanted`, its position in `have` (-1 if absent; the last of a key held twice): matched by
+    a 64-bit hash, then each candidate's bytes compared; a candidate that is not the key (a collision) is looked
+    up by binary search. Memory per key, whatever the longest key."""
     if not len(have) or not len(wanted):
         return np.full(len(wanted), -1, np.int64)
-    lh, lw = np.diff(have.offsets), np.diff(wanted.offsets)
-    width = int(max(lh.max(), lw.max()))
-    ch, cw = _grid(have.data, have.offsets, width), _grid(wanted.data, wanted.offsets, width)
-    at = np.searchsorted(ch[have.order], cw, side="right") - 1
-    cand = have.order[np.maximum(at, 0)].astype(np.int64)
-    padded_equal = (at >= 0) & (ch[cand] == cw)
-    out = np.where(padded_equal & (lh[cand] == lw), cand, -1)
-    for i in np.flatnonzero(padded_equal & (lh[cand] != lw)):  # 'k' beside 'k\0': equal once padded, exact here
+    hh, hw = _hashes(have), _hashes(wanted)
+    by_hash = np.argsort(hh, kind="stable")  # equal hashes in position order: the last one is the last position
+    sorted_hashes = hh[by_hash]
+    at = np.searchsorted(sorted_hashes, hw, side="right") - 1
+    cand = by_hash[np.maximum(at, 0)].astype(np.int64)
+    hit = (at >= 0) & (sorted_hashes[np.maximum(at, 0)] == hw)
+    same = hit & _same_bytes(have, cand, wanted)
+    out = np.where(same, cand, -1)
+    for i in np.flatnonzero(hit & ~same):
         out[i] = have.find(wanted[int(i)])
+    return out
+
+
+def _same_bytes(have: PackedKeys, cand: np.ndarray, wanted: PackedKeys) -> np.ndarray:
+    """Whether have's key cand[i] is wanted's key i, byte for byte, a block at a time."""
+    lh, lw = np.diff(have.offsets)[cand], np.diff(wanted.offsets)
+    out = lh == lw
+    for a in range(0, len(wanted), _BLOCK):
+        b = min(a + _BLOCK, len(wanted))
+        sel = np.flatnonzero(out[a:b]) + a
+        if not len(sel):
+            continue
+        lens = lw[sel]
+        x = have.data[byte_sources(have.offsets[cand[sel]], lens)]
+        y = wanted.data[byte_sources(wanted.offsets[sel], lens)]
+        differ = (x != y).astype(np.int64)
+        first = np.zeros(len(sel), np.int64)
+        np.cumsum(lens[:-1], out=first[1:])
+        held = lens > 0
+        bad = np.zeros(len(sel), bool)
+        bad[held] = np.add.reduceat(differ, first[held]) > 0
+        out[sel[bad]] = False
     return out
 
 

@@ -224,3 +224,46 @@ def test_keys_equal_but_for_a_trailing_nul_are_told_apart_by_positions():
     p = pack(["k\0", "k", "j", "k\0\0"])
     asked = ["k", "k\0", "k\0\0", "k\0\0\0"] * 300
     assert p.positions(asked).tolist() == [1, 0, 3, -1] * 300
+
+
+def _random_keys(rng, n: int) -> list[str]:
+    """Keys sharing long prefixes (the 16-byte windows tie), of every length, some holding NULs, some repeated."""
+    prefixes = ["", "a" * 15, "a" * 16, "a" * 17, "b" * 40, "ü" * 9, "shard-000001/0001/img_"]
+    out = []
+    for _ in range(n):
+        tail = "".join(rng.choice("ab\0é/Z") for _ in range(rng.randrange(0, 40)))
+        out.append(rng.choice(prefixes) + tail)
+    return out + [rng.choice(out) for _ in range(n // 10)]
+
+
+def test_sorting_and_matching_agree_with_python_on_random_keys():
+    import random
+
+    rng = random.Random(29)
+    for trial in range(200):
+        keys = _random_keys(rng, rng.randrange(1, 60))
+        p = pack(keys)
+        by_bytes = sorted(range(len(keys)), key=lambda i: (keys[i].encode("utf-8", "surrogatepass"), i))
+        assert p.order.tolist() == by_bytes, trial
+        assert pack(sorted(keys), presorted=True).order.tolist() == list(range(len(keys)))
+        asked = [*keys, *_random_keys(rng, 20)] * 40  # over the vectorised threshold
+        last = {k: i for i, k in enumerate(keys)}
+        assert p.positions(asked).tolist() == [last.get(k, -1) for k in asked], trial
+
+
+def test_one_long_key_does_not_make_every_key_cost_its_length():
+    """The issue's hazard: a fixed-width column pads every key to the longest (one 5,000-byte key among 20,000
+    made a 100 MB column). Sorting and matching now cost memory per key, whatever the longest."""
+    import tracemalloc
+
+    keys = [f"shard/{i:08d}.jpg" for i in range(20000)]
+    keys[7] = "x" * 5000
+    tracemalloc.start()
+    try:
+        p = pack(keys)
+        p.positions(list(reversed(keys)))
+        p.take(np.arange(len(keys))[::-1])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 10**6, peak  # 100 MB and more with the padded column
