@@ -41,9 +41,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 SHARD = 10_000
 
-MEASURE = r"""
+# what each measuring process starts with: the memory figures after gc and malloc_trim (what it holds)
+MEM = r"""
 import ctypes, gc, json, os, sys, tempfile, time
-from dataclasses import replace
 
 _libc = ctypes.CDLL("libc.so.6")
 
@@ -56,7 +56,11 @@ def mem():
             if line.startswith(("VmRSS:", "VmHWM:")):
                 out[line.split(":")[0]] = int(line.split()[1]) * 1024
     return out
+"""
 
+MEASURE = (
+    MEM
+    + r"""
 source, warm, steps_source, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 from dinofeat.extraction.config import ExtractConfig
 from dinofeat.extraction.prepare import build_plan, prepare
@@ -109,22 +113,12 @@ if steps_source:  # planning in steps: half the shards, then all of them (only t
     assert len(both) == n
 print(json.dumps(out))
 """
+)
 
 
-SHARE = r"""
-import ctypes, gc, json, sys, time
-_libc = ctypes.CDLL("libc.so.6")
-
-def mem():
-    gc.collect()
-    _libc.malloc_trim(0)
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
-
+SHARE = (
+    MEM
+    + r"""
 cache, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 from dinofeat.cache.store import Store
 st = Store(cache)
@@ -141,6 +135,7 @@ n = int(st.meta["num_images"])
 held, peak = (after["VmRSS"] - base["VmRSS"]) / n, (after["VmHWM"] - base["VmRSS"]) / n
 print(json.dumps({"world": world, "held": len(plan), "read_s": took, "held_per_image": held, "peak_per_image": peak}))
 """
+)
 
 
 def make_shards(folder: Path, count: int) -> list[Path]:
