@@ -105,8 +105,6 @@ class PackedKeys(Sequence[str]):
     def positions(self, keys: Iterable[str]) -> np.ndarray:
         """The position of each of `keys` (-1 for an absent one; the last one of a key held twice). Many keys at
         once are matched vectorised (a sorted search over fixed-width byte columns); a few by binary search."""
-        if keys is self:
-            return np.arange(len(self))
         if not isinstance(keys, PackedKeys):
             keys = list(keys)
             if len(keys) < 1024:
@@ -310,9 +308,9 @@ _BLOCK = 1 << 13  # keys per block: a few MB of transient arrays, however many k
 
 
 def _encode_block(keys: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A block's UTF-8 bytes and lengths: a numpy column vectorised, unless a key ends in NUL (a fixed-width copy
-    would drop it); str keys by Python's encoder."""
-    if isinstance(keys, np.ndarray) and not (keys.dtype.kind in "TU" and np.strings.endswith(keys, "\0").any()):
+    """A block's UTF-8 bytes and lengths: a numpy string column vectorised, unless a key ends in NUL (a fixed-width
+    copy would drop it); str keys (a list, an object array) by Python's encoder."""
+    if isinstance(keys, np.ndarray) and keys.dtype.kind in "TU" and not np.strings.endswith(keys, "\0").any():
         return _encode(_unicode_column(keys))
     return _encode_strs([str(k) for k in keys])
 

@@ -637,3 +637,27 @@ def test_prune_lets_an_unfinished_run_finish_without_the_images_that_are_gone(ma
     s = extract(imgs, cache, prune=True, **kw(dinov3_path, shard_mb=0.001))
     assert s.sealed and s.pruned == 1 and "im_012.png" not in FeatureCache(cache)
     assert validate(cache, images=imgs, progress=False).ok
+
+
+def test_a_create_that_fails_before_its_metadata_leaves_nothing_behind(tmp_path, dinov3_path, monkeypatch):
+    """An error while the index is written (a full disk, a key zarr refuses) used to leave a zarr group without
+    dinofeat metadata, which every later run refused as "not a dinofeat cache" (found by the hostile pass): the
+    failed create now removes what it wrote into the empty place, and the same command then runs."""
+    import errno
+
+    from dinofeat.cache import lifecycle
+    from dinofeat.errors import DinofeatError
+
+    write_images(tmp_path / "imgs", [(64, 48)] * 3)
+    real = lifecycle.write_index
+
+    def full_disk(*args, **kwargs):
+        real(*args, **kwargs)  # the columns are written, then the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lifecycle, "write_index", full_disk)
+    with pytest.raises(DinofeatError, match="No space left"):  # the run's one line for a disk error
+        extract(tmp_path / "imgs", tmp_path / "cache", model=str(dinov3_path), area=64, **FAST)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    monkeypatch.undo()
+    assert extract(tmp_path / "imgs", tmp_path / "cache", model=str(dinov3_path), area=64, **FAST).done == 3

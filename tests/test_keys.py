@@ -267,3 +267,11 @@ def test_one_long_key_does_not_make_every_key_cost_its_length():
     finally:
         tracemalloc.stop()
     assert peak < 20 * 10**6, peak  # 100 MB and more with the padded column
+
+
+def test_object_arrays_keep_a_trailing_nul_and_duplicates_give_the_last_position():
+    """Found by the second hostile pass: an object array went through a fixed-width column (which drops a trailing
+    NUL); positions of a PackedKeys in itself answered each key's own place, not the last one holding it."""
+    assert list(pack(np.array(["k\0", "k"], dtype=object))) == ["k\0", "k"]
+    p = pack(["a", "a", "b"])
+    assert p.positions(p).tolist() == [1, 1, 2] == p.positions(["a", "a", "b"]).tolist()

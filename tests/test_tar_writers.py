@@ -201,6 +201,10 @@ NAME_CASES = [  # (name in the header block, planned name or key, agrees)
     ("./" + "?" * 60 + ".png", "üü" * 30, True),
     (".//x/./" + "y" * 93, "x/" + "y" * 110, True),
     ("./" + "y" * 98, "z" * 110, False),
+    # a name in another encoding (tarfile gives its bytes as surrogates): its key spells them \xNN
+    ("caf\udce9.png", "caf\\xe9", True),
+    ("caf\udce9.png", "caf\\xe9.png", True),
+    ("caf\udce9.png", "cafe", False),
 ]
 
 
@@ -219,3 +223,30 @@ def test_member_mtime_is_the_header_blocks_own(tmp_path):
     (m,) = list_images(str(tmp_path / "a.tar"), IMAGE_EXTENSIONS).values()
     assert m.mtime_ns == 1_700_000_001 * 10**9
     assert isinstance(m, Member) and header_mismatch(_block(tmp_path / "a.tar", m.offset), m) is None
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+def test_member_names_in_another_encoding_are_keyed_as_files_of_that_name_are(fmt, tmp_path, dinov3_path):
+    """A tar written with latin-1 names (an old tool, another locale): the listing gives their bytes as surrogates,
+    which the cache cannot store (zarr refused them: the run crashed after creating the cache's folder, found by the
+    hostile pass). Each undecodable byte is spelled \\xNN in the key, as for a file of that name; the run extracts,
+    resumes and validates, long names (a GNU long-name block, its header's copy cut at 100 bytes) included."""
+    names = ["caf\xe9.png", "plain.png", "\xe9t\xe9/" + "n" * 110 + ".png"]
+    tar = tmp_path / "shard-000000.tar"
+    with tarfile.open(tar, "w", format=fmt, encoding="latin-1") as tf:
+        for i, name in enumerate(names):
+            if fmt == tarfile.USTAR_FORMAT and len(name) > 100:
+                continue
+            data = png_bytes(64, 48, i)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            tf.addfile(info, io.BytesIO(data))
+    cache = tmp_path / "cache"
+    s = extract(str(tar), cache, model=str(dinov3_path), area=64, **FAST)
+    want = {"shard-000000/caf\\xe9", "shard-000000/plain"}
+    if fmt == tarfile.GNU_FORMAT:
+        want.add("shard-000000/\\xe9t\\xe9/" + "n" * 110)
+    assert (s.done, s.failed, s.sealed) == (len(want), 0, True)
+    assert set(FeatureCache(cache).keys()) == want
+    assert extract(str(tar), cache, model=str(dinov3_path), area=64, **FAST).processed == 0
+    assert validate(cache, images=str(tar), progress=False).ok

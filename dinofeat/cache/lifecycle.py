@@ -14,6 +14,7 @@ format never imports extraction. Housekeeping (cleanup, orphans, retire) is dino
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Collection
@@ -253,9 +254,18 @@ def changed_since_planned(st: Store, plan: Plan, request: Request | None = None)
 def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidden: int, registers: int,
            store_dtype: str, renamed: dict[str, str] | None = None) -> Store:  # fmt: skip
     """Arrays at their final size, the index and its records (`renamed`: the source's files whose name is not their
-    key), then state 'planned' last (a crash before that is detectable)."""
+    key), then state 'planned' last (a crash before that is detectable). An error before the metadata exists (a
+    full disk, a key zarr refuses) removes what was written into the empty place: otherwise a zarr group without
+    our metadata would be left there, which every later run refuses as not a dinofeat cache."""
     files = open_files(path)
-    root = open_group(files, "w")
+    fresh = not housekeeping.occupied(path)
+    try:
+        root = open_group(files, "w")
+        index_checksums = write_index(root, "index", plan)
+    except BaseException:
+        if fresh:
+            _remove_written(files, path)
+        raise
     root.attrs[META_KEY] = metadata.stamp(
         {
             **meta,
@@ -264,7 +274,7 @@ def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidde
             "generation": 0,
             "state": "planning",
             "index_group": "index",
-            "index_checksums": write_index(root, "index", plan),
+            "index_checksums": index_checksums,
             "buckets": [bucket_record(b) for b in plan.buckets],
             "source_archives": list(plan.archives),
         }
@@ -275,6 +285,18 @@ def create(path: str | os.PathLike[str], meta: dict[str, Any], plan: Plan, hidde
     records = {PROBE_FAILURES: st.index.probe_record(plan), SOURCE_NAMES: dict(renamed or {})}
     st.index.write_records(records, state="planned", array_checksums=array_checksums(files, plan.buckets, names))
     return st
+
+
+def _remove_written(files: Any, path: str | os.PathLike[str]) -> None:
+    """Delete what a failed create wrote into a place that was empty (best effort: the error that stopped it is
+    what the caller sees)."""
+    try:
+        if files.remote:
+            files.delete_tree("")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _default_arrays(meta: dict[str, Any]) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 
 from dinofeat.errors import ConfigError, SourceChangedError
 from dinofeat.filesystems import filesystem
-from dinofeat.paths import is_url
+from dinofeat.paths import is_url, key_for
 from dinofeat.sources.parquet import read_row, split_column, with_column
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -134,7 +134,10 @@ def _scan(archive: str, extensions: frozenset[str]) -> Iterator[tuple[str, str, 
                     f.seek(info.offset_data - tarfile.BLOCKSIZE)  # just read by tarfile: in the stream's buffer
                     own = _parse_header(f.read(tarfile.BLOCKSIZE))
                     mtime = own.mtime if own is not None else mtime
-                yield sample_key(info.name), info.name, info.offset_data, info.size, int(mtime) * 1_000_000_000
+                # a name in another encoding than UTF-8 (tarfile gives its bytes as surrogates): keyed as a file of that
+                # name is, each undecodable byte spelled \xNN (the cache stores keys as UTF-8)
+                key = key_for(sample_key(info.name))
+                yield key, info.name, info.offset_data, info.size, int(mtime) * 1_000_000_000
     except (OSError, tarfile.TarError) as e:
         raise ConfigError(f"cannot read the tar shard {archive}: {e}") from e
 
@@ -258,14 +261,15 @@ def names_agree(stored: str, planned: str) -> bool:
     inside a character), bsdtar drops whole leading folders or cuts at 98 bytes. Such a name agrees when, character
     by character, it spells the planned name or one of its trailing paths ('?' or a cut byte standing for exactly
     one non-ASCII character), and either ends where that name (or its key) ends, or was cut at the block's length."""
-    if planned in (stored, sample_key(stored)):
+    if planned in (stored, sample_key(stored), key_for(stored), key_for(sample_key(stored))):
         return True
     if planned.isascii() and len(planned) <= VERBATIM_NAME:
         return False
     cut = len(stored.encode("utf-8", "surrogateescape")) >= CUT_AT
-    spelled = _normal_path(stored)  # as sample_key reads it: a planned key has no './' or '//' left to spell
+    spelled = stored
     while cut and spelled and "\udc80" <= spelled[-1] <= "\udcff":
         spelled = spelled[:-1]  # the bytes of a character cut at the limit spell nothing
+    spelled = _normal_path(key_for(spelled))  # as the key reads it: no './' or '//', other encodings as \xNN
     parts = planned.split("/")
     return any(_spells(spelled, "/".join(parts[i:]), cut) for i in range(len(parts)))
 
