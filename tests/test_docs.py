@@ -261,6 +261,8 @@ def test_the_training_recipe_runs_on_two_cpu_processes_as_documented(tmp_path):
         timeout=600,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # each process writes its line in one write: two processes' lines never run together (seen under
+    # PYTHONUNBUFFERED with print, whose text and newline are two writes)
     shares = sorted(re.findall(r"^process (\d) of (\d): (\d+) samples$", r.stdout, re.M))
     assert shares == [("0", "2", "16"), ("1", "2", "16")], r.stdout
 
