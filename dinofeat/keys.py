@@ -355,15 +355,11 @@ def find(keys: PackedKeys, key: str) -> int:
     return j if data[offsets[j] : offsets[j + 1]] == want else -1
 
 
-def _unicode_column(keys: Sequence[str] | np.ndarray) -> np.ndarray:
-    """A fixed-width numpy unicode ('<U') column of `keys`, as wide as its longest key."""
-    if isinstance(keys, np.ndarray) and keys.dtype.kind == "U":
+def _unicode_column(keys: np.ndarray) -> np.ndarray:
+    """A block of a numpy string column as fixed-width unicode ('<U'), as wide as its longest key."""
+    if keys.dtype.kind == "U":
         return keys
-    if not len(keys):
-        return np.zeros(0, dtype="<U1")
-    if isinstance(keys, np.ndarray) and keys.dtype.kind == "T":  # StringDType: cast to the width this block needs
-        return keys.astype(f"<U{max(1, int(np.strings.str_len(keys).max()))}")
-    return np.array(list(keys), dtype=str)
+    return keys.astype(f"<U{max(1, int(np.strings.str_len(keys).max(initial=0)))}")  # StringDType
 
 
 def _utf8(cp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

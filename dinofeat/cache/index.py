@@ -54,7 +54,7 @@ def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = N
     cols["status"] = np.zeros(n, np.int8) if status is None else status
     a = idx.create_array("key", shape=(n,), dtype=str, chunks=(max(1, min(n, KEY_CHUNK)),), compressors=[Crc32cCodec()])
     for start in range(0, n, KEY_CHUNK):
-        a[start : start + KEY_CHUNK] = _key_column(keys[start : start + KEY_CHUNK])
+        a[start : start + KEY_CHUNK] = keys[start : start + KEY_CHUNK].column()  # variable width: nothing padded
     for name, values in cols.items():
         a = idx.create_array(
             name,
@@ -67,14 +67,6 @@ def write_index(root: Any, group: str, plan: Plan, status: np.ndarray | None = N
         if n:
             a[:] = values
     return column_checksums({"key": keys, **cols})
-
-
-def _key_column(keys: PackedKeys) -> np.ndarray:
-    """Keys as zarr stores them: numpy's variable-width strings (a fixed-width column pads every key)."""
-    try:
-        return keys.column()
-    except UnicodeEncodeError:  # a lone surrogate (a tar name in another encoding): StringDType refuses it
-        return np.array(list(keys), dtype=str)
 
 
 def read_keys(array: Any) -> PackedKeys:

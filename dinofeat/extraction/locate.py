@@ -7,7 +7,7 @@ import numpy as np
 
 from dinofeat.cache.layout import Plan
 from dinofeat.errors import ConfigError
-from dinofeat.keys import PackedKeys, pack, packed
+from dinofeat.keys import packed
 from dinofeat.sources.archive import Member
 from dinofeat.sources.discover import Facts, Source, source_root
 from dinofeat.sources.members import Members
@@ -38,7 +38,7 @@ def moved_members(plan: Plan, src: Source) -> dict[str, Member]:
     now = src.members
     if now is None or was is None:
         return {}
-    at = plan.keys.positions(src.keys) if isinstance(plan.keys, PackedKeys) else pack(plan.keys).positions(src.keys)
+    at = packed(plan.keys).positions(src.keys)
     listed = np.flatnonzero((at >= 0) & (was.archive[np.maximum(at, 0)] >= 0))
     p = at[listed]
     was_archive = np.array([*was.archives, ""], dtype=object)[was.archive[p]]
@@ -58,7 +58,7 @@ def source_from_plan(plan: Plan, root: str, renamed: dict[str, str], moved: dict
     """What a rank other than rank 0 reads images from: the plan's keys and, for archives, each image's location as
     recorded in the index, corrected by what rank 0 found `moved` in this run, so only rank 0 ever lists the
     source and every rank reads what rank 0 checked."""
-    keys = plan.keys if isinstance(plan.keys, PackedKeys) else pack(list(plan.keys))
+    keys = packed(plan.keys)
     members = planned_members(plan)
     if members is not None and moved:
         at = keys.positions(list(moved))

@@ -215,7 +215,9 @@ def _batch_jobs(plan: Plan, src: Source, prep: Prepared, mine: dict[str, set[int
         bs = batch_size_for(tokens, budget, cfg.batch_size)
         for a, z in pending_batches(b, mine[b.name], bs):
             rows = [int(i) for i in positions[b.name][a:z]]  # -1: a vacant row
-            paths = tuple(None if i < 0 else src.path(plan.keys[i]) for i in rows)
+            # the source listed in plan order (a new cache, or a rank reading the plan): by position, no lookup
+            locate = src.location if src.keys is plan.keys else lambda i: src.path(plan.keys[i])
+            paths = tuple(None if i < 0 else locate(i) for i in rows)
             facts = tuple(NO_FACTS if i < 0 else planned_facts(plan, i) for i in rows)
             sizes = tuple((0, 0) if i < 0 else (int(plan.src_w[i]), int(plan.src_h[i])) for i in rows)
             jobs.append(BatchJob(b.name, a, z, (b.width, b.height), paths, facts, sizes))

@@ -60,7 +60,9 @@ class Members:
 
 def members_of(found: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Members:
     """The columns of several archives' listings, one after the other: (archive, offsets, sizes, mtimes) each."""
-    archive = np.concatenate([np.full(len(o), k, np.int32) for k, (_, o, _, _) in enumerate(found)] or [_i32()])
+    archive = np.concatenate(
+        [np.full(len(o), k, np.int32) for k, (_, o, _, _) in enumerate(found)] or [np.zeros(0, np.int32)]
+    )
     cols = [np.concatenate([f[j] for f in found] or [np.zeros(0, np.int64)]).astype(np.int64) for j in (1, 2, 3)]
     return Members(tuple(f[0] for f in found), archive, *cols)
 
@@ -71,7 +73,3 @@ def from_mapping(keys: Sequence[str], members: Mapping[str, Member]) -> Members:
     archive = np.array([archives.setdefault(members[k].archive, len(archives)) for k in keys], np.int32)
     cols = [np.array([getattr(members[k], f) for k in keys], np.int64) for f in ("offset", "size", "mtime_ns")]
     return Members(tuple(archives), archive.reshape(-1), *(c.reshape(-1) for c in cols))
-
-
-def _i32() -> np.ndarray:
-    return np.zeros(0, np.int32)
